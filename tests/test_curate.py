@@ -1,0 +1,117 @@
+"""curate.py on hand-made rollouts: groups, sharpening, de-duplication, advantages, MIL — exact."""
+import itertools
+import json
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+import curate
+from conftest import ROOT
+
+
+def rollouts(pid, scores, valid=None):
+    return [{"problem_id": pid, "sample": j, "prompt": [{"role": "user", "content": pid}], "prefill": "",
+             "completion": f"c{j}", "completion_ids": [j], "score": s,
+             "valid": True if valid is None else valid[j]} for j, s in enumerate(scores)]
+
+
+def naive_sharpen(scores, n, t, min_var):
+    """Straight from DESIGN §6, no shortcuts: every n-subset, variance filter, top-t + bottom-t."""
+    out = set()
+    for sub in itertools.combinations(range(len(scores)), n):
+        if statistics.pvariance([scores[i] for i in sub]) < min_var:
+            continue
+        ranked = sorted(sub, key=lambda i: (-scores[i], i))
+        g = tuple(sorted(ranked[:t] + ranked[-t:]))
+        if len({scores[i] for i in g}) > 1:
+            out.add(g)
+    return out
+
+
+def test_equal_scores_dropped():
+    assert curate.problem_groups([0.5] * 8) == []
+    groups, stats = curate.curate(rollouts("p", [1.0] * 8) + rollouts("q", [0, 1, 0, 0, 0, 0, 0, 0]))
+    assert stats["problems"] == 2 and stats["problems_kept"] == 1
+    assert {g["problem_id"] for g in groups} == {"q"}
+
+
+def test_sharpening_matches_naive_and_dedups():
+    scores = [1.0, 0.0, 0.5, 0.25, 1.0, 0.0, 0.75, 0.0]
+    got = curate.problem_groups(scores, n=6, group_size=4, min_var=0.01, groups_per_problem=1000)
+    assert len(got) == len(set(map(tuple, got)))  # no duplicates
+    assert set(map(tuple, got)) == naive_sharpen(scores, 6, 2, 0.01)
+    # sharpening keeps extremes: every group holds the subset's top-2 and bottom-2
+    for g in got:
+        assert len(g) == 4
+
+
+def test_hand_computed_groups_and_cap_by_variance():
+    # 4 samples, n=3, 2t=2: subsets of 3 -> top-1 + bottom-1
+    scores = [1.0, 0.0, 0.5, 0.0]
+    # subsets: (0,1,2)->(0,1) var .25; (0,1,3)->(0,1); (0,2,3)->(0,3) var .25; (1,2,3)->(2,3) var .0625
+    # (equal scores rank by sample index, so the bottom-1 of (1,2,3) is sample 3)
+    got = curate.problem_groups(scores, n=3, group_size=2, min_var=0.01, groups_per_problem=10)
+    assert got == [[0, 1], [0, 3], [2, 3]]  # variance desc, ties by indices
+    assert curate.problem_groups(scores, n=3, group_size=2, min_var=0.01, groups_per_problem=2) == [[0, 1], [0, 3]]
+    # min-var filters the (1,2,3) subset (var of {0, .5, 0} = 0.0556)
+    assert curate.problem_groups(scores, n=3, group_size=2, min_var=0.06, groups_per_problem=10) == [[0, 1], [0, 3]]
+
+
+def test_advantages_exact():
+    a = curate.advantages([1.0, 0.0, 0.0, 1.0])
+    assert a == pytest.approx([1 / (0.5 + 1e-6), -1 / (0.5 + 1e-6), -1 / (0.5 + 1e-6), 1 / (0.5 + 1e-6)])
+    a = curate.advantages([0.9, 0.3, 0.0])
+    mean, std = 0.4, statistics.pstdev([0.9, 0.3, 0.0])
+    assert a == pytest.approx([(s - mean) / (std + 1e-6) for s in [0.9, 0.3, 0.0]])
+    assert sum(a) == pytest.approx(0, abs=1e-9)
+
+
+def test_mil():
+    assert curate.interval_length([1.0, 0.75, 0.25, 0.0]) == 0.5  # s_(2) - s_(3)
+    assert curate.interval_length([0.0, 1.0]) == 1.0
+    assert curate.interval_length([1, 1, 0, 0, 0, 0]) == 0  # t = 3: 1,1,0 | 0,0,0
+    assert curate.interval_length([1, 1, 1, 0, 0, 0]) == 1
+
+
+def test_group_rows_and_stats():
+    groups, stats = curate.curate(rollouts("p", [1, 0, 0, 1, 0, 0], valid=[True, False, True, True, True, True]),
+                                  n=4, group_size=2, groups_per_problem=1)
+    assert len(groups) == 1
+    g = groups[0]
+    assert [m["sample"] for m in g["members"]] == [0, 1]
+    assert [m["advantage"] for m in g["members"]] == pytest.approx([1 / (0.5 + 1e-6), -1 / (0.5 + 1e-6)])
+    assert g["std"] == 0.5 and g["mil"] == 1.0
+    assert g["members"][0]["completion"] == "c0" and g["members"][1]["completion_ids"] == [1]
+    assert stats["valid_fraction"] == pytest.approx(5 / 6) and stats["groups"] == 1
+    # --drop-invalid removes sample 1 before grouping
+    groups, _ = curate.curate(rollouts("p", [1, 0, 0, 1, 0, 0], valid=[True, False, True, True, True, True]),
+                              n=4, group_size=2, groups_per_problem=1, drop_invalid=True)
+    assert 1 not in [m["sample"] for m in groups[0]["members"]]
+
+
+def test_modes_all_and_random():
+    scores = [1, 0, 0, 0, 1, 0, 0, 0]
+    assert curate.problem_groups(scores, mode="all") == [list(range(8))]
+    got = curate.problem_groups(scores, mode="random", n=6, group_size=4, min_var=0.0, groups_per_problem=50, seed=3)
+    assert got and all(len(g) == 4 for g in got)
+    assert got == curate.problem_groups(scores, mode="random", n=6, group_size=4, min_var=0.0, groups_per_problem=50, seed=3)
+
+
+def test_random_subsets_when_too_many_combos():
+    scores = [float(i % 2) for i in range(16)]  # C(16, 14) = 120 > 50
+    got = curate.problem_groups(scores, n=14, group_size=8, max_combos=50, groups_per_problem=100)
+    assert got and all(len(g) == 8 for g in got)
+
+
+def test_malformed_rollouts_exit_2(tmp_path):
+    d = tmp_path / "iter_0"
+    d.mkdir()
+    good = json.dumps(rollouts("p", [1])[0])
+    (d / "rollouts.jsonl").write_text(good + "\n" + good[: len(good) // 2] + "\n")
+    r = subprocess.run([sys.executable, str(ROOT / "curate.py"), "--run", str(tmp_path), "--iter", "0"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "rollouts.jsonl:2" in r.stderr
+    assert not (d / "groups.jsonl").exists()
