@@ -61,7 +61,7 @@ def test_hand_computed_groups_and_cap_by_variance():
 
 def test_advantages_exact():
     a = curate.advantages([1.0, 0.0, 0.0, 1.0])
-    assert a == pytest.approx([1 / (0.5 + 1e-6), -1 / (0.5 + 1e-6), -1 / (0.5 + 1e-6), 1 / (0.5 + 1e-6)])
+    assert a == pytest.approx([0.5 / (0.5 + 1e-6), -0.5 / (0.5 + 1e-6), -0.5 / (0.5 + 1e-6), 0.5 / (0.5 + 1e-6)])
     a = curate.advantages([0.9, 0.3, 0.0])
     mean, std = 0.4, statistics.pstdev([0.9, 0.3, 0.0])
     assert a == pytest.approx([(s - mean) / (std + 1e-6) for s in [0.9, 0.3, 0.0]])
@@ -81,7 +81,7 @@ def test_group_rows_and_stats():
     assert len(groups) == 1
     g = groups[0]
     assert [m["sample"] for m in g["members"]] == [0, 1]
-    assert [m["advantage"] for m in g["members"]] == pytest.approx([1 / (0.5 + 1e-6), -1 / (0.5 + 1e-6)])
+    assert [m["advantage"] for m in g["members"]] == pytest.approx([0.5 / (0.5 + 1e-6), -0.5 / (0.5 + 1e-6)])
     assert g["std"] == 0.5 and g["mil"] == 1.0
     assert g["members"][0]["completion"] == "c0" and g["members"][1]["completion_ids"] == [1]
     assert stats["valid_fraction"] == pytest.approx(5 / 6) and stats["groups"] == 1
