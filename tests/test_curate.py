@@ -80,15 +80,15 @@ def test_group_rows_and_stats():
                                   n=4, group_size=2, groups_per_problem=1)
     assert len(groups) == 1
     g = groups[0]
-    assert [m["sample"] for m in g["members"]] == [0, 1]
+    assert [m["sample"] for m in g["members"]] == [0, 2]  # top-1 = first best, bottom-1 = last worst
     assert [m["advantage"] for m in g["members"]] == pytest.approx([0.5 / (0.5 + 1e-6), -0.5 / (0.5 + 1e-6)])
     assert g["std"] == 0.5 and g["mil"] == 1.0
-    assert g["members"][0]["completion"] == "c0" and g["members"][1]["completion_ids"] == [1]
+    assert g["members"][0]["completion"] == "c0" and g["members"][1]["completion_ids"] == [2]
     assert stats["valid_fraction"] == pytest.approx(5 / 6) and stats["groups"] == 1
-    # --drop-invalid removes sample 1 before grouping
-    groups, _ = curate.curate(rollouts("p", [1, 0, 0, 1, 0, 0], valid=[True, False, True, True, True, True]),
-                              n=4, group_size=2, groups_per_problem=1, drop_invalid=True)
-    assert 1 not in [m["sample"] for m in groups[0]["members"]]
+    # --drop-invalid removes sample 2 (the one picked above) before grouping
+    groups, _ = curate.curate(rollouts("p", [1, 0, 0, 1, 0, 0], valid=[True, True, False, True, True, True]),
+                              n=4, group_size=2, groups_per_problem=10, drop_invalid=True)
+    assert groups and all(m["sample"] != 2 for g in groups for m in g["members"])
 
 
 def test_modes_all_and_random():
