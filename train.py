@@ -101,3 +101,415 @@ def rwr_loss(seq_mean_logp, rewards, tau=0.4):
 
 
 # ==== update loop and driver (owner: lead) ====
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+from jsonl import DataError, append_jsonl, read_jsonl, truncate_torn_tail, write_atomic, write_json_atomic, write_jsonl_atomic
+
+GROUP_KEYS = ("problem_id", "prompt", "members")
+TRAIN_DEFAULTS = dict(loss="grpo", kl="masked", ref="old", beta=0.1, eps=0.2, agg="token", lr=2e-4,
+                      epochs=2, groups_per_step=4, pairs_per_problem=4, tau=0.4, token_budget=4096,
+                      grad_clip=1.0, lora_r=16, lora_alpha=32, weight_decay=0.0, save_every=10, chunk_size=1024)
+
+
+def sequences(groups, tok, loss, pairs_per_problem, seed):
+    """The training examples of one iteration, as a list of steps' worth of units.
+    grpo/rwr: one unit per group, members = sequences with an advantage (grpo) or a score (rwr).
+    scoredpo: one unit per problem, members = sampled (winner, loser) pairs of its distinct workflows."""
+    import model as M
+    units = []
+    if loss in ("grpo", "rwr"):
+        for g in groups:
+            p = M.prompt_ids(tok, g["prompt"], g.get("prefill") or None)
+            units.append([{"ids": p + m["completion_ids"], "n_prompt": len(p), "adv": m["advantage"],
+                           "score": m["score"]} for m in g["members"]])
+        return units
+    by_problem = {}
+    for g in groups:  # a problem's groups overlap: pool its distinct workflows
+        d = by_problem.setdefault(g["problem_id"], {"prompt": g["prompt"], "prefill": g.get("prefill"), "m": {}})
+        for m in g["members"]:
+            d["m"][m["sample"]] = m
+    for k, (pid, d) in enumerate(sorted(by_problem.items())):
+        p = M.prompt_ids(tok, d["prompt"], d["prefill"] or None)
+        ms = list(d["m"].values())
+        pairs = sample_pairs([m["score"] for m in ms], pairs_per_problem, seed + k)
+        unit = []
+        for w, l in pairs:
+            for i in (w, l):
+                unit.append({"ids": p + ms[i]["completion_ids"], "n_prompt": len(p), "score": ms[i]["score"]})
+        if unit:
+            units.append(unit)
+    return units
+
+
+def micro_batches(seqs, budget):
+    """Consecutive runs of sequences whose padded size (rows x longest) stays within `budget`
+    tokens; a pair (scoredpo) is never split because units are even-sized and we cut on pairs."""
+    out, cur, longest = [], [], 0
+    for s in seqs:
+        L = max(longest, len(s["ids"]))
+        if cur and L * (len(cur) + 1) > budget:
+            out.append(cur)
+            cur, L = [], len(s["ids"])
+        cur.append(s)
+        longest = L
+    if cur:
+        out.append(cur)
+    return out
+
+
+def batch_tensors(seqs, pad, device):
+    """Right-padded ids, attention mask, completion mask (1 on completion tokens)."""
+    T = max(len(s["ids"]) for s in seqs)
+    ids = torch.full((len(seqs), T), pad, dtype=torch.long)
+    attn = torch.zeros((len(seqs), T), dtype=torch.long)
+    comp = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        n = len(s["ids"])
+        ids[i, :n] = torch.tensor(s["ids"])
+        attn[i, :n] = 1
+        comp[i, s["n_prompt"]:n] = 1
+    return ids.to(device), attn.to(device), comp.to(device)
+
+
+@torch.no_grad()
+def seq_logprobs(model, seqs, pad, budget, chunk_size):
+    """Per-sequence lists of completion-token log-probs (no grad): pi_old / pi_ref."""
+    import model as M
+    out = []
+    for mb in micro_batches(seqs, budget):
+        ids, attn, comp = batch_tensors(mb, pad, next(model.parameters()).device)
+        lp = M.completion_logprobs(model, ids, attn, comp, chunk_size).cpu()
+        n = [len(s["ids"]) - s["n_prompt"] for s in mb]
+        out.extend(t.tolist() for t in lp.split(n))
+    return out
+
+
+def step_loss(model, mb, cfg, pad):
+    """Backward one micro-batch; every sequence carries its precomputed token weight / coefficients
+    (set by `update` over the whole step) so micro-batches add up to the full-step loss."""
+    import model as M
+    device = next(model.parameters()).device
+    ids, attn, comp = batch_tensors(mb, pad, device)
+    cat = lambda key: torch.tensor([x for s in mb for x in s[key]], device=device)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    with amp:
+        h, W, y = M.completion_hidden(model, ids, attn, comp)
+    h = h.to(W.dtype) if h.dtype != W.dtype else h
+    if cfg["loss"] == "grpo":
+        loss, m = M.fused_grpo_loss(h, W, y, cat("old"), cat("ref"), cat("adv_t"), cat("w_t"), cat("km_t"),
+                                    cfg["beta"], cfg["eps"], cfg["chunk_size"])
+        loss.backward()
+        return loss.item(), m
+    logp = M.fused_logprobs(h, W, y, cfg["chunk_size"])
+    if cfg["loss"] == "rwr":  # -sum_i w_i mean_t logp_it with w normalised over the step: token weight w_i / T_i
+        loss = -(cat("w_t") * logp).sum()
+        loss.backward()
+        return loss.item(), {}
+    # scoredpo: sequence sums, pairs (w, l) adjacent, loss scaled by the micro-batch's share of pairs
+    seg = torch.repeat_interleave(torch.arange(len(mb), device=device),
+                                  torch.tensor([len(s["ids"]) - s["n_prompt"] for s in mb], device=device))
+    sums = torch.zeros(len(mb), device=device, dtype=logp.dtype).index_add(0, seg, logp)
+    ref = torch.tensor([s["ref_sum"] for s in mb], device=device, dtype=logp.dtype)
+    sc = torch.tensor([s["score"] for s in mb], device=device, dtype=logp.dtype)
+    loss = score_dpo_loss(sums[0::2], ref[0::2], sums[1::2], ref[1::2], sc[0::2], sc[1::2], cfg["beta"]) * mb[0]["pair_share"]
+    loss.backward()
+    return loss.item(), {}
+
+
+def prepare_step(seqs, cfg):
+    """Per-token weights / masks / advantages of one optimizer step (DESIGN §7)."""
+    n = [len(s["ids"]) - s["n_prompt"] for s in seqs]
+    seg = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor(n))
+    if cfg["loss"] == "grpo":
+        adv = torch.tensor([s["adv"] for s in seqs])
+        w = token_weights(seg, len(seqs), cfg["agg"]).float()
+        km = kl_token_mask(adv, seg, cfg["kl"])
+        for s, wi, ki in zip(seqs, w.split(n), km.split(n)):
+            s.update(w_t=wi.tolist(), km_t=ki.tolist(), adv_t=[s["adv"]] * len(wi))
+    elif cfg["loss"] == "rwr":
+        r = torch.tensor([s["score"] for s in seqs])
+        wseq = torch.softmax(r / cfg["tau"], 0)  # exp(r/tau) / sum exp(r/tau)
+        for s, wi, Ti in zip(seqs, wseq.tolist(), n):
+            s["w_t"] = [wi / Ti] * Ti
+    else:
+        for s in seqs:
+            s["pair_share"] = None  # set per micro-batch below
+
+
+def update(run_dir, it, cfg, mdl, tok, log=print):
+    """One SPOGW update on iter_<it>/groups.jsonl -> iter_<it+1>/adapter. `mdl` carries the LoRA of
+    iteration `it` (pi_old); it is trained in place. Resumes from iter_<it>/train_state.pt."""
+    import random
+    import model as M
+    from tqdm import tqdm
+
+    d = Path(run_dir) / f"iter_{it}"
+    out = Path(run_dir) / f"iter_{it + 1}" / "adapter"
+    groups = read_jsonl(d / "groups.jsonl", required=GROUP_KEYS)
+    pad = tok.pad_token_id
+    units = sequences(groups, tok, cfg["loss"], cfg["pairs_per_problem"], seed=cfg["seed"] * 7919 + it)
+    flat = [s for u in units for s in u]
+    budget, cs = cfg["token_budget"], cfg["chunk_size"]
+    mdl.eval()  # no dropout: pi_theta == pi_old exactly at the first step
+    # pi_old (and pi_ref) once, before the first update, no grad
+    olds = seq_logprobs(mdl, flat, pad, budget, cs)
+    if cfg["loss"] == "scoredpo" or cfg["ref"] == "base":
+        with M.lora_disabled(mdl):
+            refs = seq_logprobs(mdl, flat, pad, budget, cs)
+    else:
+        refs = olds
+    for s, o, r in zip(flat, olds, refs):
+        s["old"], s["ref"], s["ref_sum"] = o, r, sum(r)
+    params = M.lora_parameters(mdl)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    upg = max(1, cfg["groups_per_step"])
+    steps_per_epoch = math.ceil(len(units) / upg)
+    total = steps_per_epoch * cfg["epochs"]
+    state_path, log_path = d / "train_state.pt", d / "train_log.jsonl"
+    start = 0
+    if state_path.is_file():  # resume between steps: weights, optimizer and step count
+        st = torch.load(state_path, map_location="cpu", weights_only=False)
+        with torch.no_grad():
+            for p, v in zip(params, st["lora"]):
+                p.copy_(v)
+        opt.load_state_dict(st["opt"])
+        start = st["step"]
+    truncate_torn_tail(log_path)
+    if log_path.exists():  # drop log rows of steps after the saved state: they will be redone
+        rows = [r for r in read_jsonl(log_path) if r["step"] <= start]
+        write_jsonl_atomic(log_path, rows)
+    bar = tqdm(total=total, initial=start, desc=f"train iter {it}", unit="step", dynamic_ncols=True)
+    with open(log_path, "a", encoding="utf-8") as flog:
+        for step in range(start, total):
+            epoch, k = divmod(step, steps_per_epoch)
+            order = list(range(len(units)))
+            random.Random(cfg["seed"] * 1_000_003 + it * 1000 + epoch).shuffle(order)
+            seqs = [s for u in order[k * upg:(k + 1) * upg] for s in units[u]]
+            prepare_step(seqs, cfg)
+            t0, ntok = time.time(), sum(len(s["ids"]) - s["n_prompt"] for s in seqs)
+            opt.zero_grad(set_to_none=True)
+            loss, metrics = 0.0, {}
+            mbs = micro_batches(seqs, budget)
+            for mb in mbs:
+                if cfg["loss"] == "scoredpo":
+                    mb[0]["pair_share"] = (len(mb) / 2) / (len(seqs) / 2)
+                l, m = step_loss(mdl, mb, cfg, pad)
+                loss += l
+                for key, v in m.items():
+                    metrics[key] = metrics.get(key, 0.0) + v
+            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"]).item()
+            opt.step()
+            row = {"step": step + 1, "epoch": epoch, "loss": loss, "pg": metrics.get("pg"), "kl": metrics.get("kl"),
+                   "clip_frac": metrics.get("clip_frac"), "grad_norm": gnorm, "lr": cfg["lr"],
+                   "tokens_per_s": ntok / max(time.time() - t0, 1e-9)}
+            if (step + 1) % cfg["save_every"] == 0 or step + 1 == total:
+                torch.save({"lora": [p.detach().cpu() for p in params], "opt": opt.state_dict(), "step": step + 1},
+                           str(state_path) + ".tmp")
+                os.replace(str(state_path) + ".tmp", state_path)
+            append_jsonl(flog, row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", kl=f"{metrics.get('kl') or 0:.4f}",
+                            clip=f"{metrics.get('clip_frac') or 0:.2f}", tok_s=f"{row['tokens_per_s']:.0f}")
+    bar.close()
+    for p in params:
+        p.requires_grad_(False)
+    M.save_adapter(mdl, out, base_model_name=cfg["model"])
+    state_path.unlink(missing_ok=True)
+    return {"steps": total, "sequences": len(flat)}
+
+
+def train_args(ap):
+    g = ap.add_argument_group("update")
+    g.add_argument("--loss", choices=["grpo", "scoredpo", "rwr"])
+    g.add_argument("--kl", choices=["masked", "full", "none"], help="where the KL applies (grpo)")
+    g.add_argument("--ref", choices=["old", "base"], help="pi_ref: the data's checkpoint or the base model")
+    g.add_argument("--beta", type=float, help="KL coefficient (grpo) / DPO temperature (scoredpo)")
+    g.add_argument("--eps", type=float, help="PPO clip range")
+    g.add_argument("--agg", choices=["token", "seq"], help="token-mean or sequence-mean loss")
+    g.add_argument("--lr", type=float)
+    g.add_argument("--epochs", type=int, help="passes over the iteration's frozen groups")
+    g.add_argument("--groups-per-step", type=int, help="groups (grpo/rwr) or problems (scoredpo) per optimizer step")
+    g.add_argument("--pairs-per-problem", type=int, help="scoredpo pairs drawn per problem")
+    g.add_argument("--tau", type=float, help="rwr temperature")
+    g.add_argument("--token-budget", type=int, help="padded tokens per micro-batch")
+    g.add_argument("--grad-clip", type=float)
+    g.add_argument("--lora-r", type=int)
+    g.add_argument("--lora-alpha", type=int)
+    g.add_argument("--save-every", type=int, help="optimizer steps between resumable train states")
+
+
+CURATE_DEFAULTS = dict(groups="sharpen", n=6, group_size=4, min_var=0.01, max_combos=1000, groups_per_problem=4,
+                       drop_invalid=False)
+EVAL_DEFAULTS = dict(eval_problems=200, baselines="io,cot,cot_sc,programmer,self_refine")
+SMOKE = dict(problems=2, m=4, n=3, group_size=2, groups_per_problem=2, max_new_tokens=96, epochs=1,
+             eval_problems=4, baselines="io", timeout=20.0, gen_batch=2)
+# rough per-unit costs on 2 CPU cores with the embedded model (measured; see README)
+SEC_PER_WORKFLOW, SEC_PER_TRAIN_SEQ = 1.5, 0.6
+
+
+def config(run_dir, args):
+    """Defaults < the run's config.json < --smoke < explicit flags; saved back to config.json."""
+    import collect
+    cfg = {**collect.DEFAULTS, **CURATE_DEFAULTS, **TRAIN_DEFAULTS, **EVAL_DEFAULTS}
+    path = Path(run_dir) / "config.json"
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+        except ValueError as e:
+            raise DataError(f"{path}: malformed JSON ({e})") from None
+        cfg.update({k: v for k, v in saved.items() if k in cfg})
+    if args.smoke:
+        cfg.update(SMOKE)
+    given = {k: v for k, v in vars(args).items() if k in cfg and v is not None and v is not False}
+    if path.is_file():
+        changed = {k: (saved.get(k), v) for k, v in given.items() if saved.get(k) != v}
+        if changed:
+            print(f"[train] note: overriding {path} for {changed}", file=sys.stderr)
+    cfg.update(given)
+    write_json_atomic(path, cfg)
+    return cfg
+
+
+def estimate_minutes(cfg, iters):
+    wf = iters * cfg["problems"] * cfg["m"] * cfg["runs"]
+    ev = (iters + 1 + len([b for b in cfg["baselines"].split(",") if b])) * cfg["eval_problems"]
+    tr = iters * cfg["problems"] * cfg["groups_per_problem"] * cfg["group_size"] * cfg["epochs"]
+    return ((wf + ev) * SEC_PER_WORKFLOW + tr * SEC_PER_TRAIN_SEQ) / 60
+
+
+def write_report(run_dir, cfg, iters, baseline_rows, wall):
+    import evaluate
+    run_dir = Path(run_dir)
+    lines = [f"# spogw report: {run_dir.name}", "",
+             f"generator `{cfg['model']}`, executor `{cfg['executor']}`"
+             f"{' / ' + cfg['executor_model'] if cfg['executor_model'] else ''}, benchmark `{cfg['bench']}`, "
+             f"loss `{cfg['loss']}` (kl {cfg['kl']}, ref {cfg['ref']}, beta {cfg['beta']}), groups `{cfg['groups']}` "
+             f"(m={cfg['m']}, n={cfg['n']}, 2t={cfg['group_size']}), {cfg['problems']} problems/iteration, "
+             f"lr {cfg['lr']}, {cfg['epochs']} epochs. Wall time {wall / 60:.1f} min.", "",
+             "| iteration | valid % (train) | mean train score | test accuracy (95 % CI) | test valid % | executor tokens (train+test) | $ | wall (collect+train) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for k in range(iters + 1):
+        st_path = run_dir / f"iter_{k}" / "stats.json"
+        st = json.loads(st_path.read_text()) if st_path.is_file() else {}
+        c = st.get("collect", {})
+        ev = run_dir / "eval" / f"iter_{k}.jsonl"
+        s = evaluate.summarize(read_jsonl(ev)) if ev.is_file() else None
+        acc = f"{100 * s['accuracy']:.1f} ({100 * s['ci_low']:.1f}–{100 * s['ci_high']:.1f})" if s else "–"
+        toks = c.get("executor_tokens", 0) + (s["executor_tokens"] if s else 0)
+        cost = c.get("cost_usd", 0.0) + (s["cost_usd"] if s else 0.0)
+        wall_k = c.get("seconds", 0.0) + st.get("train", {}).get("seconds", 0.0)
+        lines.append(f"| {k} | {100 * c['valid_fraction']:.0f} | {c['mean_score']:.3f} | " if c else f"| {k} | – | – | ")
+        lines[-1] += f"{acc} | {100 * s['valid']:.0f} | {toks} | {cost:.4f} | {wall_k / 60:.1f} min |" if s else f"{acc} | – | {toks} | {cost:.4f} | {wall_k / 60:.1f} min |"
+    lines += ["", "Fixed baselines (same benchmark, split, problems and executor):", "",
+              "| baseline | n | test accuracy (95 % CI) | executor tokens | $ |", "|---|---|---|---|---|"]
+    for name, s in baseline_rows.items():
+        lines.append(f"| {name} | {s['n']} | {100 * s['accuracy']:.1f} ({100 * s['ci_low']:.1f}–{100 * s['ci_high']:.1f}) | "
+                     f"{s['executor_tokens']} | {s['cost_usd']:.4f} |")
+    lines += ["", "Curate figures per iteration (problems kept / groups / mean group std / median MIL):", ""]
+    for k in range(iters):
+        st_path = run_dir / f"iter_{k}" / "stats.json"
+        cu = json.loads(st_path.read_text()).get("curate", {}) if st_path.is_file() else {}
+        if cu:
+            lines.append(f"- iter {k}: {cu['problems_kept']}/{cu['problems']} problems, {cu['groups']} groups, "
+                         f"std {cu['mean_group_std']:.3f}, MIL {cu['median_mil']:.3f}")
+    write_atomic(run_dir / "report.md", "\n".join(lines) + "\n")
+    return run_dir / "report.md"
+
+
+def main(argv=None):
+    import collect
+    import curate
+    import evaluate
+    import model as M
+    import operators as O
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--iter", type=int, default=3, help="SPOGW iterations (collect -> curate -> update)")
+    ap.add_argument("--run", default="runs/default", help="run directory (resumes what is there)")
+    ap.add_argument("--smoke", action="store_true", help="the whole loop, tiny (CI)")
+    ap.add_argument("--data-from", help="reuse iteration 0's rollouts of another run (ablations on the same data)")
+    ap.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation and report")
+    ap.add_argument("--eval-problems", type=int, help="held-out test problems (default 200)")
+    ap.add_argument("--baselines", help="comma list of fixed baselines for the report ('' for none)")
+    collect.add_args(ap)
+    curate.add_args(ap)
+    train_args(ap)
+    # curate's argparse defaults would hide config.json values: treat them as "not given"
+    ap.set_defaults(**{k: None for k in CURATE_DEFAULTS})
+    args = ap.parse_args(argv)
+    t_start = time.time()
+    run_dir = Path(args.run)
+    try:
+        if args.iter < 0:
+            raise DataError(f"--iter must be >= 0, got {args.iter}")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg = config(run_dir, args)
+        if args.data_from:
+            src = Path(args.data_from) / "iter_0" / "rollouts.jsonl"
+            read_jsonl(src, required=curate.ROLLOUT_KEYS)  # validate before copying
+            dst = run_dir / "iter_0" / "rollouts.jsonl"
+            if not dst.exists():
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(dst, src.read_text())
+        print(f"[train] run {run_dir}  config: " + json.dumps(cfg, sort_keys=True))
+        print(f"[train] estimated time: ~{estimate_minutes(cfg, args.iter):.0f} min on 2 CPU cores "
+              f"(much less on a GPU / API executor)")
+        torch.manual_seed(cfg["seed"])
+        with O.make_executor(cfg["executor"], cfg["executor_model"]) as ex:
+            mdl, tok = M.load_model(cfg["model"], device=cfg["device"])
+            M.add_lora(mdl, r=cfg["lora_r"], alpha=cfg["lora_alpha"])
+            for k in range(args.iter):
+                d = run_dir / f"iter_{k}"
+                if k > 0:
+                    M.load_adapter(mdl, d / "adapter")  # pi_old of iteration k
+                st = json.loads((d / "stats.json").read_text()) if (d / "stats.json").is_file() else {}
+                if "collect" not in st or not (d / "rollouts.jsonl").is_file():
+                    s = collect.collect(run_dir, k, cfg, executor=ex, generator=(mdl, tok))
+                    print(f"[collect {k}] " + json.dumps(s))
+                if not (d / "groups.jsonl").is_file():
+                    s = curate.run(run_dir, k, argparse.Namespace(**{a: cfg[a] for a in CURATE_DEFAULTS}))
+                    print(f"[curate {k}] " + json.dumps(s))
+                if not (run_dir / f"iter_{k + 1}" / "adapter").is_dir():
+                    t0 = time.time()
+                    s = update(run_dir, k, cfg, mdl, tok)
+                    st = json.loads((d / "stats.json").read_text())
+                    st["train"] = dict(s, seconds=time.time() - t0)
+                    write_json_atomic(d / "stats.json", st)
+                    print(f"[update {k}] " + json.dumps(s))
+            if args.no_eval:
+                return
+            (run_dir / "eval").mkdir(exist_ok=True)
+            for k in range(args.iter + 1):
+                if k == 0:
+                    with M.lora_disabled(mdl):
+                        s = evaluate.eval_generator(mdl, tok, cfg, ex, run_dir / "eval" / "iter_0.jsonl",
+                                                    limit=cfg["eval_problems"])
+                else:
+                    M.load_adapter(mdl, run_dir / f"iter_{k}" / "adapter")
+                    s = evaluate.eval_generator(mdl, tok, cfg, ex, run_dir / "eval" / f"iter_{k}.jsonl",
+                                                limit=cfg["eval_problems"])
+                print(f"[eval iter {k}] accuracy {s['accuracy']:.3f} ({s['ci_low']:.3f}-{s['ci_high']:.3f})")
+            baseline_rows = {}
+            for name in [b for b in cfg["baselines"].split(",") if b]:
+                out = evaluate.baseline_path(cfg, name, "test", cfg["eval_problems"])
+                baseline_rows[name] = evaluate.eval_baseline(name, cfg, ex, "test", cfg["eval_problems"], out)
+                print(f"[baseline {name}] accuracy {baseline_rows[name]['accuracy']:.3f}")
+        path = write_report(run_dir, cfg, args.iter, baseline_rows, time.time() - t_start)
+        print(path.read_text())
+    except (DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,254 @@
+"""Sample m workflows per problem from the generator, run each in the sandbox, score -> rollouts.
+
+    python collect.py --run runs/default --iter 0                      # embedded default, arith
+    python collect.py --run runs/x --iter 1 --bench gsm8k --executor-url https://api.openai.com/v1 \
+        --executor-model gpt-4o-mini --runs 3
+    python collect.py --run runs/x --iter 0 --generator-url http://localhost:8000/v1 --generator-name iter0
+
+One row per (problem, sample) is appended to runs/<run>/iter_<k>/rollouts.jsonl as soon as that
+workflow is scored (DESIGN §11). Resumable: problems are sampled in fixed chunks with a seed per
+chunk, so a restarted run regenerates exactly the same completions and only executes the missing
+(problem, sample) rows; the finished file equals an uninterrupted run's, up to row order.
+Settings not given on the command line come from runs/<run>/config.json (written by train.py).
+"""
+import argparse
+import hashlib
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from jsonl import DataError, append_jsonl, read_jsonl, truncate_torn_tail, write_json_atomic
+
+DEFAULTS = dict(model="smollm2-135m", bench="arith", data_dir=None, problems=32, m=8, runs=1,
+                temperature=0.8, top_p=0.95, max_new_tokens=160, gen_batch=4, max_calls=6,
+                executor="local", executor_model=None, timeout=30.0, workers=4, seed=0,
+                generator_url=None, generator_name=None, device="cpu")
+
+
+def add_args(ap):
+    """Collection knobs (shared with train.py's driver). None = take config.json / DEFAULTS."""
+    g = ap.add_argument_group("collect")
+    g.add_argument("--model", help="generator: HF dir / hub id / .gguf / embedded name")
+    g.add_argument("--bench", help="arith | gsm8k | math | humaneval | mbpp | hotpotqa | drop")
+    g.add_argument("--data-dir", help="benchmark data dir (default $SPOGW_DATA or ./data)")
+    g.add_argument("--problems", type=int, help="training problems per iteration")
+    g.add_argument("--m", type=int, help="workflows sampled per problem")
+    g.add_argument("--runs", type=int, help="executions per workflow (score = mean)")
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--max-new-tokens", type=int, help="generator completion length")
+    g.add_argument("--gen-batch", type=int, help="problems per generation chunk (fixed: it seeds the chunks)")
+    g.add_argument("--max-calls", type=int, help="operator calls allowed per workflow")
+    g.add_argument("--executor", help="'local' (embedded server), 'none', or an OpenAI-compatible URL")
+    g.add_argument("--executor-url", dest="executor", help="alias of --executor URL")
+    g.add_argument("--executor-model", help="model name at the executor endpoint")
+    g.add_argument("--timeout", type=float, help="seconds per workflow run")
+    g.add_argument("--workers", type=int, help="sandboxes run concurrently")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--generator-url", help="sample workflows from an OpenAI-compatible server instead")
+    g.add_argument("--generator-name", help="model name at --generator-url (e.g. the LoRA adapter's name)")
+    g.add_argument("--device", help="cpu | cuda")
+
+
+def settings(run_dir, args):
+    """config.json of the run, overridden by explicit CLI values, filled from DEFAULTS."""
+    cfg = dict(DEFAULTS)
+    path = Path(run_dir) / "config.json"
+    if path.is_file():
+        try:
+            cfg.update({k: v for k, v in json.loads(path.read_text()).items() if k in DEFAULTS})
+        except ValueError as e:
+            raise DataError(f"{path}: malformed JSON ({e})") from None
+    cfg.update({k: v for k, v in vars(args).items() if k in DEFAULTS and v is not None})
+    return cfg
+
+
+def chunk_seed(seed, it, chunk):
+    return int(hashlib.sha256(f"{seed}:{it}:{chunk}".encode()).hexdigest()[:8], 16)
+
+
+def problems_for(cfg, it):
+    import benchmarks
+    # a fresh seeded subset each iteration: the generator sees new problems every round
+    return benchmarks.load(cfg["bench"], "train", cfg["data_dir"], limit=cfg["problems"], seed=cfg["seed"] * 1000 + it)
+
+
+def load_generator(cfg, run_dir, it):
+    """Base model + the adapter trained at iteration it-1 (saved as iter_<it>/adapter)."""
+    import model as M
+    mdl, tok = M.load_model(cfg["model"], device=cfg["device"])
+    adapter = Path(run_dir) / f"iter_{it}" / "adapter"
+    if it > 0:
+        if not adapter.is_dir():
+            raise DataError(f"{adapter}: missing (iteration {it} needs the adapter trained at iteration {it - 1})")
+        M.load_adapter(mdl, adapter)
+    return mdl, tok
+
+
+def sample_remote(url, name, messages_list, n, max_new_tokens, temperature, top_p, seed, prefill, tokenizer):
+    """Workflows from an OpenAI-compatible server (vLLM with --enable-lora serving the adapter as
+    `name`). The assistant turn is continued from `prefill` (vLLM's continue_final_message).
+    Token ids come from re-tokenizing the text with the local tokenizer."""
+    from openai import OpenAI
+    client = OpenAI(base_url=url, api_key="EMPTY", max_retries=3)
+    out = []
+    for messages in messages_list:
+        msgs, extra = list(messages), {}
+        if prefill:
+            msgs.append({"role": "assistant", "content": prefill})
+            extra = {"continue_final_message": True, "add_generation_prompt": False}
+        r = client.chat.completions.create(model=name, messages=msgs, n=n, max_tokens=max_new_tokens,
+                                           temperature=temperature, top_p=top_p, seed=seed, extra_body=extra)
+        per = []
+        for ch in sorted(r.choices, key=lambda c: c.index):
+            text = ch.message.content or ""
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if ch.finish_reason == "stop":
+                ids = ids + [tokenizer.eos_token_id]
+            per.append({"text": text, "token_ids": ids})
+        out.append(per)
+    return out
+
+
+def workflow_row(problem, j, prompt, prefill, completion, ids, family_ops, max_calls):
+    """The row before execution: verbatim completion, extracted code, static check."""
+    import operators as O
+    code = O.extract_code(prefill + completion)
+    if code is None:
+        ok, reason = False, "no python block"
+    else:
+        ok, reason = O.check_workflow(code, problem["problem"], allowed_ops=family_ops, max_calls=max_calls)
+    return {"problem_id": problem["id"], "sample": j, "prompt": prompt, "prefill": prefill,
+            "completion": completion, "completion_ids": ids, "code": code, "valid": bool(ok),
+            "reason": None if ok else reason}
+
+
+def execute(rows, problems, cfg, executor, bench, f, progress=None):
+    """Run every valid workflow cfg['runs'] times in the sandbox pool; append each row when its
+    last run is scored. Invalid workflows are written at once with score 0."""
+    import benchmarks
+    import operators as O
+    import sandbox
+    by_id = {p["id"]: p for p in problems}
+    ops = {k: O.OPERATORS[k] for k in O.OPERATOR_SETS[benchmarks.family(bench)]}
+    jobs, owners = [], []
+    for i, row in enumerate(rows):
+        if not row["valid"]:
+            row.update(scores=[0.0], score=0.0, answers=[None], errors=[f"invalid: {row['reason']}"], calls=0,
+                       prompt_tokens=0, completion_tokens=0, cost_usd=0.0, seconds=0.0)
+            append_jsonl(f, row)
+            if progress:
+                progress(row)
+            continue
+        p = by_id[row["problem_id"]]
+        for r in range(cfg["runs"]):
+            jobs.append(dict(code=row["code"], problem=p["problem"], executor=executor, operators=ops,
+                             context={**p, "run": r}, timeout=cfg["timeout"], max_calls=cfg["max_calls"]))
+            owners.append(i)
+    results = {i: [] for i in set(owners)}
+    for k, res in sandbox.run_many(jobs, workers=cfg["workers"]):
+        i = owners[k]
+        res["score"] = 0.0 if res["error"] else benchmarks.score(bench, by_id[rows[i]["problem_id"]], res["answer"])
+        results[i].append(res)
+        if len(results[i]) == cfg["runs"]:
+            rs, row = results.pop(i), rows[i]
+            row.update(scores=[x["score"] for x in rs], score=statistics.fmean(x["score"] for x in rs),
+                       answers=[x["answer"] for x in rs], errors=[x["error"] for x in rs],
+                       calls=sum(x["calls"] for x in rs), prompt_tokens=sum(x["prompt_tokens"] for x in rs),
+                       completion_tokens=sum(x["completion_tokens"] for x in rs),
+                       cost_usd=sum(x["cost_usd"] for x in rs), seconds=sum(x["seconds"] for x in rs))
+            append_jsonl(f, row)
+            if progress:
+                progress(row)
+
+
+def collect(run_dir, it, cfg, executor=None, generator=None):
+    """Fill iter_<it>/rollouts.jsonl; returns the collect stats. `generator` = (model, tokenizer)
+    to reuse a loaded one (the driver does), else it is loaded here."""
+    import benchmarks
+    import model as M
+    import operators as O
+    from tqdm import tqdm
+
+    d = Path(run_dir) / f"iter_{it}"
+    d.mkdir(parents=True, exist_ok=True)
+    out = d / "rollouts.jsonl"
+    problems = problems_for(cfg, it)
+    fam = benchmarks.family(cfg["bench"])
+    truncate_torn_tail(out)  # a kill mid-write leaves half a row: drop it, it will be redone
+    done = {(r["problem_id"], r["sample"]) for r in read_jsonl(out)} if out.exists() else set()
+    total = len(problems) * cfg["m"]
+    t0 = time.time()
+    if len(done) < total:
+        if generator is None and not cfg["generator_url"]:
+            generator = load_generator(cfg, run_dir, it)
+        mdl, tok = generator if generator else M.load_model(cfg["model"])
+        stats = {"n": len(done), "valid": 0, "score": 0.0, "tokens": 0, "seen": 0}
+        bar = tqdm(total=total, initial=len(done), desc=f"collect iter {it}", unit="wf", dynamic_ncols=True)
+
+        def progress(row):
+            stats["seen"] += 1
+            stats["valid"] += row["valid"]
+            stats["score"] += row["score"]
+            stats["tokens"] += row["prompt_tokens"] + row["completion_tokens"]
+            bar.update(1)
+            bar.set_postfix(valid=f"{stats['valid'] / stats['seen']:.0%}", score=f"{stats['score'] / stats['seen']:.2f}",
+                            exec_tok=stats["tokens"])
+
+        with open(out, "a", encoding="utf-8") as f:
+            B = cfg["gen_batch"]
+            for c in range(0, len(problems), B):
+                chunk = problems[c:c + B]
+                if all((p["id"], j) in done for p in chunk for j in range(cfg["m"])):
+                    continue
+                msgs = [O.build_prompt(p["problem"], fam) for p in chunk]
+                seed = chunk_seed(cfg["seed"], it, c // B)
+                if cfg["generator_url"]:
+                    samples = sample_remote(cfg["generator_url"], cfg["generator_name"] or cfg["model"], msgs,
+                                            cfg["m"], cfg["max_new_tokens"], cfg["temperature"], cfg["top_p"],
+                                            seed, O.PREFILL, tok)
+                else:
+                    samples = M.sample(mdl, tok, msgs, n=cfg["m"], max_new_tokens=cfg["max_new_tokens"],
+                                       temperature=cfg["temperature"], top_p=cfg["top_p"], seed=seed,
+                                       prefill=O.PREFILL)
+                rows = [workflow_row(p, j, m, O.PREFILL, s["text"], s["token_ids"], O.OPERATOR_SETS[fam], cfg["max_calls"])
+                        for p, m, per in zip(chunk, msgs, samples) for j, s in enumerate(per)
+                        if (p["id"], j) not in done]
+                execute(rows, chunk, cfg, executor, cfg["bench"], f, progress)
+        bar.close()
+    rows = read_jsonl(out)
+    if len(rows) != total or len({(r["problem_id"], r["sample"]) for r in rows}) != total:
+        raise DataError(f"{out}: expected {total} distinct (problem, sample) rows, found {len(rows)}")
+    stats = {"rows": total, "valid_fraction": sum(r["valid"] for r in rows) / total,
+             "mean_score": statistics.fmean(r["score"] for r in rows),
+             "mean_score_valid": statistics.fmean([r["score"] for r in rows if r["valid"]] or [0.0]),
+             "executor_tokens": sum(r["prompt_tokens"] + r["completion_tokens"] for r in rows),
+             "cost_usd": sum(r["cost_usd"] for r in rows), "seconds": time.time() - t0}
+    path = d / "stats.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    old["collect"] = stats
+    write_json_atomic(path, old)
+    return stats
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", required=True)
+    ap.add_argument("--iter", type=int, required=True)
+    add_args(ap)
+    args = ap.parse_args(argv)
+    import operators as O
+    try:
+        cfg = settings(args.run, args)
+        with O.make_executor(cfg["executor"], cfg["executor_model"]) as ex:
+            stats = collect(args.run, args.iter, cfg, executor=ex)
+    except (DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(stats))
+
+
+if __name__ == "__main__":
+    main()
