@@ -6,6 +6,186 @@
 import argparse
 
 # ==== kernel benchmark (owner: kernel helper) ====
+# Fused log-prob kernel vs the naive LM-head paths (DESIGN §8). Each variant computes the same
+# GRPO loss from hidden states h [N, H] and the LM head W [V, H] and backpropagates it:
+#   naive           logits = h W^T, log_softmax, gather, train.grpo_loss
+#   rowloop         full logits, then log-sum-exp row by row in a Python loop, train.grpo_loss
+#   fused_logprobs  model.fused_logprobs + train.grpo_loss on the N-vector
+#   fused_grpo      model.fused_grpo_loss (gradient formed in the forward chunk loop)
+# CPU: every (variant, rep) runs in a fresh subprocess, so its peak RSS is its own; peak =
+# high-water mark during fwd+bwd minus the RSS once inputs are built. CUDA: in process, peak =
+# max_memory_allocated minus the allocation after inputs. Variants alternate within each rep.
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+KERNEL_VARIANTS = ("naive", "rowloop", "fused_logprobs", "fused_grpo")
+KERNEL_SHAPES = ((576, 49152), (896, 151936))  # (H, V): SmolLM2-135M head, Qwen2.5-0.5B head
+KERNEL_NS = (1024, 4096)
+QUICK_SHAPES, QUICK_NS = ((32, 1000),), (64,)
+
+
+def _kernel_inputs(N, H, V, device, dtype, train_head, n_seq=8):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(N, H, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    W = torch.randn(V, H, generator=g).mul_(H**-0.5).to(device=device, dtype=dtype).requires_grad_(train_head)
+    y = torch.randint(0, V, (N,), generator=g).to(device)
+    seg = (torch.arange(N) * n_seq // N).to(device)  # n_seq equal-length sequences
+    adv = torch.linspace(-1.5, 1.5, n_seq).to(device)
+    # logits ~ N(0, 1): log p ~ -log V - 0.5; jitter so some ratios leave the clip range
+    old = (-torch.log(torch.tensor(float(V))) - 0.5 + 0.5 * torch.randn(N, generator=g)).to(device)
+    ref = (old + 0.2 * torch.randn(N, generator=g).to(device))
+    return h, W, y, seg, adv, old, ref
+
+
+def _kernel_loss(variant, inp, chunk_size):
+    import torch
+    from model import fused_grpo_loss, fused_logprobs
+    from train import grpo_loss, kl_token_mask, token_weights
+
+    h, W, y, seg, adv, old, ref = inp
+    if variant == "naive":
+        logp = torch.log_softmax((h @ W.t()).float(), -1).gather(1, y[:, None]).squeeze(1)
+    elif variant == "rowloop":
+        rows = (h @ W.t()).float().unbind(0)  # unbind: one backward for all rows (select would zero-fill N x V per row)
+        logp = torch.stack([r[t] - torch.logsumexp(r, 0) for r, t in zip(rows, y.tolist())])
+    elif variant == "fused_logprobs":
+        logp = fused_logprobs(h, W, y, chunk_size)
+    elif variant == "fused_grpo":
+        tw, km = token_weights(seg, len(adv), "token"), kl_token_mask(adv, seg, "masked")
+        return fused_grpo_loss(h, W, y, old, ref, adv[seg], tw, km, chunk_size=chunk_size)[0]
+    else:
+        raise ValueError(f"unknown variant {variant!r}")
+    return grpo_loss(logp, old, ref, adv, seg)[0]
+
+
+def _rss_kb(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _kernel_child(cfg_json):
+    """One CPU measurement in this fresh process; prints {"time_s", "peak_mb"} as JSON."""
+    import gc
+
+    import torch
+
+    c = json.loads(cfg_json)
+    dtype = getattr(torch, c["dtype"])
+    inp = _kernel_inputs(c["N"], c["H"], c["V"], "cpu", dtype, c["train_head"])
+    h, W, y, seg, adv, old, ref = inp  # warm-up on 8 tokens: loads the kernels, touches no big pages
+    _kernel_loss(c["variant"], (h[:8].detach().requires_grad_(), W, y[:8], seg[:8], adv, old[:8], ref[:8]),
+                 c["chunk_size"]).backward()
+    inp[0].grad = inp[1].grad = None
+    gc.collect()
+    base = _rss_kb("VmRSS")
+    try:  # reset the high-water mark to the current RSS (Linux >= 4.0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    t0 = time.perf_counter()
+    _kernel_loss(c["variant"], inp, c["chunk_size"]).backward()
+    dt = time.perf_counter() - t0
+    hwm = _rss_kb("VmHWM")
+    print(json.dumps({"time_s": dt, "peak_mb": (hwm - base) / 1024}))
+
+
+def _kernel_cpu(cfg):
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = "import sys, bench; bench._kernel_child(sys.argv[1])"
+    r = subprocess.run([sys.executable, "-c", code, json.dumps(cfg)], cwd=here, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"bench kernel child {cfg['variant']} failed (exit {r.returncode}):\n{r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _kernel_cuda(cfg, inp):
+    import torch
+
+    for x in inp[:2]:
+        x.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    t0 = time.perf_counter()
+    _kernel_loss(cfg["variant"], inp, cfg["chunk_size"]).backward()
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() - base
+    inp[0].grad = inp[1].grad = None
+    return {"time_s": dt, "peak_mb": peak / 2**20}
+
+
+def bench_kernel(args):
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench.py kernel: --device cuda but CUDA is not available", file=sys.stderr)
+        sys.exit(2)
+    if args.reps < 1 or args.chunk_size < 1:
+        print(f"bench.py kernel: --reps and --chunk-size must be >= 1, got {args.reps}, {args.chunk_size}", file=sys.stderr)
+        sys.exit(2)
+    dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    print(f"kernel bench: {args.device} {dtype}, chunk {args.chunk_size}, LM head {'trainable' if args.train_head else 'frozen'}, "
+          f"median of {args.reps}; fwd+bwd of the GRPO loss; peak = memory above the inputs", file=sys.stderr if args.json else sys.stdout)
+    if not args.json:
+        print(f"  {'H':>4} {'V':>6} {'N':>5}  {'variant':<15}{'time':>11} {'peak':>13}   vs naive")
+    shapes, ns = (QUICK_SHAPES, QUICK_NS) if args.quick else (KERNEL_SHAPES, KERNEL_NS)
+    rows = []
+    for H, V in shapes:
+        for N in ns:
+            base = {"N": N, "H": H, "V": V, "dtype": dtype, "chunk_size": args.chunk_size, "train_head": args.train_head}
+            inp = None
+            if args.device == "cuda":
+                inp = _kernel_inputs(N, H, V, "cuda", getattr(torch, dtype), args.train_head)
+                for v in KERNEL_VARIANTS:  # warm-up
+                    _kernel_cuda({**base, "variant": v}, inp)
+            runs = {v: [] for v in KERNEL_VARIANTS}
+            for _ in range(args.reps):
+                for v in KERNEL_VARIANTS:  # alternate, so load drift hits all variants alike
+                    cfg = {**base, "variant": v}
+                    runs[v].append(_kernel_cuda(cfg, inp) if inp is not None else _kernel_cpu(cfg))
+            del inp
+            naive = None
+            for v in KERNEL_VARIANTS:
+                t = statistics.median(r["time_s"] for r in runs[v])
+                m = statistics.median(r["peak_mb"] for r in runs[v])
+                naive = naive or (t, m)
+                rows.append({**base, "variant": v, "time_s": t, "peak_mb": m, "reps": args.reps,
+                             "time_vs_naive": t / naive[0], "mem_vs_naive": m / max(naive[1], 1e-9)})
+                if not args.json:
+                    print(f"  {H:>4} {V:>6} {N:>5}  {v:<15}{t:9.3f} s {m:10.1f} MB   x{t / naive[0]:5.2f} time  "
+                          f"x{m / max(naive[1], 1e-9):6.3f} mem", flush=True)
+    if args.json:
+        print(json.dumps({"device": args.device, "rows": rows}, indent=1))
+        return
+    big = [r for r in rows if (r["N"], r["V"]) == (4096, 151936)]
+    for r in big:  # DESIGN targets at N = 4096, V = 151936
+        if r["variant"] in ("fused_logprobs", "fused_grpo"):
+            tmax = 1.3 if r["variant"] == "fused_logprobs" else 1.1
+            ok = r["mem_vs_naive"] <= 1 / 8 and r["time_vs_naive"] <= tmax
+            print(f"target {r['variant']}: mem <= 1/8 naive, time <= {tmax}x naive: {'PASS' if ok else 'FAIL'}")
+
+
+def kernel_parser(sub):
+    p = sub.add_parser("kernel", help="fused log-prob kernel vs naive log_softmax and a per-row loop",
+                       description="python bench.py kernel [--device cpu|cuda] [--json] [--reps 3] [--quick]")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="default: fp32 on cpu, bf16 on cuda")
+    p.add_argument("--reps", type=int, default=3, help="median over this many alternating repetitions")
+    p.add_argument("--chunk-size", type=int, default=1024, help="tokens per chunk of the fused kernels")
+    p.add_argument("--train-head", action="store_true", help="LM head trainable (default: frozen, the LoRA case)")
+    p.add_argument("--quick", action="store_true", help="one tiny shape, for smoke tests")
+    p.add_argument("--json", action="store_true", help="print rows as JSON instead of a table")
+    p.set_defaults(fn=bench_kernel)
+
 
 # ==== sandbox benchmark (owner: sandbox helper) ====
 
@@ -15,5 +195,6 @@ if __name__ == "__main__":
     sub = ap.add_subparsers(dest="cmd", required=True)
     # each benchmark section registers itself here: sub.add_parser(name) + set_defaults(fn=...)
     # ---- subcommands ----
+    kernel_parser(sub)
     args = ap.parse_args()
     args.fn(args)

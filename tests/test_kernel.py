@@ -188,3 +188,17 @@ def test_bad_inputs_raise():
         fused_logprobs(h, W[:, :2], y)
     with pytest.raises(ValueError, match="chunk_size"):
         fused_logprobs(h, W, y, chunk_size=0)
+
+
+def test_bench_kernel_quick_smoke():
+    import subprocess
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "bench.py", "kernel", "--quick", "--reps", "1"], cwd=root,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = [ln.split() for ln in r.stdout.splitlines()]
+    table = {ln[3]: ln for ln in lines if len(ln) > 4 and ln[3] in ("naive", "rowloop", "fused_logprobs", "fused_grpo")}
+    assert set(table) == {"naive", "rowloop", "fused_logprobs", "fused_grpo"}, r.stdout
+    assert all(float(ln[4]) > 0 for ln in table.values()) and "x 1.00 time" in " ".join(table["naive"]), r.stdout
+    bad = subprocess.run([sys.executable, "bench.py", "kernel", "--reps", "0"], cwd=root, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--reps" in bad.stderr
