@@ -1,0 +1,170 @@
+"""train.py update loop on a tiny model: direction of the update, masked KL, resume, bad input."""
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import model as M
+import train as T
+from conftest import ROOT, tiny_llama, tiny_tokenizer
+
+PROMPT = [{"role": "user", "content": "what is 2+3?"}]
+
+
+def cfg(**kw):
+    c = dict(T.TRAIN_DEFAULTS, seed=0, model="tiny")
+    c.update(kw)
+    return c
+
+
+def make_groups(path, tok, completions, scores):
+    import curate
+    adv = curate.advantages(scores)
+    members = [{"sample": i, "completion": c, "completion_ids": tok(c, add_special_tokens=False)["input_ids"] + [2],
+                "score": s, "advantage": a} for i, (c, s, a) in enumerate(zip(completions, scores, adv))]
+    row = {"problem_id": "p0", "prompt": PROMPT, "prefill": "", "members": members, "std": 0.5, "mil": 1.0}
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "groups.jsonl").write_text(json.dumps(row) + "\n")
+    return row
+
+
+def member_logps(mdl, tok, row):
+    seqs = T.sequences([row], tok, "grpo", 0, 0)[0]
+    return [sum(x) for x in T.seq_logprobs(mdl, seqs, tok.pad_token_id, 4096, 1024)]
+
+
+def test_update_moves_positive_up_negative_down(tmp_path):
+    tok = tiny_tokenizer()
+    mdl = M.add_lora(tiny_llama(), r=4, alpha=8)
+    row = make_groups(tmp_path / "iter_0", tok, ["5", "6", "41", "1 2"], [1.0, 0.0, 1.0, 0.0])
+    before = member_logps(mdl, tok, row)
+    T.update(tmp_path, 0, cfg(lr=1e-2, epochs=3, groups_per_step=1), mdl, tok, log=lambda *a: None)
+    after = member_logps(mdl, tok, row)
+    for b, a, m in zip(before, after, row["members"]):
+        assert (a > b) == (m["advantage"] > 0), (b, a, m["advantage"])
+    assert (tmp_path / "iter_1" / "adapter" / "adapter_model.safetensors").is_file()
+    log = [json.loads(l) for l in (tmp_path / "iter_0" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert set(log[0]) >= {"step", "loss", "pg", "kl", "clip_frac", "grad_norm", "lr", "tokens_per_s"}
+
+
+def grads_for(mdl, tok, seqs, c):
+    mdl.zero_grad(set_to_none=True)
+    params = M.lora_parameters(mdl)
+    for p in params:
+        p.requires_grad_(True)
+    T.prepare_step(seqs, c)
+    T.step_loss(mdl, seqs, c, tok.pad_token_id)
+    return [p.grad.clone() for p in params]
+
+
+def test_masked_kl_gives_negative_sequences_no_kl_gradient():
+    tok = tiny_tokenizer()
+    mdl = M.add_lora(tiny_llama(), r=4, alpha=8)
+    for m in M.lora_modules(mdl).values():  # theta != ref, so the KL has a gradient to give
+        torch.nn.init.normal_(m.lora_B.weight, std=0.05)
+    p = M.prompt_ids(tok, PROMPT)
+    base = [{"ids": p + tok(c, add_special_tokens=False)["input_ids"], "n_prompt": len(p), "adv": a, "score": 0.0}
+            for c, a in (("12", -1.0), ("7 7", -0.5))]
+    with M.lora_disabled(mdl):
+        refs = T.seq_logprobs(mdl, base, 0, 4096, 1024)
+    olds = T.seq_logprobs(mdl, base, 0, 4096, 1024)
+    for s, r, o in zip(base, refs, olds):
+        s.update(ref=r, old=o)
+    # all-negative batch: masked KL == no KL, full KL differs
+    g_masked = grads_for(mdl, tok, copy.deepcopy(base), cfg(kl="masked", beta=1.0))
+    g_none = grads_for(mdl, tok, copy.deepcopy(base), cfg(kl="none", beta=1.0))
+    g_full = grads_for(mdl, tok, copy.deepcopy(base), cfg(kl="full", beta=1.0))
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(g_masked, g_none))
+    assert any((a - b).abs().max() > 1e-6 for a, b in zip(g_full, g_none))
+    # flip the signs: now masked KL applies, and equals full
+    pos = copy.deepcopy(base)
+    for s in pos:
+        s["adv"] = -s["adv"]
+    g_masked = grads_for(mdl, tok, copy.deepcopy(pos), cfg(kl="masked", beta=1.0))
+    g_full = grads_for(mdl, tok, copy.deepcopy(pos), cfg(kl="full", beta=1.0))
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(g_masked, g_full))
+
+
+def test_micro_batches_add_up_to_one_batch():
+    tok = tiny_tokenizer()
+    mdl = M.add_lora(tiny_llama(), r=4, alpha=8)
+    for m in M.lora_modules(mdl).values():
+        torch.nn.init.normal_(m.lora_B.weight, std=0.05)
+    p = M.prompt_ids(tok, PROMPT)
+    seqs = [{"ids": p + tok(c, add_special_tokens=False)["input_ids"], "n_prompt": len(p), "adv": a, "score": s}
+            for c, a, s in (("12", 1.0, 1.0), ("7 7", -1.0, 0.0), ("abc", 0.5, 0.7), ("9", -0.5, 0.2))]
+    lps = T.seq_logprobs(mdl, seqs, 0, 4096, 1024)
+    for s, lp in zip(seqs, lps):
+        s.update(old=[x - 0.05 for x in lp], ref=[x + 0.1 for x in lp], ref_sum=sum(lp) + 0.3)
+    for loss in ("grpo", "rwr"):
+        c = cfg(loss=loss, agg="seq")
+        whole = grads_for(mdl, tok, copy.deepcopy(seqs), c)
+        mdl.zero_grad(set_to_none=True)
+        parts = copy.deepcopy(seqs)
+        T.prepare_step(parts, c)
+        for mb in (parts[:1], parts[1:3], parts[3:]):
+            T.step_loss(mdl, mb, c, 0)
+        split = [q.grad.clone() for q in M.lora_parameters(mdl)]
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(whole, split)), loss
+
+
+def test_rwr_token_weights_equal_rwr_loss():
+    tok = tiny_tokenizer()
+    seqs = [{"ids": [1] * 3 + [5] * n, "n_prompt": 3, "score": s} for n, s in ((2, 1.0), (3, 0.0), (1, 0.5))]
+    T.prepare_step(seqs, cfg(loss="rwr"))
+    logp = [torch.randn(len(s["ids"]) - 3, dtype=torch.float64) for s in seqs]
+    ours = -sum((torch.tensor(s["w_t"], dtype=torch.float64) * lp).sum() for s, lp in zip(seqs, logp))
+    ref = T.rwr_loss(torch.stack([lp.mean() for lp in logp]), [s["score"] for s in seqs], tau=0.4)
+    assert torch.allclose(ours, ref)
+
+
+def test_update_resumes_between_steps(tmp_path):
+    """Kill training between steps 2 and 3 (after step 2's state and log row are on disk), restart
+    in a fresh model: the final adapter equals an uninterrupted run's and the log has no duplicates."""
+    tok = tiny_tokenizer()
+    comps, scores = ["5", "6", "41", "1 2"], [1.0, 0.0, 1.0, 0.0]
+    c = cfg(lr=1e-2, epochs=4, groups_per_step=1, save_every=1)
+    full = M.add_lora(tiny_llama(), r=4, alpha=8)
+    make_groups(tmp_path / "a" / "iter_0", tok, comps, scores)
+    T.update(tmp_path / "a", 0, c, full, tok)
+
+    class Killed(Exception):
+        pass
+
+    rows = {"n": 0}
+    real_append = T.append_jsonl
+
+    def append_then_die(f, row):
+        real_append(f, row)
+        rows["n"] += 1
+        if rows["n"] == 2:
+            raise Killed
+
+    make_groups(tmp_path / "b" / "iter_0", tok, comps, scores)
+    T.append_jsonl = append_then_die
+    try:
+        with pytest.raises(Killed):
+            T.update(tmp_path / "b", 0, c, M.add_lora(tiny_llama(), r=4, alpha=8), tok)
+    finally:
+        T.append_jsonl = real_append
+    assert (tmp_path / "b" / "iter_0" / "train_state.pt").is_file()
+    assert not (tmp_path / "b" / "iter_1").exists()
+    fresh = M.add_lora(tiny_llama(), r=4, alpha=8)  # as a new process would: base weights, state from disk
+    T.update(tmp_path / "b", 0, c, fresh, tok)
+    for a, b in zip(M.lora_parameters(full), M.lora_parameters(fresh)):
+        assert torch.allclose(a, b, atol=1e-6)
+    log = [json.loads(l)["step"] for l in (tmp_path / "b" / "iter_0" / "train_log.jsonl").read_text().splitlines()]
+    assert log == [1, 2, 3, 4]
+    assert not (tmp_path / "b" / "iter_0" / "train_state.pt").exists()
+
+
+def test_malformed_groups_named(tmp_path):
+    d = tmp_path / "iter_0"
+    d.mkdir()
+    (d / "groups.jsonl").write_text('{"problem_id": "p", "prompt": [], "members": []}\n{"problem_id": \n')
+    with pytest.raises(T.DataError, match=r"groups.jsonl:2"):
+        T.update(tmp_path, 0, cfg(), M.add_lora(tiny_llama(), r=4, alpha=8), tiny_tokenizer())
