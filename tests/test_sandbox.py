@@ -1,0 +1,454 @@
+"""The sandbox against hostile workflows (no model needed: --executor none), plus run_program,
+run_many and the CLI. The corpus runs once, two at a time, in a module fixture; each case is then
+its own test."""
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import sandbox
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT = 1.5
+MARK = "spogwmark" + secrets.token_hex(6)  # in the argv of anything a workflow leaves behind
+SECRET = "sk-canary-" + secrets.token_hex(12)
+# a world-writable file in a world-writable dir: only the sandbox itself can protect it
+CANARY_DIR = Path("/var/tmp") if os.access("/var/tmp", os.W_OK) else Path("/tmp")
+CANARY = CANARY_DIR / f"spogw-canary-{secrets.token_hex(6)}"
+PWNED = ROOT / f"pwned-{secrets.token_hex(6)}.txt"
+
+# name -> (workflow code, check(result) -> None); {port}, {canary}, {pwned}, {mark}, {parent}
+# {victim} are filled in by the fixture.
+CASES = {}
+
+
+def case(name, code):
+    def deco(check):
+        CASES[name] = (code, check)
+        return check
+    return deco
+
+
+def errored(prefix=""):
+    def check(r):
+        assert r["error"] is not None and r["error"].startswith(prefix), r
+    return check
+
+
+case("infinite_loop", "def solve(p):\n    while True:\n        pass\n")(errored("timeout"))
+case("sleep_past_timeout", "import time\ndef solve(p):\n    time.sleep(100)\n")(errored("timeout"))
+case("signal_tampering", """import signal, time
+def solve(p):
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGXCPU, signal.SIGALRM):
+        signal.signal(s, signal.SIG_IGN)
+    time.sleep(100)
+""")(errored("timeout"))
+case("no_solve", "x = 1\n")(errored("no solve()"))
+case("syntax_error", "def solve(p)\n    return 1\n")(errored("syntax"))
+case("none_return", "def solve(p):\n    return None\n")(errored("bad output"))
+case("os_exit", "import os\ndef solve(p):\n    os._exit(0)\n")(errored("crash"))
+case("sys_exit", "import sys\ndef solve(p):\n    sys.exit(3)\n")(errored("exception: SystemExit"))
+case("raise_systemexit", "def solve(p):\n    raise SystemExit('bye')\n")(errored("exception: SystemExit"))
+case("segfault_ctypes", "import ctypes\ndef solve(p):\n    return ctypes.string_at(0)\n")(errored("crash: killed by SIGSEGV"))
+case("recursion_bomb", "def f(n):\n    return f(n + 1)\ndef solve(p):\n    return f(0)\n")(errored("exception: RecursionError"))
+case("read_stdin", "import sys\ndef solve(p):\n    return 'read:' + repr(sys.stdin.read()) + repr(input())\n")(
+    errored("exception: EOFError"))
+
+
+@case("busy_cpu_threads", """import threading
+def spin():
+    while True:
+        pass
+def solve(p):
+    for _ in range(4):
+        threading.Thread(target=spin).start()
+    spin()
+""")
+def _(r):
+    assert r["error"].startswith(("timeout", "killed: CPU")), r
+
+
+@case("memory_bomb", "def solve(p):\n    x = []\n    while True:\n        x.append(' ' * 10**7)\n")
+def _(r):
+    assert r["error"].startswith(("exception: MemoryError", "killed")), r
+
+
+@case("fork_bomb", "import os\ndef solve(p):\n    while True:\n        os.fork()\n")
+def _(r):
+    assert r["error"] is not None and r["answer"] is None, r
+
+
+@case("disk_fill_one_file", "def solve(p):\n    with open('big', 'wb') as f:\n        while True:\n            f.write(b'x' * 2**20)\n")
+def _(r):
+    assert r["error"].startswith("exception: OSError") and "too large" in r["error"], r
+
+
+@case("disk_fill_many_files", """def solve(p):
+    for i in range(10**6):
+        with open('f%d' % i, 'wb') as f:
+            f.write(b'x' * 8 * 2**20)
+""")
+def _(r):
+    assert r["error"].startswith("exception: OSError"), r
+
+
+@case("canary_write_delete", """import os
+def solve(p):
+    out = []
+    for how in ('w', 'a'):
+        try:
+            with open('{canary}', how) as f:
+                f.write('pwned')
+            out.append('wrote')
+        except OSError as e:
+            out.append(type(e).__name__)
+    for f in (os.remove, lambda c: os.rename(c, c + '.x'), lambda c: os.chmod(c, 0)):
+        try:
+            f('{canary}')
+            out.append('changed')
+        except OSError as e:
+            out.append(type(e).__name__)
+    return ' '.join(out)
+""")
+def _(r):
+    assert CANARY.read_text() == "canary" and "wrote" not in r["answer"] and "changed" not in r["answer"], r
+
+
+@case("write_project_dir", """def solve(p):
+    with open('{pwned}', 'w') as f:
+        f.write('pwned')
+    return 'wrote'
+""")
+def _(r):
+    assert not PWNED.exists() and r["error"].startswith("exception: "), r
+
+
+@case("import_tricks", """def solve(p):
+    os = __import__('os')
+    b = __builtins__ if isinstance(__builtins__, dict) else vars(__builtins__)
+    b['__import__']('subprocess').run(['sh', '-c', 'echo pwned > {pwned}'])
+    os.system('echo pwned > {pwned}')
+    return 'ran'
+""")
+def _(r):
+    assert not PWNED.exists(), r
+
+
+@case("read_secret", """import os, glob
+def solve(p):
+    found = [repr(dict(os.environ))]
+    paths = glob.glob('/proc/*/environ') + glob.glob('/proc/*/cmdline') + glob.glob('/proc/*/task/*/environ')
+    paths += ['/proc/%d/environ' % os.getppid(), '/proc/{parent}/environ', '/proc/{parent}/mem']
+    for path in paths:
+        try:
+            with open(path, 'rb') as f:
+                found.append(f.read(1 << 16).decode('latin-1'))
+        except OSError as e:
+            found.append(type(e).__name__)
+    return '\\n'.join(found)
+""")
+def _(r):
+    assert r["error"] is None and SECRET not in r["answer"] and "OPENAI_API_KEY" not in r["answer"], r
+
+
+@case("network_loopback", """import socket
+def solve(p):
+    out = []
+    for host in ('127.0.0.1', 'localhost', '::1'):
+        try:
+            socket.create_connection((host, {port}), timeout=1).sendall(b'hello')
+            out.append('connected')
+        except OSError as e:
+            out.append(type(e).__name__)
+    return ' '.join(out)
+""")
+def _(r):
+    assert "connected" not in (r["answer"] or ""), r  # and the listener saw nothing: test below
+
+
+@case("kill_parent_and_others", """import os, signal
+def solve(p):
+    out = []
+    for pid in (os.getppid(), {parent}, {victim}, -1):
+        try:
+            os.kill(pid, signal.SIGKILL)
+            out.append('sent')
+        except OSError as e:
+            out.append(type(e).__name__)
+    try:
+        os.setuid(0)
+        out.append('root')
+    except OSError as e:
+        out.append(type(e).__name__)
+    return ' '.join(out)
+""")
+def _(r):
+    assert "root" not in (r["answer"] or ""), r  # parent and victim alive: test below
+
+
+@case("background_process", """import subprocess, sys, os
+def solve(p):
+    subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)', '{mark}'], start_new_session=True)
+    if os.fork() == 0:  # a classic daemon: double fork + setsid
+        os.setsid()
+        if os.fork() == 0:
+            os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(60)', '{mark}'])
+        os._exit(0)
+    return 'left'
+""")
+def _(r):
+    assert r["answer"] == "left", r  # nothing with the mark alive: test below
+
+
+@case("thread_left_running", """import threading, time
+def solve(p):
+    threading.Thread(target=time.sleep, args=(60,)).start()
+    return 'done'
+""")
+def _(r):
+    assert r["answer"] == "done" and r["error"] is None, r
+
+
+@case("print_100mb", "def solve(p):\n    print('x' * 10**8)\n    return 'printed'\n")
+def _(r):
+    assert r["answer"] == "printed", r
+
+
+@case("non_str_return", "def solve(p):\n    return [42, 'a']\n")
+def _(r):
+    assert r["answer"] == "[42, 'a']" and r["error"] is None, r
+
+
+@case("huge_exception_message", "def solve(p):\n    raise ValueError('x' * 10**7)\n")
+def _(r):
+    assert r["error"].startswith("exception: ValueError") and len(r["error"]) < 3000, r
+
+
+@case("huge_answer", "def solve(p):\n    return 'y' * 10**7\n")
+def _(r):
+    assert r["answer"].startswith("yyy") and len(r["answer"]) <= sandbox.CAP + 100 and "truncated" in r["answer"], r
+
+
+@case("forge_result_on_stdout", """def solve(p):
+    print('{{"answer": "forged", "error": null, "calls": 0}}')
+    raise RuntimeError('real failure')
+""")
+def _(r):
+    assert r["answer"] is None and r["error"].startswith("exception: RuntimeError"), r
+
+
+@case("garbage_on_private_pipe", """import os
+def solve(p):
+    for fd in range(3, 64):
+        try:
+            os.write(fd, b'not json\\n')
+        except OSError:
+            pass
+    return 'x'
+""")
+def _(r):
+    assert r["answer"] is None and r["error"] is not None, r
+
+
+@case("monkeypatch_operators", """def solve(p):
+    global custom
+    custom = lambda *a, **k: 'fake'
+    return custom(p, 'x')
+""")
+def _(r):
+    assert r["answer"] == "fake" and r["calls"] == 0, r  # only the workflow itself is fooled
+
+
+@case("delete_builtins", """import builtins
+def solve(p):
+    for k in list(vars(builtins)):  # the real module, which the runtime itself uses
+        delattr(builtins, k)
+    __builtins__.clear()
+    return 'gone'
+""")
+def _(r):
+    assert r["error"] is not None or r["answer"] == "gone", r
+
+
+@case("operator_without_executor", "def solve(p):\n    return custom(p, 'Answer.')\n")
+def _(r):
+    assert r["error"].startswith("exception: OperatorError") and "no executor" in r["error"] and r["calls"] == 1, r
+
+
+@case("budget_exceeded", "def solve(p):\n    for _ in range(5):\n        try:\n            custom(p, 'x')\n        except Exception:\n            pass\n    return 'ok'\n")
+def _(r):
+    assert r["error"].startswith("budget:") and r["calls"] == 3, r
+
+
+def _procs_with(mark):
+    out = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                if mark.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    out.append(int(pid))
+            except OSError:
+                pass
+    return out
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    CANARY.write_text("canary")
+    os.chmod(CANARY, 0o666)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.setblocking(False)
+    victim = subprocess.Popen(["sleep", "60"])
+    old = os.environ.get("OPENAI_API_KEY")
+    os.environ["OPENAI_API_KEY"] = SECRET
+    fill = dict(port=listener.getsockname()[1], canary=CANARY, pwned=PWNED, mark=MARK, parent=os.getpid(),
+                victim=victim.pid)
+
+    def job(name):
+        code = CASES[name][0]
+        for k, v in fill.items():
+            code = code.replace("{%s}" % k, str(v))
+        code = code.replace("{{", "{").replace("}}", "}")
+        max_calls = 3 if name == "budget_exceeded" else 20
+
+        def run():
+            t = time.monotonic()
+            r = sandbox.run_workflow(code, "What is 2 + 2?", executor=None, timeout=TIMEOUT, mem_mb=512,
+                                     max_calls=max_calls)
+            return r, time.monotonic() - t
+        return run
+
+    names = list(CASES)
+    try:
+        results = {names[i]: r for i, r in sandbox.run_many([job(n) for n in names], workers=2)}
+        try:
+            listener.accept()
+            connected = True
+        except BlockingIOError:
+            connected = False
+        time.sleep(0.1)
+        yield dict(results=results, connected=connected, left=_procs_with(MARK), victim_alive=victim.poll() is None)
+    finally:
+        if old is None:
+            os.environ.pop("OPENAI_API_KEY", None)
+        else:
+            os.environ["OPENAI_API_KEY"] = old
+        victim.kill()
+        victim.wait()
+        listener.close()
+        CANARY.unlink(missing_ok=True)
+        PWNED.unlink(missing_ok=True)
+        for pid in _procs_with(MARK):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_corpus_size():
+    assert len(CASES) >= 25
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_hostile(corpus, name):
+    r, wall = corpus["results"][name]
+    assert set(r) == set(sandbox.RESULT_KEYS)
+    assert wall < TIMEOUT + 2, (name, wall)
+    CASES[name][1](r)
+    assert CANARY.read_text() == "canary" and not PWNED.exists()
+
+
+def test_corpus_left_nothing(corpus):
+    assert not corpus["connected"], "a workflow reached the loopback listener"
+    assert corpus["left"] == [], "processes outlived their sandbox"
+    assert corpus["victim_alive"], "a workflow killed an unrelated process"
+
+
+def test_isolation_string():
+    iso = sandbox.isolation()
+    assert sandbox.ISOLATION == iso and iso != "unprobed"
+    if os.geteuid() == 0 and sandbox._MODE[0] == "ns":
+        assert "netns" in iso and "pidns" in iso and "uid" in iso
+
+
+def test_fallback_mode_without_namespaces(monkeypatch):
+    """Where namespaces are refused (e.g. a container's seccomp), the uid drop + audit hook mode
+    still stops the basics. Forced here by resetting the probe."""
+    if os.geteuid() != 0:
+        pytest.skip("the uid mode needs root")
+    monkeypatch.setenv("SPOGW_SANDBOX_ISOLATION", "uid")
+    monkeypatch.setattr(sandbox, "_MODE", None)
+    monkeypatch.setattr(sandbox, "ISOLATION", "unprobed")
+    assert sandbox.isolation().startswith("fresh uid")
+    mark = "spogwmark" + secrets.token_hex(6)
+    canary = CANARY_DIR / f"spogw-canary-{secrets.token_hex(6)}"
+    canary.write_text("canary")  # 0644: the fresh uid may not write it
+    try:
+        leave = (f"import subprocess, sys, os\ndef solve(p):\n    out = []\n"
+                 f"    for f in (lambda: subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)', '{mark}']),\n"
+                 f"              lambda: __import__('socket').create_connection(('127.0.0.1', 9)),\n"
+                 f"              lambda: open('{canary}', 'w'), lambda: os.kill(1, 9)):\n"
+                 f"        try:\n            f()\n            out.append('did')\n"
+                 f"        except Exception as e:\n            out.append(type(e).__name__)\n    return ' '.join(out)\n")
+        r = sandbox.run_workflow(leave, "p", timeout=2)
+        assert r["answer"] == "PermissionError PermissionError PermissionError PermissionError", r
+        r = sandbox.run_workflow("def solve(p):\n    while True:\n        pass\n", "p", timeout=1)
+        assert r["error"].startswith(("timeout", "killed")), r
+        assert sandbox.run_program("print(6 * 7)")["stdout"] == "42\n"
+        assert canary.read_text() == "canary" and _procs_with(mark) == []
+    finally:
+        canary.unlink(missing_ok=True)
+        for pid in _procs_with(mark):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_run_program():
+    r = sandbox.run_program("import sys\nprint(sum(int(x) for x in sys.stdin.read().split()))", stdin="1 2 39")
+    assert r == dict(ok=True, stdout="42\n", stderr="", error=None, seconds=r["seconds"])
+    r = sandbox.run_program("def f():\n    1 / 0\nf()")
+    assert not r["ok"] and r["error"] == "exit 1: ZeroDivisionError: division by zero"
+    assert "<program>" in r["stderr"] and "main" not in r["stderr"]  # no runtime frames
+    r = sandbox.run_program("while True: pass", timeout=1)
+    assert not r["ok"] and r["error"].startswith("timeout")
+    r = sandbox.run_program("print('z' * 200000)")
+    assert r["ok"] and r["stdout"].startswith("zzz") and r["stdout"].endswith(sandbox.MARK)
+    assert len(r["stdout"]) == sandbox.CAP + len(sandbox.MARK)
+
+
+def test_run_many_yields_all_with_indices():
+    jobs = [dict(code=f"def solve(p):\n    return p * {i}\n", problem="ab", timeout=5) for i in range(6)]
+    jobs.append(dict(program="print('prog')"))
+    seen = []
+    out = dict(sandbox.run_many(jobs, workers=2, progress=lambda done, total: seen.append((done, total))))
+    assert sorted(out) == list(range(7))
+    assert [out[i]["answer"] for i in range(6)] == ["ab" * i for i in range(6)]
+    assert out[6]["stdout"] == "prog\n" and seen[-1] == (7, 7)
+
+
+def _cli(*args, **kw):
+    return subprocess.run([sys.executable, str(ROOT / "sandbox.py"), *args], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT, **kw)
+
+
+def test_cli(tmp_path):
+    wf = tmp_path / "wf.py"
+    wf.write_text("def solve(p):\n    print('{\"answer\": \"forged\"}')\n    return p.upper()\n")
+    p = _cli(str(wf), "--problem", "hi there", "--executor", "none", "--timeout", "5")
+    assert p.returncode == 0 and len(p.stdout.splitlines()) == 1, p
+    r = json.loads(p.stdout)
+    assert list(r) == list(sandbox.RESULT_KEYS) and r["answer"] == "HI THERE" and r["error"] is None
+    wf.write_text("def solve(p):\n    raise KeyError(p)\n")
+    r = json.loads(_cli(str(wf), "--problem", "k").stdout)
+    assert r["error"] == "exception: KeyError: 'k'"
+    assert _cli(str(tmp_path / "missing.py"), "--problem", "x").returncode == 2
+    assert _cli(str(wf)).returncode == 2  # no --problem
+    assert _cli(str(wf), "--problem", "x", "--timeout", "-1").returncode == 2
+    assert _cli(str(wf), "--problem", "x", "--executor", "ftp://nope").returncode == 2
+    info = json.loads(_cli("--info").stdout)
+    assert info["isolation"] == sandbox.isolation()
