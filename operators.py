@@ -3,7 +3,467 @@ generator prompt (DESIGN §3, §4)."""
 
 # ==== executor client (owner: sandbox helper) ====
 
+import contextlib
+import hashlib
+import json
+import os
+import random
+import re
+import threading
+import time
+
+# USD per 1M tokens (prompt, completion); override with Executor(prices=...). Unknown models and
+# loopback servers cost 0.
+PRICES = {
+    "gpt-4o-mini": (0.15, 0.60), "gpt-4o": (2.50, 10.00), "gpt-4.1": (2.00, 8.00),
+    "gpt-4.1-mini": (0.40, 1.60), "gpt-4.1-nano": (0.10, 0.40), "gpt-3.5-turbo": (0.50, 1.50),
+}
+DEFAULT_API_MODEL = os.environ.get("SPOGW_EXECUTOR_MODEL", "gpt-4o-mini")
+
+
+class ExecutorError(RuntimeError):
+    """The executor could not answer (after retries). Operators let it through; the sandbox turns
+    it into an exception inside the workflow, so a run gets an error, never a crash."""
+
+
+class BudgetError(ExecutorError):
+    """The workflow used up its call or token budget."""
+
+
+class Executor:
+    """Chat client for any OpenAI-compatible endpoint, with our own retries (429 honouring
+    Retry-After, 5xx, timeouts, connection errors, malformed replies), an on-disk response cache and
+    token/dollar counters. Thread-safe: one instance serves all sandboxes of a collection run.
+    The counters are what was really spent: cache hits add to `cache_hits` only."""
+
+    def __init__(self, base_url, model, api_key_env="OPENAI_API_KEY", cache_dir=None, timeout=60.0,
+                 max_retries=5, prices=None, base_delay=1.0, max_delay=30.0):
+        import openai
+
+        self.base_url, self.model, self.timeout = base_url, model, timeout
+        self.max_retries, self.base_delay, self.max_delay = max_retries, base_delay, max_delay
+        # max_retries=0: ours are the only retries, so the bound and the backoff are ours to state
+        self.client = openai.OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env) or "EMPTY",
+                                    timeout=timeout, max_retries=0)
+        local = re.match(r"https?://(localhost|127\.|\[::1\])", base_url or "") is not None
+        table = PRICES if prices is None else prices
+        self.price = (0.0, 0.0) if local and prices is None else tuple(table.get(model, (0.0, 0.0)))
+        self.cache_dir = None if cache_dir is None else os.path.abspath(cache_dir)
+        self.lock = threading.Lock()
+        self.requests = self.cache_hits = self.failures = 0
+        self.prompt_tokens = self.completion_tokens = 0
+        self.cost_usd = 0.0
+
+    def _cost(self, prompt_tokens, completion_tokens):
+        return (prompt_tokens * self.price[0] + completion_tokens * self.price[1]) / 1e6
+
+    def _cache_path(self, key):
+        return os.path.join(self.cache_dir, key[:2], key + ".json")
+
+    def chat(self, messages, temperature=0.0, max_tokens=512, sample_index=0):
+        """(text, usage) with usage = {prompt_tokens, completion_tokens, cost_usd, cached}. A cache
+        hit reports the tokens and the notional cost of the original call (so a workflow's cost
+        does not depend on what happened to be cached) and sends nothing."""
+        key = hashlib.sha256(json.dumps([self.model, messages, temperature, max_tokens, sample_index],
+                                        sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+        if self.cache_dir:
+            try:
+                with open(self._cache_path(key), encoding="utf-8") as f:
+                    hit = json.load(f)
+                with self.lock:
+                    self.cache_hits += 1
+                return hit["text"], dict(hit["usage"], cached=True)
+            except (OSError, ValueError, KeyError, TypeError):
+                pass  # missing or torn entry: ask again
+        text, usage = self._request(messages, temperature, max_tokens)
+        if self.cache_dir:  # one file per key, written atomically: concurrent writers both win
+            path = self._cache_path(key)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump({"model": self.model, "text": text, "usage": usage}, f)
+            os.replace(tmp, path)
+        return text, dict(usage, cached=False)
+
+    def _request(self, messages, temperature, max_tokens):
+        import openai
+
+        last = None
+        for attempt in range(self.max_retries + 1):
+            wait = None
+            with self.lock:
+                self.requests += 1
+            try:
+                resp = self.client.chat.completions.create(model=self.model, messages=messages,
+                                                           temperature=temperature, max_tokens=max_tokens)
+                text = resp.choices[0].message.content
+                if not isinstance(text, str):
+                    raise ValueError("reply has no message content")
+                u = getattr(resp, "usage", None)
+                pt, ct = int(getattr(u, "prompt_tokens", 0) or 0), int(getattr(u, "completion_tokens", 0) or 0)
+                usage = {"prompt_tokens": pt, "completion_tokens": ct, "cost_usd": self._cost(pt, ct)}
+                with self.lock:
+                    self.prompt_tokens += pt
+                    self.completion_tokens += ct
+                    self.cost_usd += usage["cost_usd"]
+                return text, usage
+            except openai.APIStatusError as e:
+                last = f"HTTP {e.status_code}: {str(e)[:300]}"
+                if e.status_code not in (408, 409, 429) and e.status_code < 500:
+                    break  # a bad request or key does not get better by asking again
+                ra = e.response.headers.get("retry-after") if e.response is not None else None
+                try:
+                    wait = min(float(ra), 120.0) if ra is not None else None
+                except ValueError:
+                    wait = None
+            except (openai.APIConnectionError, openai.APITimeoutError) as e:
+                last = f"{type(e).__name__}: {e}"
+            except Exception as e:  # malformed body, missing fields: the server had a bad moment
+                last = f"malformed reply: {type(e).__name__}: {e}"
+            if attempt < self.max_retries:
+                if wait is None:  # bounded exponential backoff with full jitter on top
+                    d = min(self.max_delay, self.base_delay * 2 ** attempt)
+                    wait = d + random.uniform(0, d)
+                time.sleep(wait)
+        with self.lock:
+            self.failures += 1
+        raise ExecutorError(f"{self.model} at {self.base_url}: {last}")
+
+    def stats(self):
+        with self.lock:
+            return dict(requests=self.requests, cache_hits=self.cache_hits, failures=self.failures,
+                        prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
+                        cost_usd=self.cost_usd)
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def local_executor(model="smollm2-135m", cache_dir=None, port=None, threads=1, kv_tokens=16384,
+                   startup_timeout=300.0, timeout=300.0, log_path=None, extra_args=()):
+    """Start `transformers serve` for a local model on a free loopback port, wait until it answers,
+    yield an Executor for it, and stop it (its whole process group) on exit, Ctrl-C, exception or
+    interpreter exit. The server is pinned to the model, so requests name the same directory.
+
+    threads=1: on a shared 2-core box two torch threads ran 3x slower than one (they spin against
+    the sandboxes and each other). kv_tokens sizes the paged KV cache explicitly: left to itself
+    continuous batching sizes it from free memory and spent ~25 s allocating it on the first
+    request. 16k tokens = 16 concurrent requests of ~1k tokens (SmolLM2-135M: 46 KB/token)."""
+    import atexit
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import urllib.request
+
+    import model as model_mod
+
+    model_dir = model_mod.resolve_model_dir(model)
+    port = port or _free_port()
+    exe = shutil.which("transformers", path=os.path.dirname(os.path.realpath(sys.executable)))
+    if exe is None:
+        raise ExecutorError("the `transformers` CLI is missing: pip install 'transformers[serving]'")
+    cmd = [exe, "serve", model_dir, "--device", "cpu", "--continuous-batching", "--host", "127.0.0.1",
+           "--port", str(port), "--cb-block-size", "64", "--cb-num-blocks", str(max(1, kv_tokens // 64)),
+           "--cb-max-batch-tokens", "1024", *extra_args]
+    log = open(log_path or tempfile.mkstemp(prefix="spogw-serve-", suffix=".log")[1], "w+b")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+
+    def stop():
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        except ProcessLookupError:
+            pass
+
+    def tail():
+        log.flush()
+        log.seek(0)
+        return log.read().decode("utf-8", "replace")[-3000:]
+
+    atexit.register(stop)  # covers a sys.exit() or an uncaught error elsewhere in the program
+    try:
+        url = f"http://127.0.0.1:{port}"
+        t0 = time.monotonic()
+        while True:
+            if proc.poll() is not None:
+                raise ExecutorError(f"transformers serve exited with {proc.returncode}:\n{tail()}")
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() - t0 > startup_timeout:
+                raise ExecutorError(f"transformers serve not healthy after {startup_timeout:g} s:\n{tail()}")
+            time.sleep(0.5)
+        yield Executor(url + "/v1", model_dir, cache_dir=cache_dir, timeout=timeout, max_retries=2, prices={})
+    finally:
+        stop()
+        atexit.unregister(stop)
+        log.close()
+        if log_path is None:
+            os.unlink(log.name)
+
+
+@contextlib.contextmanager
+def make_executor(spec, model=None, cache_dir=None):
+    """`with make_executor(spec) as ex:` -- "none" gives None (every operator call fails inside the
+    workflow), "local" the embedded model behind a local server, a URL an Executor for it."""
+    if spec in (None, "none"):
+        yield None
+    elif spec == "local":
+        with local_executor(model or "smollm2-135m", cache_dir=cache_dir) as ex:
+            yield ex
+    elif re.match(r"https?://", spec):
+        yield Executor(spec, model or DEFAULT_API_MODEL, cache_dir=cache_dir)
+    else:
+        raise ValueError(f"executor must be none, local or an http(s) URL, got {spec!r}")
+
+
+class OpContext:
+    """What operators see: the executor, this run's call/token budget and counters, and the
+    per-problem data (context["public_tests"], ...). One per workflow run."""
+
+    REPEAT_TEMPERATURE = 0.7
+
+    def __init__(self, executor, context=None, max_calls=20, max_tokens_budget=None):
+        self.executor, self.context = executor, dict(context or {})
+        self.max_calls, self.max_tokens_budget = max_calls, max_tokens_budget
+        self.calls = self.prompt_tokens = self.completion_tokens = 0
+        self.cost_usd = 0.0
+        self.budget_error = None
+        self.temperature = float(self.context.get("temperature", 0.0))
+        self.sample_index = int(self.context.get("sample_index", 0))
+        self._seen = {}
+
+    def chat(self, prompt, max_tokens=512):
+        """One executor call on a user prompt (or a message list), within the budget. Asking the
+        same thing twice in one run samples (temperature >= 0.7, a new cache slot): otherwise
+        `[custom(p, i) for _ in range(3)]` would be three copies of one greedy answer."""
+        if self.calls >= self.max_calls:
+            raise BudgetError(f"more than {self.max_calls} executor calls")
+        if self.max_tokens_budget is not None and self.prompt_tokens + self.completion_tokens >= self.max_tokens_budget:
+            raise BudgetError(f"token budget of {self.max_tokens_budget} used up")
+        self.calls += 1
+        if "max_tokens" in self.context:  # a per-run cap, e.g. to keep a tiny CPU executor fast
+            max_tokens = min(max_tokens, int(self.context["max_tokens"]))
+        if self.executor is None:
+            raise ExecutorError("no executor (--executor none)")
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        k = json.dumps(messages)
+        n = self._seen[k] = self._seen.get(k, -1) + 1
+        temp = self.temperature if n == 0 else max(self.temperature, self.REPEAT_TEMPERATURE)
+        text, usage = self.executor.chat(messages, temperature=temp, max_tokens=max_tokens,
+                                         sample_index=self.sample_index * 1000 + n)
+        self.prompt_tokens += usage["prompt_tokens"]
+        self.completion_tokens += usage["completion_tokens"]
+        self.cost_usd += usage["cost_usd"]
+        return text
+
+
 # ==== operator library (owner: sandbox helper) ====
+# Each operator runs here in the parent as fn(ctx, *args) -> str; the workflow's sandbox holds only
+# stubs that forward the call (sandbox.py). Prompts are short and concrete: the default executor is
+# a 135M model that follows one plain instruction, rarely two.
+
+PROGRAM_TIMEOUT = 5.0  # seconds for one executor-written program or one public-test run
+
+
+def _s(x):
+    return x if isinstance(x, str) else str(x)
+
+
+def _code_of(reply):
+    return extract_code(reply) or reply  # extract_code: the checker section below
+
+
+def extract_answer(text):
+    """The final answer inside a free-text solution: the last \\boxed{..}, else what follows the last
+    "Answer:", else the last number, else the last non-empty line."""
+    text = _s(text).strip()
+    boxed = re.findall(r"\\boxed\{([^{}]*)\}", text)
+    if boxed:
+        return boxed[-1].strip()
+    tagged = re.findall(r"answer(?:\s+is)?\s*[:=]\s*([^\n]+)", text, flags=re.I)
+    if tagged and tagged[-1].strip(" .*$"):
+        return tagged[-1].strip(" .*$")
+    nums = re.findall(r"-?\d[\d,]*(?:\.\d+)?", text)
+    if nums:
+        return nums[-1]
+    lines = [l.strip() for l in text.splitlines() if l.strip()]
+    return lines[-1] if lines else ""
+
+
+def normalize_answer(a):
+    """For voting: case, spaces, $ and trailing dots ignored; "1,000.0" == "1000"."""
+    a = re.sub(r"\s+", " ", _s(a)).strip().strip("$").rstrip(".").strip().lower()
+    num = a.replace(",", "")
+    try:
+        f = float(num)
+        return str(int(f)) if f.is_integer() else repr(f)
+    except (ValueError, OverflowError):
+        return a
+
+
+def majority_vote(solutions):
+    """The first solution whose extracted answer is the most common one."""
+    keys = [normalize_answer(extract_answer(s)) for s in solutions]
+    counts = {}
+    for k in keys:
+        counts[k] = counts.get(k, 0) + 1
+    best = max(counts.values())
+    return solutions[next(i for i, k in enumerate(keys) if counts[k] == best)]
+
+
+def op_custom(ctx, input, instruction):
+    return ctx.chat(f"{_s(instruction)}\n\n{_s(input)}")
+
+
+def op_answer_generate(ctx, input):
+    return ctx.chat(f"{_s(input)}\n\nThink step by step. End with a line 'Answer: <final answer>'.")
+
+
+def op_programmer(ctx, problem, analysis=""):
+    """The executor writes a program that prints the answer; it runs in a fresh sandbox; on an
+    error (or no output) the executor sees the error and tries again, twice at most. Returns the
+    program's output, or "" when every attempt failed."""
+    import sandbox
+
+    prompt = f"Write one short Python program that prints the answer.\n\nProblem: {_s(problem)}\n"
+    if analysis:
+        prompt += f"Hint: {_s(analysis)}\n"
+    messages = [{"role": "user", "content": prompt + "\nReply with only the code in a ```python block."}]
+    for attempt in range(3):
+        reply = ctx.chat(messages, max_tokens=400)
+        r = sandbox.run_program(_code_of(reply), timeout=PROGRAM_TIMEOUT, mem_mb=256)
+        out = r["stdout"].strip()
+        if r["ok"] and out:
+            return out
+        err = (r["stderr"].strip()[-400:] or r["error"]) if not r["ok"] else "it printed nothing"
+        messages = messages + [{"role": "assistant", "content": reply},
+                               {"role": "user", "content": f"The program failed:\n{err}\n\nFix it. Reply with only "
+                                                           "the corrected code in a ```python block."}]
+    return ""
+
+
+def op_ensemble(ctx, problem, solutions):
+    """Self-consistency: the executor names the solution that agrees most with the others; when its
+    reply names none (or all answers already agree) the majority vote of the answers decides."""
+    sols = [_s(s).strip() for s in ([solutions] if isinstance(solutions, str) else list(solutions))]
+    sols = [s for s in sols if s][:26]
+    if not sols:
+        return ""
+    if len({normalize_answer(extract_answer(s)) for s in sols}) == 1:
+        return sols[0]
+    letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[:len(sols)]
+    listing = "\n\n".join(f"({l}) {s}" for l, s in zip(letters, sols))
+    reply = ctx.chat(f"Problem: {_s(problem)}\n\nSolutions:\n\n{listing}\n\n"
+                     "Which solution agrees most with the others? Reply with one letter.", max_tokens=8).strip()
+    m = (re.fullmatch(r"\W*([A-Z])\W*", reply) or re.search(r"\(([A-Z])\)", reply)
+         or re.search(r"(?:solution|answer|option)\s*\(?([A-Z])\b", reply, flags=re.I))
+    if m and m.group(1).upper() in letters:
+        return sols[letters.index(m.group(1).upper())]
+    return majority_vote(sols)
+
+
+def op_review(ctx, problem, solution):
+    return ctx.chat(f"Problem: {_s(problem)}\n\nSolution: {_s(solution)}\n\nIs this solution correct? If it is, "
+                    "reply 'correct'. If not, name the first mistake in one sentence.", max_tokens=200)
+
+
+def op_revise(ctx, problem, solution, feedback):
+    return ctx.chat(f"Problem: {_s(problem)}\n\nSolution: {_s(solution)}\n\nFeedback: {_s(feedback)}\n\n"
+                    "Write a corrected solution. End with a line 'Answer: <final answer>'.")
+
+
+def op_format(ctx, problem, solution):
+    """Only the final answer. An empty or chatty reply falls back to the answer in the solution."""
+    reply = ctx.chat(f"Problem: {_s(problem)}\n\nSolution: {_s(solution)}\n\n"
+                     "What is the final answer? Reply with the answer only.", max_tokens=32).strip()
+    line = re.sub(r"^(the\s+)?(final\s+)?answer(\s+is)?\s*[:=]?\s*", "", reply.splitlines()[0] if reply else "",
+                  flags=re.I).strip().rstrip(".")
+    return line if line else extract_answer(solution)
+
+
+def op_code_generate(ctx, problem, entry_point, instruction=""):
+    reply = ctx.chat(f"{_s(instruction)}\nWrite the Python function `{_s(entry_point)}` for this task. Reply with "
+                     f"only the code in a ```python block.\n\n{_s(problem)}".lstrip(), max_tokens=600)
+    return _code_of(reply)
+
+
+def run_public_tests(code, entry_point, tests, timeout=PROGRAM_TIMEOUT):
+    """Run each `assert ...candidate(...)` string against `code` in one sandbox. Returns the list
+    of failures ("test -> error"), one per failing test; a crash fails them all."""
+    import secrets
+    import sandbox
+
+    if not str(entry_point).isidentifier():
+        raise ValueError(f"entry_point must be a Python name, got {entry_point!r}")
+    tag = secrets.token_hex(8)  # the code under test cannot guess it to fake a pass
+    harness = (f"\n\ncandidate = {entry_point}\n"
+               f"for _t in {list(tests)!r}:\n"
+               "    try:\n"
+               "        exec(_t, globals())\n"
+               f"        print({tag!r}, 'ok', flush=True)\n"
+               "    except BaseException as _e:\n"
+               f"        print({tag!r}, 'fail', repr(_t)[:200], '->', type(_e).__name__, str(_e)[:200], flush=True)\n")
+    r = sandbox.run_program(code + harness, timeout=timeout, mem_mb=512)
+    lines = [l[len(tag) + 1:] for l in r["stdout"].splitlines() if l.startswith(tag + " ")]
+    fails = [l[5:] for l in lines if l.startswith("fail ")]
+    if len(lines) < len(tests):  # the run died part-way: the rest did not pass
+        why = r["error"] or "did not finish"
+        tail = r["stderr"].strip().splitlines()[-1:] if r["stderr"].strip() else []
+        fails += [f"{t[:200]!r} -> {why}" + (f" ({tail[0][:200]})" if tail else "") for t in tests[len(lines):]]
+    return fails
+
+
+def op_test(ctx, problem, solution, entry_point):
+    """Run the public tests (ctx.context["public_tests"]); on failure show the executor the failing
+    tests and let it repair the code, 3 rounds at most. Returns the version passing most tests."""
+    tests = [t for t in ctx.context.get("public_tests") or [] if isinstance(t, str)]
+    code = _code_of(_s(solution))
+    if not tests:
+        return code
+    best, best_fails = code, None
+    for round_ in range(4):
+        fails = run_public_tests(code, entry_point, tests)
+        if best_fails is None or len(fails) < len(best_fails):
+            best, best_fails = code, fails
+        if not fails or round_ == 3:
+            break
+        reply = ctx.chat(f"Task:\n{_s(problem)}\n\nThis code fails some tests:\n```python\n{code}\n```\n\nFailures:\n"
+                         + "\n".join(fails[:5]) + "\n\nFix the code. Reply with only the corrected code in a "
+                         "```python block.", max_tokens=600)
+        code = _code_of(reply)
+    return best
+
+
+OPERATORS = {
+    "custom": op_custom, "answer_generate": op_answer_generate, "programmer": op_programmer,
+    "ensemble": op_ensemble, "review": op_review, "revise": op_revise, "format": op_format,
+    "code_generate": op_code_generate, "test": op_test,
+}
+OPERATOR_SETS = {  # DESIGN §3 "offered for"
+    "math": ["custom", "answer_generate", "programmer", "ensemble", "review", "revise", "format"],
+    "qa": ["custom", "answer_generate", "ensemble", "review", "revise", "format"],
+    "code": ["custom", "code_generate", "test", "ensemble", "review", "revise"],
+}
+
 
 # ==== static checker and generator prompt (owner: benchmarks helper) ====
 
