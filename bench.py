@@ -1,7 +1,8 @@
 """Speed and memory benchmarks. Ratios against a baseline measured in the same run.
 
     python bench.py kernel [--device cpu|cuda] [--json]
-    python bench.py sandbox
+    python bench.py sandbox [--n 200] [--workers 2]
+    python bench.py executor [--concurrency 1 8]
 """
 import argparse
 
@@ -189,12 +190,117 @@ def kernel_parser(sub):
 
 # ==== sandbox benchmark (owner: sandbox helper) ====
 
+
+class _InstantExecutor:
+    """Answers at once, so the trivial-workflow figure is the sandbox + broker cost alone."""
+
+    def chat(self, messages, temperature=0.0, max_tokens=512, sample_index=0):
+        return "Answer: 4", {"prompt_tokens": 1, "completion_tokens": 1, "cost_usd": 0.0}
+
+
+def bench_sandbox(args):
+    """Per-run cost of the sandbox through the pool, against a bare `python -I -S -c pass` spawn
+    measured in the same run (the floor any subprocess sandbox pays)."""
+    import statistics
+    import subprocess
+    import sys
+    import time
+
+    import sandbox
+
+    iso = sandbox.isolation()
+    py = sandbox._MODE[2]
+    bare = []
+    for _ in range(min(args.n, 50)):
+        t = time.perf_counter()
+        subprocess.run([py, "-I", "-S", "-c", "pass"], check=True)
+        bare.append(time.perf_counter() - t)
+    rows = {}
+    noop = "def solve(problem):\n    return problem\n"
+    trivial = "def solve(problem):\n    a = custom(problem, 'x')\n    b = answer_generate(problem)\n    return format(problem, a + b)\n"
+    for name, code, ex in (("noop", noop, None), ("trivial_3_ops", trivial, _InstantExecutor())):
+        jobs = [dict(code=code, problem="2 + 2", executor=ex, timeout=10) for _ in range(args.n)]
+        t = time.perf_counter()
+        res = [r for _, r in sandbox.run_many(jobs, workers=args.workers)]
+        wall = time.perf_counter() - t
+        bad = [r for r in res if r["error"] is not None]
+        assert not bad, bad[:1]
+        per = [r["seconds"] for r in res]
+        rows[name] = dict(runs=args.n, workers=args.workers, median_run_ms=1e3 * statistics.median(per),
+                          p90_run_ms=1e3 * sorted(per)[int(0.9 * len(per))], wall_s=wall, runs_per_s=args.n / wall)
+    out = dict(isolation=iso, python=py, bare_spawn_median_ms=1e3 * statistics.median(bare), **rows,
+               noop_vs_bare_spawn=rows["noop"]["median_run_ms"] / (1e3 * statistics.median(bare)))
+    if args.json:
+        print(json.dumps(out))
+        return
+    print(f"isolation: {iso}\nchild python: {py}")
+    print(f"bare `python -I -S -c pass` spawn: median {out['bare_spawn_median_ms']:.1f} ms")
+    for name, r in rows.items():
+        print(f"{name:14s} {r['runs']} runs, {r['workers']} workers: median {r['median_run_ms']:.1f} ms/run "
+              f"(p90 {r['p90_run_ms']:.1f}), {r['runs_per_s']:.1f} runs/s, wall {r['wall_s']:.2f} s")
+    print(f"noop / bare spawn: {out['noop_vs_bare_spawn']:.2f}x   (target: noop median <= 80 ms)")
+
+
+def sandbox_parser(sub):
+    p = sub.add_parser("sandbox", help="sandbox per-run overhead and throughput through the pool",
+                       description="python bench.py sandbox [--n 200] [--workers 2] [--json]")
+    p.add_argument("--n", type=int, default=200, help="workflows per measurement")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=bench_sandbox)
+
+
+def bench_executor(args):
+    """Tokens/s of the local `transformers serve` executor at several concurrency levels: this
+    sizes how many sandboxes a collection run can keep busy."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import operators
+
+    with operators.local_executor(args.model, threads=args.threads) as ex:
+        def one(i):
+            t = time.perf_counter()
+            _, u = ex.chat([{"role": "user", "content": f"Count from {i} to {i + 60}."}],
+                           max_tokens=args.max_tokens, sample_index=i)
+            return time.perf_counter() - t, u["completion_tokens"]
+        one(-1)  # warm-up
+        rows = []
+        for c in args.concurrency:
+            t = time.perf_counter()
+            with ThreadPoolExecutor(c) as pool:
+                res = list(pool.map(one, range(c)))
+            wall = time.perf_counter() - t
+            toks = sum(r[1] for r in res)
+            rows.append(dict(concurrency=c, tokens=toks, wall_s=wall, tokens_per_s=toks / wall,
+                             mean_latency_s=sum(r[0] for r in res) / c))
+    for r in rows:
+        print(json.dumps(r) if args.json else
+              f"concurrency {r['concurrency']:3d}: {r['tokens']:5d} tokens in {r['wall_s']:6.1f} s = "
+              f"{r['tokens_per_s']:6.1f} tok/s, mean latency {r['mean_latency_s']:.1f} s")
+    if not args.json and len(rows) > 1:
+        print(f"throughput x{rows[-1]['tokens_per_s'] / rows[0]['tokens_per_s']:.2f} at concurrency "
+              f"{rows[-1]['concurrency']} vs {rows[0]['concurrency']}")
+
+
+def executor_parser(sub):
+    p = sub.add_parser("executor", help="local transformers-serve executor: tokens/s vs concurrency",
+                       description="python bench.py executor [--concurrency 1 8] [--max-tokens 64]")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1, help="torch threads in the server")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=bench_executor)
+
 # ==== CLI ====
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     # each benchmark section registers itself here: sub.add_parser(name) + set_defaults(fn=...)
     # ---- subcommands ----
+    sandbox_parser(sub)
+    executor_parser(sub)
     kernel_parser(sub)
     args = ap.parse_args()
     args.fn(args)
