@@ -196,6 +196,10 @@ def local_executor(model="smollm2-135m", cache_dir=None, port=None, threads=1, k
         return log.read().decode("utf-8", "replace")[-3000:]
 
     atexit.register(stop)  # covers a sys.exit() or an uncaught error elsewhere in the program
+    # a plain `kill` would skip atexit and finally: turn SIGTERM into SystemExit while we run
+    old_term = None
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        old_term = signal.signal(signal.SIGTERM, lambda *a: sys.exit(128 + signal.SIGTERM))
     try:
         url = f"http://127.0.0.1:{port}"
         t0 = time.monotonic()
@@ -215,6 +219,8 @@ def local_executor(model="smollm2-135m", cache_dir=None, port=None, threads=1, k
     finally:
         stop()
         atexit.unregister(stop)
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
         log.close()
         if log_path is None:
             os.unlink(log.name)
@@ -245,6 +251,7 @@ class OpContext:
         self.executor, self.context = executor, dict(context or {})
         self.max_calls, self.max_tokens_budget = max_calls, max_tokens_budget
         self.calls = self.prompt_tokens = self.completion_tokens = 0
+        self.ops = 0  # operator invocations, counted by the sandbox broker
         self.cost_usd = 0.0
         self.budget_error = None
         self.temperature = float(self.context.get("temperature", 0.0))

@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 CAP = 64 * 1024  # bytes kept of stdout / stderr / answer / operator output
@@ -187,6 +188,7 @@ class SandboxError(RuntimeError):
 
 ISOLATION = "unprobed"  # set by isolation(); the bench and `--info` print it
 _MODE = None  # (name, argv prefix, python, uid_drop, mounts, block_net)
+_PROBE_LOCK = threading.Lock()
 _DESCRIBE = {
     "ns": "netns+pidns+mountns (ro root, tmpfs /tmp) + fresh uid + rlimits",
     "userns": "userns+netns+pidns+mountns (ro root, tmpfs /tmp) + rlimits; no uid drop (not root)",
@@ -219,9 +221,16 @@ def _set_non_dumpable():
 def isolation():
     """Probe (once) the strongest isolation this machine allows by running a real child with it;
     returns the ISOLATION string. SPOGW_SANDBOX_ISOLATION=ns|userns|uid|none forces a mode."""
-    global ISOLATION, _MODE
-    if _MODE is not None:
+    if _MODE is not None and ISOLATION != "unprobed":
         return ISOLATION
+    with _PROBE_LOCK:  # callers' threads may race here; _MODE is provisional while probing
+        return _probe()
+
+
+def _probe():
+    global ISOLATION, _MODE
+    if _MODE is not None and ISOLATION != "unprobed":
+        return ISOLATION  # another thread finished the probe while we waited
     _set_non_dumpable()
     unshare = shutil.which("unshare") or shutil.which("unshare", path="/usr/bin:/bin")
     root = os.geteuid() == 0
@@ -362,6 +371,8 @@ def _spawn(mode, code, problem, ops, handler, timeout, mem_mb, stdin=None, keep_
                 if room > 0:
                     bufs[key.data] += data[:room]
                 continue
+            if final is not None:
+                continue  # anything after the result is noise; do not buffer it
             buf = bufs["ctl"]
             buf += data
             while final is None and not protocol:
@@ -449,6 +460,12 @@ def run_workflow(code, problem, *, executor=None, operators=None, context=None, 
             return {"error": f"unknown operator {name!r}"}
         if not isinstance(args, list) or not isinstance(kwargs, dict):
             return {"error": f"{name}: malformed call"}
+        # operator time is not charged to `timeout`, so operators that need no executor call
+        # (a unanimous ensemble, test() on passing code) must be bounded too
+        ctx.ops += 1
+        if ctx.ops > ctx.max_calls:
+            ctx.budget_error = ctx.budget_error or f"more than {ctx.max_calls} operator calls"
+            return {"error": f"budget: more than {ctx.max_calls} operator calls"}
         try:
             out = fn(ctx, *args, **kwargs)
             return {"ok": _clip(out if isinstance(out, str) else str(out))}

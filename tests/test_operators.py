@@ -170,3 +170,11 @@ def test_normalize_and_majority():
     assert ops.normalize_answer("Paris") == "paris" and ops.normalize_answer("0.50") == "0.5"
     assert ops.majority_vote(["a: 1", "b: 2", "c: 2", "d: 1"]) == "a: 1"  # tie: the first
     assert set(ops.OPERATOR_SETS["code"]) <= set(ops.OPERATORS) and "programmer" not in ops.OPERATOR_SETS["qa"]
+
+
+def test_operator_invocations_are_bounded_even_without_executor_calls():
+    # a unanimous ensemble costs no executor call; looping on it must still hit the budget
+    wf = "def solve(p):\n    for _ in range(1000):\n        ensemble(p, ['a'])\n    return 'done'\n"
+    with StubServer() as srv:
+        r = sandbox.run_workflow(wf, "q", executor=ops.Executor(srv.url, "stub"), max_calls=5, timeout=10)
+    assert r["error"] == "budget: more than 5 operator calls" and r["calls"] == 0 and srv.requests == []
