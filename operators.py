@@ -37,10 +37,11 @@ class Executor:
     The counters are what was really spent: cache hits add to `cache_hits` only."""
 
     def __init__(self, base_url, model, api_key_env="OPENAI_API_KEY", cache_dir=None, timeout=60.0,
-                 max_retries=5, prices=None, base_delay=1.0, max_delay=30.0):
+                 max_retries=5, prices=None, base_delay=1.0, max_delay=30.0, cache_name=None):
         import openai
 
         self.base_url, self.model, self.timeout = base_url, model, timeout
+        self.cache_name = cache_name or model  # the cache key's model: stable even if the served path is not
         self.max_retries, self.base_delay, self.max_delay = max_retries, base_delay, max_delay
         # max_retries=0: ours are the only retries, so the bound and the backoff are ours to state
         self.client = openai.OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env) or "EMPTY",
@@ -64,7 +65,7 @@ class Executor:
         """(text, usage) with usage = {prompt_tokens, completion_tokens, cost_usd, cached}. A cache
         hit reports the tokens and the notional cost of the original call (so a workflow's cost
         does not depend on what happened to be cached) and sends nothing."""
-        key = hashlib.sha256(json.dumps([self.model, messages, temperature, max_tokens, sample_index],
+        key = hashlib.sha256(json.dumps([self.cache_name, messages, temperature, max_tokens, sample_index],
                                         sort_keys=True, ensure_ascii=False).encode()).hexdigest()
         if self.cache_dir:
             try:
@@ -144,6 +145,31 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _with_architectures(model_dir):
+    """`transformers serve` picks the model class from config.json "architectures"; a config
+    written from a GGUF load has none. Then serve a temp view of the dir (symlinks + a completed
+    config) rather than edit someone else's cache. Returns the view's path, or None if not needed."""
+    import tempfile
+
+    cfg_path = os.path.join(model_dir, "config.json")
+    with open(cfg_path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    if cfg.get("architectures"):
+        return None
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    arch = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(cfg.get("model_type"))
+    if arch is None:
+        raise ExecutorError(f"{cfg_path} names no architecture and its model_type is not a causal LM")
+    view = tempfile.mkdtemp(prefix="spogw-serve-model-")
+    for name in os.listdir(model_dir):
+        if name != "config.json":
+            os.symlink(os.path.join(model_dir, name), os.path.join(view, name))
+    with open(os.path.join(view, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(dict(cfg, architectures=[arch]), f, indent=2)
+    return view
+
+
 @contextlib.contextmanager
 def local_executor(model="smollm2-135m", cache_dir=None, port=None, threads=1, kv_tokens=16384,
                    startup_timeout=300.0, timeout=300.0, log_path=None, extra_args=()):
@@ -165,12 +191,14 @@ def local_executor(model="smollm2-135m", cache_dir=None, port=None, threads=1, k
 
     import model as model_mod
 
-    model_dir = model_mod.resolve_model_dir(model)
+    served = model_dir = model_mod.resolve_model_dir(model)
+    shim = _with_architectures(model_dir)
+    served = shim or model_dir
     port = port or _free_port()
     exe = shutil.which("transformers", path=os.path.dirname(os.path.realpath(sys.executable)))
     if exe is None:
         raise ExecutorError("the `transformers` CLI is missing: pip install 'transformers[serving]'")
-    cmd = [exe, "serve", model_dir, "--device", "cpu", "--continuous-batching", "--host", "127.0.0.1",
+    cmd = [exe, "serve", served, "--device", "cpu", "--continuous-batching", "--host", "127.0.0.1",
            "--port", str(port), "--cb-block-size", "64", "--cb-num-blocks", str(max(1, kv_tokens // 64)),
            "--cb-max-batch-tokens", "1024", *extra_args]
     log = open(log_path or tempfile.mkstemp(prefix="spogw-serve-", suffix=".log")[1], "w+b")
@@ -215,7 +243,8 @@ def local_executor(model="smollm2-135m", cache_dir=None, port=None, threads=1, k
             if time.monotonic() - t0 > startup_timeout:
                 raise ExecutorError(f"transformers serve not healthy after {startup_timeout:g} s:\n{tail()}")
             time.sleep(0.5)
-        yield Executor(url + "/v1", model_dir, cache_dir=cache_dir, timeout=timeout, max_retries=2, prices={})
+        yield Executor(url + "/v1", served, cache_dir=cache_dir, timeout=timeout, max_retries=2, prices={},
+                       cache_name=str(model))
     finally:
         stop()
         atexit.unregister(stop)
@@ -224,6 +253,8 @@ def local_executor(model="smollm2-135m", cache_dir=None, port=None, threads=1, k
         log.close()
         if log_path is None:
             os.unlink(log.name)
+        if shim:
+            shutil.rmtree(shim, ignore_errors=True)
 
 
 @contextlib.contextmanager

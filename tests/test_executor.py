@@ -128,9 +128,30 @@ def test_end_to_end_local_executor(tmp_path):
     with operators.local_executor(cache_dir=tmp_path) as ex:
         r = sandbox.run_workflow(wf, "Say hello.", executor=ex, timeout=30, context={"max_tokens": 8})
         port = ex.base_url.split(":")[2].split("/")[0]
+        sent = ex.requests
+        again = sandbox.run_workflow(wf, "Say hello.", executor=ex, timeout=30, context={"max_tokens": 8})
+        assert again == dict(again, answer=r["answer"], calls=1) and ex.requests == sent  # from the cache
     assert r["error"] is None and isinstance(r["answer"], str) and r["answer"].strip(), r
     assert r["calls"] == 1 and r["completion_tokens"] > 0 and r["cost_usd"] == 0
     import socket
     with pytest.raises(OSError):  # the server is gone
         socket.create_connection(("127.0.0.1", int(port)), timeout=1)
     assert time.monotonic() - t < 60
+
+
+def test_serve_view_adds_missing_architectures(tmp_path):
+    src = tmp_path / "m"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    (src / "model.safetensors").write_bytes(b"weights")
+    view = operators._with_architectures(str(src))
+    try:
+        cfg = json.loads(open(f"{view}/config.json").read())
+        assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["hidden_size"] == 8
+        assert open(f"{view}/model.safetensors", "rb").read() == b"weights"
+        assert "architectures" not in json.loads((src / "config.json").read_text())  # source untouched
+    finally:
+        import shutil
+        shutil.rmtree(view)
+    (src / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    assert operators._with_architectures(str(src)) is None

@@ -375,6 +375,8 @@ def test_isolation_string():
     assert sandbox.ISOLATION == iso and iso != "unprobed"
     if os.geteuid() == 0 and sandbox._MODE[0] == "ns":
         assert "netns" in iso and "pidns" in iso and "uid" in iso
+    import ctypes
+    assert ctypes.CDLL(None).prctl(3, 0, 0, 0, 0) == 0  # PR_GET_DUMPABLE: our environ is root-only
 
 
 def test_fallback_mode_without_namespaces(monkeypatch):
