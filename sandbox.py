@@ -84,6 +84,17 @@ def main():
     R.setrlimit(R.RLIMIT_CPU, (cfg["cpu"], cfg["cpu"] + 1))
     if libc is not None:
         libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: setuid binaries cannot give root back
+    if cfg["mounts"] and uid is None:
+        # namespace root with no uid to drop to (userns mode): give up every capability, or the
+        # workflow could simply remount / read-write. The bounding set first, so that exec'ing a
+        # program as uid 0 cannot hand them back.
+        for cap in range(64):
+            libc.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP
+        class Hdr(ctypes.Structure):
+            _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+        empty = (ctypes.c_uint32 * 6)()
+        if libc.capset(ctypes.byref(Hdr(0x20080522, 0)), empty) != 0:
+            notes.append("capset failed: errno %d" % ctypes.get_errno())
     if uid is not None:
         os.setgroups([])
         os.setgid(uid)

@@ -130,6 +130,24 @@ def _(r):
     assert not PWNED.exists() and r["error"].startswith("exception: "), r
 
 
+@case("remount_root_rw", """import ctypes, subprocess
+def solve(p):
+    libc = ctypes.CDLL(None, use_errno=True)
+    out = [str(libc.mount(None, b'/', None, 32 | 4096, None))]  # MS_REMOUNT | MS_BIND, without MS_RDONLY
+    out.append(str(libc.umount2(b'/tmp', 2)))
+    out.append(str(subprocess.run(['mount', '-o', 'remount,rw', '/'], capture_output=True).returncode))
+    try:
+        with open('{canary}', 'w') as f:
+            f.write('pwned')
+        out.append('wrote')
+    except OSError as e:
+        out.append(type(e).__name__)
+    return ' '.join(out)
+""")
+def _(r):
+    assert r["answer"].startswith("-1 -1 ") and r["answer"].endswith("Error"), r
+
+
 @case("import_tricks", """def solve(p):
     os = __import__('os')
     b = __builtins__ if isinstance(__builtins__, dict) else vars(__builtins__)
