@@ -416,7 +416,7 @@ def fused_logprobs(hidden, weight, targets, chunk_size=1024):
     """log p(targets) under logits = hidden @ weight^T without materializing [N x V] logits.
     hidden [N, H], weight [V, H] (the LM head), targets [N] int -> logp [N] fp32 (fp64 for fp64)."""
     _check_kernel_inputs(hidden, weight, targets, chunk_size)
-    return FusedLogprobs.apply(hidden, weight, targets, int(chunk_size))
+    return FusedLogprobs.apply(hidden, weight, targets.long(), int(chunk_size))  # gather wants int64
 
 
 def _check_kernel_inputs(hidden, weight, targets, chunk_size):
@@ -502,7 +502,7 @@ def fused_grpo_loss(hidden, weight, targets, old_logp, ref_logp, adv, token_weig
                     ("token_weight", token_weight), ("kl_mask", kl_mask)):
         if x.shape != hidden.shape[:1]:
             raise ValueError(f"{name} must have shape [{hidden.shape[0]}], got {tuple(x.shape)}")
-    loss, m = FusedGRPOLoss.apply(hidden, weight, targets, old_logp, ref_logp, adv, token_weight, kl_mask,
+    loss, m = FusedGRPOLoss.apply(hidden, weight, targets.long(), old_logp, ref_logp, adv, token_weight, kl_mask,
                                   float(beta), float(eps), int(chunk_size))
     return loss, dict(zip(("pg", "kl", "clip_frac", "ratio_mean"), m.tolist()))
 

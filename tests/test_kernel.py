@@ -188,6 +188,7 @@ def test_bad_inputs_raise():
         fused_logprobs(h, W[:, :2], y)
     with pytest.raises(ValueError, match="chunk_size"):
         fused_logprobs(h, W, y, chunk_size=0)
+    torch.testing.assert_close(fused_logprobs(h, W, y.int()), fused_logprobs(h, W, y))  # int32 targets work
 
 
 def test_bench_kernel_quick_smoke():
