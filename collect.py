@@ -24,7 +24,7 @@ from jsonl import DataError, append_jsonl, read_jsonl, truncate_torn_tail, write
 DEFAULTS = dict(model="smollm2-135m", bench="arith", data_dir=None, problems=32, m=8, runs=1,
                 temperature=0.8, top_p=0.95, max_new_tokens=160, gen_batch=4, max_calls=6,
                 executor="local", executor_model=None, timeout=30.0, workers=4, seed=0,
-                generator_url=None, generator_name=None, device="cpu")
+                generator_url=None, generator_name=None, device="cpu", threads=0)
 
 
 def add_args(ap):
@@ -50,6 +50,7 @@ def add_args(ap):
     g.add_argument("--generator-url", help="sample workflows from an OpenAI-compatible server instead")
     g.add_argument("--generator-name", help="model name at --generator-url (e.g. the LoRA adapter's name)")
     g.add_argument("--device", help="cpu | cuda")
+    g.add_argument("--threads", type=int, help="torch CPU threads here (0 = auto: leave a core to the local executor)")
 
 
 def settings(run_dir, args):
@@ -63,6 +64,24 @@ def settings(run_dir, args):
             raise DataError(f"{path}: malformed JSON ({e})") from None
     cfg.update({k: v for k, v in vars(args).items() if k in DEFAULTS and v is not None})
     return cfg
+
+
+def executor_cache(cfg):
+    """One on-disk executor cache per machine: re-running any step, or evaluating the same workflow
+    twice, costs no executor call (keys include the executor's model name)."""
+    import model as M
+    return str(M.cache_root() / "executor")
+
+
+def set_threads(cfg):
+    """Torch's OpenMP threads spin while they wait: on a small CPU shared with the local executor
+    server and the sandboxes, two threads ran ~10x slower than one. Auto = every core but one
+    when the executor runs on this machine."""
+    import os
+    import torch
+    n = cfg["threads"] or (max(1, (os.cpu_count() or 2) - 1) if cfg["executor"] == "local" else 0)
+    if n:
+        torch.set_num_threads(n)
 
 
 def chunk_seed(seed, it, chunk):
@@ -145,7 +164,7 @@ def execute(rows, problems, cfg, executor, bench, f, progress=None):
         p = by_id[row["problem_id"]]
         for r in range(cfg["runs"]):
             jobs.append(dict(code=row["code"], problem=p["problem"], executor=executor, operators=ops,
-                             context={**p, "run": r}, timeout=cfg["timeout"], max_calls=cfg["max_calls"]))
+                             context={**p, "sample_index": r}, timeout=cfg["timeout"], max_calls=cfg["max_calls"]))
             owners.append(i)
     results = {i: [] for i in set(owners)}
     for k, res in sandbox.run_many(jobs, workers=cfg["workers"]):
@@ -242,7 +261,8 @@ def main(argv=None):
     import operators as O
     try:
         cfg = settings(args.run, args)
-        with O.make_executor(cfg["executor"], cfg["executor_model"]) as ex:
+        set_threads(cfg)
+        with O.make_executor(cfg["executor"], cfg["executor_model"], executor_cache(cfg)) as ex:
             stats = collect(args.run, args.iter, cfg, executor=ex)
     except (DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -174,7 +174,8 @@ def main(argv=None):
             return
         if not (args.baseline or args.adapter or (args.run and args.iter is not None)):
             raise DataError("give --baseline NAME, --adapter DIR, or --run DIR --iter K")
-        with O.make_executor(cfg["executor"], cfg["executor_model"]) as ex:
+        collect.set_threads(cfg)
+        with O.make_executor(cfg["executor"], cfg["executor_model"], collect.executor_cache(cfg)) as ex:
             if args.baseline:
                 out = baseline_path(cfg, args.baseline, args.split, args.limit)
                 s = eval_baseline(args.baseline, cfg, ex, args.split, args.limit, out)

@@ -465,7 +465,8 @@ def main(argv=None):
         print(f"[train] estimated time: ~{estimate_minutes(cfg, args.iter):.0f} min on 2 CPU cores "
               f"(much less on a GPU / API executor)")
         torch.manual_seed(cfg["seed"])
-        with O.make_executor(cfg["executor"], cfg["executor_model"]) as ex:
+        collect.set_threads(cfg)
+        with O.make_executor(cfg["executor"], cfg["executor_model"], collect.executor_cache(cfg)) as ex:
             mdl, tok = M.load_model(cfg["model"], device=cfg["device"])
             M.add_lora(mdl, r=cfg["lora_r"], alpha=cfg["lora_alpha"])
             for k in range(args.iter):
