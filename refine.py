@@ -1,0 +1,628 @@
+"""W4S-style multi-turn workflow refinement, trained with reward-weighted regression (DESIGN §7).
+
+    python collect.py  --mode refine --run runs/w4s --iter 0                  # iteration 0's episodes
+    python train.py    --mode refine --loss rwr --run runs/w4s --iter 2       # (collect -> groups -> RWR) x 2, eval
+    python evaluate.py --mode refine --run runs/w4s --iter 2 --turns 3        # T turns with iteration 2's meta-agent
+    python train.py    --mode refine --run runs/w4s-smoke --iter 1 --smoke    # the whole loop, tiny
+
+Here the generator is a *meta-agent*: it does not write one workflow per problem, it improves the
+workflow of a whole task (a benchmark) from validation feedback. An episode:
+  state 0  = the io baseline and its accuracy on a batch of `--val-problems` validation problems;
+  turn t   : the meta-agent reads the state (task, example workflows, the current workflow, its
+             accuracy, a few failure cases, "accuracy went from X to Y") and samples `--candidates`
+             actions (a short analysis as # comments + a new solve(problem) in one ```python block);
+             each is checked statically and run on one validation problem; when that fails (invalid,
+             raises, crashes) the meta-agent sees the error and tries again, `--max-repairs` times at
+             most, then the candidate is skipped (accuracy 0). Survivors are scored on the batch; the
+             best becomes the current workflow of turn t+1.
+Reward of a candidate (w4s_reward): 1 if it beats the best accuracy so far, 0.5 if it beats the
+current workflow, else 0; 0.1 less when its accuracy is below 0.3.
+
+Files of iteration K: iter_K/refine.jsonl (one row per candidate as it finishes, plus one "init" row
+per episode at turn -1), iter_K/refine_val.jsonl (one row per candidate x validation problem),
+iter_K/groups.jsonl (write_groups: one group per turn, score = reward: what train.update(loss="rwr")
+reads). Resumable: a turn's candidates come from a seed per (iteration, episode, turn), its repairs
+from one per (candidate, round), and the state of turn t is rebuilt from the rows of turns < t, so a
+restarted run regenerates the same candidates and only runs what is missing.
+"""
+import hashlib
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import collect
+from jsonl import DataError, append_jsonl, read_jsonl, truncate_torn_tail, write_atomic, write_json_atomic, write_jsonl_atomic
+
+REFINE_DEFAULTS = dict(turns=3, candidates=5, val_problems=16, episodes=2, max_repairs=3, refine_tokens=256,
+                       eval_candidates=5)
+REFINE_SMOKE = dict(turns=1, candidates=2, val_problems=4, episodes=1, max_repairs=1, refine_tokens=96,
+                    eval_candidates=2)
+# The action starts inside the block, at an analysis comment: a 135M meta-agent left to open the
+# block itself mostly chats (as the SPOGW generator does, operators.PREFILL), and the comment keeps
+# W4S's "analysis, then workflow" in one place the checker ignores.
+PREFILL = "```python\ndef solve(problem):\n    # Analysis:"
+# self-check errors that the code caused and the meta-agent can fix; timeouts and budget errors are
+# scored as they are (a slow workflow is not a broken one)
+REPAIRABLE = ("invalid:", "syntax:", "exception:", "crash:", "bad output:")
+EXAMPLES = ("io", "cot", "cot_sc")
+TASKS = {
+    "arith": "Arithmetic questions: one or two operations, sometimes a one-sentence word problem. "
+             "The answer is an integer.",
+    "gsm8k": "Grade-school math word problems. The answer is a number.",
+    "math": "Competition math problems. The answer is a number or an expression.",
+    "hotpotqa": "Questions that need facts from two paragraphs given with the question. The answer is a short phrase.",
+    "drop": "Reading comprehension with counting and arithmetic over a passage. The answer is a number or a short phrase.",
+    "humaneval": "Write the Python function described by a signature and docstring; hidden unit tests check it.",
+    "mbpp": "Write the Python function described in a sentence; hidden unit tests check it.",
+}
+ROW_KEYS = ("kind", "episode", "turn", "candidate", "code", "valid", "accuracy")
+
+
+def w4s_reward(acc, best_so_far, prev):
+    """W4S reward of one candidate: 1 if it beats the best accuracy so far, 0.5 if it beats the
+    previous turn's workflow, else 0; 0.1 less when acc < 0.3 (a workflow that runs but does not
+    work is still a bad action)."""
+    r = 1.0 if acc > best_so_far + 1e-9 else 0.5 if acc > prev + 1e-9 else 0.0
+    return r - 0.1 if acc < 0.3 else r
+
+
+# ---- settings -------------------------------------------------------------------------------------
+
+def add_args(ap):
+    g = ap.add_argument_group("refine (--mode refine)")
+    g.add_argument("--turns", type=int, help="refinement turns per episode")
+    g.add_argument("--candidates", type=int, help="meta-agent actions sampled per turn")
+    g.add_argument("--val-problems", type=int, help="validation problems that score a workflow")
+    g.add_argument("--episodes", type=int, help="episodes per iteration (each on its own validation batch)")
+    g.add_argument("--max-repairs", type=int, help="re-prompts with the error before a candidate is skipped")
+    g.add_argument("--refine-tokens", type=int, help="meta-agent completion length")
+    g.add_argument("--eval-candidates", type=int, help="actions per turn at evaluation (1 = greedy)")
+
+
+def settings(run_dir, args, cfg, smoke=False, save=True):
+    """cfg (collect / train settings) + the refine knobs: REFINE_DEFAULTS < runs/<run>/refine_config.json
+    < --smoke < explicit flags. Saved back, so a resumed run keeps its knobs."""
+    r = dict(REFINE_DEFAULTS)
+    path = Path(run_dir) / "refine_config.json"
+    if path.is_file():
+        try:
+            r.update({k: v for k, v in json.loads(path.read_text()).items() if k in r})
+        except ValueError as e:
+            raise DataError(f"{path}: malformed JSON ({e})") from None
+    if smoke:
+        r.update(REFINE_SMOKE)
+    r.update({k: v for k, v in vars(args).items() if k in r and v is not None})
+    for k, v in r.items():
+        if not isinstance(v, int) or v < (0 if k == "max_repairs" else 1):
+            raise DataError(f"--{k.replace('_', '-')} must be an integer >= {0 if k == 'max_repairs' else 1}, got {v!r}")
+    if save:
+        write_json_atomic(path, r)
+    return {**cfg, **r}
+
+
+def seed_of(*parts):
+    return int(hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:8], 16)
+
+
+# ---- the state prompt -----------------------------------------------------------------------------
+
+def _clip(s, n):
+    s = "" if s is None else str(s)
+    return s if len(s) <= n else s[:n] + "..."
+
+
+def failure_cases(val_rows, problems, k=3):
+    """The first k problems of the batch the workflow got wrong: problem, expected answer, what came out."""
+    by_id = {p["id"]: p for p in problems}
+    out = []
+    for v in val_rows:
+        if v["score"] >= 1.0 - 1e-9 or len(out) >= k:
+            continue
+        p = by_id[v["problem_id"]]
+        got = v["answers"][0] if v["answers"][0] is not None else f"(error) {v['errors'][0]}"
+        out.append({"problem": _clip(p["problem"], 300), "expected": _clip(p.get("answer"), 100) or None,
+                    "got": _clip(got, 200)})
+    return out
+
+
+def state_prompt(bench, state, max_calls):
+    """Chat messages of one state: task, operators, example workflows, the current workflow and its
+    feedback, the rules, the request for an analysis plus a new workflow."""
+    import benchmarks
+    import evaluate
+    import operators as O
+    fam = benchmarks.family(bench)
+    catalogue = "\n".join(f"- {O.OPERATOR_DOCS[o][0]}: {O.OPERATOR_DOCS[o][1]}" for o in O.FAMILY_OPERATORS[fam])
+    examples = "\n".join(f"{name}:\n```python\n{evaluate.BASELINES[fam][name]}```" for name in EXAMPLES)
+    h = state["history"]
+    change = f"accuracy went from {h[-2]:.2f} to {h[-1]:.2f}" if len(h) > 1 else "the starting workflow"
+    fails = "\n".join(f"- problem: {f['problem']}\n  expected: {f['expected']}\n  got: {f['got']}"
+                      if f["expected"] is not None else f"- problem: {f['problem']}\n  got: {f['got']}"
+                      for f in state["failures"])
+    user = (f"Task: {TASKS.get(bench, bench)}\n\nOperators:\n{catalogue}\n\nExample workflows:\n{examples}\n\n"
+            f"Current workflow (turn {state['turn']}):\n```python\n{state['code']}```\n"
+            f"Validation accuracy: {state['accuracy']:.2f} on {state['n']} problems ({change}; "
+            f"best so far {state['best']:.2f}).\nFailure cases:\n{fails or '- none'}\n\n"
+            f"Rules: define only solve(problem); call only the operators above and simple builtins; no import; "
+            f"at most {max_calls} operator calls; loops only over range(N); the workflow must work for every "
+            f"problem of the task, so never copy numbers or text from a problem.\n\n"
+            f"Write a better workflow: start solve with a short analysis as # comments (why the current one "
+            f"fails, what you change), then the code, all in one ```python block.")
+    return [{"role": "system", "content": "You improve Python workflows. A workflow is a function solve(problem) "
+                                          "that solves a problem by calling operators; each operator asks a "
+                                          "language model and returns a string."},
+            {"role": "user", "content": user}]
+
+
+def repair_message(error):
+    return (f"Running this workflow on a validation problem failed:\n{_clip(error, 1500)}\n\n"
+            f"Fix it. Answer with the corrected workflow as one ```python block.")
+
+
+def episode_state(rows, turn):
+    """The state at `turn`, rebuilt from one episode's rows of turns < turn (the init row is turn -1):
+    the current workflow is the best valid candidate of the latest turn that had one."""
+    init = [r for r in rows if r["turn"] == -1]
+    if not init:
+        raise DataError(f"episode {rows[0]['episode'] if rows else '?'}: no init row")
+    cur = init[0]
+    history, best = [cur["accuracy"]], cur["accuracy"]
+    for u in range(turn):
+        valid = [r for r in rows if r["turn"] == u and r["valid"]]
+        if valid:
+            cur = max(valid, key=lambda r: (r["accuracy"], -r["candidate"]))
+            history.append(cur["accuracy"])
+            best = max(best, cur["accuracy"])
+    return {"turn": turn, "code": cur["code"], "accuracy": cur["accuracy"], "failures": cur["failures"],
+            "n": cur["n_val"], "history": history, "best": best}
+
+
+def best_workflow(rows):
+    """The episode's best workflow on validation (init included); ties go to the earliest."""
+    pool = [r for r in rows if r["valid"]]
+    return max(pool, key=lambda r: (r["accuracy"], -r["turn"], -r["candidate"]))
+
+
+# ---- one turn -------------------------------------------------------------------------------------
+
+def self_check_and_repair(msgs, samples, todo, problem, cfg, executor, propose, seed_base):
+    """Static check + one sandbox run on `problem` for each candidate in `todo`; a repairable failure
+    is shown to the meta-agent (the conversation grows by the failed action and the error) and the
+    new action replaces it, at most cfg['max_repairs'] times. Rounds run the pending candidates'
+    sandboxes together; each candidate's repairs have their own seeds, so a resumed run that redoes
+    only some candidates gets the same actions. Returns {c: outcome}."""
+    import benchmarks
+    import operators as O
+    import sandbox
+    fam = benchmarks.family(cfg["bench"])
+    ops = {k: O.OPERATORS[k] for k in O.OPERATOR_SETS[fam]}
+    st = {c: {"conv": msgs, "completion": samples[c]["text"], "completion_ids": samples[c]["token_ids"],
+              "attempts": [], "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0, "seconds": 0.0}
+          for c in todo}
+    pending = list(todo)
+    for rnd in range(cfg["max_repairs"] + 1):
+        errs, runs = {}, []
+        for c in pending:
+            s = st[c]
+            s["code"] = O.extract_code(PREFILL + s["completion"])
+            ok, reason = (False, "no python block") if s["code"] is None else O.check_workflow(
+                s["code"], problem["problem"], allowed_ops=O.OPERATOR_SETS[fam], max_calls=cfg["max_calls"])
+            if ok:
+                runs.append(c)
+            else:
+                errs[c] = f"invalid: {reason}"
+        jobs = [dict(code=st[c]["code"], problem=problem["problem"], executor=executor, operators=ops,
+                     context={**problem, "sample_index": 0}, timeout=cfg["timeout"], max_calls=cfg["max_calls"])
+                for c in runs]
+        for k, res in sandbox.run_many(jobs, workers=cfg["workers"]):
+            s = st[runs[k]]
+            for key in ("prompt_tokens", "completion_tokens", "cost_usd", "seconds"):
+                s[key] += res[key]
+            errs[runs[k]] = res["error"]
+        again = []
+        for c in pending:
+            s, e = st[c], errs.get(c)
+            s["valid"], s["reason"] = True, None
+            if e is None or not e.startswith(REPAIRABLE):
+                continue  # runs (or fails in a way that is not the code's fault): scored on the batch
+            if rnd == cfg["max_repairs"]:
+                s["valid"], s["reason"] = False, f"skipped after {rnd} repairs: {_clip(e, 300)}"
+                continue
+            s["attempts"].append({"completion": s["completion"], "error": _clip(e, 1500)})
+            s["conv"] = s["conv"] + [{"role": "assistant", "content": PREFILL + s["completion"]},
+                                     {"role": "user", "content": repair_message(e)}]
+            again.append(c)
+        for c in again:
+            new = propose([st[c]["conv"]], 1, seed_of(seed_base, c, rnd))[0][0]
+            st[c]["completion"], st[c]["completion_ids"] = new["text"], new["token_ids"]
+        pending = again
+        if not pending:
+            break
+    return st
+
+
+def score_on_batch(cands, problems, cfg, executor, fv, val_done, on_done):
+    """Score each candidate {key: (episode, turn, candidate), code} on the validation batch through
+    collect.execute (same sandbox pool and scorer as SPOGW); per-problem rows are appended to `fv`
+    and remembered in `val_done`; on_done(cand, rows in batch order) fires when a candidate is complete."""
+    ids = [p["id"] for p in problems]
+    left, rows = {}, []
+    for c in cands:
+        miss = [pid for pid in ids if (*c["key"], pid) not in val_done]
+        left[c["key"]] = len(miss)
+        rows += [{"episode": c["key"][0], "turn": c["key"][1], "candidate": c["key"][2], "problem_id": pid,
+                  "code": c["code"], "valid": True, "reason": None} for pid in miss]
+    by_key = {c["key"]: c for c in cands}
+
+    def progress(row):
+        key = (row["episode"], row["turn"], row["candidate"])
+        val_done[(*key, row["problem_id"])] = row
+        left[key] -= 1
+        if left[key] == 0:
+            on_done(by_key[key], [val_done[(*key, pid)] for pid in ids])
+
+    for c in cands:
+        if left[c["key"]] == 0:
+            on_done(c, [val_done[(*c["key"], pid)] for pid in ids])
+    if rows:
+        collect.execute(rows, problems, cfg, executor, cfg["bench"], fv, progress)
+
+
+def _tokens(row, extra):
+    return {k: row.get(k, 0) + sum(v[k] for v in extra) for k in ("prompt_tokens", "completion_tokens", "cost_usd")}
+
+
+def run_episodes(out, val_out, episodes, cfg, executor, propose, tag, turns, n, progress=None):
+    """Run (or finish) episodes [(episode id, validation problems)] of `turns` turns with `n` actions
+    per turn. Candidate rows go to `out`, per-problem rows to `val_out`, each appended as it finishes.
+    Returns all rows of `out`."""
+    import evaluate
+    import benchmarks
+    fam = benchmarks.family(cfg["bench"])
+    out, val_out = Path(out), Path(val_out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for p in (out, val_out):
+        truncate_torn_tail(p)  # a kill mid-write leaves half a row: it will be redone
+    rows = read_jsonl(out, required=ROW_KEYS) if out.exists() else []
+    bad = [r for r in rows if r["kind"] == "candidate" and r["candidates"] != n]
+    if bad:
+        raise DataError(f"{out}: rows were made with {bad[0]['candidates']} candidates per turn, now {n}; "
+                        f"pass the same number or use a new run")
+    done = {(r["episode"], r["turn"], r["candidate"]): r for r in rows}
+    val_done = {(v["episode"], v["turn"], v["candidate"], v["problem_id"]): v
+                for v in (read_jsonl(val_out) if val_out.exists() else [])}
+    with open(out, "a", encoding="utf-8") as f, open(val_out, "a", encoding="utf-8") as fv:
+        def emit(row):
+            append_jsonl(f, row)
+            done[(row["episode"], row["turn"], row["candidate"])] = row
+            if progress:
+                progress(row)
+
+        for ep, problems in episodes:
+            if (ep, -1, 0) not in done:  # state 0: the io baseline, scored like any candidate
+                code = evaluate.BASELINES[fam]["io"]
+                score_on_batch([{"key": (ep, -1, 0), "code": code}], problems, cfg, executor, fv, val_done,
+                               lambda c, vr: emit({
+                                   "kind": "init", "episode": ep, "turn": -1, "candidate": 0, "code": code,
+                                   "valid": True, "reason": None, "n_val": len(vr),
+                                   "accuracy": statistics.fmean(v["score"] for v in vr),
+                                   "failures": failure_cases(vr, problems), **_tokens({}, vr),
+                                   "seconds": sum(v["seconds"] for v in vr)}))
+            for t in range(turns):
+                todo = [c for c in range(n) if (ep, t, c) not in done]
+                if not todo:
+                    continue
+                state = episode_state([r for k, r in done.items() if k[0] == ep], t)
+                msgs = state_prompt(cfg["bench"], state, cfg["max_calls"])
+                seed = seed_of(cfg["seed"], tag, ep, t)
+                samples = propose([msgs], n, seed)[0]
+                st = self_check_and_repair(msgs, samples, todo, problems[0], cfg, executor, propose, seed)
+
+                def row_of(c, vr):
+                    s = st[c]
+                    acc = statistics.fmean(v["score"] for v in vr) if vr else 0.0
+                    return {"kind": "candidate", "episode": ep, "turn": t, "candidate": c, "candidates": n,
+                            "seed": seed, "prompt": msgs, "prefill": PREFILL, "completion": s["completion"],
+                            "completion_ids": s["completion_ids"], "code": s["code"], "valid": s["valid"],
+                            "reason": s["reason"], "repairs": len(s["attempts"]), "attempts": s["attempts"],
+                            "n_val": len(vr), "accuracy": acc,
+                            "reward": w4s_reward(acc, state["best"], state["accuracy"]),
+                            "best_so_far": state["best"], "prev": state["accuracy"],
+                            "failures": failure_cases(vr, problems), **_tokens(s, vr),
+                            "seconds": s["seconds"] + sum(v["seconds"] for v in vr)}
+
+                for c in todo:
+                    if not st[c]["valid"]:
+                        emit(row_of(c, []))
+                score_on_batch([{"key": (ep, t, c), "code": st[c]["code"]} for c in todo if st[c]["valid"]],
+                               problems, cfg, executor, fv, val_done, lambda c, vr: emit(row_of(c["key"][2], vr)))
+    return read_jsonl(out, required=ROW_KEYS)
+
+
+def make_proposer(cfg, generator=None, loader=None, greedy=False):
+    """propose(messages_list, n, seed) -> [[{text, token_ids}] * n]: the meta-agent, from a local
+    (model, tokenizer) or --generator-url. The model is loaded on first use (`loader`), so a finished
+    run resumes without one. greedy: temperature 0 (evaluation with one candidate)."""
+    held = {}
+
+    def propose(messages_list, n, seed):
+        import model as M
+        if "g" not in held:
+            held["g"] = generator or loader()
+        mdl, tok = held["g"]
+        temp = 0.0 if greedy else cfg["temperature"]
+        if cfg["generator_url"]:
+            return collect.sample_remote(cfg["generator_url"], cfg["generator_name"] or cfg["model"], messages_list,
+                                         n, cfg["refine_tokens"], temp, cfg["top_p"], seed, PREFILL, tok)
+        return M.sample(mdl, tok, messages_list, n=n, max_new_tokens=cfg["refine_tokens"], temperature=temp,
+                        top_p=cfg["top_p"], seed=seed, prefill=PREFILL)
+    return propose
+
+
+# ---- collection, groups, evaluation ----------------------------------------------------------------
+
+def episode_problems(cfg, it, ep):
+    """Validation batch of training episode `ep`: the train split (for arith disjoint from the
+    validate split the evaluation refines on), a fresh seeded subset per iteration and episode."""
+    import benchmarks
+    return benchmarks.load(cfg["bench"], "train", cfg["data_dir"], limit=cfg["val_problems"],
+                           seed=seed_of(cfg["seed"], "episode", it, ep))
+
+
+def episode_summary(rows, turns):
+    """Per-turn figures of one episode: best accuracy of the turn's candidates, best so far, valid fraction."""
+    init = next(r for r in rows if r["turn"] == -1)
+    best, out = init["accuracy"], []
+    for t in range(turns):
+        rs = [r for r in rows if r["turn"] == t]
+        accs = [r["accuracy"] for r in rs if r["valid"]]
+        best = max([best] + accs)
+        out.append({"turn": t, "best_of_turn": max(accs) if accs else None, "best_so_far": best,
+                    "valid": statistics.fmean(r["valid"] for r in rs) if rs else 0.0,
+                    "repairs": statistics.fmean(r["repairs"] for r in rs) if rs else 0.0})
+    return {"init_accuracy": init["accuracy"], "turns": out}
+
+
+def collect_refine(run_dir, it, cfg, executor=None, generator=None, propose=None):
+    """Fill iter_<it>/refine.jsonl with cfg['episodes'] episodes; returns (and saves) the stats."""
+    from tqdm import tqdm
+    d = Path(run_dir) / f"iter_{it}"
+    eps = [(e, episode_problems(cfg, it, e)) for e in range(cfg["episodes"])]
+    if propose is None:
+        propose = make_proposer(cfg, generator, loader=lambda: collect.load_generator(cfg, run_dir, it))
+    total = cfg["episodes"] * (1 + cfg["turns"] * cfg["candidates"])
+    t0 = time.time()
+    bar = tqdm(total=total, desc=f"refine iter {it}", unit="cand", dynamic_ncols=True)
+    bar.update(len(read_jsonl(d / "refine.jsonl", tolerate_torn_tail=True)) if (d / "refine.jsonl").exists() else 0)
+
+    def progress(row):
+        bar.update(1)
+        bar.set_postfix(turn=row["turn"], acc=f"{row['accuracy']:.2f}", reward=row.get("reward"))
+
+    rows = run_episodes(d / "refine.jsonl", d / "refine_val.jsonl", eps, cfg, executor, propose, f"iter{it}",
+                        cfg["turns"], cfg["candidates"], progress)
+    bar.close()
+    if len(rows) != total or len({(r["episode"], r["turn"], r["candidate"]) for r in rows}) != total:
+        raise DataError(f"{d / 'refine.jsonl'}: expected {total} distinct rows, found {len(rows)}")
+    cands = [r for r in rows if r["kind"] == "candidate"]
+    stats = {"rows": total, "candidates": len(cands), "valid_fraction": statistics.fmean(r["valid"] for r in cands),
+             "mean_repairs": statistics.fmean(r["repairs"] for r in cands),
+             "mean_reward": statistics.fmean(r["reward"] for r in cands),
+             "mean_accuracy": statistics.fmean(r["accuracy"] for r in cands),
+             "episodes": [episode_summary([r for r in rows if r["episode"] == e], cfg["turns"]) for e, _ in eps],
+             "executor_tokens": sum(r["prompt_tokens"] + r["completion_tokens"] for r in rows),
+             "cost_usd": sum(r["cost_usd"] for r in rows), "seconds": time.time() - t0}
+    path = d / "stats.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    old["refine"] = stats
+    write_json_atomic(path, old)
+    return stats
+
+
+def write_groups(run_dir, it):
+    """iter_<it>/refine.jsonl -> iter_<it>/groups.jsonl: one group per (episode, turn), members = its
+    candidates (a repaired one with its final action, under the turn's state prompt: RWR learns to
+    write the working version directly), score = W4S reward, advantage 0 (unused by rwr). A turn whose
+    rewards are all equal is dropped: RWR would only imitate it as it is (often every action broken)."""
+    d = Path(run_dir) / f"iter_{it}"
+    rows = read_jsonl(d / "refine.jsonl", required=ROW_KEYS)
+    by_turn = {}
+    for r in rows:
+        if r["kind"] == "candidate":
+            by_turn.setdefault((r["episode"], r["turn"]), []).append(r)
+    groups, dropped = [], 0
+    for (e, t), rs in sorted(by_turn.items()):
+        rs.sort(key=lambda r: r["candidate"])
+        rewards = [r["reward"] for r in rs]
+        if max(rewards) - min(rewards) <= 1e-6:
+            dropped += 1
+            continue
+        top = sorted(rewards, reverse=True)
+        groups.append({"problem_id": f"refine-e{e}-t{t}", "prompt": rs[0]["prompt"], "prefill": rs[0]["prefill"],
+                       "members": [{"sample": r["candidate"], "completion": r["completion"],
+                                    "completion_ids": r["completion_ids"], "score": r["reward"], "advantage": 0.0,
+                                    "accuracy": r["accuracy"], "repairs": r["repairs"]} for r in rs],
+                       "std": statistics.pstdev(rewards), "mil": top[0] - top[1]})
+    write_jsonl_atomic(d / "groups.jsonl", groups)
+    return {"groups": len(groups), "dropped_equal_rewards": dropped, "members": sum(len(g["members"]) for g in groups)}
+
+
+def score_workflow(code, problems, cfg, executor, out):
+    """Every problem once through collect.execute (rows appended to `out`, resumable); evaluate.summarize."""
+    import evaluate
+    todo = evaluate._pending(Path(out), problems)
+    rows = [{"problem_id": p["id"], "sample": 0, "prompt": None, "prefill": "", "completion": code,
+             "completion_ids": [], "code": code, "valid": True, "reason": None} for p in todo]
+    with open(out, "a", encoding="utf-8") as f:
+        collect.execute(rows, todo, cfg, executor, cfg["bench"], f)
+    return evaluate.summarize(evaluate._finish(Path(out), problems))
+
+
+def evaluate_refine(mdl, tok, cfg, executor, turns, out_dir, name, test_problems=200, propose=None):
+    """T turns of one episode with the meta-agent `mdl` on a fixed batch of the validate split, then the
+    episode's best workflow (by validation accuracy) on `test_problems` of the test split.
+    cfg['eval_candidates'] actions per turn, sampled at cfg['temperature'] from a fixed seed (the
+    same search as in training); 1 = one greedy action per turn. Rows: <out_dir>/<name>.jsonl and
+    _val.jsonl (the episode), <name>_test_<code hash>.jsonl; the summary: <name>_T<turns>.json."""
+    import benchmarks
+    out_dir = Path(out_dir)
+    n = cfg["eval_candidates"]
+    if propose is None:
+        propose = make_proposer(cfg, (mdl, tok), greedy=(n == 1))
+    val = benchmarks.load(cfg["bench"], "validate", cfg["data_dir"], limit=cfg["val_problems"], seed=cfg["seed"])
+    rows = run_episodes(out_dir / f"{name}.jsonl", out_dir / f"{name}_val.jsonl", [(0, val)], cfg, executor,
+                        propose, "eval", turns, n)
+    rows = [r for r in rows if r["turn"] < turns]
+    final = best_workflow(rows)
+    test = benchmarks.load(cfg["bench"], "test", cfg["data_dir"], limit=test_problems, seed=0)
+    sha = hashlib.sha256(final["code"].encode()).hexdigest()[:10]
+    s = score_workflow(final["code"], test, cfg, executor, out_dir / f"{name}_test_{sha}.jsonl")
+    summary = {"name": name, "turns": turns, "candidates": n, **episode_summary(rows, turns),
+               "final": {"turn": final["turn"], "candidate": final["candidate"], "val_accuracy": final["accuracy"],
+                         "code": final["code"]},
+               "test": s, "executor_tokens": {"refine": sum(r["prompt_tokens"] + r["completion_tokens"] for r in rows),
+                                              "test": s["executor_tokens"]}}
+    write_json_atomic(out_dir / f"{name}_T{turns}.json", summary)
+    return summary
+
+
+def format_eval(s):
+    t = s["test"]
+    turns = " → ".join(["%.2f" % s["init_accuracy"]] + ["–" if x["best_of_turn"] is None else "%.2f" % x["best_of_turn"]
+                                                       for x in s["turns"]])
+    return (f"| {s['name']} | {s['turns']} | {s['candidates']} | {turns} | {s['final']['val_accuracy']:.2f} "
+            f"(turn {s['final']['turn']}) | {100 * t['accuracy']:.1f} ({100 * t['ci_low']:.1f}–{100 * t['ci_high']:.1f}), "
+            f"n={t['n']} | {s['executor_tokens']['refine']} + {s['executor_tokens']['test']} |")
+
+
+EVAL_HEADER = ["| meta-agent | turns | actions/turn | validation accuracy: init → best of each turn | final workflow "
+               "(val) | test accuracy % (95 % CI) | executor tokens (refine + test) |", "|---|---|---|---|---|---|---|"]
+
+
+def write_report(run_dir, cfg, iters, evals):
+    """The refine section of runs/<run>/report.md (replaced in place if the file has one)."""
+    lines = ["<!-- refine:begin -->", "## W4S refinement (RWR)", "",
+             f"meta-agent `{cfg['model']}`, executor `{cfg['executor']}`, benchmark `{cfg['bench']}`; "
+             f"{cfg['episodes']} episodes x {cfg['turns']} turns x {cfg['candidates']} actions per iteration, "
+             f"{cfg['val_problems']} validation problems, up to {cfg['max_repairs']} repairs; RWR tau {cfg['tau']}, "
+             f"lr {cfg['lr']}, {cfg['epochs']} epochs.", ""] + EVAL_HEADER + [format_eval(s) for s in evals]
+    lines += ["", "| iteration | actions | valid % | mean repairs | mean reward | mean val accuracy | groups kept | executor tokens |",
+              "|---|---|---|---|---|---|---|---|"]
+    for k in range(iters):
+        p = Path(run_dir) / f"iter_{k}" / "stats.json"
+        st = json.loads(p.read_text()) if p.is_file() else {}
+        r, g = st.get("refine"), st.get("groups", {})
+        if r:
+            lines.append(f"| {k} | {r['candidates']} | {100 * r['valid_fraction']:.0f} | {r['mean_repairs']:.2f} | "
+                         f"{r['mean_reward']:.3f} | {r['mean_accuracy']:.3f} | {g.get('groups', '–')} | {r['executor_tokens']} |")
+    lines.append("<!-- refine:end -->")
+    path = Path(run_dir) / "report.md"
+    old = path.read_text() if path.is_file() else ""
+    if "<!-- refine:begin -->" in old and "<!-- refine:end -->" in old:
+        a, b = old.index("<!-- refine:begin -->"), old.index("<!-- refine:end -->") + len("<!-- refine:end -->")
+        text = old[:a] + "\n".join(lines) + old[b:]
+    else:
+        text = (old.rstrip() + "\n\n" if old.strip() else "") + "\n".join(lines) + "\n"
+    write_atomic(path, text)
+    return path
+
+
+# ---- entry points of collect.py / train.py / evaluate.py --mode refine ------------------------------
+
+def collect_main(args):
+    import operators as O
+    try:
+        cfg = settings(args.run, args, collect.settings(args.run, args))
+        collect.set_threads(cfg)
+        with O.make_executor(cfg["executor"], cfg["executor_model"], collect.executor_cache(cfg)) as ex:
+            stats = collect_refine(args.run, args.iter, cfg, executor=ex)
+    except (DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(stats))
+
+
+def evaluate_main(args):
+    import model as M
+    import operators as O
+    try:
+        if not args.run or args.iter is None:
+            raise DataError("--mode refine needs --run DIR --iter K")
+        cfg = settings(args.run, args, collect.settings(args.run, args), save=False)
+        collect.set_threads(cfg)
+        with O.make_executor(cfg["executor"], cfg["executor_model"], collect.executor_cache(cfg)) as ex:
+            mdl, tok = M.load_model(cfg["model"], device=cfg["device"])
+            if args.iter > 0:
+                adapter = Path(args.run) / f"iter_{args.iter}" / "adapter"
+                if not adapter.is_dir():
+                    raise DataError(f"{adapter}: missing")
+                M.load_adapter(mdl, adapter)
+            s = evaluate_refine(mdl, tok, cfg, ex, cfg["turns"], Path(args.run) / "eval", f"refine_iter_{args.iter}",
+                                test_problems=args.limit)
+    except (DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print("\n".join(EVAL_HEADER + [format_eval(s)]))
+
+
+def train_main(args):
+    """train.py --mode refine: per iteration collect episodes -> write_groups -> train.update (rwr),
+    resumable step by step like the SPOGW driver; then evaluate_refine at iteration 0 and N."""
+    import torch
+    import model as M
+    import operators as O
+    import train as T
+    run_dir = Path(args.run)
+    try:
+        if args.iter < 0:
+            raise DataError(f"--iter must be >= 0, got {args.iter}")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if args.loss is None:
+            args.loss = "rwr"
+        cfg = T.config(run_dir, args)
+        if cfg["loss"] != "rwr":
+            raise DataError(f"--mode refine trains with --loss rwr (W4S rewards are not advantages), got {cfg['loss']!r}")
+        cfg = settings(run_dir, args, cfg, smoke=args.smoke)
+        print(f"[refine] run {run_dir}  config: " + json.dumps(cfg, sort_keys=True))
+        torch.manual_seed(cfg["seed"])
+        collect.set_threads(cfg)
+        with O.make_executor(cfg["executor"], cfg["executor_model"], collect.executor_cache(cfg)) as ex:
+            mdl, tok = M.load_model(cfg["model"], device=cfg["device"])
+            M.add_lora(mdl, r=cfg["lora_r"], alpha=cfg["lora_alpha"])
+            for k in range(args.iter):
+                d = run_dir / f"iter_{k}"
+                if k > 0:
+                    M.load_adapter(mdl, d / "adapter")  # pi_old of iteration k
+                st = json.loads((d / "stats.json").read_text()) if (d / "stats.json").is_file() else {}
+                if "refine" not in st:
+                    print(f"[refine {k}] " + json.dumps(collect_refine(run_dir, k, cfg, ex, generator=(mdl, tok))))
+                if not (d / "groups.jsonl").is_file():
+                    g = write_groups(run_dir, k)
+                    st = json.loads((d / "stats.json").read_text())
+                    write_json_atomic(d / "stats.json", dict(st, groups=g))
+                    print(f"[groups {k}] " + json.dumps(g))
+                if not (run_dir / f"iter_{k + 1}" / "adapter").is_dir():
+                    t0 = time.time()
+                    s = T.update(run_dir, k, cfg, mdl, tok)
+                    st = json.loads((d / "stats.json").read_text())
+                    write_json_atomic(d / "stats.json", dict(st, train=dict(s, seconds=time.time() - t0)))
+                    print(f"[update {k}] " + json.dumps(s))
+            if args.no_eval:
+                return
+            evals = []
+            for k in sorted({0, args.iter}):
+                name = f"refine_iter_{k}"
+                if k == 0:
+                    with M.lora_disabled(mdl):
+                        s = evaluate_refine(mdl, tok, cfg, ex, cfg["turns"], run_dir / "eval", name, cfg["eval_problems"])
+                else:
+                    M.load_adapter(mdl, run_dir / f"iter_{k}" / "adapter")
+                    s = evaluate_refine(mdl, tok, cfg, ex, cfg["turns"], run_dir / "eval", name, cfg["eval_problems"])
+                print(f"[eval refine iter {k}] " + format_eval(s))
+                evals.append(s)
+        print(write_report(run_dir, cfg, args.iter, evals).read_text())
+    except (DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
