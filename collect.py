@@ -257,7 +257,13 @@ def main(argv=None):
     ap.add_argument("--run", required=True)
     ap.add_argument("--iter", type=int, required=True)
     add_args(ap)
+    ap.add_argument("--mode", choices=["spogw", "refine"], default="spogw",
+                    help="refine: W4S multi-turn workflow refinement trained with RWR (refine.py)")
+    import refine
+    refine.add_args(ap)
     args = ap.parse_args(argv)
+    if args.mode == "refine":
+        return refine.collect_main(args)
     import operators as O
     try:
         cfg = settings(args.run, args)

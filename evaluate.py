@@ -166,7 +166,13 @@ def main(argv=None):
     ap.add_argument("--limit", type=int, default=200)
     ap.add_argument("--compare", action="store_true", help="print the table of evaluated iterations and baselines")
     collect.add_args(ap)
+    ap.add_argument("--mode", choices=["spogw", "refine"], default="spogw",
+                    help="refine: W4S multi-turn workflow refinement trained with RWR (refine.py)")
+    import refine
+    refine.add_args(ap)
     args = ap.parse_args(argv)
+    if args.mode == "refine":
+        return refine.evaluate_main(args)
     import operators as O
     try:
         cfg = collect.settings(args.run or ".", args) if args.run else collect.settings("/nonexistent", args)

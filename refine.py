@@ -35,7 +35,7 @@ from pathlib import Path
 import collect
 from jsonl import DataError, append_jsonl, read_jsonl, truncate_torn_tail, write_atomic, write_json_atomic, write_jsonl_atomic
 
-REFINE_DEFAULTS = dict(turns=3, candidates=5, val_problems=16, episodes=2, max_repairs=3, refine_tokens=256,
+REFINE_DEFAULTS = dict(turns=3, candidates=5, val_problems=16, episodes=2, max_repairs=3, refine_tokens=160,
                        eval_candidates=5)
 REFINE_SMOKE = dict(turns=1, candidates=2, val_problems=4, episodes=1, max_repairs=1, refine_tokens=96,
                     eval_candidates=2)
@@ -156,6 +156,20 @@ def state_prompt(bench, state, max_calls):
             {"role": "user", "content": user}]
 
 
+def first_solve(code):
+    """The first top-level `def solve` of the block and its body. A small meta-agent often goes on
+    after the workflow (more functions, "# Example workflow:" copies); those lines are not the
+    action's workflow, so they are neither checked nor run. The completion stays verbatim."""
+    lines = code.split("\n")
+    start = next((i for i, line in enumerate(lines) if line.startswith("def solve")), None)
+    if start is None:
+        return code
+    end = start + 1
+    while end < len(lines) and (not lines[end].strip() or lines[end][0] in " \t"):
+        end += 1
+    return "\n".join(lines[start:end]).rstrip() + "\n"
+
+
 def repair_message(error):
     return (f"Running this workflow on a validation problem failed:\n{_clip(error, 1500)}\n\n"
             f"Fix it. Answer with the corrected workflow as one ```python block.")
@@ -206,7 +220,8 @@ def self_check_and_repair(msgs, samples, todo, problem, cfg, executor, propose, 
         errs, runs = {}, []
         for c in pending:
             s = st[c]
-            s["code"] = O.extract_code(PREFILL + s["completion"])
+            code = O.extract_code(PREFILL + s["completion"])
+            s["code"] = None if code is None else first_solve(code)
             ok, reason = (False, "no python block") if s["code"] is None else O.check_workflow(
                 s["code"], problem["problem"], allowed_ops=O.OPERATOR_SETS[fam], max_calls=cfg["max_calls"])
             if ok:
@@ -382,7 +397,7 @@ def episode_summary(rows, turns):
         out.append({"turn": t, "best_of_turn": max(accs) if accs else None, "best_so_far": best,
                     "valid": statistics.fmean(r["valid"] for r in rs) if rs else 0.0,
                     "repairs": statistics.fmean(r["repairs"] for r in rs) if rs else 0.0})
-    return {"init_accuracy": init["accuracy"], "turns": out}
+    return {"init_accuracy": init["accuracy"], "per_turn": out}
 
 
 def collect_refine(run_dir, it, cfg, executor=None, generator=None, propose=None):
@@ -491,7 +506,7 @@ def evaluate_refine(mdl, tok, cfg, executor, turns, out_dir, name, test_problems
 def format_eval(s):
     t = s["test"]
     turns = " → ".join(["%.2f" % s["init_accuracy"]] + ["–" if x["best_of_turn"] is None else "%.2f" % x["best_of_turn"]
-                                                       for x in s["turns"]])
+                                                       for x in s["per_turn"]])
     return (f"| {s['name']} | {s['turns']} | {s['candidates']} | {turns} | {s['final']['val_accuracy']:.2f} "
             f"(turn {s['final']['turn']}) | {100 * t['accuracy']:.1f} ({100 * t['ci_low']:.1f}–{100 * t['ci_high']:.1f}), "
             f"n={t['n']} | {s['executor_tokens']['refine']} + {s['executor_tokens']['test']} |")

@@ -446,7 +446,13 @@ def main(argv=None):
     train_args(ap)
     # curate's argparse defaults would hide config.json values: treat them as "not given"
     ap.set_defaults(**{k: None for k in CURATE_DEFAULTS})
+    ap.add_argument("--mode", choices=["spogw", "refine"], default="spogw",
+                    help="refine: W4S multi-turn workflow refinement trained with RWR (refine.py)")
+    import refine
+    refine.add_args(ap)
     args = ap.parse_args(argv)
+    if args.mode == "refine":
+        return refine.train_main(args)
     t_start = time.time()
     run_dir = Path(args.run)
     try:

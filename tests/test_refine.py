@@ -120,6 +120,16 @@ def test_episode_state_is_rebuilt_from_earlier_turns():
     assert "accuracy went from 0.62 to 0.12" in msgs[-1]["content"] and "t2c0" in msgs[-1]["content"]
 
 
+def test_first_solve_drops_what_follows_the_workflow():
+    block = ('def solve(problem):\n    # why\n    x = custom(problem, "a")\n\n    return x\n\n'
+             'def custom(p):\n    return 1\n# Example workflow:\ndef solve(problem):\n    return 2\n')
+    wf = R.first_solve(block)
+    assert wf == 'def solve(problem):\n    # why\n    x = custom(problem, "a")\n\n    return x\n'
+    assert O.check_workflow(wf, "What is 47 * 6?", O.OPERATOR_SETS["math"], 6) == (True, "ok")
+    assert O.check_workflow(block, "What is 47 * 6?", O.OPERATOR_SETS["math"], 6)[0] is False
+    assert R.first_solve("x = 1\n") == "x = 1\n"  # no solve: left to the checker to reject
+
+
 # ---- repair loop ----
 
 def test_repair_loop_reprompts_with_the_error_then_skips():
