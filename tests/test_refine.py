@@ -285,3 +285,33 @@ def test_groups_train_with_rwr(tmp_path):
     gain = [a - b for a, b in zip(after, before)]
     assert gain[0] > max(gain[1:]), gain
     assert (tmp_path / "iter_1" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("script,argv,msg", [
+    ("collect.py", ["--run", "RUN", "--iter", "0", "--turns", "0", "--executor", "none"], "--turns must be"),
+    ("evaluate.py", ["--run", "RUN"], "needs --run DIR --iter K"),
+    ("train.py", ["--run", "RUN", "--iter", "1", "--loss", "grpo", "--executor", "none"], "--loss rwr"),
+])
+def test_cli_bad_input_exits_2(tmp_path, script, argv, msg):
+    argv = [a.replace("RUN", str(tmp_path / "run")) for a in argv]
+    r = subprocess.run([sys.executable, script, "--mode", "refine", *argv], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and msg in r.stderr, r.stderr
+
+
+def test_evaluate_refine_scores_the_best_validation_workflow_on_test(tmp_path):
+    c = cfg(turns=1, eval_candidates=3, val_problems=4, max_repairs=0)
+    propose = canned([GOOD["alpha"], GOOD["beta"]])  # seeded draws of 3
+    with StubServer(stub_reply) as srv:
+        ex = O.Executor(srv.url, "stub", max_retries=0)
+        s = R.evaluate_refine(None, None, c, ex, 1, tmp_path, "refine_iter_0", test_problems=12, propose=propose)
+    rows = [json.loads(l) for l in (tmp_path / "refine_iter_0.jsonl").read_text().splitlines()]
+    best = R.best_workflow(rows)
+    assert s["final"]["code"] == best["code"] and s["final"]["val_accuracy"] == best["accuracy"]
+    word = best["code"].split('"')[1] if best["turn"] >= 0 else None
+    test = benchmarks.load("arith", "test", limit=12, seed=0)
+    # naive reference: the stub is right on a known subset of problems for each instruction word
+    want = sum(int(R.seed_of("stub", p["problem"])) % 1000 < SHARE.get(word, 0.0) * 1000 for p in test) / 12
+    assert 0 < want < 1 and s["test"]["n"] == 12 and s["test"]["accuracy"] == pytest.approx(want)
+    assert s["executor_tokens"]["test"] == 12 * 15
+    assert json.loads((tmp_path / "refine_iter_0_T1.json").read_text())["test"]["accuracy"] == s["test"]["accuracy"]
