@@ -136,8 +136,9 @@ def executor_tag(cfg):
     return tag[:60]
 
 
-def baseline_path(cfg, name, split, limit):
-    return Path("runs") / "baselines" / f"{cfg['bench']}-{split}-{limit}-{executor_tag(cfg)}" / f"{name}.jsonl"
+def baseline_path(cfg, name, split, limit, root="runs"):
+    """Baseline rows are shared by every run on the same benchmark, split, problems and executor."""
+    return Path(root) / "baselines" / f"{cfg['bench']}-{split}-{limit}-{executor_tag(cfg)}" / f"{name}.jsonl"
 
 
 def compare_table(run_dir, cfg=None, split="test", limit=None):
@@ -147,7 +148,7 @@ def compare_table(run_dir, cfg=None, split="test", limit=None):
              "|---|---|---|---|---|---|"]
     entries = sorted(run_dir.glob("eval/iter_*.jsonl"), key=lambda p: int(p.stem.split("_")[1]))
     if cfg is not None and limit is not None:
-        entries += sorted(baseline_path(cfg, "x", split, limit).parent.glob("*.jsonl"))
+        entries += sorted(baseline_path(cfg, "x", split, limit, run_dir.parent).parent.glob("*.jsonl"))
     for path in entries:
         s = summarize(read_jsonl(path))
         name = f"generator {path.stem}" if path.parent.name == "eval" else f"baseline {path.stem}"

@@ -427,6 +427,7 @@ def write_report(run_dir, cfg, iters, baseline_rows, wall):
 
 
 def main(argv=None):
+    import benchmarks
     import collect
     import curate
     import evaluate
@@ -507,8 +508,9 @@ def main(argv=None):
                                                 limit=cfg["eval_problems"])
                 print(f"[eval iter {k}] accuracy {s['accuracy']:.3f} ({s['ci_low']:.3f}-{s['ci_high']:.3f})")
             baseline_rows = {}
-            for name in [b for b in cfg["baselines"].split(",") if b]:
-                out = evaluate.baseline_path(cfg, name, "test", cfg["eval_problems"])
+            offered = evaluate.BASELINES[benchmarks.family(cfg["bench"])]
+            for name in [b for b in cfg["baselines"].split(",") if b in offered]:
+                out = evaluate.baseline_path(cfg, name, "test", cfg["eval_problems"], run_dir.parent)
                 baseline_rows[name] = evaluate.eval_baseline(name, cfg, ex, "test", cfg["eval_problems"], out)
                 print(f"[baseline {name}] accuracy {baseline_rows[name]['accuracy']:.3f}")
         path = write_report(run_dir, cfg, args.iter, baseline_rows, time.time() - t_start)
