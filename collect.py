@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from jsonl import DataError, append_jsonl, read_jsonl, truncate_torn_tail, write_json_atomic
+from jsonl import DataError, append_jsonl, read_json, read_jsonl, truncate_torn_tail, update_json
 
 DEFAULTS = dict(model="smollm2-135m", bench="arith", data_dir=None, problems=32, m=8, runs=1,
                 temperature=0.8, top_p=0.95, max_new_tokens=160, gen_batch=4, max_calls=6,
@@ -56,12 +56,7 @@ def add_args(ap):
 def settings(run_dir, args):
     """config.json of the run, overridden by explicit CLI values, filled from DEFAULTS."""
     cfg = dict(DEFAULTS)
-    path = Path(run_dir) / "config.json"
-    if path.is_file():
-        try:
-            cfg.update({k: v for k, v in json.loads(path.read_text()).items() if k in DEFAULTS})
-        except ValueError as e:
-            raise DataError(f"{path}: malformed JSON ({e})") from None
+    cfg.update({k: v for k, v in read_json(Path(run_dir) / "config.json", {}).items() if k in DEFAULTS})
     cfg.update({k: v for k, v in vars(args).items() if k in DEFAULTS and v is not None})
     return cfg
 
@@ -245,10 +240,7 @@ def collect(run_dir, it, cfg, executor=None, generator=None):
              "mean_score_valid": statistics.fmean([r["score"] for r in rows if r["valid"]] or [0.0]),
              "executor_tokens": sum(r["prompt_tokens"] + r["completion_tokens"] for r in rows),
              "cost_usd": sum(r["cost_usd"] for r in rows), "seconds": time.time() - t0}
-    path = d / "stats.json"
-    old = json.loads(path.read_text()) if path.is_file() else {}
-    old["collect"] = stats
-    write_json_atomic(path, old)
+    update_json(d / "stats.json", "collect", stats)
     return stats
 
 

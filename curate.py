@@ -16,7 +16,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from jsonl import DataError, read_jsonl, write_json_atomic, write_jsonl_atomic
+from jsonl import DataError, read_jsonl, update_json, write_jsonl_atomic
 
 ROLLOUT_KEYS = ("problem_id", "sample", "prompt", "completion", "completion_ids", "score", "valid")
 
@@ -125,12 +125,7 @@ def run(run_dir, it, args):
     groups, stats = curate(rows, args.groups, args.n, args.group_size, args.min_var, args.max_combos,
                            args.groups_per_problem, args.drop_invalid, seed=it)
     write_jsonl_atomic(d / "groups.jsonl", groups)
-    old = {}
-    if (d / "stats.json").is_file():
-        import json
-        old = json.loads((d / "stats.json").read_text())
-    old["curate"] = stats
-    write_json_atomic(d / "stats.json", old)
+    update_json(d / "stats.json", "curate", stats)
     return stats
 
 

@@ -82,3 +82,21 @@ def write_jsonl_atomic(path, rows):
 
 def write_json_atomic(path, obj):
     write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def read_json(path, default=None):
+    """A JSON file (config.json, stats.json); `default` when it does not exist. Malformed -> DataError."""
+    path = Path(path)
+    if not path.is_file():
+        return default
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise DataError(f"{path}: malformed JSON ({e})") from None
+
+
+def update_json(path, key, value):
+    """Set one top-level key of a JSON object file (stats.json gathers collect/curate/train figures)."""
+    obj = read_json(path, {})
+    obj[key] = value
+    write_json_atomic(path, obj)

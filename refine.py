@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import collect
-from jsonl import DataError, append_jsonl, read_jsonl, truncate_torn_tail, write_atomic, write_json_atomic, write_jsonl_atomic
+from jsonl import DataError, append_jsonl, read_json, read_jsonl, truncate_torn_tail, write_atomic, write_json_atomic, write_jsonl_atomic
 
 REFINE_DEFAULTS = dict(turns=3, candidates=5, val_problems=16, episodes=2, max_repairs=3, refine_tokens=160,
                        eval_candidates=5)
@@ -86,11 +86,7 @@ def settings(run_dir, args, cfg, smoke=False, save=True):
     < --smoke < explicit flags. Saved back, so a resumed run keeps its knobs."""
     r = dict(REFINE_DEFAULTS)
     path = Path(run_dir) / "refine_config.json"
-    if path.is_file():
-        try:
-            r.update({k: v for k, v in json.loads(path.read_text()).items() if k in r})
-        except ValueError as e:
-            raise DataError(f"{path}: malformed JSON ({e})") from None
+    r.update({k: v for k, v in read_json(path, {}).items() if k in r})
     if smoke:
         r.update(REFINE_SMOKE)
     r.update({k: v for k, v in vars(args).items() if k in r and v is not None})

@@ -111,7 +111,8 @@ import sys
 import time
 from pathlib import Path
 
-from jsonl import DataError, append_jsonl, read_jsonl, truncate_torn_tail, write_atomic, write_json_atomic, write_jsonl_atomic
+from jsonl import (DataError, append_jsonl, read_json, read_jsonl, truncate_torn_tail, update_json, write_atomic,
+                   write_json_atomic, write_jsonl_atomic)
 
 GROUP_KEYS = ("problem_id", "prompt", "members")
 TRAIN_DEFAULTS = dict(loss="grpo", kl="masked", ref="old", beta=0.1, eps=0.2, agg="token", lr=2e-4,
@@ -244,7 +245,7 @@ def prepare_step(seqs, cfg):
             s["pair_share"] = None  # set per micro-batch below
 
 
-def update(run_dir, it, cfg, mdl, tok, log=print):
+def update(run_dir, it, cfg, mdl, tok):
     """One SPOGW update on iter_<it>/groups.jsonl -> iter_<it+1>/adapter. `mdl` carries the LoRA of
     iteration `it` (pi_old); it is trained in place. Resumes from iter_<it>/train_state.pt."""
     import random
@@ -362,16 +363,12 @@ def config(run_dir, args):
     import collect
     cfg = {**collect.DEFAULTS, **CURATE_DEFAULTS, **TRAIN_DEFAULTS, **EVAL_DEFAULTS}
     path = Path(run_dir) / "config.json"
-    if path.is_file():
-        try:
-            saved = json.loads(path.read_text())
-        except ValueError as e:
-            raise DataError(f"{path}: malformed JSON ({e})") from None
-        cfg.update({k: v for k, v in saved.items() if k in cfg})
+    saved = read_json(path, {})
+    cfg.update({k: v for k, v in saved.items() if k in cfg})
     if args.smoke:
         cfg.update(SMOKE)
     given = {k: v for k, v in vars(args).items() if k in cfg and v is not None and v is not False}
-    if path.is_file():
+    if saved:
         changed = {k: (saved.get(k), v) for k, v in given.items() if saved.get(k) != v}
         if changed:
             print(f"[train] note: overriding {path} for {changed}", file=sys.stderr)
@@ -399,8 +396,7 @@ def write_report(run_dir, cfg, iters, baseline_rows, wall):
              "| iteration | valid % (train) | mean train score | test accuracy (95 % CI) | test valid % | executor tokens (train+test) | $ | wall (collect+train) |",
              "|---|---|---|---|---|---|---|---|"]
     for k in range(iters + 1):
-        st_path = run_dir / f"iter_{k}" / "stats.json"
-        st = json.loads(st_path.read_text()) if st_path.is_file() else {}
+        st = read_json(run_dir / f"iter_{k}" / "stats.json", {})
         c = st.get("collect", {})
         ev = run_dir / "eval" / f"iter_{k}.jsonl"
         s = evaluate.summarize(read_jsonl(ev)) if ev.is_file() else None
@@ -417,8 +413,7 @@ def write_report(run_dir, cfg, iters, baseline_rows, wall):
                      f"{s['executor_tokens']} | {s['cost_usd']:.4f} |")
     lines += ["", "Curate figures per iteration (problems kept / groups / mean group std / median MIL):", ""]
     for k in range(iters):
-        st_path = run_dir / f"iter_{k}" / "stats.json"
-        cu = json.loads(st_path.read_text()).get("curate", {}) if st_path.is_file() else {}
+        cu = read_json(run_dir / f"iter_{k}" / "stats.json", {}).get("curate", {})
         if cu:
             lines.append(f"- iter {k}: {cu['problems_kept']}/{cu['problems']} problems, {cu['groups']} groups, "
                          f"std {cu['mean_group_std']:.3f}, MIL {cu['median_mil']:.3f}")
@@ -480,7 +475,7 @@ def main(argv=None):
                 d = run_dir / f"iter_{k}"
                 if k > 0:
                     M.load_adapter(mdl, d / "adapter")  # pi_old of iteration k
-                st = json.loads((d / "stats.json").read_text()) if (d / "stats.json").is_file() else {}
+                st = read_json(d / "stats.json", {})
                 if "collect" not in st or not (d / "rollouts.jsonl").is_file():
                     s = collect.collect(run_dir, k, cfg, executor=ex, generator=(mdl, tok))
                     print(f"[collect {k}] " + json.dumps(s))
@@ -490,9 +485,7 @@ def main(argv=None):
                 if not (run_dir / f"iter_{k + 1}" / "adapter").is_dir():
                     t0 = time.time()
                     s = update(run_dir, k, cfg, mdl, tok)
-                    st = json.loads((d / "stats.json").read_text())
-                    st["train"] = dict(s, seconds=time.time() - t0)
-                    write_json_atomic(d / "stats.json", st)
+                    update_json(d / "stats.json", "train", dict(s, seconds=time.time() - t0))
                     print(f"[update {k}] " + json.dumps(s))
             if args.no_eval:
                 return

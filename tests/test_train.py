@@ -41,7 +41,7 @@ def test_update_moves_positive_up_negative_down(tmp_path):
     mdl = M.add_lora(tiny_llama(), r=4, alpha=8)
     row = make_groups(tmp_path / "iter_0", tok, ["5", "6", "41", "1 2"], [1.0, 0.0, 1.0, 0.0])
     before = member_logps(mdl, tok, row)
-    T.update(tmp_path, 0, cfg(lr=1e-2, epochs=3, groups_per_step=1), mdl, tok, log=lambda *a: None)
+    T.update(tmp_path, 0, cfg(lr=1e-2, epochs=3, groups_per_step=1), mdl, tok)
     after = member_logps(mdl, tok, row)
     for b, a, m in zip(before, after, row["members"]):
         assert (a > b) == (m["advantage"] > 0), (b, a, m["advantage"])
