@@ -24,6 +24,8 @@ ROLLOUT_KEYS = ("problem_id", "sample", "prompt", "completion", "completion_ids"
 def advantages(scores):
     """A_i = (s_i - mean) / (std + 1e-6), population std over the group (the group *is* the
     population being compared, not a sample of one)."""
+    if max(scores) - min(scores) <= 1e-6:  # no signal: exact zeros, not float dust / 1e-6
+        return [0.0] * len(scores)
     mean = sum(scores) / len(scores)
     std = statistics.pstdev(scores)
     return [(s - mean) / (std + 1e-6) for s in scores]

@@ -13,14 +13,14 @@ import torch
 
 
 def group_advantages(scores):
-    """A_i = (s_i - mean) / (std + 1e-6) inside one group; all-equal scores (within 1e-6) -> zeros.
-    Population std (unbiased=False): the group *is* the population being ranked (the 2t members
-    curate.py kept), not a sample from which we estimate a spread."""
+    """A_i = (s_i - mean) / (std + 1e-6) inside one group, as a tensor; all-equal scores -> zeros.
+    One implementation serves both steps: curate.advantages (pure Python, used when writing groups)."""
+    from curate import advantages
     s = torch.as_tensor(scores)
-    s = s.to(s.dtype if s.is_floating_point() else torch.float32)
-    if s.numel() == 0 or (s.max() - s.min()) <= 1e-6:
-        return torch.zeros_like(s)
-    return (s - s.mean()) / (s.std(unbiased=False) + 1e-6)
+    dtype = s.dtype if s.is_floating_point() else torch.float32
+    if s.numel() == 0:
+        return torch.zeros(0, dtype=dtype)
+    return torch.tensor(advantages(s.double().tolist()), dtype=dtype)
 
 
 def token_weights(seg, n_seq, agg):
