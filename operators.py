@@ -510,9 +510,9 @@ import re as _re
 
 # What the generator is told about each operator: signature and one line of semantics.
 OPERATOR_DOCS = {
-    "custom": ("custom(input, instruction)", "the executor follows the instruction on the input"),
-    "answer_generate": ("answer_generate(input)", "the executor thinks step by step and ends with the final answer"),
-    "programmer": ("programmer(problem, analysis='')", "the executor writes and runs Python code; returns its output"),
+    "custom": ("custom(input, instruction)", "follows the instruction on the input; returns the reply"),
+    "answer_generate": ("answer_generate(input)", "thinks step by step; returns the final answer"),
+    "programmer": ("programmer(problem, analysis='')", "writes and runs a Python program; returns the answer it prints"),
     "ensemble": ("ensemble(problem, solutions)", "picks the most consistent answer from a list of solutions"),
     "review": ("review(problem, solution)", "returns a critique of the solution"),
     "revise": ("revise(problem, solution, feedback)", "returns the solution repaired using the feedback"),
@@ -520,34 +520,57 @@ OPERATOR_DOCS = {
     "code_generate": ("code_generate(problem, entry_point, instruction)", "returns Python code defining entry_point"),
     "test": ("test(problem, solution, entry_point)", "runs the public tests, repairs the code if they fail; returns code"),
 }
-# offered per benchmark family (DESIGN §3, "offered for")
-FAMILY_OPERATORS = {
-    "math": ("custom", "answer_generate", "programmer", "ensemble", "review", "revise", "format"),
-    "qa": ("custom", "answer_generate", "ensemble", "review", "revise", "format"),
-    "code": ("custom", "code_generate", "test", "ensemble", "review", "revise"),
-}
+FAMILY_OPERATORS = {fam: tuple(ops) for fam, ops in OPERATOR_SETS.items()}  # one source of truth: the library
 ALL_OPERATORS = tuple(OPERATOR_DOCS)
 SAFE_BUILTINS = frozenset("len range str int float min max sorted enumerate zip list dict set sum abs round "
                           "any all isinstance print".split())
 
-EXAMPLE_WORKFLOWS = {
-    "math": '''def solve(problem):
-    drafts = [custom(problem, "Think step by step, then give the final answer.") for _ in range(2)]
-    drafts.append(programmer(problem))
+# Few-shot turns per family: (problem, workflow). A 135M generator copies the *last* example far
+# more than it follows any instruction, so the last one is the richest (EXAMPLE_WORKFLOWS) and
+# the earlier ones vary the structure. Each starts like PREFILLS[family] continues.
+_CODE_NAME = 'name = problem.split("def ")[-1].split("(")[0].strip()'  # entry point: the prompt's last def
+FEWSHOT = {
+    "math": [
+        ("Ana has 12 stickers and buys 30 more. How many stickers does Ana have now?", '''def solve(problem):
+    drafts = [custom(problem, "Solve it step by step."), answer_generate(problem)]
     return ensemble(problem, drafts)
-''',
-    "qa": '''def solve(problem):
-    answer = answer_generate(problem)
-    feedback = review(problem, answer)
-    answer = revise(problem, answer, feedback)
-    return format(problem, answer)
-''',
-    "code": '''def solve(problem):
-    name = problem.split("def ")[-1].split("(")[0].strip()
-    code = code_generate(problem, name, "Write the complete function.")
-    return test(problem, code, name)
-''',
+'''),
+        ("What is (17 + 25) * 3?", '''def solve(problem):
+    drafts = [programmer(problem)]
+    return format(problem, drafts[0])
+'''),
+        ("What is 35 * 4?", '''def solve(problem):
+    drafts = [programmer(problem), custom(problem, "Think step by step, then give the final answer.")]
+    return ensemble(problem, drafts)
+'''),
+    ],
+    "qa": [
+        ("Passage: The bridge opened in 1932 and was widened in 1958.\nQuestion: How many years after opening was "
+         "the bridge widened?", '''def solve(problem):
+    drafts = [answer_generate(problem)]
+    feedback = review(problem, drafts[0])
+    return format(problem, revise(problem, drafts[0], feedback))
+'''),
+        ("Question: Which river flows through the capital of France?\n\nContext:\nParis: Paris is the capital of "
+         "France.\nSeine: The Seine flows through Paris.", '''def solve(problem):
+    drafts = [answer_generate(problem), custom(problem, "Answer with a short phrase from the context.")]
+    return format(problem, ensemble(problem, drafts))
+'''),
+    ],
+    "code": [
+        ('def add(a, b):\n    """Return the sum of a and b.\n    >>> add(2, 3)\n    5\n    """\n', f'''def solve(problem):
+    {_CODE_NAME}
+    drafts = [code_generate(problem, name, "Write the complete function.")]
+    return test(problem, drafts[0], name)
+'''),
+        ('def is_even(n):\n    """Return True if n is even.\n    >>> is_even(4)\n    True\n    """\n', f'''def solve(problem):
+    {_CODE_NAME}
+    drafts = [code_generate(problem, name, "Write the function.") for _ in range(2)]
+    return test(problem, ensemble(problem, drafts), name)
+'''),
+    ],
 }
+EXAMPLE_WORKFLOWS = {fam: shots[-1][1] for fam, shots in FEWSHOT.items()}
 
 
 class _Reject(Exception):
@@ -710,26 +733,45 @@ def extract_code(completion):
     return None
 
 
-# The completion starts inside the code block: a 135M generator otherwise often chats instead
-# of writing code (see the measurement in the report of issue 5).
-PREFILL = "```python\ndef solve(problem):\n"
+# The completion starts inside the code block, at the first statement: `drafts = [` makes the
+# tiny generator begin with operator calls instead of doing the arithmetic itself (measured on
+# arith with SmolLM2-135M, T=0.8, top-p 0.95: ~5-25 % of workflows pass the checker with the
+# prefill "```python\ndef solve(problem):", ~35-50 % with this one). It fixes only how the body
+# starts; what goes in the list and what follows is the generator's choice.
+PREFILLS = {
+    "math": "```python\ndef solve(problem):\n    drafts = [",
+    "qa": "```python\ndef solve(problem):\n    drafts = [",
+    "code": f"```python\ndef solve(problem):\n    {_CODE_NAME}\n    drafts = [",
+}
+PREFILL = PREFILLS["math"]
 
-SYSTEM_PROMPT = ("You write Python workflows. A workflow is a function solve(problem) that solves a problem "
-                 "by calling operators; each operator asks a language model and returns a string.")
+SYSTEM_PROMPT = ("You write workflows. A workflow is a Python function solve(problem) that never solves the problem "
+                 "itself: it passes `problem` to operators, which ask a language model and return strings.")
+_REMIND = {"math": "it must not do the arithmetic itself", "qa": "it must not answer the question itself",
+           "code": "it must not write the function itself"}
 
 
-def build_prompt(problem, family, operators=None, max_calls=10):
-    """Chat messages asking the generator for one workflow for `problem` (DESIGN §3): the role,
-    the operator catalogue, one example workflow, the rules, then the problem."""
+def prefill_for(family):
+    return PREFILLS[family]
+
+
+def build_prompt(problem, family, operators=None, max_calls=6):
+    """Chat messages asking the generator for one workflow for `problem` (DESIGN §3): the role and
+    the rules (system), few-shot turns, then the problem. Each user turn repeats the operator
+    catalogue right after its problem: a tiny model follows what it read last. The completion
+    is one ```python block; sample it after PREFILLS[family]."""
     if family not in FAMILY_OPERATORS:
         raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILY_OPERATORS)}")
     ops = list(operators or FAMILY_OPERATORS[family])
     catalogue = "\n".join(f"- {OPERATOR_DOCS[o][0]}: {OPERATOR_DOCS[o][1]}" for o in ops)
-    user = (f"Operators:\n{catalogue}\n\n"
-            f"Example workflow:\n```python\n{EXAMPLE_WORKFLOWS[family]}```\n\n"
-            f"Rules: define only solve(problem); call only the operators above and simple builtins; "
-            f"no import; at most {max_calls} operator calls; loops only over range(N); "
-            f"never copy numbers or text from the problem, pass `problem` instead.\n\n"
-            f"Problem:\n{problem}\n\n"
-            f"Write a workflow for this problem as one ```python block.")
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+    rules = (f"Rules: define only solve(problem); call only the operators and simple builtins (len, str, int, "
+             f"range, ...); no import, no eval; at most {max_calls} operator calls; loops only over range(N); "
+             f"never copy numbers or text from the problem.")
+
+    def turn(p):
+        return f"Problem: {p}\n\nOperators:\n{catalogue}\n\nWrite solve(problem). It must call the operators; {_REMIND[family]}."
+
+    msgs = [{"role": "system", "content": f"{SYSTEM_PROMPT}\n{rules}"}]
+    for p, code in FEWSHOT[family]:
+        msgs += [{"role": "user", "content": turn(p)}, {"role": "assistant", "content": f"```python\n{code}```"}]
+    return msgs + [{"role": "user", "content": turn(problem)}]
