@@ -222,12 +222,12 @@ def collect(run_dir, it, cfg, executor=None, generator=None):
                 if cfg["generator_url"]:
                     samples = sample_remote(cfg["generator_url"], cfg["generator_name"] or cfg["model"], msgs,
                                             cfg["m"], cfg["max_new_tokens"], cfg["temperature"], cfg["top_p"],
-                                            seed, O.PREFILL, tok)
+                                            seed, O.PREFILLS[fam], tok)
                 else:
                     samples = M.sample(mdl, tok, msgs, n=cfg["m"], max_new_tokens=cfg["max_new_tokens"],
                                        temperature=cfg["temperature"], top_p=cfg["top_p"], seed=seed,
-                                       prefill=O.PREFILL)
-                rows = [workflow_row(p, j, m, O.PREFILL, s["text"], s["token_ids"], O.OPERATOR_SETS[fam], cfg["max_calls"])
+                                       prefill=O.PREFILLS[fam])
+                rows = [workflow_row(p, j, m, O.PREFILLS[fam], s["text"], s["token_ids"], O.OPERATOR_SETS[fam], cfg["max_calls"])
                         for p, m, per in zip(chunk, msgs, samples) for j, s in enumerate(per)
                         if (p["id"], j) not in done]
                 execute(rows, chunk, cfg, executor, cfg["bench"], f, progress)

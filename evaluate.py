@@ -123,8 +123,8 @@ def eval_generator(mdl, tok, cfg, executor, out, split="test", limit=200):
             chunk = todo[c:c + B]
             msgs = [O.build_prompt(p["problem"], fam) for p in chunk]
             samples = M.sample(mdl, tok, msgs, n=1, max_new_tokens=cfg["max_new_tokens"], temperature=0,
-                               prefill=O.PREFILL)
-            rows = [collect.workflow_row(p, 0, m, O.PREFILL, s[0]["text"], s[0]["token_ids"], O.OPERATOR_SETS[fam],
+                               prefill=O.PREFILLS[fam])
+            rows = [collect.workflow_row(p, 0, m, O.PREFILLS[fam], s[0]["text"], s[0]["token_ids"], O.OPERATOR_SETS[fam],
                                          cfg["max_calls"]) for p, m, s in zip(chunk, msgs, samples)]
             collect.execute(rows, chunk, cfg, executor, cfg["bench"], f)
     return summarize(_finish(out, problems))
