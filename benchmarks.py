@@ -205,33 +205,43 @@ def load_humaneval(split, data_dir=None):
     return rows
 
 
+_ARROW = r"\s*(?:==>|=>|==|➞|->|\bshould return\b|\breturns\b|=)\s*"
+
+
 def doctest_asserts(prompt, entry_point, limit=3):
-    """Public tests from a docstring's examples: `>>> f(x)` followed by its output line, or one-line
-    `f(x) == y` / `f(x) => y` / `f(x) ➞ y` / `f(x) -> y` / `f(x) = y`. Each becomes
-    `assert candidate(x) == y`; lines that do not parse as Python are skipped."""
+    """Public tests from a docstring's examples: `>>> f(x)` and its output line, one-liners
+    `f(x) == y` (also =>, ==>, ➞, ->, =, returns, should return) and `For n = x the output should
+    be y`. Each becomes `assert candidate(x) == y`; skipped when it does not parse or names
+    anything but `candidate` and builtins (docstrings write `true`, bare words, helper calls)."""
     import ast
-    out = []
-    lines = prompt.splitlines()
-    call = re.compile(rf"^\s*(?:>>>\s*)?{re.escape(entry_point)}\((.*)$")
+    import builtins
+    known = set(dir(builtins)) | {"candidate"}
+    call = re.compile(rf"^\s*(?:>>>|\*|[Ff]or)?\s*({re.escape(entry_point)}\(.*)$")
+    single = re.compile(r"^\s*For \w+ = (.+?) the output should be (.+)$")
+    out, lines = [], prompt.splitlines()
     for i, line in enumerate(lines):
-        m = call.match(line)
-        if not m:
-            continue
-        rest = entry_point + "(" + m.group(1)
-        if ">>>" in line:  # doctest: the expected value is the next non-empty line
-            nxt = next((l.strip() for l in lines[i + 1:] if l.strip()), "")
-            if nxt.startswith(">>>") or not nxt:
+        m, s = call.match(line), single.match(line)
+        if m:
+            parts = re.split(_ARROW, m.group(1).strip(), maxsplit=1)
+            if len(parts) == 2:
+                expr, want = parts
+            elif line.lstrip().startswith(">>>"):  # doctest: the output is the next non-empty line
+                expr, want = parts[0], next((l.strip() for l in lines[i + 1:] if l.strip()), ">>>")
+                if want.startswith(">>>"):
+                    continue
+            else:
                 continue
-            expr, want = rest.strip(), nxt
+            args = expr[len(entry_point):]
+        elif s:
+            args, want = f"({s.group(1)})", s.group(2)
         else:
-            parts = re.split(r"\s*(?:==|=>|==>|➞|->|=)\s*", rest.strip(), maxsplit=1)
-            if len(parts) != 2:
-                continue
-            expr, want = parts
-        test = f"assert {'candidate' + expr[len(entry_point):]} == {want.rstrip(' .')}"
+            continue
+        test = f"assert candidate{args} == {want.strip().rstrip('.').strip()}"
         try:
-            ast.parse(test)
+            tree = ast.parse(test)
         except SyntaxError:
+            continue
+        if any(isinstance(n, ast.Name) and n.id not in known for n in ast.walk(tree)):
             continue
         if test not in out:
             out.append(test)
@@ -414,8 +424,9 @@ def _last_number(text):
 
 
 def score_number(answer, gold, tol=1e-6):
+    # absolute tolerance: a relative one would accept 1450001 for 1450000
     a, g = _last_number(answer), _last_number(gold)
-    return float(a is not None and g is not None and abs(a - g) <= tol * max(1.0, abs(g)))
+    return float(a is not None and g is not None and abs(a - g) <= tol)
 
 
 # --- MATH ---
@@ -613,7 +624,7 @@ def math_equal(a, g):
         return True
     fa, fg = _simple_float(a), _simple_float(g)
     if fa is not None and fg is not None:
-        return abs(fa - fg) <= 1e-6 * max(1.0, abs(fg))
+        return abs(fa - fg) <= 1e-6
     return _sympy_equal(a, g)
 
 
