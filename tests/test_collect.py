@@ -19,11 +19,12 @@ sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
 import model as M
 from conftest import tiny_llama, tiny_tokenizer
 
+# continuations of operators.PREFILLS["math"] ("```python\ndef solve(problem):\n    drafts = [")
 WORKFLOWS = [
-    "    return programmer(problem)\n```",
-    "    return custom(problem, 'Give only the final answer.')\n```",
-    "    import os\n    return custom(problem, 'x')\n```",          # invalid: import
-    "    a = custom(problem, 'Think.')\n    return ensemble(problem, [a, programmer(problem)])\n```",
+    "programmer(problem)]\n    return drafts[0]\n```",
+    "custom(problem, 'Give only the final answer.')]\n    return drafts[0]\n```",
+    "]\n    import os\n    return custom(problem, 'x')\n```",          # invalid: import
+    "custom(problem, 'Think.'), programmer(problem)]\n    return ensemble(problem, drafts)\n```",
 ]
 
 def fake_load_model(name, device="cpu", dtype=None):
