@@ -594,7 +594,8 @@ def _range_len(node):
 
 def _count_calls(node, ops):
     """Static upper bound on operator calls: literal-range loops multiply their body, an if takes
-    its larger branch, a loop that calls operators without a literal bound is rejected."""
+    its larger branch (statements after a return still count: a bound, not an exact count), a
+    loop that calls operators without a literal bound is rejected."""
     def count(n):
         return _count_calls(n, ops)
 
@@ -651,11 +652,13 @@ def check_workflow(code, problem=None, allowed_ops=ALL_OPERATORS, max_calls=10):
                 and isinstance(body[0].value.value, str):
             body = body[1:]  # a module docstring is fine
         solves = [n for n in body if isinstance(n, _ast.FunctionDef) and n.name == "solve"]
+        if not solves:
+            raise _Reject("no def solve(problem)")
         for n in body:
             if not (isinstance(n, _ast.FunctionDef) and n.name == "solve"):
                 raise _Reject(f"top-level code not allowed {_line(n)}")
-        if len(solves) != 1:
-            raise _Reject("no def solve(problem)" if not solves else f"more than one solve {_line(solves[1])}")
+        if len(solves) > 1:
+            raise _Reject(f"more than one solve {_line(solves[1])}")
         fn = solves[0]
         a = fn.args
         if (len(a.args) != 1 or a.posonlyargs or a.vararg or a.kwarg or a.kwonlyargs or a.defaults):
