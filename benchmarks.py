@@ -122,13 +122,11 @@ def _read_jsonl(path, required=()):
     return rows
 
 
-def _data_file(name, split, data_dir, package_fallback):
-    """The data-dir file for name/split, or None to use the package. An explicit data_dir must
-    hold the file; env SPOGW_DATA / ./data are used only when they do (else the package)."""
+def _data_file(name, split, data_dir):
+    """For benchmarks a package ships: the data-dir file, or None to use the package. An explicit
+    data_dir must hold the file; env SPOGW_DATA / ./data are used only when they do."""
     path = resolve_data_dir(data_dir) / f"{name}_{split}.jsonl"
-    if path.is_file() or data_dir is not None or not package_fallback:
-        return path
-    return None
+    return path if path.is_file() or data_dir is not None else None
 
 
 def _package_file(module, rel):
@@ -158,7 +156,7 @@ def _gsm8k_number(text, where):
 
 
 def load_gsm8k(split, data_dir=None):
-    path = _data_file("gsm8k", split, data_dir, package_fallback=True)
+    path = _data_file("gsm8k", split, data_dir)
     if path is not None:
         rows = _read_jsonl(path, required=("question", "answer"))
         return [{"id": str(r.get("id", f"gsm8k-{split}-{r['_line']}")), "problem": r["question"],
@@ -183,7 +181,7 @@ def _humaneval_id(task_id):
 
 
 def load_humaneval(split, data_dir=None):
-    path = _data_file("humaneval", split, data_dir, package_fallback=True)
+    path = _data_file("humaneval", split, data_dir)
     need = ("task_id", "prompt", "entry_point", "test")
     public = {}
     if path is not None:
@@ -256,6 +254,8 @@ def load_mbpp(split, data_dir=None):
         # public test: the first listed assert on `candidate`. Derived here rather than read from
         # mbpp_public_test.jsonl, which is keyed only by (non-unique) entry_point.
         pub = [re.sub(rf"\b{re.escape(ep)}\b", "candidate", t) for t in r["test_list"][:1]]
+        if r.get("test_imports"):  # e.g. math.isclose(...): the test string brings its own import
+            pub = ["\n".join(r["test_imports"] + [t]) for t in pub]
         rows.append({"id": f"mbpp-{r['task_id']}", "problem": r["prompt"], "entry_point": ep, "test": r["test"],
                      "test_imports": list(r.get("test_imports") or []), "public_tests": pub,
                      "canonical_solution": r.get("code", "")})
@@ -467,7 +467,7 @@ def math_answers(text):
 
 
 def _unwrap(s, cmd, repl):
-    """Replace \\cmd{X} (X may hold nested braces) by repl(X), innermost-first is not needed."""
+    """Replace every \\cmd{X} (X may hold nested braces) by repl(X)."""
     out, i, tag = "", 0, "\\" + cmd + "{"
     while True:
         j = s.find(tag, i)

@@ -125,6 +125,17 @@ def test_doctest_public_tests_pass_on_canonical_solutions():
     assert failed <= known_wrong
 
 
+@needs_shared
+def test_mbpp_public_tests_pass_on_reference_code():
+    sandbox = pytest.importorskip("sandbox")
+    rows = B.load("mbpp", "test", data_dir=SHARED_DATA) + B.load("mbpp", "validate", data_dir=SHARED_DATA)
+    rows = [r for r in rows if r["test_imports"]][:6] + [r for r in rows if not r["test_imports"]][:10]
+    for r in rows:
+        assert len(r["public_tests"]) == 1 and "candidate(" in r["public_tests"][0]
+        prog = f"{r['canonical_solution']}\ncandidate = {r['entry_point']}\n{r['public_tests'][0]}\n"
+        assert sandbox.run_program(prog, timeout=10)["ok"], r["id"]
+
+
 def test_doctest_formats():
     p = ('def f(x):\n    """\n    >>> f(2)\n    4\n    f(3) ==> 9\n    f(1) ➞ 1\n    f(true) == 1\n'
          '    For x = 5 the output should be 25.\n    """\n')
