@@ -279,44 +279,70 @@ def prompt_ids(tokenizer, messages, prefill=None):
     return tokenizer(prompt_text(tokenizer, messages, prefill), add_special_tokens=False)["input_ids"]
 
 
+def _pick(logits, temperature, top_p, gen):
+    """Next token per row: argmax for temperature 0, else a draw from softmax(logits / T) restricted
+    to the smallest set of tokens whose mass reaches top_p (HF's order: temperature, then top-p)."""
+    if not temperature or temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, -1)
+    if top_p < 1.0:
+        p, idx = probs.sort(-1, descending=True)
+        keep = (p.cumsum(-1) - p) < top_p  # mass before this token still short of top_p; keeps the top one
+        probs = torch.zeros_like(probs).scatter_(-1, idx, p * keep)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
 @torch.no_grad()
 def sample(model, tokenizer, messages_list, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0,
            seed=0, prefill=None, batch_size=32):
     """n completions per prompt: [[{text, token_ids, logprobs}] * n] * len(messages_list).
 
-    Left-padded batches through HF generate; temperature 0 = greedy. `logprobs` are of the sampled
-    tokens under the model's *unscaled* distribution (temperature 1, no top-p) — that is pi_old for
-    GRPO. token_ids end with EOS when the model stopped; `text` is the continuation after the
-    prefill, without EOS. The same seed and inputs give the same outputs.
+    Temperature 0 = greedy. `logprobs` are of the sampled tokens under the model's *unscaled*
+    distribution (temperature 1, no top-p) -- that is pi_old for GRPO. token_ids end with EOS when
+    the model stopped; `text` is the continuation after the prefill, without EOS. The same seed and
+    inputs give the same outputs.
+
+    Each distinct prompt is run once (left-padded batch of prompts) and its KV cache copied to its n
+    rows before decoding: the few-shot generator prompt is ~1000 tokens and a completion ~80, so
+    prefilling n copies would cost n times the whole decode.
     """
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    flat = [p for p in messages_list for _ in range(n)]  # n copies of each prompt, adjacent
     device = next(model.parameters()).device
+    per_batch = max(1, batch_size // n)  # distinct prompts per batch; rows = per_batch * n
     out = []
-    gen = dict(max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos,
-               return_dict_in_generate=True, output_logits=True)
-    if temperature and temperature > 0:
-        gen.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
-    else:
-        gen.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        for b0 in range(0, len(flat), batch_size):
-            torch.manual_seed(seed * 1_000_003 + b0)  # per batch, so a resumed call matches
-            ids = [prompt_ids(tokenizer, m, prefill) for m in flat[b0:b0 + batch_size]]
-            width = max(map(len, ids))
-            input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
-            attn = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
-            res = model.generate(input_ids=input_ids, attention_mask=attn, **gen)
-            new = res.sequences[:, width:]
-            logp = torch.stack(res.logits, 1).float().log_softmax(-1)  # [B, T, V], unscaled
-            logp = logp.gather(-1, new.unsqueeze(-1)).squeeze(-1)
-            for row, lp in zip(new.tolist(), logp.tolist()):
-                T = row.index(eos) + 1 if eos in row else len(row)  # keep EOS: training learns to stop
-                ids_row = row[:T]
-                text_ids = ids_row[:-1] if ids_row and ids_row[-1] == eos else ids_row
-                out.append({"text": tokenizer.decode(text_ids, skip_special_tokens=True),
-                            "token_ids": ids_row, "logprobs": lp[:T]})
+    for b0 in range(0, len(messages_list), per_batch):
+        gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b0)  # per batch: resumes match
+        ids = [prompt_ids(tokenizer, m, prefill) for m in messages_list[b0:b0 + per_batch]]
+        width = max(map(len, ids))
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
+        attn = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
+        res = model(input_ids=input_ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
+                    use_cache=True, logits_to_keep=1)
+        cache, logits = res.past_key_values, res.logits[:, -1].repeat_interleave(n, 0)
+        cache.batch_repeat_interleave(n)  # the prompt's keys/values, once per sample row
+        attn = attn.repeat_interleave(n, 0)
+        pos = attn.sum(-1, keepdim=True)  # next position of each row (real tokens only)
+        rows, lps = [], []
+        done = torch.zeros(len(attn), dtype=torch.bool, device=device)
+        for _ in range(max_new_tokens):
+            nxt = _pick(logits, temperature, top_p, gen)
+            lps.append(logits.float().log_softmax(-1).gather(-1, nxt[:, None]).squeeze(-1))
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            rows.append(nxt)
+            done |= nxt == eos
+            if bool(done.all()):
+                break
+            attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)
+            res = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, past_key_values=cache,
+                        use_cache=True)
+            cache, logits, pos = res.past_key_values, res.logits[:, -1], pos + 1
+        toks, lps = torch.stack(rows, 1).tolist(), torch.stack(lps, 1).tolist()
+        for row, lp in zip(toks, lps):
+            T = row.index(eos) + 1 if eos in row else len(row)  # keep EOS: training learns to stop
+            text_ids = row[:T - 1] if row[T - 1] == eos else row[:T]
+            out.append({"text": tokenizer.decode(text_ids, skip_special_tokens=True),
+                        "token_ids": row[:T], "logprobs": lp[:T]})
     return [out[i * n:(i + 1) * n] for i in range(len(messages_list))]
 
 # ==== fused log-prob kernel (owner: kernel helper) ====
@@ -528,6 +554,31 @@ def completion_logprobs(model, input_ids, attention_mask, completion_mask, chunk
     """Per-token log-probs [N] (fp32) of the completion tokens, never building full-batch logits."""
     hidden, weight, targets = completion_hidden(model, input_ids, attention_mask, completion_mask)
     return fused_logprobs(hidden, weight.to(hidden.dtype), targets, chunk_size)
+
+
+def shared_prompt_hidden(model, prompt, completions):
+    """(hidden [N, H], weight [V, H], targets [N]) for several completions of one prompt, rows in the
+    order of `completions` (lists of token ids). The prompt runs once, at batch 1, and its KV cache is
+    repeated for the completions; gradients flow through the repeat, so this equals the per-sequence
+    forward (completion_hidden) while a ~1000-token prompt is paid once per group, not once per row."""
+    dec, device = model.get_decoder(), next(model.parameters()).device
+    out = dec(input_ids=torch.tensor([prompt], device=device), use_cache=True)
+    cache, h_last = out.past_key_values, out.last_hidden_state[0, -1:]  # h_last predicts token 0
+    lens = [len(c) for c in completions]
+    U, T, P = len(completions), max(lens), len(prompt)
+    if T == 0:
+        return h_last[:0], model.get_output_embeddings().weight, torch.zeros(0, dtype=torch.long, device=device)
+    ids = torch.zeros(U, T, dtype=torch.long, device=device)
+    attn = torch.zeros(U, P + T, dtype=torch.long, device=device)
+    attn[:, :P] = 1
+    for i, c in enumerate(completions):  # right padding: real tokens never attend to the pads after them
+        ids[i, :len(c)] = torch.tensor(c, device=device)
+        attn[i, P:P + len(c)] = 1
+    cache.batch_repeat_interleave(U)
+    pos = torch.arange(P, P + T, device=device).expand(U, T)
+    hc = dec(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True).last_hidden_state
+    hidden = torch.cat([torch.cat([h_last, hc[i, :L - 1]]) if L else h_last[:0] for i, L in enumerate(lens)])
+    return hidden, model.get_output_embeddings().weight, ids[attn[:, P:].bool()]
 
 
 # ==== CLI (owner: lead) ====

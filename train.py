@@ -151,58 +151,66 @@ def sequences(groups, tok, loss, pairs_per_problem, seed):
 
 
 def micro_batches(seqs, budget):
-    """Consecutive runs of sequences whose padded size (rows x longest) stays within `budget`
-    tokens; a pair (scoredpo) is never split because units are even-sized and we cut on pairs."""
-    out, cur, longest = [], [], 0
+    """Consecutive runs of sequences whose forward stays within `budget` tokens, counted as the
+    forward runs them (forward_hidden): each distinct prompt once, plus rows x longest completion.
+    A pair (scoredpo) is never split: its two workflows share a prompt, so the cut lands between pairs
+    as long as one pair fits."""
+    out, cur, prompts, longest = [], [], {}, 0
     for s in seqs:
-        L = max(longest, len(s["ids"]))
-        if cur and L * (len(cur) + 1) > budget:
+        key, T = tuple(s["ids"][:s["n_prompt"]]), len(s["ids"]) - s["n_prompt"]
+        cost = sum(map(len, prompts | {key: 1})) + max(longest, T) * (len(cur) + 1)
+        if cur and cost > budget:
             out.append(cur)
-            cur, L = [], len(s["ids"])
+            cur, prompts, longest = [], {}, 0
         cur.append(s)
-        longest = L
+        prompts[key] = 1
+        longest = max(longest, T)
     if cur:
         out.append(cur)
     return out
 
 
-def batch_tensors(seqs, pad, device):
-    """Right-padded ids, attention mask, completion mask (1 on completion tokens)."""
-    T = max(len(s["ids"]) for s in seqs)
-    ids = torch.full((len(seqs), T), pad, dtype=torch.long)
-    attn = torch.zeros((len(seqs), T), dtype=torch.long)
-    comp = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        n = len(s["ids"])
-        ids[i, :n] = torch.tensor(s["ids"])
-        attn[i, :n] = 1
-        comp[i, s["n_prompt"]:n] = 1
-    return ids.to(device), attn.to(device), comp.to(device)
+def forward_hidden(model, mb):
+    """(hidden [N, H], weight, targets [N]) of the completion tokens of a micro-batch, sequences in
+    order. Sequences with the same prompt (a group, a problem's pairs) share one prompt forward, and a
+    workflow that sits in several groups runs once: its rows are repeated, so its gradient adds up."""
+    import model as M
+    by_prompt = {}
+    for i, s in enumerate(mb):
+        comps = by_prompt.setdefault(tuple(s["ids"][:s["n_prompt"]]), {})
+        comps.setdefault(tuple(s["ids"][s["n_prompt"]:]), []).append(i)
+    rows, W = [None] * len(mb), None
+    for prompt, comps in by_prompt.items():
+        h, W, y = M.shared_prompt_hidden(model, list(prompt), [list(c) for c in comps])
+        off = 0
+        for c, idx in comps.items():
+            for i in idx:
+                rows[i] = (h[off:off + len(c)], y[off:off + len(c)])
+            off += len(c)
+    return torch.cat([r[0] for r in rows]), W, torch.cat([r[1] for r in rows])
 
 
 @torch.no_grad()
-def seq_logprobs(model, seqs, pad, budget, chunk_size):
+def seq_logprobs(model, seqs, budget, chunk_size):
     """Per-sequence lists of completion-token log-probs (no grad): pi_old / pi_ref."""
     import model as M
     out = []
     for mb in micro_batches(seqs, budget):
-        ids, attn, comp = batch_tensors(mb, pad, next(model.parameters()).device)
-        lp = M.completion_logprobs(model, ids, attn, comp, chunk_size).cpu()
-        n = [len(s["ids"]) - s["n_prompt"] for s in mb]
-        out.extend(t.tolist() for t in lp.split(n))
+        h, W, y = forward_hidden(model, mb)
+        lp = M.fused_logprobs(h, W.to(h.dtype), y, chunk_size).cpu()
+        out.extend(t.tolist() for t in lp.split([len(s["ids"]) - s["n_prompt"] for s in mb]))
     return out
 
 
-def step_loss(model, mb, cfg, pad):
+def step_loss(model, mb, cfg):
     """Backward one micro-batch; every sequence carries its precomputed token weight / coefficients
     (set by `update` over the whole step) so micro-batches add up to the full-step loss."""
     import model as M
     device = next(model.parameters()).device
-    ids, attn, comp = batch_tensors(mb, pad, device)
     cat = lambda key: torch.tensor([x for s in mb for x in s[key]], device=device)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     with amp:
-        h, W, y = M.completion_hidden(model, ids, attn, comp)
+        h, W, y = forward_hidden(model, mb)
     h = h.to(W.dtype) if h.dtype != W.dtype else h
     if cfg["loss"] == "grpo":
         loss, m = M.fused_grpo_loss(h, W, y, cat("old"), cat("ref"), cat("adv_t"), cat("w_t"), cat("km_t"),
@@ -255,16 +263,15 @@ def update(run_dir, it, cfg, mdl, tok):
     d = Path(run_dir) / f"iter_{it}"
     out = Path(run_dir) / f"iter_{it + 1}" / "adapter"
     groups = read_jsonl(d / "groups.jsonl", required=GROUP_KEYS)
-    pad = tok.pad_token_id
     units = sequences(groups, tok, cfg["loss"], cfg["pairs_per_problem"], seed=cfg["seed"] * 7919 + it)
     flat = [s for u in units for s in u]
     budget, cs = cfg["token_budget"], cfg["chunk_size"]
     mdl.eval()  # no dropout: pi_theta == pi_old exactly at the first step
     # pi_old (and pi_ref) once, before the first update, no grad
-    olds = seq_logprobs(mdl, flat, pad, budget, cs)
+    olds = seq_logprobs(mdl, flat, budget, cs)
     if cfg["loss"] == "scoredpo" or cfg["ref"] == "base":
         with M.lora_disabled(mdl):
-            refs = seq_logprobs(mdl, flat, pad, budget, cs)
+            refs = seq_logprobs(mdl, flat, budget, cs)
     else:
         refs = olds
     for s, o, r in zip(flat, olds, refs):
@@ -304,7 +311,7 @@ def update(run_dir, it, cfg, mdl, tok):
             for mb in mbs:
                 if cfg["loss"] == "scoredpo":
                     mb[0]["pair_share"] = (len(mb) / 2) / (len(seqs) / 2)
-                l, m = step_loss(mdl, mb, cfg, pad)
+                l, m = step_loss(mdl, mb, cfg)
                 loss += l
                 for key, v in m.items():
                     metrics[key] = metrics.get(key, 0.0) + v
@@ -342,7 +349,7 @@ def train_args(ap):
     g.add_argument("--groups-per-step", type=int, help="groups (grpo/rwr) or problems (scoredpo) per optimizer step")
     g.add_argument("--pairs-per-problem", type=int, help="scoredpo pairs drawn per problem")
     g.add_argument("--tau", type=float, help="rwr temperature")
-    g.add_argument("--token-budget", type=int, help="padded tokens per micro-batch")
+    g.add_argument("--token-budget", type=int, help="tokens per micro-batch forward (distinct prompts + rows x longest completion)")
     g.add_argument("--grad-clip", type=float)
     g.add_argument("--lora-r", type=int)
     g.add_argument("--lora-alpha", type=int)

@@ -276,7 +276,7 @@ def test_groups_train_with_rwr(tmp_path):
 
     def mean_logps():
         seqs = T.sequences(groups, tok, "rwr", 0, 0)[0]
-        return [sum(x) / len(x) for x in T.seq_logprobs(mdl, seqs, tok.pad_token_id, 4096, 1024)]
+        return [sum(x) / len(x) for x in T.seq_logprobs(mdl, seqs, 4096, 1024)]
 
     before = mean_logps()
     c = dict(T.TRAIN_DEFAULTS, seed=0, model="tiny", loss="rwr", lr=1e-2, epochs=2, groups_per_step=1)

@@ -33,7 +33,7 @@ def make_groups(path, tok, completions, scores):
 
 def member_logps(mdl, tok, row):
     seqs = T.sequences([row], tok, "grpo", 0, 0)[0]
-    return [sum(x) for x in T.seq_logprobs(mdl, seqs, tok.pad_token_id, 4096, 1024)]
+    return [sum(x) for x in T.seq_logprobs(mdl, seqs, 4096, 1024)]
 
 
 def test_update_moves_positive_up_negative_down(tmp_path):
@@ -57,7 +57,7 @@ def grads_for(mdl, tok, seqs, c):
     for p in params:
         p.requires_grad_(True)
     T.prepare_step(seqs, c)
-    T.step_loss(mdl, seqs, c, tok.pad_token_id)
+    T.step_loss(mdl, seqs, c)
     return [p.grad.clone() for p in params]
 
 
@@ -70,8 +70,8 @@ def test_masked_kl_gives_negative_sequences_no_kl_gradient():
     base = [{"ids": p + tok(c, add_special_tokens=False)["input_ids"], "n_prompt": len(p), "adv": a, "score": 0.0}
             for c, a in (("12", -1.0), ("7 7", -0.5))]
     with M.lora_disabled(mdl):
-        refs = T.seq_logprobs(mdl, base, 0, 4096, 1024)
-    olds = T.seq_logprobs(mdl, base, 0, 4096, 1024)
+        refs = T.seq_logprobs(mdl, base, 4096, 1024)
+    olds = T.seq_logprobs(mdl, base, 4096, 1024)
     for s, r, o in zip(base, refs, olds):
         s.update(ref=r, old=o)
     # all-negative batch: masked KL == no KL, full KL differs
@@ -97,7 +97,7 @@ def test_micro_batches_add_up_to_one_batch():
     p = M.prompt_ids(tok, PROMPT)
     seqs = [{"ids": p + tok(c, add_special_tokens=False)["input_ids"], "n_prompt": len(p), "adv": a, "score": s}
             for c, a, s in (("12", 1.0, 1.0), ("7 7", -1.0, 0.0), ("abc", 0.5, 0.7), ("9", -0.5, 0.2))]
-    lps = T.seq_logprobs(mdl, seqs, 0, 4096, 1024)
+    lps = T.seq_logprobs(mdl, seqs, 4096, 1024)
     for s, lp in zip(seqs, lps):
         s.update(old=[x - 0.05 for x in lp], ref=[x + 0.1 for x in lp], ref_sum=sum(lp) + 0.3)
     for loss in ("grpo", "rwr"):
@@ -107,7 +107,7 @@ def test_micro_batches_add_up_to_one_batch():
         parts = copy.deepcopy(seqs)
         T.prepare_step(parts, c)
         for mb in (parts[:1], parts[1:3], parts[3:]):
-            T.step_loss(mdl, mb, c, 0)
+            T.step_loss(mdl, mb, c)
         split = [q.grad.clone() for q in M.lora_parameters(mdl)]
         assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(whole, split)), loss
 
