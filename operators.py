@@ -506,6 +506,8 @@ OPERATOR_SETS = {  # DESIGN §3 "offered for"
 # ==== static checker and generator prompt (owner: benchmarks helper) ====
 
 import ast as _ast
+import builtins as _builtins
+import inspect as _inspect
 import re as _re
 
 # What the generator is told about each operator: signature and one line of semantics.
@@ -575,6 +577,16 @@ EXAMPLE_WORKFLOWS = {fam: shots[-1][1] for fam, shots in FEWSHOT.items()}
 
 class _Reject(Exception):
     pass
+
+
+# Parameters of each operator as the workflow calls it: (name, required) after `ctx`, read from the
+# functions themselves so the arity check cannot drift from the library.
+OP_PARAMS = {name: [(p.name, p.default is p.empty) for p in list(_inspect.signature(fn).parameters.values())[1:]]
+             for name, fn in OPERATORS.items()}
+# Names the workflow's run-time globals hold besides operators and SAFE_BUILTINS that valid code
+# reads without calling: exception classes in `except ...:` (the sandbox gives full builtins).
+_EXCEPTION_NAMES = frozenset(k for k, v in vars(_builtins).items() if isinstance(v, type)
+                             and issubclass(v, BaseException)) | {"OperatorError"}
 
 
 def _line(node):
@@ -691,6 +703,8 @@ def check_workflow(code, problem=None, allowed_ops=ALL_OPERATORS, max_calls=10):
                         raise _Reject(f"call to {n.func.id} not allowed {_line(n)}")
                 elif not isinstance(n.func, _ast.Attribute):
                     raise _Reject(f"indirect call not allowed {_line(n)}")
+        _check_names(fn, ops)
+        _check_arity(fn, ops)
         calls = sum(_count_calls(s, ops) for s in fn.body)
         if calls == 0:
             raise _Reject("no operator call")
@@ -703,6 +717,47 @@ def check_workflow(code, problem=None, allowed_ops=ALL_OPERATORS, max_calls=10):
     except RecursionError:
         return False, "code nested too deeply"
     return True, "ok"
+
+
+def _check_names(fn, ops):
+    """Every name read in solve must exist at run time (a NameError there comes only after slow
+    operator calls). Conservative: a name bound anywhere in solve counts as defined everywhere,
+    whatever the order or branch, so valid code is never rejected."""
+    defined = {fn.args.args[0].arg} | set(ops) | SAFE_BUILTINS | _EXCEPTION_NAMES
+    for n in _ast.walk(fn):
+        if isinstance(n, _ast.Name) and not isinstance(n.ctx, _ast.Load):
+            defined.add(n.id)  # assignment, augmented, for, comprehension, with-as, walrus, del
+        elif isinstance(n, (_ast.ExceptHandler, _ast.MatchAs, _ast.MatchStar)) and n.name:
+            defined.add(n.name)  # bound by a plain string, not a Name node
+        elif isinstance(n, _ast.MatchMapping) and n.rest:
+            defined.add(n.rest)
+    bad = [n for n in _ast.walk(fn) if isinstance(n, _ast.Name) and isinstance(n.ctx, _ast.Load) and n.id not in defined]
+    if bad:
+        bad = min(bad, key=lambda n: (n.lineno, n.col_offset))  # name the first one in the source
+        raise _Reject(f"undefined name {bad.id} {_line(bad)}")
+
+
+def _check_arity(fn, ops):
+    """Operator calls must match the operator's signature (else an OperatorError at run time,
+    possibly after other calls were paid for). Calls with *args or **kwargs are not checked."""
+    calls = [n for n in _ast.walk(fn) if isinstance(n, _ast.Call) and isinstance(n.func, _ast.Name)
+             and n.func.id in ops and n.func.id in OP_PARAMS]
+    for n in sorted(calls, key=lambda n: (n.lineno, n.col_offset)):
+        if any(isinstance(a, _ast.Starred) for a in n.args) or any(k.arg is None for k in n.keywords):
+            continue
+        name, params = n.func.id, OP_PARAMS[n.func.id]
+        names = [p for p, _ in params]
+        positional = names[:len(n.args)]
+        for k in n.keywords:
+            if k.arg not in names:
+                raise _Reject(f"{name} has no argument {k.arg} {_line(n)}")
+            if k.arg in positional:
+                raise _Reject(f"{name} got argument {k.arg} twice {_line(n)}")
+        given = set(positional) | {k.arg for k in n.keywords}
+        lo, hi = sum(req for _, req in params), len(params)
+        if len(n.args) > hi or any(req and p not in given for p, req in params):
+            takes = f"{lo}" if lo == hi else f"{lo} to {hi}"
+            raise _Reject(f"{name} takes {takes} arguments, got {len(n.args) + len(n.keywords)} {_line(n)}")
 
 
 def _check_copied(fn, text, numbers):

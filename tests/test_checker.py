@@ -54,6 +54,18 @@ def test_few_shot_examples_and_prefills_pass_the_checker():
     ("def answer(problem):\n    return custom(problem, 'x')", "no def solve(problem)"),
     ("def solve(problem)\n    return 1", "syntax error (line 1)"),
     ("def solve(problem):\n    return code_generate(problem, 'f', 'x')", "call to code_generate not allowed (line 2)"),
+    # seen at run time after paid executor calls: a name never bound, an operator's wrong arity
+    ("def solve(problem):\n    drafts = [programmer(problem)]\n    return format(problem, solution)",
+     "undefined name solution (line 3)"),
+    ("def solve(problem):\n    d = [custom(problem, 'x')]\n    return ensemble(problem, solutions[0])",
+     "undefined name solutions (line 3)"),
+    ("def solve(problem):\n    a = custom(problem, 'x')\n    return empl[0] + answers[1]", "undefined name empl (line 3)"),
+    ("def solve(problem):\n    return custom(problem, 'text', 0)", "custom takes 2 arguments, got 3 (line 2)"),
+    ("def solve(problem):\n    return review(problem)", "review takes 2 arguments, got 1 (line 2)"),
+    ("def solve(problem):\n    return programmer(problem, 'a', 'b')", "programmer takes 1 to 2 arguments, got 3 (line 2)"),
+    ("def solve(problem):\n    return revise(problem, feedback='x')", "revise takes 3 arguments, got 2 (line 2)"),
+    ("def solve(problem):\n    return programmer(problem, hint='x')", "programmer has no argument hint (line 2)"),
+    ("def solve(problem):\n    return custom(problem, input='x')", "custom got argument input twice (line 2)"),
 ])
 def test_rejections_name_the_reason(code, reason):
     assert ok(code) == (False, reason)
@@ -69,6 +81,29 @@ def test_literal_rule_details():
     assert ok("def solve(problem):\n    return custom(problem, str(1000))", "What is 1,000 + 5?")[1].startswith("literal 1000")
     assert ok("def solve(problem):\n    return custom(problem, str(19.0))")[1].startswith("literal 19.0")
     assert ok('"""A docstring."""\ndef solve(problem):\n    return custom(problem, "x")') == (True, "ok")
+
+
+def test_names_and_arity_accept_valid_code():
+    good = [
+        "def solve(problem):\n    drafts = []\n    for i in range(3):\n        drafts.append(custom(problem, str(i)))\n"
+        "    return ensemble(problem, drafts)",
+        "def solve(problem):\n    return ensemble(problem, [custom(problem, str(i)) for i in range(2) if i >= 0])",
+        "def solve(problem):\n    return format(problem, programmer(problem, analysis='Use integers.'))",
+        "def solve(problem):\n    return programmer(problem=problem)",
+        "def solve(problem):\n    a = answer_generate(problem)\n    if len(a) > 3:\n        best = review(problem, a)\n"
+        "    else:\n        best = a\n    return revise(problem, a, feedback=best)",
+        "def solve(problem):\n    try:\n        a = custom(problem, 'x')\n    except OperatorError as e:\n        a = str(e)\n"
+        "    except Exception:\n        a = ''\n    return a",
+        "def solve(problem):\n    n = 0\n    n += 1\n    if (a := custom(problem, 'x')):\n        return a\n    return None",
+        "def solve(problem):\n    d = [custom(problem, 'x')]\n    return custom(*d)",  # *args: arity not checked
+    ]
+    for code in good:
+        assert ok(code) == (True, "ok"), code
+    code = O.FEWSHOT["code"][-1][1]  # code_generate's instruction has a default
+    assert O.check_workflow(code.replace(', "Write the function.")', ")"), None, O.FAMILY_OPERATORS["code"]) == (True, "ok")
+    # the arity comes from the operator functions themselves
+    assert O.OP_PARAMS["programmer"] == [("problem", True), ("analysis", False)]
+    assert set(O.OP_PARAMS) == set(O.ALL_OPERATORS)
 
 
 def _run_count(code):
