@@ -280,19 +280,106 @@ def prompt_ids(tokenizer, messages, prefill=None):
 
 
 def _pick(logits, temperature, top_p, gen):
-    """Next token per row: argmax for temperature 0, else a draw from softmax(logits / T) restricted
-    to the smallest set of tokens whose mass reaches top_p (HF's order: temperature, then top-p)."""
-    if not temperature or temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, -1)
+    """Next token per row. temperature [rows]: 0 = argmax, else a draw from softmax(logits / T)
+    restricted to the smallest set of tokens whose mass reaches top_p (HF's order: T, then top-p)."""
+    greedy = logits.argmax(-1)
+    hot = temperature > 0
+    if not bool(hot.any()):
+        return greedy
+    probs = torch.softmax(logits.float() / torch.where(hot, temperature, 1.0)[:, None], -1)
     if top_p < 1.0:
         p, idx = probs.sort(-1, descending=True)
         keep = (p.cumsum(-1) - p) < top_p  # mass before this token still short of top_p; keeps the top one
         probs = torch.zeros_like(probs).scatter_(-1, idx, p * keep)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+    return torch.where(hot, torch.multinomial(probs, 1, generator=gen).squeeze(-1), greedy)
+
+
+def _per_prompt(x, k, name):
+    x = list(x) if isinstance(x, (list, tuple)) else [x] * k
+    if len(x) != k:
+        raise ValueError(f"{name}: one value per prompt expected ({k}), got {len(x)}")
+    return x
 
 
 @torch.no_grad()
+def decode(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, eos=None, pad=0, gen=None):
+    """The sampler under `sample` and the in-process executor: n continuations of each token-id prompt,
+    as [(token_ids, logprobs)] prompt-major (the n of prompt 0 first). temperature and
+    max_new_tokens: one number or one per prompt. A row stops after eos (kept) or its budget.
+
+    Three things make a 135M model usable on two CPU cores: (1) the prompts' common prefix (the
+    generator's ~900-token few-shot block) runs once at batch 1 and each prompt's own suffix once,
+    never n times; (2) a preallocated KV cache (HF StaticCache) -- a growing one re-copies every
+    layer's keys at every token; (3) rows that stopped are dropped from the batch as they go."""
+    from transformers import StaticCache
+
+    device = next(model.parameters()).device
+    k = len(prompts)
+    if k == 0:
+        return []
+    temps = torch.tensor(_per_prompt(temperature, k, "temperature"), dtype=torch.float32, device=device)
+    budget = torch.tensor(_per_prompt(max_new_tokens, k, "max_new_tokens"), device=device)
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("empty prompt")
+    # shared prefix, leaving every prompt at least one token of its own (its last logits)
+    P = 0
+    while P < min(map(len, prompts)) - 1 and all(p[P] == prompts[0][P] for p in prompts):
+        P += 1
+    S = max(len(p) - P for p in prompts)
+    L = P + S + int(budget.max())
+    cache = StaticCache(config=model.config, max_cache_len=L)
+    mask = torch.zeros(k, L, dtype=torch.long, device=device)
+    if P:
+        first = torch.zeros(1, L, dtype=torch.long, device=device)
+        first[0, :P] = 1
+        model(input_ids=torch.tensor([prompts[0][:P]], device=device), attention_mask=first, past_key_values=cache,
+              use_cache=True, logits_to_keep=1)
+        for layer in cache.layers:  # the prefix's keys/values, once per prompt
+            layer.keys, layer.values = layer.keys.expand(k, -1, -1, -1).clone(), layer.values.expand(k, -1, -1, -1).clone()
+    # each prompt's own tokens, right-aligned after the prefix (the gap is masked; positions skip it)
+    ids = torch.full((k, S), pad, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, S - (len(p) - P):] = torch.tensor(p[P:], device=device)
+        mask[i, :P] = 1
+        mask[i, P + S - (len(p) - P):P + S] = 1
+    pos = (mask[:, :P + S].cumsum(-1) - 1).clamp(min=0)[:, P:]
+    res = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                logits_to_keep=1)
+    # n rows per prompt from here on
+    rep = lambda x: x.repeat_interleave(n, 0)
+    for layer in cache.layers:
+        layer.keys, layer.values = rep(layer.keys), rep(layer.values)
+    logits, mask, temps, budget = rep(res.logits[:, -1]), rep(mask), rep(temps), rep(budget)
+    pos = rep(pos[:, -1:]) + 1
+    rows = torch.arange(k * n, device=device)  # original row of each active row
+    toks = [[] for _ in range(k * n)]
+    lps = [[] for _ in range(k * n)]
+    for t in range(int(budget.max())):
+        nxt = _pick(logits, temps, top_p, gen)
+        lp = logits.float().log_softmax(-1).gather(-1, nxt[:, None]).squeeze(-1)
+        for r, tk, l in zip(rows.tolist(), nxt.tolist(), lp.tolist()):
+            toks[r].append(tk)
+            lps[r].append(l)
+        live = (nxt != eos) & (budget > t + 1)
+        if not bool(live.any()):
+            break
+        if int(live.sum()) <= len(rows) // 2:  # compact: stopped rows cost a full forward each step
+            keep = live.nonzero().squeeze(-1)
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys[keep], layer.values[keep]
+            rows, nxt, mask, temps, budget, pos = rows[keep], nxt[keep], mask[keep], temps[keep], budget[keep], pos[keep]
+        mask[:, P + S + t] = 1
+        res = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+        logits, pos = res.logits[:, -1], pos + 1
+    # stopped rows that were not compacted away decoded on: cut each at its EOS (kept: training
+    # learns to stop) or its budget
+    out, limits = [], _per_prompt(max_new_tokens, k, "max_new_tokens")
+    for r, (tk, lp) in enumerate(zip(toks, lps)):
+        T = min(tk.index(eos) + 1 if eos in tk else len(tk), limits[r // n])
+        out.append((tk[:T], lp[:T]))
+    return out
+
+
 def sample(model, tokenizer, messages_list, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0,
            seed=0, prefill=None, batch_size=32):
     """n completions per prompt: [[{text, token_ids, logprobs}] * n] * len(messages_list).
@@ -300,49 +387,18 @@ def sample(model, tokenizer, messages_list, n=1, max_new_tokens=256, temperature
     Temperature 0 = greedy. `logprobs` are of the sampled tokens under the model's *unscaled*
     distribution (temperature 1, no top-p) -- that is pi_old for GRPO. token_ids end with EOS when
     the model stopped; `text` is the continuation after the prefill, without EOS. The same seed and
-    inputs give the same outputs.
-
-    Each distinct prompt is run once (left-padded batch of prompts) and its KV cache copied to its n
-    rows before decoding: the few-shot generator prompt is ~1000 tokens and a completion ~80, so
-    prefilling n copies would cost n times the whole decode.
-    """
+    inputs give the same outputs. Batches hold batch_size rows (prompts x n)."""
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     device = next(model.parameters()).device
-    per_batch = max(1, batch_size // n)  # distinct prompts per batch; rows = per_batch * n
+    per_batch = max(1, batch_size // n)
     out = []
     for b0 in range(0, len(messages_list), per_batch):
         gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b0)  # per batch: resumes match
         ids = [prompt_ids(tokenizer, m, prefill) for m in messages_list[b0:b0 + per_batch]]
-        width = max(map(len, ids))
-        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
-        attn = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
-        res = model(input_ids=input_ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
-                    use_cache=True, logits_to_keep=1)
-        cache, logits = res.past_key_values, res.logits[:, -1].repeat_interleave(n, 0)
-        cache.batch_repeat_interleave(n)  # the prompt's keys/values, once per sample row
-        attn = attn.repeat_interleave(n, 0)
-        pos = attn.sum(-1, keepdim=True)  # next position of each row (real tokens only)
-        rows, lps = [], []
-        done = torch.zeros(len(attn), dtype=torch.bool, device=device)
-        for _ in range(max_new_tokens):
-            nxt = _pick(logits, temperature, top_p, gen)
-            lps.append(logits.float().log_softmax(-1).gather(-1, nxt[:, None]).squeeze(-1))
-            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-            rows.append(nxt)
-            done |= nxt == eos
-            if bool(done.all()):
-                break
-            attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)
-            res = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, past_key_values=cache,
-                        use_cache=True)
-            cache, logits, pos = res.past_key_values, res.logits[:, -1], pos + 1
-        toks, lps = torch.stack(rows, 1).tolist(), torch.stack(lps, 1).tolist()
-        for row, lp in zip(toks, lps):
-            T = row.index(eos) + 1 if eos in row else len(row)  # keep EOS: training learns to stop
-            text_ids = row[:T - 1] if row[T - 1] == eos else row[:T]
-            out.append({"text": tokenizer.decode(text_ids, skip_special_tokens=True),
-                        "token_ids": row[:T], "logprobs": lp[:T]})
+        for tk, lp in decode(model, ids, n, max_new_tokens, temperature or 0.0, top_p, eos, pad, gen):
+            text_ids = tk[:-1] if tk and tk[-1] == eos else tk
+            out.append({"text": tokenizer.decode(text_ids, skip_special_tokens=True), "token_ids": tk, "logprobs": lp})
     return [out[i * n:(i + 1) * n] for i in range(len(messages_list))]
 
 # ==== fused log-prob kernel (owner: kernel helper) ====
