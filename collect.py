@@ -22,8 +22,8 @@ from pathlib import Path
 from jsonl import DataError, append_jsonl, read_json, read_jsonl, truncate_torn_tail, update_json
 
 DEFAULTS = dict(model="smollm2-135m", bench="arith", data_dir=None, problems=32, m=8, runs=1,
-                temperature=0.8, top_p=0.95, max_new_tokens=160, gen_batch=4, max_calls=6,
-                executor="local", executor_model=None, timeout=30.0, workers=4, seed=0,
+                temperature=0.8, top_p=0.95, max_new_tokens=128, gen_batch=4, max_calls=6,
+                executor="local", executor_model=None, timeout=30.0, workers=8, seed=0,
                 generator_url=None, generator_name=None, device="cpu", threads=0)
 
 
@@ -178,6 +178,22 @@ def execute(rows, problems, cfg, executor, bench, f, progress=None):
                 progress(row)
 
 
+def pipelined(chunks, generate, run):
+    """rows = generate(chunk) here while run(rows, chunk) of the previous chunk goes on in a second
+    thread: sampling (a torch thread) and execution (the executor, the sandboxes) use different
+    cores, so neither waits for the other. An error in either surfaces here."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(1) as pool:
+        fut = None
+        for chunk in chunks:
+            rows = generate(chunk)
+            if fut:
+                fut.result()
+            fut = pool.submit(run, rows, chunk)
+        if fut:
+            fut.result()
+
+
 def collect(run_dir, it, cfg, executor=None, generator=None):
     """Fill iter_<it>/rollouts.jsonl; returns the collect stats. `generator` = (model, tokenizer)
     to reuse a loaded one (the driver does), else it is loaded here."""
@@ -211,26 +227,27 @@ def collect(run_dir, it, cfg, executor=None, generator=None):
             bar.set_postfix(valid=f"{stats['valid'] / stats['seen']:.0%}", score=f"{stats['score'] / stats['seen']:.2f}",
                             exec_tok=stats["tokens"])
 
+        B = cfg["gen_batch"]
+        chunks = [(c // B, problems[c:c + B]) for c in range(0, len(problems), B)]
+        chunks = [(k, ch) for k, ch in chunks if not all((p["id"], j) in done for p in ch for j in range(cfg["m"]))]
+
+        def generate(item):
+            k, chunk = item
+            msgs = [O.build_prompt(p["problem"], fam) for p in chunk]
+            seed = chunk_seed(cfg["seed"], it, k)  # per chunk: a resumed run regenerates the same samples
+            if cfg["generator_url"]:
+                samples = sample_remote(cfg["generator_url"], cfg["generator_name"] or cfg["model"], msgs,
+                                        cfg["m"], cfg["max_new_tokens"], cfg["temperature"], cfg["top_p"],
+                                        seed, O.PREFILLS[fam], tok)
+            else:
+                samples = M.sample(mdl, tok, msgs, n=cfg["m"], max_new_tokens=cfg["max_new_tokens"],
+                                   temperature=cfg["temperature"], top_p=cfg["top_p"], seed=seed,
+                                   prefill=O.PREFILLS[fam])
+            return [workflow_row(p, j, m, O.PREFILLS[fam], s["text"], s["token_ids"], O.OPERATOR_SETS[fam], cfg["max_calls"])
+                    for p, m, per in zip(chunk, msgs, samples) for j, s in enumerate(per) if (p["id"], j) not in done]
+
         with open(out, "a", encoding="utf-8") as f:
-            B = cfg["gen_batch"]
-            for c in range(0, len(problems), B):
-                chunk = problems[c:c + B]
-                if all((p["id"], j) in done for p in chunk for j in range(cfg["m"])):
-                    continue
-                msgs = [O.build_prompt(p["problem"], fam) for p in chunk]
-                seed = chunk_seed(cfg["seed"], it, c // B)
-                if cfg["generator_url"]:
-                    samples = sample_remote(cfg["generator_url"], cfg["generator_name"] or cfg["model"], msgs,
-                                            cfg["m"], cfg["max_new_tokens"], cfg["temperature"], cfg["top_p"],
-                                            seed, O.PREFILLS[fam], tok)
-                else:
-                    samples = M.sample(mdl, tok, msgs, n=cfg["m"], max_new_tokens=cfg["max_new_tokens"],
-                                       temperature=cfg["temperature"], top_p=cfg["top_p"], seed=seed,
-                                       prefill=O.PREFILLS[fam])
-                rows = [workflow_row(p, j, m, O.PREFILLS[fam], s["text"], s["token_ids"], O.OPERATOR_SETS[fam], cfg["max_calls"])
-                        for p, m, per in zip(chunk, msgs, samples) for j, s in enumerate(per)
-                        if (p["id"], j) not in done]
-                execute(rows, chunk, cfg, executor, cfg["bench"], f, progress)
+            pipelined(chunks, generate, lambda rows, item: execute(rows, item[1], cfg, executor, cfg["bench"], f, progress))
         bar.close()
     rows = read_jsonl(out)
     if len(rows) != total or len({(r["problem_id"], r["sample"]) for r in rows}) != total:

@@ -117,16 +117,17 @@ def eval_generator(mdl, tok, cfg, executor, out, split="test", limit=200):
     fam = benchmarks.family(cfg["bench"])
     problems = benchmarks.load(cfg["bench"], split, cfg["data_dir"], limit=limit, seed=0)
     todo = _pending(out, problems)
+    def generate(chunk):
+        msgs = [O.build_prompt(p["problem"], fam) for p in chunk]
+        samples = M.sample(mdl, tok, msgs, n=1, max_new_tokens=cfg["max_new_tokens"], temperature=0,
+                           prefill=O.PREFILLS[fam])
+        return [collect.workflow_row(p, 0, m, O.PREFILLS[fam], s[0]["text"], s[0]["token_ids"], O.OPERATOR_SETS[fam],
+                                     cfg["max_calls"]) for p, m, s in zip(chunk, msgs, samples)]
+
     with open(out, "a", encoding="utf-8") as f:
-        B = 16
-        for c in range(0, len(todo), B):
-            chunk = todo[c:c + B]
-            msgs = [O.build_prompt(p["problem"], fam) for p in chunk]
-            samples = M.sample(mdl, tok, msgs, n=1, max_new_tokens=cfg["max_new_tokens"], temperature=0,
-                               prefill=O.PREFILLS[fam])
-            rows = [collect.workflow_row(p, 0, m, O.PREFILLS[fam], s[0]["text"], s[0]["token_ids"], O.OPERATOR_SETS[fam],
-                                         cfg["max_calls"]) for p, m, s in zip(chunk, msgs, samples)]
-            collect.execute(rows, chunk, cfg, executor, cfg["bench"], f)
+        B = 32  # greedy rows per decode batch
+        collect.pipelined([todo[c:c + B] for c in range(0, len(todo), B)], generate,
+                          lambda rows, chunk: collect.execute(rows, chunk, cfg, executor, cfg["bench"], f))
     return summarize(_finish(out, problems))
 
 
