@@ -233,6 +233,20 @@ def step_loss(model, mb, cfg):
     return loss.item(), {}
 
 
+def step_order(units, seed):
+    """A random order of the units (groups) that keeps each problem's units together: the prompt is
+    the costly part of a step (~1000 tokens, forward and backward) and a problem's groups share it,
+    so a step of 4 groups of one problem costs about a quarter of 4 groups of 4 problems."""
+    rng = random.Random(seed)
+    prompt = [tuple(u[0]["ids"][:u[0]["n_prompt"]]) if u else () for u in units]
+    problems = list(dict.fromkeys(prompt))
+    rng.shuffle(problems)
+    rank = {p: i for i, p in enumerate(problems)}
+    order = list(range(len(units)))
+    rng.shuffle(order)
+    return sorted(order, key=lambda i: rank[prompt[i]])
+
+
 def prepare_step(seqs, cfg):
     """Per-token weights / masks / advantages of one optimizer step (DESIGN §7)."""
     n = [len(s["ids"]) - s["n_prompt"] for s in seqs]
@@ -300,9 +314,8 @@ def update(run_dir, it, cfg, mdl, tok):
     with open(log_path, "a", encoding="utf-8") as flog:
         for step in range(start, total):
             epoch, k = divmod(step, steps_per_epoch)
-            order = list(range(len(units)))
-            random.Random(cfg["seed"] * 1_000_003 + it * 1000 + epoch).shuffle(order)
-            seqs = [s for u in order[k * upg:(k + 1) * upg] for s in units[u]]
+            seqs = [s for u in step_order(units, cfg["seed"] * 1_000_003 + it * 1000 + epoch)[k * upg:(k + 1) * upg]
+                    for s in units[u]]
             prepare_step(seqs, cfg)
             t0, ntok = time.time(), sum(len(s["ids"]) - s["n_prompt"] for s in seqs)
             opt.zero_grad(set_to_none=True)

@@ -168,3 +168,16 @@ def test_malformed_groups_named(tmp_path):
     (d / "groups.jsonl").write_text('{"problem_id": "p", "prompt": [], "members": []}\n{"problem_id": \n')
     with pytest.raises(T.DataError, match=r"groups.jsonl:2"):
         T.update(tmp_path, 0, cfg(), M.add_lora(tiny_llama(), r=4, alpha=8), tiny_tokenizer())
+
+
+def test_step_order_is_a_permutation_that_keeps_problems_together():
+    units = [[{"ids": [p, p, 9, i], "n_prompt": 2}] for p in (1, 2, 3) for i in range(4)]
+    import random
+    random.Random(0).shuffle(units)
+    orders = {tuple(T.step_order(units, s)) for s in range(5)}
+    assert len(orders) > 1  # seeded, not fixed
+    for order in orders:
+        assert sorted(order) == list(range(len(units)))
+        probs = [units[i][0]["ids"][0] for i in order]
+        runs = [p for j, p in enumerate(probs) if j == 0 or probs[j - 1] != p]
+        assert len(runs) == 3  # each problem's units form one run
