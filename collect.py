@@ -21,10 +21,10 @@ from pathlib import Path
 
 from jsonl import DataError, append_jsonl, read_json, read_jsonl, truncate_torn_tail, update_json
 
-DEFAULTS = dict(model="smollm2-135m", bench="arith", data_dir=None, problems=32, m=8, runs=1,
+DEFAULTS = dict(model="smollm2-135m", bench="arith", data_dir=None, problems=12, m=8, runs=1,
                 temperature=0.8, top_p=0.95, max_new_tokens=128, gen_batch=4, max_calls=6,
                 executor="local", executor_model=None, timeout=30.0, workers=8, seed=0,
-                generator_url=None, generator_name=None, device="cpu", threads=0)
+                generator_url=None, generator_name=None, device="cpu", threads=0, call_tokens=0)
 
 
 def add_args(ap):
@@ -51,6 +51,8 @@ def add_args(ap):
     g.add_argument("--generator-name", help="model name at --generator-url (e.g. the LoRA adapter's name)")
     g.add_argument("--device", help="cpu | cuda")
     g.add_argument("--threads", type=int, help="torch CPU threads here (0 = auto: leave a core to the local executor)")
+    g.add_argument("--call-tokens", type=int, help="cap on each executor reply, in tokens (0 = auto: 160 for the "
+                                                   "local executor, the operators' own limits otherwise)")
 
 
 def settings(run_dir, args):
@@ -77,6 +79,22 @@ def set_threads(cfg):
     n = cfg["threads"] or (max(1, (os.cpu_count() or 2) - 1) if cfg["executor"] == "local" else 0)
     if n:
         torch.set_num_threads(n)
+
+
+def call_tokens(cfg):
+    """The per-reply token cap of this run (None = none). The embedded 135M executor on a CPU makes
+    ~40 tokens/s and, once it has not answered in ~150 tokens, mostly loops: capping it at 160 keeps
+    runs short without changing what it gets right. Real executors keep the operators' limits."""
+    n = cfg.get("call_tokens") or (160 if cfg.get("executor") == "local" else 0)
+    return n or None
+
+
+def run_context(problem, cfg, sample_index=0):
+    """What operators see of one run: the problem's fields, the run index, the reply cap."""
+    ctx = {**problem, "sample_index": sample_index}
+    if call_tokens(cfg):
+        ctx["max_tokens"] = call_tokens(cfg)
+    return ctx
 
 
 def chunk_seed(seed, it, chunk):
@@ -159,7 +177,7 @@ def execute(rows, problems, cfg, executor, bench, f, progress=None):
         p = by_id[row["problem_id"]]
         for r in range(cfg["runs"]):
             jobs.append(dict(code=row["code"], problem=p["problem"], executor=executor, operators=ops,
-                             context={**p, "sample_index": r}, timeout=cfg["timeout"], max_calls=cfg["max_calls"]))
+                             context=run_context(p, cfg, r), timeout=cfg["timeout"], max_calls=cfg["max_calls"]))
             owners.append(i)
     results = {i: [] for i in set(owners)}
     for k, res in sandbox.run_many(jobs, workers=cfg["workers"]):

@@ -134,7 +134,8 @@ def eval_generator(mdl, tok, cfg, executor, out, split="test", limit=200):
 def executor_tag(cfg):
     spec = cfg["executor"] or "none"
     tag = "local" if spec == "local" else re.sub(r"[^A-Za-z0-9]+", "_", f"{spec}-{cfg['executor_model']}").strip("_")
-    return tag[:60]
+    cap = collect.call_tokens(cfg)  # a different reply cap is a different executor
+    return tag[:60] + (f"-cap{cap}" if cap else "")
 
 
 def baseline_path(cfg, name, split, limit, root="runs"):

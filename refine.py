@@ -225,7 +225,7 @@ def self_check_and_repair(msgs, samples, todo, problem, cfg, executor, propose, 
             else:
                 errs[c] = f"invalid: {reason}"
         jobs = [dict(code=st[c]["code"], problem=problem["problem"], executor=executor, operators=ops,
-                     context={**problem, "sample_index": 0}, timeout=cfg["timeout"], max_calls=cfg["max_calls"])
+                     context=collect.run_context(problem, cfg), timeout=cfg["timeout"], max_calls=cfg["max_calls"])
                 for c in runs]
         for k, res in sandbox.run_many(jobs, workers=cfg["workers"]):
             s = st[runs[k]]
