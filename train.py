@@ -374,6 +374,8 @@ CURATE_DEFAULTS = dict(groups="sharpen", n=6, group_size=4, min_var=0.01, max_co
 # io and programmer are run by default (programmer is the strongest on arith and shares most executor calls
 # with generated workflows); the others show up in the report once `evaluate.py --baseline` has run them
 EVAL_DEFAULTS = dict(eval_problems=200, baselines="io,programmer")
+EVAL_KEYS = ("model", "bench", "data_dir", "eval_problems", "executor", "executor_model", "call_tokens", "max_calls",
+             "max_new_tokens", "timeout", "runs")  # what makes two evaluations of one checkpoint the same
 SMOKE = dict(problems=2, m=4, n=3, group_size=2, groups_per_problem=2, max_new_tokens=96, epochs=1,
              eval_problems=4, baselines="io", timeout=20.0, gen_batch=2)
 # rough per-unit costs on 2 CPU cores with the embedded model (measured; see README)
@@ -487,6 +489,12 @@ def main(argv=None):
             if not dst.exists():
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 write_atomic(dst, src.read_text())
+            # iteration 0 is the base generator: its held-out rows are the source's when the evaluation matches
+            src_cfg = read_json(Path(args.data_from) / "config.json", {})
+            ev_src, ev_dst = Path(args.data_from) / "eval" / "iter_0.jsonl", run_dir / "eval" / "iter_0.jsonl"
+            if ev_src.is_file() and not ev_dst.exists() and all(src_cfg.get(k) == cfg[k] for k in EVAL_KEYS):
+                ev_dst.parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(ev_dst, ev_src.read_text())
         print(f"[train] run {run_dir}  config: " + json.dumps(cfg, sort_keys=True))
         print(f"[train] estimated time: ~{estimate_minutes(cfg, args.iter):.0f} min on 2 CPU cores "
               f"(much less on a GPU / API executor)")

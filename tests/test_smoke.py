@@ -47,3 +47,14 @@ def test_smoke_run_outputs(tmp_path):
         assert len(ev) == cfg["eval_problems"] and all(set(x) >= ROLLOUT for x in ev)
     report = (run / "report.md").read_text()
     assert "| 0 |" in report and "| 1 |" in report and "baseline" in report.lower()
+    # an ablation on the same data: iteration 0's rollouts and its held-out rows are the source's
+    abl = tmp_path / "abl"
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--iter", "1", "--smoke", "--run", str(abl),
+                        "--data-from", str(run), "--kl", "none", "--baselines", ""],
+                       capture_output=True, text=True, timeout=900, cwd=tmp_path,
+                       env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert json.loads((abl / "config.json").read_text())["kl"] == "none"
+    for f in ("iter_0/rollouts.jsonl", "eval/iter_0.jsonl"):
+        assert (abl / f).read_text() == (run / f).read_text()
+    assert (abl / "iter_1" / "adapter" / "adapter_model.safetensors").is_file()
