@@ -385,6 +385,25 @@ SMOKE = dict(problems=2, m=4, n=3, group_size=2, groups_per_problem=2, max_new_t
 SEC_PER_WORKFLOW, SEC_TRAIN_PER_PROBLEM, SEC_PER_EVAL = 3.8, 11.0, 2.0
 
 
+def config(run_dir, args):
+    """Defaults < the run's config.json < --smoke < explicit flags; saved back to config.json."""
+    import collect
+    cfg = {**collect.DEFAULTS, **CURATE_DEFAULTS, **TRAIN_DEFAULTS, **EVAL_DEFAULTS}
+    path = Path(run_dir) / "config.json"
+    saved = read_json(path, {})
+    cfg.update({k: v for k, v in saved.items() if k in cfg})
+    if args.smoke:
+        cfg.update(SMOKE)
+    given = {k: v for k, v in vars(args).items() if k in cfg and v is not None and v is not False}
+    if saved:
+        changed = {k: (saved.get(k), v) for k, v in given.items() if saved.get(k) != v}
+        if changed:
+            print(f"[train] note: overriding {path} for {changed}", file=sys.stderr)
+    cfg.update(given)
+    write_json_atomic(path, cfg)
+    return cfg
+
+
 def estimate_minutes(cfg, iters):
     per_iter = cfg["problems"] * (cfg["m"] * cfg["runs"] * SEC_PER_WORKFLOW + cfg["epochs"] / 2 * SEC_TRAIN_PER_PROBLEM)
     n_eval = iters + 1 + len([b for b in cfg["baselines"].split(",") if b])
