@@ -410,7 +410,7 @@ def estimate_minutes(cfg, iters):
     return (iters * per_iter + n_eval * cfg["eval_problems"] * SEC_PER_EVAL) / 60
 
 
-def write_report(run_dir, cfg, iters, baseline_rows, wall):
+def write_report(run_dir, cfg, iters, baseline_rows, wall, resumed=False):
     import evaluate
     run_dir = Path(run_dir)
     lines = [f"# spogw report: {run_dir.name}", "",
@@ -418,7 +418,8 @@ def write_report(run_dir, cfg, iters, baseline_rows, wall):
              f"{' / ' + cfg['executor_model'] if cfg['executor_model'] else ''}, benchmark `{cfg['bench']}`, "
              f"loss `{cfg['loss']}` (kl {cfg['kl']}, ref {cfg['ref']}, beta {cfg['beta']}), groups `{cfg['groups']}` "
              f"(m={cfg['m']}, n={cfg['n']}, 2t={cfg['group_size']}), {cfg['problems']} problems/iteration, "
-             f"lr {cfg['lr']}, {cfg['epochs']} epochs. Wall time {wall / 60:.1f} min.", "",
+             f"lr {cfg['lr']}, {cfg['epochs']} epochs. Wall time {wall / 60:.1f} min"
+             f"{' (this invocation, which resumed an earlier one)' if resumed else ''}.", "",
              "| iteration | valid % (train) | mean train score | test accuracy (95 % CI) | test valid % | executor tokens (train+test) | $ | wall (collect+train) |",
              "|---|---|---|---|---|---|---|---|"]
     for k in range(iters + 1):
@@ -497,6 +498,7 @@ def main(argv=None):
             if ev_src.is_file() and not ev_dst.exists() and all(src_cfg.get(k) == cfg[k] for k in EVAL_KEYS):
                 ev_dst.parent.mkdir(parents=True, exist_ok=True)
                 write_atomic(ev_dst, ev_src.read_text())
+        resumed = (run_dir / "iter_0" / "rollouts.jsonl").exists() and not args.data_from
         print(f"[train] run {run_dir}  config: " + json.dumps(cfg, sort_keys=True))
         print(f"[train] estimated time: ~{estimate_minutes(cfg, args.iter):.0f} min on 2 CPU cores "
               f"(much less on a GPU / API executor)")
@@ -544,7 +546,7 @@ def main(argv=None):
                     print(f"[baseline {name}] accuracy {baseline_rows[name]['accuracy']:.3f}")
                 elif out.is_file() and len(read_jsonl(out)) >= cfg["eval_problems"]:
                     baseline_rows[name] = evaluate.summarize(read_jsonl(out)[:cfg["eval_problems"]])
-        path = write_report(run_dir, cfg, args.iter, baseline_rows, time.time() - t_start)
+        path = write_report(run_dir, cfg, args.iter, baseline_rows, time.time() - t_start, resumed)
         print(path.read_text())
     except (DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
