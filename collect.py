@@ -91,10 +91,8 @@ def call_tokens(cfg):
 
 def run_context(problem, cfg, sample_index=0):
     """What operators see of one run: the problem's fields, the run index, the reply cap."""
-    ctx = {**problem, "sample_index": sample_index}
-    if call_tokens(cfg):
-        ctx["max_tokens"] = call_tokens(cfg)
-    return ctx
+    cap = call_tokens(cfg)
+    return {**problem, "sample_index": sample_index, **({"max_tokens": cap} if cap else {})}
 
 
 def chunk_seed(seed, it, chunk):

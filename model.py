@@ -303,7 +303,7 @@ def _per_prompt(x, k, name):
 
 @torch.no_grad()
 def decode(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, eos=None, pad=0, gen=None):
-    """The sampler under `sample` and the in-process executor: n continuations of each token-id prompt,
+    """The sampler under `sample`: n continuations of each token-id prompt,
     as [(token_ids, logprobs)] prompt-major (the n of prompt 0 first). temperature and
     max_new_tokens: one number or one per prompt. A row stops after eos (kept) or its budget.
 
@@ -318,7 +318,8 @@ def decode(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, 
     if k == 0:
         return []
     temps = torch.tensor(_per_prompt(temperature, k, "temperature"), dtype=torch.float32, device=device)
-    budget = torch.tensor(_per_prompt(max_new_tokens, k, "max_new_tokens"), device=device)
+    limits = _per_prompt(max_new_tokens, k, "max_new_tokens")
+    budget = torch.tensor(limits, device=device)
     if any(len(p) == 0 for p in prompts):
         raise ValueError("empty prompt")
     # shared prefix, leaving every prompt at least one token of its own (its last logits)
@@ -373,7 +374,7 @@ def decode(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, 
         logits, pos = res.logits[:, -1], pos + 1
     # stopped rows that were not compacted away decoded on: cut each at its EOS (kept: training
     # learns to stop) or its budget
-    out, limits = [], _per_prompt(max_new_tokens, k, "max_new_tokens")
+    out = []
     for r, (tk, lp) in enumerate(zip(toks, lps)):
         T = min(tk.index(eos) + 1 if eos in tk else len(tk), limits[r // n])
         out.append((tk[:T], lp[:T]))

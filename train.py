@@ -155,15 +155,15 @@ def micro_batches(seqs, budget):
     forward runs them (forward_hidden): each distinct prompt once, plus rows x longest completion.
     A pair (scoredpo) is never split: its two workflows share a prompt, so the cut lands between pairs
     as long as one pair fits."""
-    out, cur, prompts, longest = [], [], {}, 0
+    out, cur, prompts, longest = [], [], set(), 0
     for s in seqs:
         key, T = tuple(s["ids"][:s["n_prompt"]]), len(s["ids"]) - s["n_prompt"]
-        cost = sum(map(len, prompts | {key: 1})) + max(longest, T) * (len(cur) + 1)
-        if cur and cost > budget:
+        prompt_cost = sum(map(len, prompts)) + (0 if key in prompts else len(key))
+        if cur and prompt_cost + max(longest, T) * (len(cur) + 1) > budget:
             out.append(cur)
-            cur, prompts, longest = [], {}, 0
+            cur, prompts, longest = [], set(), 0
         cur.append(s)
-        prompts[key] = 1
+        prompts.add(key)
         longest = max(longest, T)
     if cur:
         out.append(cur)
@@ -270,7 +270,6 @@ def prepare_step(seqs, cfg):
 def update(run_dir, it, cfg, mdl, tok):
     """One SPOGW update on iter_<it>/groups.jsonl -> iter_<it+1>/adapter. `mdl` carries the LoRA of
     iteration `it` (pi_old); it is trained in place. Resumes from iter_<it>/train_state.pt."""
-    import random
     import model as M
     from tqdm import tqdm
 
@@ -312,10 +311,12 @@ def update(run_dir, it, cfg, mdl, tok):
         write_jsonl_atomic(log_path, rows)
     bar = tqdm(total=total, initial=start, desc=f"train iter {it}", unit="step", dynamic_ncols=True)
     with open(log_path, "a", encoding="utf-8") as flog:
+        order = None
         for step in range(start, total):
             epoch, k = divmod(step, steps_per_epoch)
-            seqs = [s for u in step_order(units, cfg["seed"] * 1_000_003 + it * 1000 + epoch)[k * upg:(k + 1) * upg]
-                    for s in units[u]]
+            if order is None or k == 0:  # one order per epoch (also rebuilt when resuming mid-epoch)
+                order = step_order(units, cfg["seed"] * 1_000_003 + it * 1000 + epoch)
+            seqs = [s for u in order[k * upg:(k + 1) * upg] for s in units[u]]
             prepare_step(seqs, cfg)
             t0, ntok = time.time(), sum(len(s["ids"]) - s["n_prompt"] for s in seqs)
             opt.zero_grad(set_to_none=True)
