@@ -203,7 +203,6 @@ def bench_sandbox(args):
     measured in the same run (the floor any subprocess sandbox pays)."""
     import statistics
     import subprocess
-    import sys
     import time
 
     import sandbox
@@ -258,7 +257,7 @@ def bench_executor(args):
 
     import operators
 
-    with operators.local_executor(args.model, threads=args.threads) as ex:
+    with operators.local_executor(args.model, servers=args.servers, threads=args.threads) as ex:
         def one(i):
             t = time.perf_counter()
             _, u = ex.chat([{"role": "user", "content": f"Count from {i} to {i + 60}."}],
@@ -289,7 +288,8 @@ def executor_parser(sub):
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--threads", type=int, default=1, help="torch threads in the server")
+    p.add_argument("--threads", type=int, default=1, help="torch threads in each server")
+    p.add_argument("--servers", type=int, default=1, help="server processes behind one Executor")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=bench_executor)
 

@@ -11,7 +11,6 @@ runs/<run>/eval/iter_<k>.jsonl (checkpoints) or runs/baselines/<bench>-<split>-<
 Accuracy comes with a 95 % percentile-bootstrap CI over problems (2000 resamples, seed 0).
 """
 import argparse
-import json
 import random
 import re
 import statistics
@@ -176,7 +175,6 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.mode == "refine":
         return refine.evaluate_main(args)
-    import operators as O
     try:
         cfg = collect.settings(args.run or ".", args) if args.run else collect.settings("/nonexistent", args)
         if args.compare:
@@ -187,7 +185,7 @@ def main(argv=None):
         if not (args.baseline or args.adapter or (args.run and args.iter is not None)):
             raise DataError("give --baseline NAME, --adapter DIR, or --run DIR --iter K")
         collect.set_threads(cfg)
-        with O.make_executor(cfg["executor"], cfg["executor_model"], collect.executor_cache(cfg)) as ex:
+        with collect.open_executor(cfg) as ex:
             if args.baseline:
                 out = baseline_path(cfg, args.baseline, args.split, args.limit)
                 s = eval_baseline(args.baseline, cfg, ex, args.split, args.limit, out)

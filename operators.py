@@ -40,13 +40,17 @@ class Executor:
                  max_retries=5, prices=None, base_delay=1.0, max_delay=30.0, cache_name=None):
         import openai
 
-        self.base_url, self.model, self.timeout = base_url, model, timeout
+        urls = [base_url] if isinstance(base_url, str) or base_url is None else list(base_url)
+        self.base_url, self.model, self.timeout = ", ".join(map(str, urls)), model, timeout
         self.cache_name = cache_name or model  # the cache key's model: stable even if the served path is not
         self.max_retries, self.base_delay, self.max_delay = max_retries, base_delay, max_delay
-        # max_retries=0: ours are the only retries, so the bound and the backoff are ours to state
-        self.client = openai.OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env) or "EMPTY",
-                                    timeout=timeout, max_retries=0)
-        local = re.match(r"https?://(localhost|127\.|\[::1\])", base_url or "") is not None
+        # max_retries=0: ours are the only retries, so the bound and the backoff are ours to state.
+        # Several URLs = replicas of one model (e.g. one local server per core): each request goes
+        # to the one with the fewest requests in flight.
+        self.clients = [openai.OpenAI(base_url=u, api_key=os.environ.get(api_key_env) or "EMPTY",
+                                      timeout=timeout, max_retries=0) for u in urls]
+        self.in_flight = [0] * len(urls)
+        local = all(re.match(r"https?://(localhost|127\.|\[::1\])", u or "") for u in urls)
         table = PRICES if prices is None else prices
         self.price = (0.0, 0.0) if local and prices is None else tuple(table.get(model, (0.0, 0.0)))
         self.cache_dir = None if cache_dir is None else os.path.abspath(cache_dir)
@@ -94,9 +98,12 @@ class Executor:
             wait = None
             with self.lock:
                 self.requests += 1
+                n = len(self.clients)  # fewest in flight; ties rotate, so a retry tries the next replica
+                i = min(range(n), key=lambda j: (self.in_flight[j], (j - self.requests) % n))
+                self.in_flight[i] += 1
             try:
-                resp = self.client.chat.completions.create(model=self.model, messages=messages,
-                                                           temperature=temperature, max_tokens=max_tokens)
+                resp = self.clients[i].chat.completions.create(model=self.model, messages=messages,
+                                                               temperature=temperature, max_tokens=max_tokens)
                 text = resp.choices[0].message.content
                 if not isinstance(text, str):
                     raise ValueError("reply has no message content")
@@ -121,6 +128,9 @@ class Executor:
                 last = f"{type(e).__name__}: {e}"
             except Exception as e:  # malformed body, missing fields: the server had a bad moment
                 last = f"malformed reply: {type(e).__name__}: {e}"
+            finally:
+                with self.lock:
+                    self.in_flight[i] -= 1
             if attempt < self.max_retries:
                 if wait is None:  # bounded exponential backoff with full jitter on top
                     d = min(self.max_delay, self.base_delay * 2 ** attempt)
@@ -171,15 +181,17 @@ def _with_architectures(model_dir):
 
 
 @contextlib.contextmanager
-def local_executor(model="smollm2-135m", cache_dir=None, port=None, threads=1, kv_tokens=16384,
-                   startup_timeout=300.0, timeout=300.0, log_path=None, extra_args=()):
-    """Start `transformers serve` for a local model on a free loopback port, wait until it answers,
-    yield an Executor for it, and stop it (its whole process group) on exit, Ctrl-C, exception or
-    interpreter exit. The server is pinned to the model, so requests name the same directory.
+def local_executor(model="smollm2-135m", cache_dir=None, servers=1, threads=1, kv_tokens=16384,
+                   startup_timeout=300.0, timeout=300.0, extra_args=()):
+    """Start `servers` copies of `transformers serve` for a local model on free loopback ports,
+    wait until they answer, yield one Executor that spreads requests over them, and stop them (each
+    whole process group) on exit, Ctrl-C, exception or interpreter exit. The servers are pinned to
+    the model, so requests name the same directory.
 
-    threads=1: on a shared 2-core box two torch threads ran 3x slower than one (they spin against
-    the sandboxes and each other). kv_tokens sizes the paged KV cache explicitly: left to itself
-    continuous batching sizes it from free memory and spent ~25 s allocating it on the first
+    threads=1: on a shared 2-core box two torch threads in one server ran 3x slower than one (they
+    spin against the sandboxes and each other); a second single-threaded server instead uses the
+    core that the generator leaves idle. kv_tokens sizes each paged KV cache explicitly: left to
+    itself continuous batching sizes it from free memory and spent ~25 s allocating it on the first
     request. 16k tokens = 16 concurrent requests of ~1k tokens (SmolLM2-135M: 46 KB/token)."""
     import atexit
     import shutil
@@ -191,34 +203,31 @@ def local_executor(model="smollm2-135m", cache_dir=None, port=None, threads=1, k
 
     import model as model_mod
 
-    served = model_dir = model_mod.resolve_model_dir(model)
+    model_dir = model_mod.resolve_model_dir(model)
     shim = _with_architectures(model_dir)
     served = shim or model_dir
-    port = port or _free_port()
     exe = shutil.which("transformers", path=os.path.dirname(os.path.realpath(sys.executable)))
     if exe is None:
         raise ExecutorError("the `transformers` CLI is missing: pip install 'transformers[serving]'")
-    cmd = [exe, "serve", served, "--device", "cpu", "--continuous-batching", "--host", "127.0.0.1",
-           "--port", str(port), "--cb-block-size", "64", "--cb-num-blocks", str(max(1, kv_tokens // 64)),
-           "--cb-max-batch-tokens", "1024", *extra_args]
-    log = open(log_path or tempfile.mkstemp(prefix="spogw-serve-", suffix=".log")[1], "w+b")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
+    procs = []  # (process, log file, url)
 
     def stop():
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        except ProcessLookupError:
-            pass
+        for proc, _, _ in procs:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for proc, _, _ in procs:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
-    def tail():
+    def tail(log):
         log.flush()
         log.seek(0)
         return log.read().decode("utf-8", "replace")[-3000:]
@@ -229,42 +238,49 @@ def local_executor(model="smollm2-135m", cache_dir=None, port=None, threads=1, k
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
         old_term = signal.signal(signal.SIGTERM, lambda *a: sys.exit(128 + signal.SIGTERM))
     try:
-        url = f"http://127.0.0.1:{port}"
+        for _ in range(max(1, servers)):
+            port = _free_port()
+            cmd = [exe, "serve", served, "--device", "cpu", "--continuous-batching", "--host", "127.0.0.1",
+                   "--port", str(port), "--cb-block-size", "64", "--cb-num-blocks", str(max(1, kv_tokens // 64)),
+                   "--cb-max-batch-tokens", "1024", *extra_args]
+            log = tempfile.TemporaryFile(prefix="spogw-serve-")
+            procs.append((subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                           env=env, start_new_session=True), log, f"http://127.0.0.1:{port}"))
         t0 = time.monotonic()
-        while True:
-            if proc.poll() is not None:
-                raise ExecutorError(f"transformers serve exited with {proc.returncode}:\n{tail()}")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() - t0 > startup_timeout:
-                raise ExecutorError(f"transformers serve not healthy after {startup_timeout:g} s:\n{tail()}")
-            time.sleep(0.5)
-        yield Executor(url + "/v1", served, cache_dir=cache_dir, timeout=timeout, max_retries=2, prices={},
-                       cache_name=str(model))
+        for proc, log, url in procs:  # they load in parallel; wait for each in turn
+            while True:
+                if proc.poll() is not None:
+                    raise ExecutorError(f"transformers serve exited with {proc.returncode}:\n{tail(log)}")
+                try:
+                    with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                if time.monotonic() - t0 > startup_timeout:
+                    raise ExecutorError(f"transformers serve not healthy after {startup_timeout:g} s:\n{tail(log)}")
+                time.sleep(0.5)
+        yield Executor([url + "/v1" for _, _, url in procs], served, cache_dir=cache_dir, timeout=timeout,
+                       max_retries=2, prices={}, cache_name=str(model))
     finally:
         stop()
         atexit.unregister(stop)
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
-        log.close()
-        if log_path is None:
-            os.unlink(log.name)
+        for _, log, _ in procs:
+            log.close()
         if shim:
             shutil.rmtree(shim, ignore_errors=True)
 
 
 @contextlib.contextmanager
-def make_executor(spec, model=None, cache_dir=None):
+def make_executor(spec, model=None, cache_dir=None, servers=1):
     """`with make_executor(spec) as ex:` -- "none" gives None (every operator call fails inside the
-    workflow), "local" the embedded model behind a local server, a URL an Executor for it."""
+    workflow), "local" the embedded model behind `servers` local servers, a URL an Executor for it."""
     if spec in (None, "none"):
         yield None
     elif spec == "local":
-        with local_executor(model or "smollm2-135m", cache_dir=cache_dir) as ex:
+        with local_executor(model or "smollm2-135m", cache_dir=cache_dir, servers=servers) as ex:
             yield ex
     elif re.match(r"https?://", spec):
         yield Executor(spec, model or DEFAULT_API_MODEL, cache_dir=cache_dir)

@@ -10,7 +10,7 @@ workflow of a whole task (a benchmark) from validation feedback. An episode:
   state 0  = the io baseline and its accuracy on a batch of `--val-problems` validation problems;
   turn t   : the meta-agent reads the state (task, example workflows, the current workflow, its
              accuracy, a few failure cases, "accuracy went from X to Y") and samples `--candidates`
-             actions (a short analysis as # comments + a new solve(problem) in one ```python block);
+             actions (a new solve(problem) in one ```python block, then a one-sentence analysis);
              each is checked statically and run on one validation problem; when that fails (invalid,
              raises, crashes) the meta-agent sees the error and tries again, `--max-repairs` times at
              most, then the candidate is skipped (accuracy 0). Survivors are scored on the batch; the
@@ -33,16 +33,20 @@ import time
 from pathlib import Path
 
 import collect
+import operators
 from jsonl import DataError, append_jsonl, read_json, read_jsonl, truncate_torn_tail, write_atomic, write_json_atomic, write_jsonl_atomic
 
 REFINE_DEFAULTS = dict(turns=3, candidates=5, val_problems=16, episodes=2, max_repairs=3, refine_tokens=160,
                        eval_candidates=5)
 REFINE_SMOKE = dict(turns=1, candidates=2, val_problems=4, episodes=1, max_repairs=1, refine_tokens=96,
                     eval_candidates=2)
-# The action starts inside the block, at an analysis comment: a 135M meta-agent left to open the
-# block itself mostly chats (as the SPOGW generator does, operators.PREFILL), and the comment keeps
-# W4S's "analysis, then workflow" in one place the checker ignores.
-PREFILL = "```python\ndef solve(problem):\n    # Analysis:"
+# The action starts inside the block, at the first operator call, like the SPOGW generator's
+# (operators.PREFILLS): a 135M meta-agent left to open the block itself mostly chats, and one started
+# at an "# Analysis:" comment wrote prose and solve_recursively() code (0/6 valid candidates). So
+# W4S's analysis comes after the block, as one sentence; the checker never sees it.
+def prefill_of(bench):
+    import benchmarks
+    return operators.PREFILLS[benchmarks.family(bench)]
 # self-check errors that the code caused and the meta-agent can fix; timeouts and budget errors are
 # scored as they are (a slow workflow is not a broken one)
 REPAIRABLE = ("invalid:", "syntax:", "exception:", "crash:", "bad output:")
@@ -144,8 +148,8 @@ def state_prompt(bench, state, max_calls):
             f"Rules: define only solve(problem); call only the operators above and simple builtins; no import; "
             f"at most {max_calls} operator calls; loops only over range(N); the workflow must work for every "
             f"problem of the task, so never copy numbers or text from a problem.\n\n"
-            f"Write a better workflow: start solve with a short analysis as # comments (why the current one "
-            f"fails, what you change), then the code, all in one ```python block.")
+            f"Write a better workflow in one ```python block, then one sentence: why the current one fails "
+            f"and what you changed.")
     return [{"role": "system", "content": "You improve Python workflows. A workflow is a function solve(problem) "
                                           "that solves a problem by calling operators; each operator asks a "
                                           "language model and returns a string."},
@@ -216,7 +220,7 @@ def self_check_and_repair(msgs, samples, todo, problem, cfg, executor, propose, 
         errs, runs = {}, []
         for c in pending:
             s = st[c]
-            code = O.extract_code(PREFILL + s["completion"])
+            code = O.extract_code(prefill_of(cfg["bench"]) + s["completion"])
             s["code"] = None if code is None else first_solve(code)
             ok, reason = (False, "no python block") if s["code"] is None else O.check_workflow(
                 s["code"], problem["problem"], allowed_ops=O.OPERATOR_SETS[fam], max_calls=cfg["max_calls"])
@@ -242,7 +246,7 @@ def self_check_and_repair(msgs, samples, todo, problem, cfg, executor, propose, 
                 s["valid"], s["reason"] = False, f"skipped after {rnd} repairs: {_clip(e, 300)}"
                 continue
             s["attempts"].append({"completion": s["completion"], "error": _clip(e, 1500)})
-            s["conv"] = s["conv"] + [{"role": "assistant", "content": PREFILL + s["completion"]},
+            s["conv"] = s["conv"] + [{"role": "assistant", "content": prefill_of(cfg["bench"]) + s["completion"]},
                                      {"role": "user", "content": repair_message(e)}]
             again.append(c)
         for c in again:
@@ -335,7 +339,7 @@ def run_episodes(out, val_out, episodes, cfg, executor, propose, tag, turns, n, 
                     s = st[c]
                     acc = statistics.fmean(v["score"] for v in vr) if vr else 0.0
                     return {"kind": "candidate", "episode": ep, "turn": t, "candidate": c, "candidates": n,
-                            "seed": seed, "prompt": msgs, "prefill": PREFILL, "completion": s["completion"],
+                            "seed": seed, "prompt": msgs, "prefill": prefill_of(cfg["bench"]), "completion": s["completion"],
                             "completion_ids": s["completion_ids"], "code": s["code"], "valid": s["valid"],
                             "reason": s["reason"], "repairs": len(s["attempts"]), "attempts": s["attempts"],
                             "n_val": len(vr), "accuracy": acc,
@@ -366,9 +370,9 @@ def make_proposer(cfg, generator=None, loader=None, greedy=False):
         temp = 0.0 if greedy else cfg["temperature"]
         if cfg["generator_url"]:
             return collect.sample_remote(cfg["generator_url"], cfg["generator_name"] or cfg["model"], messages_list,
-                                         n, cfg["refine_tokens"], temp, cfg["top_p"], seed, PREFILL, tok)
+                                         n, cfg["refine_tokens"], temp, cfg["top_p"], seed, prefill_of(cfg["bench"]), tok)
         return M.sample(mdl, tok, messages_list, n=n, max_new_tokens=cfg["refine_tokens"], temperature=temp,
-                        top_p=cfg["top_p"], seed=seed, prefill=PREFILL)
+                        top_p=cfg["top_p"], seed=seed, prefill=prefill_of(cfg["bench"]))
     return propose
 
 
@@ -543,11 +547,10 @@ def write_report(run_dir, cfg, iters, evals):
 # ---- entry points of collect.py / train.py / evaluate.py --mode refine ------------------------------
 
 def collect_main(args):
-    import operators as O
     try:
         cfg = settings(args.run, args, collect.settings(args.run, args))
         collect.set_threads(cfg)
-        with O.make_executor(cfg["executor"], cfg["executor_model"], collect.executor_cache(cfg)) as ex:
+        with collect.open_executor(cfg) as ex:
             stats = collect_refine(args.run, args.iter, cfg, executor=ex)
     except (DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -557,13 +560,12 @@ def collect_main(args):
 
 def evaluate_main(args):
     import model as M
-    import operators as O
     try:
         if not args.run or args.iter is None:
             raise DataError("--mode refine needs --run DIR --iter K")
         cfg = settings(args.run, args, collect.settings(args.run, args), save=False)
         collect.set_threads(cfg)
-        with O.make_executor(cfg["executor"], cfg["executor_model"], collect.executor_cache(cfg)) as ex:
+        with collect.open_executor(cfg) as ex:
             mdl, tok = M.load_model(cfg["model"], device=cfg["device"])
             if args.iter > 0:
                 adapter = Path(args.run) / f"iter_{args.iter}" / "adapter"
@@ -583,7 +585,6 @@ def train_main(args):
     resumable step by step like the SPOGW driver; then evaluate_refine at iteration 0 and N."""
     import torch
     import model as M
-    import operators as O
     import train as T
     run_dir = Path(args.run)
     try:
@@ -599,7 +600,7 @@ def train_main(args):
         print(f"[refine] run {run_dir}  config: " + json.dumps(cfg, sort_keys=True))
         torch.manual_seed(cfg["seed"])
         collect.set_threads(cfg)
-        with O.make_executor(cfg["executor"], cfg["executor_model"], collect.executor_cache(cfg)) as ex:
+        with collect.open_executor(cfg) as ex:
             mdl, tok = M.load_model(cfg["model"], device=cfg["device"])
             M.add_lora(mdl, r=cfg["lora_r"], alpha=cfg["lora_alpha"])
             for k in range(args.iter):

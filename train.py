@@ -455,7 +455,6 @@ def main(argv=None):
     import curate
     import evaluate
     import model as M
-    import operators as O
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--iter", type=int, default=3, help="SPOGW iterations (collect -> curate -> update)")
@@ -505,7 +504,7 @@ def main(argv=None):
               f"(much less on a GPU / API executor)")
         torch.manual_seed(cfg["seed"])
         collect.set_threads(cfg)
-        with O.make_executor(cfg["executor"], cfg["executor_model"], collect.executor_cache(cfg)) as ex:
+        with collect.open_executor(cfg) as ex:
             mdl, tok = M.load_model(cfg["model"], device=cfg["device"])
             M.add_lora(mdl, r=cfg["lora_r"], alpha=cfg["lora_alpha"])
             for k in range(args.iter):

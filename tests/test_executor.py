@@ -77,9 +77,9 @@ def test_prices_and_key_from_env(monkeypatch):
         assert ex.price == (0.0, 0.0)  # loopback: a local server costs nothing
         remote = operators.Executor("https://api.example.invalid/v1", "gpt-4o-mini")
         assert remote.price == operators.PRICES["gpt-4o-mini"]
-        assert ex.client.api_key == "sk-test-123"
+        assert ex.clients[0].api_key == "sk-test-123"
         monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-        assert operators.Executor(srv.url, "m").client.api_key == "EMPTY"
+        assert operators.Executor(srv.url, "m").clients[0].api_key == "EMPTY"
 
 
 def test_thread_safe_counters():
@@ -155,3 +155,23 @@ def test_serve_view_adds_missing_architectures(tmp_path):
         shutil.rmtree(view)
     (src / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
     assert operators._with_architectures(str(src)) is None
+
+
+def test_replicas_share_the_load_and_a_retry_moves_on():
+    """Several base URLs: concurrent requests spread over the replicas (fewest in flight), and a
+    request that fails on one replica is retried on the other."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def slow(m):
+        time.sleep(0.3)
+        return "ok"
+    with StubServer(reply=slow) as a, StubServer(reply=slow) as b:
+        ex = operators.Executor([a.url, b.url], "stub-model", **FAST)
+        with ThreadPoolExecutor(6) as pool:
+            texts = list(pool.map(lambda i: ex.chat(MSG, sample_index=i)[0], range(6)))
+        assert texts == ["ok"] * 6 and len(a.requests) == 3 and len(b.requests) == 3
+        assert ex.in_flight == [0, 0]
+    with StubServer(faults=["500"] * 10) as down, StubServer(reply=lambda m: "up") as up:
+        ex = operators.Executor([down.url, up.url], "stub-model", max_retries=1, **FAST)
+        assert [ex.chat(MSG, sample_index=i)[0] for i in range(2)] == ["up", "up"]  # one retried, none lost
+        assert len(down.requests) == 1 and len(up.requests) == 2 and ex.failures == 0

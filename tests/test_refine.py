@@ -31,14 +31,15 @@ def stub_reply(messages):
     return f"The answer is {gold if right else int(gold) + 1}."
 
 
-def action(body, note="x"):
-    """A canned meta-agent completion: continues PREFILL (inside the analysis comment)."""
-    return f" {note}\n{body}```\n"
+def action(drafts, ret="drafts[0]", note="x"):
+    """A canned meta-agent completion: continues the prefill (inside `drafts = [`), closes the
+    block, then the one-sentence analysis."""
+    return f"{drafts}]\n    return {ret}\n```\n{note}\n"
 
 
-GOOD = {w: action(f'    return custom(problem, "{w}")\n', w) for w in SHARE}
-RAISES = action('    x = custom(problem, "beta")\n    return x[9999]\n', "index")  # IndexError at run time
-INVALID = action("    return 5\n", "no operator")  # static check: no operator call
+GOOD = {w: action(f'custom(problem, "{w}")', note=w) for w in SHARE}
+RAISES = action('custom(problem, "beta")', "drafts[0][9999]", "index")  # IndexError at run time
+INVALID = action('"5"', note="no operator")  # static check: no operator call
 
 
 def ids_of(text):
@@ -165,7 +166,7 @@ def test_repair_loop_reprompts_with_the_error_then_skips():
     reps0 = [m for m in log if "index" in m[2]["content"]]
     assert [len(m) for m in reps0] == [4, 6, 8]
     for m in reps0:
-        assert m[:2] == msgs and m[-2]["role"] == "assistant" and m[-2]["content"] == R.PREFILL + RAISES
+        assert m[:2] == msgs and m[-2]["role"] == "assistant" and m[-2]["content"] == R.prefill_of("arith") + RAISES
         assert m[-1]["role"] == "user" and "IndexError" in m[-1]["content"] and "Fix it" in m[-1]["content"]
     assert len(log) == 3 + 2  # three repairs of candidate 0, two of candidate 1, none for 2
     assert st[2]["prompt_tokens"] == 10 and st[0]["prompt_tokens"] == 40  # 1 call per self-check run
@@ -251,7 +252,7 @@ def test_collect_resumes_after_sigkill(tmp_path):
         mine = sorted((r for r in rows if r["turn"] == t), key=lambda r: r["candidate"])
         assert [m["score"] for m in grp["members"]] == [r["reward"] for r in mine]
         assert [m["completion"] for m in grp["members"]] == [r["completion"] for r in mine]
-        assert grp["prompt"] == mine[0]["prompt"] and grp["prefill"] == R.PREFILL
+        assert grp["prompt"] == mine[0]["prompt"] and grp["prefill"] == R.prefill_of("arith")
 
 
 def test_groups_train_with_rwr(tmp_path):

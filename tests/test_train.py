@@ -1,15 +1,13 @@
 """train.py update loop on a tiny model: direction of the update, masked KL, resume, bad input."""
 import copy
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import model as M
 import train as T
-from conftest import ROOT, tiny_llama, tiny_tokenizer
+from conftest import tiny_llama, tiny_tokenizer
 
 PROMPT = [{"role": "user", "content": "what is 2+3?"}]
 
