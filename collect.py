@@ -21,9 +21,9 @@ from pathlib import Path
 
 from jsonl import DataError, append_jsonl, read_json, read_jsonl, truncate_torn_tail, update_json
 
-DEFAULTS = dict(model="smollm2-135m", bench="arith", data_dir=None, problems=12, m=8, runs=1,
+DEFAULTS = dict(model="smollm2-135m", bench="arith", data_dir=None, problems=10, m=8, runs=1,
                 temperature=0.8, top_p=0.95, max_new_tokens=128, gen_batch=4, max_calls=6,
-                executor="local", executor_model=None, timeout=30.0, workers=8, seed=0,
+                executor="local", executor_model=None, timeout=30.0, workers=16, seed=0,
                 generator_url=None, generator_name=None, device="cpu", threads=0, call_tokens=0, servers=0)
 
 
