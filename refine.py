@@ -50,7 +50,10 @@ def prefill_of(bench):
 # self-check errors that the code caused and the meta-agent can fix; timeouts and budget errors are
 # scored as they are (a slow workflow is not a broken one)
 REPAIRABLE = ("invalid:", "syntax:", "exception:", "crash:", "bad output:")
-EXAMPLES = ("io", "cot", "cot_sc")
+# W4S shows io, cot and cot_sc; where the task family has a programmer operator its fixed baseline is
+# shown too (last: a 135M meta-agent copies the last example). With only the three, every candidate
+# was a cot_sc copy scoring 0 on arith: equal rewards, no RWR groups (runs/w4s2, 10/12 valid).
+EXAMPLES = ("io", "cot", "cot_sc", "programmer")
 TASKS = {
     "arith": "Arithmetic questions: one or two operations, sometimes a one-sentence word problem. "
              "The answer is an integer.",
@@ -135,7 +138,8 @@ def state_prompt(bench, state, max_calls):
     import operators as O
     fam = benchmarks.family(bench)
     catalogue = "\n".join(f"- {O.OPERATOR_DOCS[o][0]}: {O.OPERATOR_DOCS[o][1]}" for o in O.FAMILY_OPERATORS[fam])
-    examples = "\n".join(f"{name}:\n```python\n{evaluate.BASELINES[fam][name]}```" for name in EXAMPLES)
+    examples = "\n".join(f"{name}:\n```python\n{evaluate.BASELINES[fam][name]}```"
+                         for name in EXAMPLES if name in evaluate.BASELINES[fam])
     h = state["history"]
     change = f"accuracy went from {h[-2]:.2f} to {h[-1]:.2f}" if len(h) > 1 else "the starting workflow"
     fails = "\n".join(f"- problem: {f['problem']}\n  expected: {f['expected']}\n  got: {f['got']}"
