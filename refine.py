@@ -442,9 +442,12 @@ def collect_refine(run_dir, it, cfg, executor=None, generator=None, propose=None
 
 def write_groups(run_dir, it):
     """iter_<it>/refine.jsonl -> iter_<it>/groups.jsonl: one group per (episode, turn), members = its
-    candidates (a repaired one with its final action, under the turn's state prompt: RWR learns to
-    write the working version directly), score = W4S reward, advantage 0 (unused by rwr). A turn whose
-    rewards are all equal is dropped: RWR would only imitate it as it is (often every action broken)."""
+    valid candidates (a repaired one with its final action, under the turn's state prompt: RWR learns
+    to write the working version directly), score = W4S reward, advantage 0 (unused by rwr).
+    Candidates skipped after their repairs are not members: exp(r/0.4) weights every member, and with
+    rewards 0 and -0.1 a broken action kept ~17 % of a group's weight -- one RWR update on such groups
+    taught the meta-agent invented operator names (0/6 valid actions). A turn with fewer than two
+    members or equal rewards is dropped: RWR would only imitate it as it is."""
     d = Path(run_dir) / f"iter_{it}"
     rows = read_jsonl(d / "refine.jsonl", required=ROW_KEYS)
     by_turn = {}
@@ -453,9 +456,9 @@ def write_groups(run_dir, it):
             by_turn.setdefault((r["episode"], r["turn"]), []).append(r)
     groups, dropped = [], 0
     for (e, t), rs in sorted(by_turn.items()):
-        rs.sort(key=lambda r: r["candidate"])
+        rs = sorted((r for r in rs if r["valid"]), key=lambda r: r["candidate"])
         rewards = [r["reward"] for r in rs]
-        if max(rewards) - min(rewards) <= 1e-6:
+        if len(rs) < 2 or max(rewards) - min(rewards) <= 1e-6:
             dropped += 1
             continue
         top = sorted(rewards, reverse=True)

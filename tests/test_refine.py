@@ -243,13 +243,13 @@ def test_collect_resumes_after_sigkill(tmp_path):
     for name in ("refine.jsonl", "refine_val.jsonl"):
         assert comparable(run / "iter_0" / name) == comparable(d / name), (name, k, torn)
 
-    # groups for RWR: one per turn with unequal rewards, members = that turn's candidates
+    # groups for RWR: one per turn with unequal rewards, members = that turn's valid candidates
     g = R.write_groups(tmp_path / "ref", 0)
     groups = [json.loads(l) for l in (d / "groups.jsonl").read_text().splitlines()]
     assert len(groups) == g["groups"] and g["groups"] + g["dropped_equal_rewards"] == 2
     for grp in groups:
         t = int(grp["problem_id"].split("-t")[1])
-        mine = sorted((r for r in rows if r["turn"] == t), key=lambda r: r["candidate"])
+        mine = sorted((r for r in rows if r["turn"] == t and r["valid"]), key=lambda r: r["candidate"])
         assert [m["score"] for m in grp["members"]] == [r["reward"] for r in mine]
         assert [m["completion"] for m in grp["members"]] == [r["completion"] for r in mine]
         assert grp["prompt"] == mine[0]["prompt"] and grp["prefill"] == R.prefill_of("arith")
@@ -268,12 +268,15 @@ def test_groups_train_with_rwr(tmp_path):
         rows.append({"kind": "candidate", "episode": 0, "turn": 0, "candidate": c, "code": "c", "valid": True,
                      "accuracy": 0.5, "prompt": prompt, "prefill": "", "completion": text, "repairs": 0,
                      "completion_ids": tok(text, add_special_tokens=False)["input_ids"] + [2], "reward": rew})
+    # a candidate skipped after its repairs is no member: RWR would imitate the broken action
+    rows.append(dict(rows[-1], candidate=3, valid=False, accuracy=0.0, reward=-0.1, completion="return nope()"))
     d = tmp_path / "iter_0"
     d.mkdir()
     (d / "refine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert R.write_groups(tmp_path, 0)["groups"] == 1
     mdl = M.add_lora(tiny_llama(), r=4, alpha=8)
     groups = [json.loads(l) for l in (d / "groups.jsonl").read_text().splitlines()]
+    assert [m["sample"] for m in groups[0]["members"]] == [0, 1, 2]
 
     def mean_logps():
         seqs = T.sequences(groups, tok, "rwr", 0, 0)[0]
