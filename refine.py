@@ -44,9 +44,13 @@ REFINE_SMOKE = dict(turns=1, candidates=2, val_problems=4, episodes=1, max_repai
 # (operators.PREFILLS): a 135M meta-agent left to open the block itself mostly chats, and one started
 # at an "# Analysis:" comment wrote prose and solve_recursively() code (0/6 valid candidates). So
 # W4S's analysis comes after the block, as one sentence; the checker never sees it.
+
+
 def prefill_of(bench):
     import benchmarks
     return operators.PREFILLS[benchmarks.family(bench)]
+
+
 # self-check errors that the code caused and the meta-agent can fix; timeouts and budget errors are
 # scored as they are (a slow workflow is not a broken one)
 REPAIRABLE = ("invalid:", "syntax:", "exception:", "crash:", "bad output:")
