@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 import collect
-import operators
 from jsonl import DataError, append_jsonl, read_json, read_jsonl, truncate_torn_tail, write_atomic, write_json_atomic, write_jsonl_atomic
 
 REFINE_DEFAULTS = dict(turns=3, candidates=5, val_problems=16, episodes=2, max_repairs=3, refine_tokens=160,
@@ -48,7 +47,8 @@ REFINE_SMOKE = dict(turns=1, candidates=2, val_problems=4, episodes=1, max_repai
 
 def prefill_of(bench):
     import benchmarks
-    return operators.PREFILLS[benchmarks.family(bench)]
+    import operators as O
+    return O.prefill_for(benchmarks.family(bench))
 
 
 # self-check errors that the code caused and the meta-agent can fix; timeouts and budget errors are
@@ -219,6 +219,7 @@ def self_check_and_repair(msgs, samples, todo, problem, cfg, executor, propose, 
     import operators as O
     import sandbox
     fam = benchmarks.family(cfg["bench"])
+    prefill = O.prefill_for(fam)
     ops = {k: O.OPERATORS[k] for k in O.OPERATOR_SETS[fam]}
     st = {c: {"conv": msgs, "completion": samples[c]["text"], "completion_ids": samples[c]["token_ids"],
               "attempts": [], "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0, "seconds": 0.0}
@@ -228,7 +229,7 @@ def self_check_and_repair(msgs, samples, todo, problem, cfg, executor, propose, 
         errs, runs = {}, []
         for c in pending:
             s = st[c]
-            code = O.extract_code(prefill_of(cfg["bench"]) + s["completion"])
+            code = O.extract_code(prefill + s["completion"])
             s["code"] = None if code is None else first_solve(code)
             ok, reason = (False, "no python block") if s["code"] is None else O.check_workflow(
                 s["code"], problem["problem"], allowed_ops=O.OPERATOR_SETS[fam], max_calls=cfg["max_calls"])
@@ -254,7 +255,7 @@ def self_check_and_repair(msgs, samples, todo, problem, cfg, executor, propose, 
                 s["valid"], s["reason"] = False, f"skipped after {rnd} repairs: {_clip(e, 300)}"
                 continue
             s["attempts"].append({"completion": s["completion"], "error": _clip(e, 1500)})
-            s["conv"] = s["conv"] + [{"role": "assistant", "content": prefill_of(cfg["bench"]) + s["completion"]},
+            s["conv"] = s["conv"] + [{"role": "assistant", "content": prefill + s["completion"]},
                                      {"role": "user", "content": repair_message(e)}]
             again.append(c)
         for c in again:
@@ -368,7 +369,7 @@ def make_proposer(cfg, generator=None, loader=None, greedy=False):
     """propose(messages_list, n, seed) -> [[{text, token_ids}] * n]: the meta-agent, from a local
     (model, tokenizer) or --generator-url. The model is loaded on first use (`loader`), so a finished
     run resumes without one. greedy: temperature 0 (evaluation with one candidate)."""
-    held = {}
+    held, prefill = {}, prefill_of(cfg["bench"])
 
     def propose(messages_list, n, seed):
         import model as M
@@ -378,9 +379,9 @@ def make_proposer(cfg, generator=None, loader=None, greedy=False):
         temp = 0.0 if greedy else cfg["temperature"]
         if cfg["generator_url"]:
             return collect.sample_remote(cfg["generator_url"], cfg["generator_name"] or cfg["model"], messages_list,
-                                         n, cfg["refine_tokens"], temp, cfg["top_p"], seed, prefill_of(cfg["bench"]), tok)
+                                         n, cfg["refine_tokens"], temp, cfg["top_p"], seed, prefill, tok)
         return M.sample(mdl, tok, messages_list, n=n, max_new_tokens=cfg["refine_tokens"], temperature=temp,
-                        top_p=cfg["top_p"], seed=seed, prefill=prefill_of(cfg["bench"]))
+                        top_p=cfg["top_p"], seed=seed, prefill=prefill)
     return propose
 
 
