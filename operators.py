@@ -445,8 +445,16 @@ def op_revise(ctx, problem, solution, feedback):
                     "Write a corrected solution. End with a line 'Answer: <final answer>'.")
 
 
+_BARE_NUMBER = re.compile(r"-?\$?\d[\d,]*(\.\d+)?")
+
+
 def op_format(ctx, problem, solution):
-    """Only the final answer. An empty or chatty reply falls back to the answer in the solution."""
+    """Only the final answer. An empty or chatty reply falls back to the answer in the solution.
+    A solution that already is a bare number (programmer's output) comes back as it is, without a
+    call: the 135M executor asked for "the final answer" of "42" often answered something else, and
+    `programmer -> format` scored far below programmer alone."""
+    if _BARE_NUMBER.fullmatch(_s(solution).strip()):
+        return _s(solution).strip()
     reply = ctx.chat(f"Problem: {_s(problem)}\n\nSolution: {_s(solution)}\n\n"
                      "What is the final answer? Reply with the answer only.", max_tokens=32).strip()
     line = re.sub(r"^(the\s+)?(final\s+)?answer(\s+is)?\s*[:=]?\s*", "", reply.splitlines()[0] if reply else "",
@@ -843,7 +851,9 @@ def build_prompt(problem, family, operators=None, max_calls=6):
              f"never copy numbers or text from the problem.")
 
     def turn(p):
-        return f"Problem: {p}\n\nOperators:\n{catalogue}\n\nWrite solve(problem). It must call the operators; {_REMIND[family]}."
+        # the catalogue before the problem: it is then part of the prefix every prompt shares, so
+        # sampling prefills only the problem (held-out sampling 1.5x faster)
+        return f"Operators:\n{catalogue}\n\nProblem: {p}\n\nWrite solve(problem). It must call the operators; {_REMIND[family]}."
 
     msgs = [{"role": "system", "content": f"{SYSTEM_PROMPT}\n{rules}"}]
     for p, code in FEWSHOT[family]:

@@ -162,7 +162,7 @@ def test_build_prompt_structure_and_catalogue():
     assert msgs[0]["role"] == "system" and msgs[-1]["role"] == "user"
     assert [m["role"] for m in msgs[1:]] == ["user", "assistant"] * len(O.FEWSHOT["math"]) + ["user"]
     last = msgs[-1]["content"]
-    assert last.startswith("Problem: What is 47 * 6?")
+    assert last.startswith("Operators:\n") and "Problem: What is 47 * 6?\n" in last
     assert all(O.OPERATOR_DOCS[o][0] in last for o in MATH) and "code_generate" not in last
     assert "at most 6 operator calls" in msgs[0]["content"]
     assert all(m["content"].startswith("```python\n") for m in msgs if m["role"] == "assistant")

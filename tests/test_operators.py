@@ -145,6 +145,14 @@ def test_format_falls_back_to_the_solution():
         assert ops.op_format(ctx_for(srv), "p", "x") == "12"
 
 
+def test_format_keeps_a_bare_number_without_a_call():
+    with StubServer(lambda m: "The answer is 7.") as srv:  # would be wrong: format must not ask
+        ctx = ctx_for(srv)
+        assert [ops.op_format(ctx, "p", s) for s in ("42", " -1,250.5\n", "$3")] == ["42", "-1,250.5", "$3"]
+        assert srv.requests == []
+        assert ops.op_format(ctx, "p", "42 apples") == "7"  # not bare: the executor is asked
+
+
 def test_operator_bad_arguments_reach_the_workflow_as_exceptions():
     wf = ("def solve(p):\n    out = []\n    for call in (lambda: custom(p), lambda: nosuch(p), lambda: test(p, 'x', 'a b')):\n"
           "        try:\n            call()\n        except NameError:\n            out.append('NameError')\n"
