@@ -83,11 +83,12 @@ def _pending(out, problems):
 
 
 def _finish(out, problems):
-    rows = read_jsonl(out)
-    ids = {p["id"] for p in problems}
-    rows = [r for r in rows if r["problem_id"] in ids]
-    if len(rows) != len(ids):
-        raise DataError(f"{out}: expected {len(ids)} problems, found {len(rows)}")
+    """The rows of `problems`, in the problems' order: rows are appended as workflows finish, and
+    the bootstrap CI must not depend on which finished first."""
+    order = {p["id"]: i for i, p in enumerate(problems)}
+    rows = sorted((r for r in read_jsonl(out) if r["problem_id"] in order), key=lambda r: order[r["problem_id"]])
+    if len(rows) != len(order):
+        raise DataError(f"{out}: expected {len(order)} problems, found {len(rows)}")
     return rows
 
 
