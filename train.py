@@ -380,11 +380,11 @@ EVAL_KEYS = ("model", "bench", "data_dir", "eval_problems", "executor", "executo
 SMOKE = dict(problems=2, m=4, n=3, group_size=2, groups_per_problem=2, max_new_tokens=96, epochs=1,
              eval_problems=4, baselines="io", timeout=20.0, gen_batch=2)
 # Per-unit costs on 2 CPU cores with the embedded generator and executor (two executor servers),
-# measured on the default run (runs/default/report.md: 47.3 min in all): collection 3.5 s per sampled
-# workflow (sampling + execution), an update ~7.4 s per training problem (about 3 in 10 are kept,
-# 2 epochs), 1.5 s per held-out workflow (the executor cache serves calls that earlier checkpoints or
-# baselines already made; greedy sampling of the 200 prompts is ~4 min of it per checkpoint).
-SEC_PER_WORKFLOW, SEC_TRAIN_PER_PROBLEM, SEC_PER_EVAL = 3.5, 7.4, 1.5
+# measured on the default run (runs/default/report.md: 35.6 min in all): collection 2.8 s per sampled
+# workflow (sampling + execution), an update ~5.8 s per training problem (1 to 3 in 10 are kept,
+# 2 epochs), 1.1 s per held-out workflow (the executor cache serves calls that earlier checkpoints or
+# baselines already made).
+SEC_PER_WORKFLOW, SEC_TRAIN_PER_PROBLEM, SEC_PER_EVAL = 2.8, 5.8, 1.1
 
 
 def config(run_dir, args):
