@@ -67,7 +67,8 @@ def bootstrap_ci(scores, reps=2000, seed=0):
 
 
 def summarize(rows):
-    scores = [float(r["score"]) for r in rows]
+    # rows are appended as workflows finish; the CI's resamples must not depend on that order
+    scores = [float(r["score"]) for r in sorted(rows, key=lambda r: str(r["problem_id"]))]
     lo, hi = bootstrap_ci(scores)
     return {"n": len(rows), "accuracy": statistics.fmean(scores) if scores else 0.0, "ci_low": lo, "ci_high": hi,
             "valid": statistics.fmean([bool(r["valid"]) for r in rows]) if rows else 0.0,
@@ -83,8 +84,7 @@ def _pending(out, problems):
 
 
 def _finish(out, problems):
-    """The rows of `problems`, in the problems' order: rows are appended as workflows finish, and
-    the bootstrap CI must not depend on which finished first."""
+    """The rows of `problems`, in the problems' order."""
     order = {p["id"]: i for i, p in enumerate(problems)}
     rows = sorted((r for r in read_jsonl(out) if r["problem_id"] in order), key=lambda r: order[r["problem_id"]])
     if len(rows) != len(order):

@@ -34,6 +34,8 @@ def test_summary_does_not_depend_on_the_order_rows_finished(tmp_path):
         got = E._finish(f, problems)
         assert [r["problem_id"] for r in got] == [p["id"] for p in problems]  # problem order, "other" left out
         out.append(E.summarize(got))
+        # compare_table summarizes a file's rows as they stand
+        assert E.summarize([r for r in shuffled if r["problem_id"] != "other"]) == out[0]
     assert out[0] == out[1] == out[2] and out[0]["n"] == 40 and out[0]["accuracy"] == pytest.approx(14 / 40)
     f = tmp_path / "short.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in rows[:10]))
