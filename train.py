@@ -150,20 +150,21 @@ def sequences(groups, tok, loss, pairs_per_problem, seed):
     return units
 
 
-def micro_batches(seqs, budget):
+def micro_batches(seqs, budget, unit=1):
     """Consecutive runs of sequences whose forward stays within `budget` tokens, counted as the
     forward runs them (forward_hidden): each distinct prompt once, plus rows x longest completion.
-    A pair (scoredpo) is never split: its two workflows share a prompt, so the cut lands between pairs
-    as long as one pair fits."""
+    Cuts fall only between runs of `unit` sequences: scoredpo's pairs (unit=2) are never split, so
+    one micro-batch whole pairs (a single pair over the budget still goes alone)."""
     out, cur, prompts, longest = [], [], set(), 0
-    for s in seqs:
-        key, T = tuple(s["ids"][:s["n_prompt"]]), len(s["ids"]) - s["n_prompt"]
-        prompt_cost = sum(map(len, prompts)) + (0 if key in prompts else len(key))
-        if cur and prompt_cost + max(longest, T) * (len(cur) + 1) > budget:
+    for i in range(0, len(seqs), unit):
+        chunk = seqs[i:i + unit]
+        keys = {tuple(s["ids"][:s["n_prompt"]]) for s in chunk}
+        T = max(len(s["ids"]) - s["n_prompt"] for s in chunk)
+        if cur and sum(map(len, prompts | keys)) + max(longest, T) * (len(cur) + len(chunk)) > budget:
             out.append(cur)
             cur, prompts, longest = [], set(), 0
-        cur.append(s)
-        prompts.add(key)
+        cur.extend(chunk)
+        prompts |= keys
         longest = max(longest, T)
     if cur:
         out.append(cur)
@@ -321,7 +322,7 @@ def update(run_dir, it, cfg, mdl, tok):
             t0, ntok = time.time(), sum(len(s["ids"]) - s["n_prompt"] for s in seqs)
             opt.zero_grad(set_to_none=True)
             loss, metrics = 0.0, {}
-            mbs = micro_batches(seqs, budget)
+            mbs = micro_batches(seqs, budget, unit=2 if cfg["loss"] == "scoredpo" else 1)
             for mb in mbs:
                 if cfg["loss"] == "scoredpo":
                     mb[0]["pair_share"] = (len(mb) / 2) / (len(seqs) / 2)

@@ -110,6 +110,44 @@ def test_micro_batches_add_up_to_one_batch():
         assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(whole, split)), loss
 
 
+def test_scoredpo_micro_batches_keep_pairs_whole_and_add_up():
+    """A token budget that fits three rows would cut a pair in two (the winner's sum in one micro-batch,
+    the loser's in the next); with unit=2 every micro-batch holds whole pairs and the pair-share
+    scaling adds the micro-batch losses up to the one-batch loss."""
+    tok = tiny_tokenizer()
+    mdl = M.add_lora(tiny_llama(), r=4, alpha=8)
+    for m in M.lora_modules(mdl).values():
+        torch.nn.init.normal_(m.lora_B.weight, std=0.05)
+    p = M.prompt_ids(tok, PROMPT)
+    comps = [("12", 1.0), ("7 7", 0.0), ("abc d", 0.8), ("9", 0.1), ("x y", 1.0), ("zz", 0.3)]  # (winner, loser) x 3
+    seqs = [{"ids": p + tok(c, add_special_tokens=False)["input_ids"], "n_prompt": len(p), "score": sc} for c, sc in comps]
+    lps = T.seq_logprobs(mdl, seqs, 4096, 1024)
+    for s, lp in zip(seqs, lps):
+        s.update(old=lp, ref=lp, ref_sum=sum(lp) - 0.2)
+    longest = max(len(s["ids"]) - len(p) for s in seqs)
+    budget = len(p) + 3 * longest
+    assert any(len(mb) % 2 for mb in T.micro_batches(seqs, budget))  # the cut a pair-blind split makes
+    mbs = T.micro_batches(seqs, budget, unit=2)
+    assert len(mbs) > 1 and all(len(mb) % 2 == 0 for mb in mbs) and sum(mbs, []) == seqs
+    c = cfg(loss="scoredpo")
+    for q in M.lora_parameters(mdl):
+        q.requires_grad_(True)
+    mdl.zero_grad(set_to_none=True)
+    one = copy.deepcopy(seqs)
+    T.prepare_step(one, c)
+    one[0]["pair_share"] = 1.0
+    T.step_loss(mdl, one, c)
+    whole = [q.grad.clone() for q in M.lora_parameters(mdl)]
+    mdl.zero_grad(set_to_none=True)
+    parts = copy.deepcopy(seqs)
+    T.prepare_step(parts, c)
+    for mb in T.micro_batches(parts, budget, unit=2):
+        mb[0]["pair_share"] = (len(mb) / 2) / (len(parts) / 2)  # as update() sets it
+        T.step_loss(mdl, mb, c)
+    split = [q.grad.clone() for q in M.lora_parameters(mdl)]
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(whole, split))
+
+
 def test_rwr_token_weights_equal_rwr_loss():
     tok = tiny_tokenizer()
     seqs = [{"ids": [1] * 3 + [5] * n, "n_prompt": 3, "score": s} for n, s in ((2, 1.0), (3, 0.0), (1, 0.5))]
