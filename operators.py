@@ -840,8 +840,8 @@ def prefill_for(family):
 def build_prompt(problem, family, operators=None, max_calls=6):
     """Chat messages asking the generator for one workflow for `problem` (DESIGN §3): the role and
     the rules (system), few-shot turns, then the problem. Each user turn repeats the operator
-    catalogue right after its problem: a tiny model follows what it read last. The completion
-    is one ```python block; sample it after PREFILLS[family]."""
+    catalogue, then its problem. The completion is one ```python block; sample it after
+    PREFILLS[family]."""
     if family not in FAMILY_OPERATORS:
         raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILY_OPERATORS)}")
     ops = list(operators or FAMILY_OPERATORS[family])
