@@ -453,8 +453,9 @@ def op_format(ctx, problem, solution):
     A solution that already is a bare number (programmer's output) comes back as it is, without a
     call: the 135M executor asked for "the final answer" of "42" often answered something else, and
     `programmer -> format` scored far below programmer alone."""
-    if _BARE_NUMBER.fullmatch(_s(solution).strip()):
-        return _s(solution).strip()
+    bare = _s(solution).strip()
+    if _BARE_NUMBER.fullmatch(bare):
+        return bare
     reply = ctx.chat(f"Problem: {_s(problem)}\n\nSolution: {_s(solution)}\n\n"
                      "What is the final answer? Reply with the answer only.", max_tokens=32).strip()
     line = re.sub(r"^(the\s+)?(final\s+)?answer(\s+is)?\s*[:=]?\s*", "", reply.splitlines()[0] if reply else "",

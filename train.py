@@ -153,8 +153,8 @@ def sequences(groups, tok, loss, pairs_per_problem, seed):
 def micro_batches(seqs, budget, unit=1):
     """Consecutive runs of sequences whose forward stays within `budget` tokens, counted as the
     forward runs them (forward_hidden): each distinct prompt once, plus rows x longest completion.
-    Cuts fall only between runs of `unit` sequences: scoredpo's pairs (unit=2) are never split, so
-    one micro-batch whole pairs (a single pair over the budget still goes alone)."""
+    Cuts fall only between runs of `unit` sequences: with unit=2 scoredpo's pairs are never split
+    (a single pair over the budget still goes alone)."""
     out, cur, prompts, longest = [], [], set(), 0
     for i in range(0, len(seqs), unit):
         chunk = seqs[i:i + unit]
