@@ -180,6 +180,24 @@ def _with_architectures(model_dir):
     return view
 
 
+def _transformers_cli():
+    """argv prefix that runs the `transformers` console script with *this* interpreter. Looking for
+    the script file next to sys.executable fails in a venv (realpath leads to the base interpreter's
+    bin/) and PATH may hold another install; the entry point's module, run by sys.executable, is
+    always the transformers this process imports."""
+    import importlib.metadata
+    import importlib.util
+    import sys
+
+    eps = [e for e in importlib.metadata.entry_points(group="console_scripts") if e.name == "transformers"]
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if not eps or missing:
+        raise ExecutorError(f"the `transformers` CLI with its server is missing ({', '.join(missing) or 'no entry point'}) "
+                            f"in {sys.executable}: pip install 'transformers[serving]'")
+    module, _, func = eps[0].value.partition(":")
+    return [sys.executable, "-c", f"import sys; from {module} import {func}; sys.argv[0] = 'transformers'; sys.exit({func}())"]
+
+
 @contextlib.contextmanager
 def local_executor(model="smollm2-135m", cache_dir=None, servers=1, threads=1, kv_tokens=16384,
                    startup_timeout=300.0, timeout=300.0, extra_args=()):
@@ -206,9 +224,7 @@ def local_executor(model="smollm2-135m", cache_dir=None, servers=1, threads=1, k
     model_dir = model_mod.resolve_model_dir(model)
     shim = _with_architectures(model_dir)
     served = shim or model_dir
-    exe = shutil.which("transformers", path=os.path.dirname(os.path.realpath(sys.executable)))
-    if exe is None:
-        raise ExecutorError("the `transformers` CLI is missing: pip install 'transformers[serving]'")
+    serve = _transformers_cli()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
@@ -240,7 +256,7 @@ def local_executor(model="smollm2-135m", cache_dir=None, servers=1, threads=1, k
     try:
         for _ in range(max(1, servers)):
             port = _free_port()
-            cmd = [exe, "serve", served, "--device", "cpu", "--continuous-batching", "--host", "127.0.0.1",
+            cmd = [*serve, "serve", served, "--device", "cpu", "--continuous-batching", "--host", "127.0.0.1",
                    "--port", str(port), "--cb-block-size", "64", "--cb-num-blocks", str(max(1, kv_tokens // 64)),
                    "--cb-max-batch-tokens", "1024", *extra_args]
             log = tempfile.TemporaryFile(prefix="spogw-serve-")
