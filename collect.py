@@ -24,7 +24,7 @@ from jsonl import DataError, append_jsonl, read_json, read_jsonl, truncate_torn_
 DEFAULTS = dict(model="smollm2-135m", bench="arith", data_dir=None, problems=10, m=8, runs=1,
                 temperature=0.8, top_p=0.95, max_new_tokens=128, gen_batch=4, max_calls=6,
                 executor="local", executor_model=None, timeout=30.0, workers=16, seed=0,
-                generator_url=None, generator_name=None, device="cpu", threads=0, call_tokens=0, servers=0)
+                generator_url=None, generator_name=None, device="cpu", dtype="auto", threads=0, call_tokens=0, servers=0)
 
 
 def add_args(ap):
@@ -51,6 +51,8 @@ def add_args(ap):
     g.add_argument("--generator-url", help="sample workflows from an OpenAI-compatible server instead")
     g.add_argument("--generator-name", help="model name at --generator-url (e.g. the LoRA adapter's name)")
     g.add_argument("--device", help="cpu | cuda")
+    g.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="generator weights and forward precision (auto: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--threads", type=int, help="torch CPU threads here (0 = auto: leave a core to the local executor)")
     g.add_argument("--call-tokens", type=int, help="cap on each executor reply, in tokens (0 = auto: 160 for the "
                                                    "local executor, the operators' own limits otherwise)")
@@ -119,7 +121,7 @@ def problems_for(cfg, it):
 def load_generator(cfg, run_dir, it):
     """Base model + the adapter trained at iteration it-1 (saved as iter_<it>/adapter)."""
     import model as M
-    mdl, tok = M.load_model(cfg["model"], device=cfg["device"])
+    mdl, tok = M.load_model(cfg["model"], device=cfg["device"], dtype=cfg["dtype"])
     adapter = Path(run_dir) / f"iter_{it}" / "adapter"
     if it > 0:
         if not adapter.is_dir():

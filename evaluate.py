@@ -192,7 +192,7 @@ def main(argv=None):
                 s = eval_baseline(args.baseline, cfg, ex, args.split, args.limit, out)
             else:
                 import model as M
-                mdl, tok = M.load_model(cfg["model"], device=cfg["device"])
+                mdl, tok = M.load_model(cfg["model"], device=cfg["device"], dtype=cfg["dtype"])
                 if args.adapter:
                     M.load_adapter(mdl, args.adapter)
                     out = Path(args.adapter).parent / f"eval_{args.split}_{args.limit}.jsonl"

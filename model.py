@@ -7,6 +7,8 @@
 # ==== loading (owner: lead) ====
 
 import contextlib
+import copy
+import functools
 import importlib.util
 import json
 import math
@@ -108,14 +110,38 @@ def resolve_model_dir(name_or_path):
     return name_or_path  # hub id "org/name": transformers resolves it (needs network or its cache)
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype, device):
+    """torch dtype of the frozen weights for a knob value: auto = bf16 on CUDA, fp32 on CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ModelError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def precision(model):
+    """The forward's numeric path: autocast to the weights' dtype when they are low precision, so
+    the fp32 LoRA matmuls run in that dtype too (as on a GPU); nothing for fp32 weights. Every
+    log-prob that training compares (pi_theta, pi_old, pi_ref) is computed under this one context."""
+    dtype = model.get_input_embeddings().weight.dtype
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(next(model.parameters()).device.type, dtype=dtype)
+
+
 def load_model(name_or_path=DEFAULT_MODEL, device="cpu", dtype=None):
-    """(model, tokenizer) for an HF dir/hub id, a .gguf file, or an embedded name. dtype defaults to
-    fp32 on CPU and bf16 on CUDA. The tokenizer pads on the left (batched generation)."""
+    """(model, tokenizer) for an HF dir/hub id, a .gguf file, or an embedded name. dtype (a torch
+    dtype or auto/fp32/bf16/fp16) defaults to fp32 on CPU and bf16 on CUDA. The tokenizer pads on
+    the left (batched generation)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_dir(name_or_path)
-    if dtype is None:
-        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    dtype = resolve_dtype(dtype, device)
     try:
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
@@ -612,14 +638,61 @@ def completion_logprobs(model, input_ids, attention_mask, completion_mask, chunk
     return fused_logprobs(hidden, weight.to(hidden.dtype), targets, chunk_size)
 
 
+def _replayable(cache):
+    """Make every layer of a KV cache restart each update from its state of this moment. A decoder
+    layer recomputed during backward (activation checkpointing) then sees exactly the cache its
+    forward saw, instead of appending its keys a second time. update() replaces a layer's tensors
+    and never writes into them, so a shallow snapshot of the layer's attributes is enough."""
+    for layer in cache.layers:
+        layer.__dict__.pop("update", None)
+        snapshot, update = dict(layer.__dict__), type(layer).update
+
+        def replay(key_states, value_states, *args, _layer=layer, _snap=snapshot, _update=update, **kwargs):
+            _layer.__dict__.update(_snap)
+            return _update(_layer, key_states, value_states, *args, **kwargs)
+
+        layer.update = replay
+    return cache
+
+
+def decoder_layers(model):
+    """The decoder's repeated blocks (Llama, Qwen2, Mistral, Gemma, Phi-3 ...: `model.layers`)."""
+    layers = getattr(model.get_decoder(), "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise ModelError(f"{type(model).__name__}: no decoder `layers` list to checkpoint")
+    return layers
+
+
+@contextlib.contextmanager
+def checkpointed(model, enabled=True):
+    """Activation checkpointing per decoder layer: each layer keeps only its input for backward and
+    runs again there. Ours, not HF's gradient_checkpointing_enable(): that one acts only in train()
+    mode and then drops past_key_values, i.e. the shared prompt's cache. Non-reentrant checkpointing
+    takes keyword arguments and restores the RNG, so the recomputation equals the forward."""
+    from torch.utils.checkpoint import checkpoint
+
+    layers = list(decoder_layers(model)) if enabled else []
+    for layer in layers:
+        layer.forward = functools.partial(checkpoint, type(layer).forward.__get__(layer), use_reentrant=False)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
 def shared_prompt_hidden(model, prompt, completions):
     """(hidden [N, H], weight [V, H], targets [N]) for several completions of one prompt, rows in the
     order of `completions` (lists of token ids). The prompt runs once, at batch 1, and its KV cache is
     repeated for the completions; gradients flow through the repeat, so this equals the per-sequence
-    forward (completion_hidden) while a ~1000-token prompt is paid once per group, not once per row."""
+    forward (completion_hidden) while a ~1000-token prompt is paid once per group, not once per row.
+    Works under `checkpointed`: each of the two forwards gets its own replayable cache."""
+    from transformers import DynamicCache
+
     dec, device = model.get_decoder(), next(model.parameters()).device
-    out = dec(input_ids=torch.tensor([prompt], device=device), use_cache=True)
-    cache, h_last = out.past_key_values, out.last_hidden_state[0, -1:]  # h_last predicts token 0
+    prompt_cache = _replayable(DynamicCache(config=model.config))
+    out = dec(input_ids=torch.tensor([prompt], device=device), past_key_values=prompt_cache, use_cache=True)
+    h_last = out.last_hidden_state[0, -1:]  # h_last predicts token 0
     lens = [len(c) for c in completions]
     U, T, P = len(completions), max(lens), len(prompt)
     if T == 0:
@@ -630,9 +703,12 @@ def shared_prompt_hidden(model, prompt, completions):
     for i, c in enumerate(completions):  # right padding: real tokens never attend to the pads after them
         ids[i, :len(c)] = torch.tensor(c, device=device)
         attn[i, P:P + len(c)] = 1
+    cache = copy.copy(prompt_cache)  # the completions' cache: the prompt's, repeated U times
+    cache.layers = [copy.copy(layer) for layer in prompt_cache.layers]
     cache.batch_repeat_interleave(U)
     pos = torch.arange(P, P + T, device=device).expand(U, T)
-    hc = dec(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True).last_hidden_state
+    hc = dec(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=_replayable(cache),
+             use_cache=True).last_hidden_state
     hidden = torch.cat([torch.cat([h_last, hc[i, :L - 1]]) if L else h_last[:0] for i, L in enumerate(lens)])
     return hidden, model.get_output_embeddings().weight, ids[attn[:, P:].bool()]
 

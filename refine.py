@@ -578,7 +578,7 @@ def evaluate_main(args):
         cfg = settings(args.run, args, collect.settings(args.run, args), save=False)
         collect.set_threads(cfg)
         with collect.open_executor(cfg) as ex:
-            mdl, tok = M.load_model(cfg["model"], device=cfg["device"])
+            mdl, tok = M.load_model(cfg["model"], device=cfg["device"], dtype=cfg["dtype"])
             if args.iter > 0:
                 adapter = Path(args.run) / f"iter_{args.iter}" / "adapter"
                 if not adapter.is_dir():
@@ -613,7 +613,7 @@ def train_main(args):
         torch.manual_seed(cfg["seed"])
         collect.set_threads(cfg)
         with collect.open_executor(cfg) as ex:
-            mdl, tok = M.load_model(cfg["model"], device=cfg["device"])
+            mdl, tok = M.load_model(cfg["model"], device=cfg["device"], dtype=cfg["dtype"])
             M.add_lora(mdl, r=cfg["lora_r"], alpha=cfg["lora_alpha"])
             for k in range(args.iter):
                 d = run_dir / f"iter_{k}"

@@ -111,13 +111,23 @@ import sys
 import time
 from pathlib import Path
 
+import model as M
 from jsonl import (DataError, append_jsonl, read_json, read_jsonl, truncate_torn_tail, update_json, write_atomic,
                    write_json_atomic, write_jsonl_atomic)
 
 GROUP_KEYS = ("problem_id", "prompt", "members")
 TRAIN_DEFAULTS = dict(loss="grpo", kl="masked", ref="old", beta=0.1, eps=0.2, agg="token", lr=2e-4,
                       epochs=2, groups_per_step=4, pairs_per_problem=4, tau=0.4, token_budget=4096,
-                      grad_clip=1.0, lora_r=16, lora_alpha=32, weight_decay=0.0, save_every=10, chunk_size=1024)
+                      grad_clip=1.0, lora_r=16, lora_alpha=32, weight_decay=0.0, save_every=10, chunk_size=1024,
+                      checkpoint="auto")
+
+
+def checkpointing(cfg, device):
+    """Activation checkpointing on? auto: on a GPU, where activations, not time, bound a 7B step
+    (~9.5 MiB per budget token without it); off on a CPU, where the 135M default fits easily and
+    the recomputation would only cost time."""
+    c = cfg.get("checkpoint", "auto")
+    return torch.device(device).type == "cuda" if c == "auto" else c == "on"
 
 
 def sequences(groups, tok, loss, pairs_per_problem, seed):
@@ -171,34 +181,39 @@ def micro_batches(seqs, budget, unit=1):
     return out
 
 
-def forward_hidden(model, mb):
+def forward_hidden(model, mb, ckpt=False):
     """(hidden [N, H], weight, targets [N]) of the completion tokens of a micro-batch, sequences in
     order. Sequences with the same prompt (a group, a problem's pairs) share one prompt forward, and a
-    workflow that sits in several groups runs once: its rows are repeated, so its gradient adds up."""
-    import model as M
+    workflow that sits in several groups runs once: its rows are repeated, so its gradient adds up.
+    This is the one forward of the update: pi_old, pi_ref and pi_theta all go through it, in the
+    model's precision (M.precision) and on the same micro-batches, so that at the first step of an
+    iteration pi_theta == pi_old holds bit for bit (rho = 1, KL = 0), in bf16 too."""
     by_prompt = {}
     for i, s in enumerate(mb):
         comps = by_prompt.setdefault(tuple(s["ids"][:s["n_prompt"]]), {})
         comps.setdefault(tuple(s["ids"][s["n_prompt"]:]), []).append(i)
     rows, W = [None] * len(mb), None
-    for prompt, comps in by_prompt.items():
-        h, W, y = M.shared_prompt_hidden(model, list(prompt), [list(c) for c in comps])
-        off = 0
-        for c, idx in comps.items():
-            for i in idx:
-                rows[i] = (h[off:off + len(c)], y[off:off + len(c)])
-            off += len(c)
-    return torch.cat([r[0] for r in rows]), W, torch.cat([r[1] for r in rows])
+    with M.precision(model), M.checkpointed(model, ckpt):
+        for prompt, comps in by_prompt.items():
+            h, W, y = M.shared_prompt_hidden(model, list(prompt), [list(c) for c in comps])
+            off = 0
+            for c, idx in comps.items():
+                for i in idx:
+                    rows[i] = (h[off:off + len(c)], y[off:off + len(c)])
+                off += len(c)
+    # the LM head runs in the weights' dtype (the fused kernels keep their softmax math in fp32)
+    return torch.cat([r[0] for r in rows]).to(W.dtype), W, torch.cat([r[1] for r in rows])
 
 
 @torch.no_grad()
-def seq_logprobs(model, seqs, budget, chunk_size):
-    """Per-sequence lists of completion-token log-probs (no grad): pi_old / pi_ref."""
-    import model as M
+def seq_logprobs(model, seqs, budget, chunk_size, unit=1, ckpt=False):
+    """Per-sequence lists of completion-token log-probs (no grad): pi_old / pi_ref. Called with one
+    step's sequences, it cuts the same micro-batches as that step's update (micro_batches is a pure
+    function of the sequences), so both see the same batch shapes and hence the same arithmetic."""
     out = []
-    for mb in micro_batches(seqs, budget):
-        h, W, y = forward_hidden(model, mb)
-        lp = M.fused_logprobs(h, W.to(h.dtype), y, chunk_size).cpu()
+    for mb in micro_batches(seqs, budget, unit):
+        h, W, y = forward_hidden(model, mb, ckpt)
+        lp = M.fused_logprobs(h, W, y, chunk_size).cpu()
         out.extend(t.tolist() for t in lp.split([len(s["ids"]) - s["n_prompt"] for s in mb]))
     return out
 
@@ -206,13 +221,9 @@ def seq_logprobs(model, seqs, budget, chunk_size):
 def step_loss(model, mb, cfg):
     """Backward one micro-batch; every sequence carries its precomputed token weight / coefficients
     (set by `update` over the whole step) so micro-batches add up to the full-step loss."""
-    import model as M
     device = next(model.parameters()).device
     cat = lambda key: torch.tensor([x for s in mb for x in s[key]], device=device)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    with amp:
-        h, W, y = forward_hidden(model, mb)
-    h = h.to(W.dtype) if h.dtype != W.dtype else h
+    h, W, y = forward_hidden(model, mb, checkpointing(cfg, device))
     if cfg["loss"] == "grpo":
         loss, m = M.fused_grpo_loss(h, W, y, cat("old"), cat("ref"), cat("adv_t"), cat("w_t"), cat("km_t"),
                                     cfg["beta"], cfg["eps"], cfg["chunk_size"])
@@ -279,23 +290,28 @@ def update(run_dir, it, cfg, mdl, tok):
     groups = read_jsonl(d / "groups.jsonl", required=GROUP_KEYS)
     units = sequences(groups, tok, cfg["loss"], cfg["pairs_per_problem"], seed=cfg["seed"] * 7919 + it)
     flat = [s for u in units for s in u]
-    budget, cs = cfg["token_budget"], cfg["chunk_size"]
+    budget, cs, unit = cfg["token_budget"], cfg["chunk_size"], 2 if cfg["loss"] == "scoredpo" else 1
+    ckpt = checkpointing(cfg, next(mdl.parameters()).device)
+    upg = max(1, cfg["groups_per_step"])
+    steps_per_epoch = math.ceil(len(units) / upg)
     mdl.eval()  # no dropout: pi_theta == pi_old exactly at the first step
-    # pi_old (and pi_ref) once, before the first update, no grad
-    olds = seq_logprobs(mdl, flat, budget, cs)
-    if cfg["loss"] == "scoredpo" or cfg["ref"] == "base":
-        with M.lora_disabled(mdl):
-            refs = seq_logprobs(mdl, flat, budget, cs)
-    else:
-        refs = olds
-    for s, o, r in zip(flat, olds, refs):
-        s["old"], s["ref"], s["ref_sum"] = o, r, sum(r)
+    # pi_old (and pi_ref) once, before the first update, no grad, step by step in epoch 0's order:
+    # each sequence is scored in the very micro-batch its first update step will run
+    first = step_order(units, cfg["seed"] * 1_000_003 + it * 1000)
+    for k in range(steps_per_epoch):
+        seqs = [s for u in first[k * upg:(k + 1) * upg] for s in units[u]]
+        olds = seq_logprobs(mdl, seqs, budget, cs, unit, ckpt)
+        if cfg["loss"] == "scoredpo" or cfg["ref"] == "base":
+            with M.lora_disabled(mdl):
+                refs = seq_logprobs(mdl, seqs, budget, cs, unit, ckpt)
+        else:
+            refs = olds
+        for s, o, r in zip(seqs, olds, refs):
+            s["old"], s["ref"], s["ref_sum"] = o, r, sum(r)
     params = M.lora_parameters(mdl)
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    upg = max(1, cfg["groups_per_step"])
-    steps_per_epoch = math.ceil(len(units) / upg)
     total = steps_per_epoch * cfg["epochs"]
     state_path, log_path = d / "train_state.pt", d / "train_log.jsonl"
     start = 0
@@ -322,7 +338,7 @@ def update(run_dir, it, cfg, mdl, tok):
             t0, ntok = time.time(), sum(len(s["ids"]) - s["n_prompt"] for s in seqs)
             opt.zero_grad(set_to_none=True)
             loss, metrics = 0.0, {}
-            mbs = micro_batches(seqs, budget, unit=2 if cfg["loss"] == "scoredpo" else 1)
+            mbs = micro_batches(seqs, budget, unit)
             for mb in mbs:
                 if cfg["loss"] == "scoredpo":
                     mb[0]["pair_share"] = (len(mb) / 2) / (len(seqs) / 2)
@@ -333,7 +349,7 @@ def update(run_dir, it, cfg, mdl, tok):
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"]).item()
             opt.step()
             row = {"step": step + 1, "epoch": epoch, "loss": loss, "pg": metrics.get("pg"), "kl": metrics.get("kl"),
-                   "clip_frac": metrics.get("clip_frac"), "grad_norm": gnorm, "lr": cfg["lr"],
+                   "clip_frac": metrics.get("clip_frac"), "ratio": metrics.get("ratio_mean"), "grad_norm": gnorm, "lr": cfg["lr"],
                    "tokens_per_s": ntok / max(time.time() - t0, 1e-9)}
             if (step + 1) % cfg["save_every"] == 0 or step + 1 == total:
                 torch.save({"lora": [p.detach().cpu() for p in params], "opt": opt.state_dict(), "step": step + 1},
@@ -369,6 +385,8 @@ def train_args(ap):
     g.add_argument("--lora-r", type=int)
     g.add_argument("--lora-alpha", type=int)
     g.add_argument("--save-every", type=int, help="optimizer steps between resumable train states")
+    g.add_argument("--checkpoint", choices=["auto", "on", "off"],
+                   help="activation checkpointing per decoder layer (auto: on with CUDA, off on CPU)")
 
 
 CURATE_DEFAULTS = dict(groups="sharpen", n=6, group_size=4, min_var=0.01, max_combos=1000, groups_per_problem=4,
@@ -507,7 +525,7 @@ def main(argv=None):
         torch.manual_seed(cfg["seed"])
         collect.set_threads(cfg)
         with collect.open_executor(cfg) as ex:
-            mdl, tok = M.load_model(cfg["model"], device=cfg["device"])
+            mdl, tok = M.load_model(cfg["model"], device=cfg["device"], dtype=cfg["dtype"])
             M.add_lora(mdl, r=cfg["lora_r"], alpha=cfg["lora_alpha"])
             for k in range(args.iter):
                 d = run_dir / f"iter_{k}"

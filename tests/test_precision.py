@@ -1,0 +1,136 @@
+"""One numeric path for pi_theta, pi_old and pi_ref (any precision, CPU bf16 included), and
+activation checkpointing that changes memory, never gradients."""
+import json
+
+import pytest
+import torch
+
+import model as M
+import train as T
+from conftest import tiny_llama, tiny_tokenizer
+
+PROMPT = [{"role": "user", "content": "what is 2+3?"}]
+COMPLETIONS = ["5", "6 6", "41 + 1", "1 2", "77", "3 * 3 = 9", "x", "2 2 2 2"]
+
+
+def lora_model(dtype=torch.float32, seed=0):
+    mdl = tiny_llama(seed).to(dtype)
+    M.add_lora(mdl, r=4, alpha=8)
+    torch.manual_seed(seed + 1)
+    for m in M.lora_modules(mdl).values():  # a trained adapter: pi_old != base
+        torch.nn.init.normal_(m.lora_B.weight, std=0.05)
+    return mdl
+
+
+def write_groups(path, tok, scores_per_group):
+    """Several groups of one prompt with completions of unequal length, so that how sequences are
+    cut into micro-batches changes the batch shapes."""
+    import curate
+    rows = []
+    for g, scores in enumerate(scores_per_group):
+        comps = COMPLETIONS[g::len(scores_per_group)][:len(scores)]
+        adv = curate.advantages(scores)
+        members = [{"sample": 10 * g + i, "completion": c, "score": s, "advantage": a,
+                    "completion_ids": tok(c, add_special_tokens=False)["input_ids"] + [2]}
+                   for i, (c, s, a) in enumerate(zip(comps, scores, adv))]
+        rows.append({"problem_id": f"p{g}", "prompt": PROMPT, "prefill": "", "members": members})
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "groups.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ref", ["old", "base"])
+def test_first_step_sees_pi_theta_equal_pi_old_exactly(tmp_path, monkeypatch, dtype, ref):
+    """theta == theta_old at the first step of an iteration: every token's log-ratio must be 0,
+    exactly, not approximately, whatever the precision and the micro-batching (and the KL to
+    pi_ref = pi_old 0 as well)."""
+    tok = tiny_tokenizer()
+    mdl = lora_model(dtype)
+    write_groups(tmp_path / "iter_0", tok, [[1.0, 0.0, 0.5], [0.0, 1.0], [1.0, 0.0, 0.0]])
+    seen = []
+    terms = M.grpo_token_terms
+
+    def spy(logp, old_logp, ref_logp, *a):
+        seen.append(((logp - old_logp).detach().clone(), (logp - ref_logp).detach().clone()))
+        return terms(logp, old_logp, ref_logp, *a)
+
+    monkeypatch.setattr(M, "grpo_token_terms", spy)
+    # lr 0 keeps theta == theta_old for every step; a budget that cuts steps into several micro-batches
+    c = dict(T.TRAIN_DEFAULTS, seed=0, model="tiny", ref=ref, lr=0.0, epochs=1, groups_per_step=2, token_budget=60)
+    T.update(tmp_path, 0, c, mdl, tok)
+    assert len(seen) >= 3
+    for d_old, d_ref in seen:
+        assert torch.equal(d_old, torch.zeros_like(d_old))
+        if ref == "old":
+            assert torch.equal(d_ref, torch.zeros_like(d_ref))
+        else:  # the adapter is not zero: the base model really differs
+            assert d_ref.abs().max() > 0
+    log = [json.loads(l) for l in (tmp_path / "iter_0" / "train_log.jsonl").read_text().splitlines()]
+    assert log[0]["clip_frac"] == 0.0
+    if ref == "old":
+        assert log[0]["kl"] == 0.0
+
+
+def test_scoredpo_first_step_loss_is_log2_when_theta_is_ref(tmp_path):
+    """pi_ref = base in Score-DPO: at iteration 0 (B = 0) theta == ref, so every pair's margin is
+    exactly 0 and the first step's loss is exactly log 2 -- in bf16 too."""
+    tok = tiny_tokenizer()
+    mdl = M.add_lora(tiny_llama().to(torch.bfloat16), r=4, alpha=8)
+    write_groups(tmp_path / "iter_0", tok, [[1.0, 0.0, 0.5], [0.0, 1.0]])
+    c = dict(T.TRAIN_DEFAULTS, seed=0, model="tiny", loss="scoredpo", lr=0.0, epochs=1, groups_per_step=1,
+             token_budget=40, pairs_per_problem=3)
+    T.update(tmp_path, 0, c, mdl, tok)
+    log = [json.loads(l) for l in (tmp_path / "iter_0" / "train_log.jsonl").read_text().splitlines()]
+    assert log[0]["loss"] == pytest.approx(torch.log(torch.tensor(2.0, dtype=torch.float64)).item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_checkpointing_changes_no_gradient(dtype):
+    """Per-layer activation checkpointing through the shared-prompt forward (the prompt's KV cache
+    is replayed, not re-appended, when a layer is recomputed) gives the same loss and the same LoRA
+    gradients bit for bit; both equal the naive per-sequence forward (no shared prompt, no
+    checkpointing) up to rounding."""
+    tok = tiny_tokenizer()
+    mdl = lora_model(dtype)
+    params = M.lora_parameters(mdl)
+    p = M.prompt_ids(tok, PROMPT)
+    seqs = [{"ids": p + tok(c, add_special_tokens=False)["input_ids"] + [2], "n_prompt": len(p)} for c in COMPLETIONS[:5]]
+    weights = torch.linspace(-1, 1, sum(len(s["ids"]) - s["n_prompt"] for s in seqs))
+
+    def grads(fn):
+        for q in params:
+            q.requires_grad_(True)
+            q.grad = None
+        h, W, y = fn()
+        lp = M.fused_logprobs(h, W, y)
+        (lp * weights).sum().backward()
+        return lp.detach(), [q.grad.clone() for q in params]
+
+    def naive():  # one full forward per sequence, no cache, no checkpointing
+        hs, ys = [], []
+        for s in seqs:
+            ids = torch.tensor([s["ids"]])
+            comp = torch.zeros_like(ids)
+            comp[0, s["n_prompt"]:] = 1
+            with M.precision(mdl):
+                h, W, y = M.completion_hidden(mdl, ids, torch.ones_like(ids), comp)
+            hs.append(h)
+            ys.append(y)
+        return torch.cat(hs).to(W.dtype), W, torch.cat(ys)
+
+    lp0, g0 = grads(lambda: T.forward_hidden(mdl, seqs, ckpt=False))
+    lp1, g1 = grads(lambda: T.forward_hidden(mdl, seqs, ckpt=True))
+    assert torch.equal(lp0, lp1)
+    assert all(torch.equal(a, b) for a, b in zip(g0, g1))
+    lpn, gn = grads(naive)
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    assert torch.allclose(lp0, lpn, atol=tol * 10)
+    for a, b in zip(g0, gn):
+        assert (a - b).norm() <= tol * b.norm() + 1e-6
+
+
+def test_dtype_knob_rejects_unknown_values():
+    assert M.resolve_dtype("auto", "cpu") == torch.float32
+    assert M.resolve_dtype("bf16", "cpu") == torch.bfloat16
+    with pytest.raises(M.ModelError, match="--dtype"):
+        M.resolve_dtype("int8", "cpu")
