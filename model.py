@@ -151,6 +151,8 @@ def load_model(name_or_path=DEFAULT_MODEL, device="cpu", dtype=None):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     model.name_or_path = str(name_or_path)  # what save_adapter records as the base model
+    if torch.device(device).type == "cuda":  # where attention memory bounds the step; CPU numerics stay as they were
+        use_gqa_attention(model)
     return model.to(device).eval(), tok
 
 # ==== LoRA (owner: lead) ====
@@ -636,6 +638,40 @@ def completion_logprobs(model, input_ids, attention_mask, completion_mask, chunk
     """Per-token log-probs [N] (fp32) of the completion tokens, never building full-batch logits."""
     hidden, weight, targets = completion_hidden(model, input_ids, attention_mask, completion_mask)
     return fused_logprobs(hidden, weight.to(hidden.dtype), targets, chunk_size)
+
+
+def gqa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """SDPA for grouped-query attention under an explicit mask, without repeat_kv. With a mask,
+    transformers' SDPA path copies every KV head n_rep times (7x for Qwen2.5-7B) for every row of a
+    group, and that copy is what autograd saves. Here the n_rep query heads that share a KV head are
+    folded into the query-length axis instead: the same dot products, K/V read once, and only the
+    (small) mask repeated. Anything else (no mask, one query token, MHA) goes to transformers' SDPA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    n_rep = getattr(module, "num_key_value_groups", 1)
+    B, Hq, T, D = query.shape
+    plain = (n_rep == 1 or T == 1 or attention_mask is None or attention_mask.dim() != 4
+             or attention_mask.shape[1] != 1 or kwargs.get("position_bias") is not None or kwargs.get("softcap"))
+    if plain:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    Hkv, S = key.shape[1], key.shape[2]
+    q = query.reshape(B, Hkv, n_rep * T, D)  # head h = kv * n_rep + r, the order repeat_kv makes
+    mask = attention_mask[:, :, None].expand(B, 1, n_rep, T, S).reshape(B, 1, n_rep * T, S)
+    out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
+    return out.reshape(B, Hq, T, D).transpose(1, 2).contiguous(), None
+
+
+def use_gqa_attention(model):
+    """Switch a model that runs transformers' SDPA to gqa_attention (same masks, same math)."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    if model.config._attn_implementation != "sdpa":
+        return model
+    AttentionInterface.register("spogw_gqa", gqa_attention)
+    AttentionMaskInterface.register("spogw_gqa", sdpa_mask)
+    model.set_attn_implementation("spogw_gqa")
+    return model
 
 
 def _replayable(cache):

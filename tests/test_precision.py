@@ -134,3 +134,36 @@ def test_dtype_knob_rejects_unknown_values():
     assert M.resolve_dtype("bf16", "cpu") == torch.bfloat16
     with pytest.raises(M.ModelError, match="--dtype"):
         M.resolve_dtype("int8", "cpu")
+
+
+def test_gqa_attention_equals_repeated_kv_attention():
+    """The folded grouped-query attention against the naive one: K/V repeated per query head,
+    softmax(q k^T * scale + mask) v, in float64."""
+    torch.manual_seed(0)
+    B, Hkv, n_rep, T, S, D = 3, 2, 4, 5, 9, 8
+    q = torch.randn(B, Hkv * n_rep, T, D, dtype=torch.float64)
+    k, v = torch.randn(B, Hkv, S, D, dtype=torch.float64), torch.randn(B, Hkv, S, D, dtype=torch.float64)
+    mask = torch.rand(B, 1, T, S) > 0.3
+    mask[..., 0] = True  # every query sees at least one key
+
+    class Attn(torch.nn.Module):
+        num_key_value_groups = n_rep
+        is_causal = True
+
+    out, _ = M.gqa_attention(Attn(), q, k, v, mask, scaling=0.5)
+    kr, vr = k.repeat_interleave(n_rep, 1), v.repeat_interleave(n_rep, 1)
+    scores = (q @ kr.transpose(-1, -2)) * 0.5
+    ref = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1) @ vr
+    assert torch.allclose(out, ref.transpose(1, 2), atol=1e-12)
+
+
+def test_gqa_attention_in_the_training_forward():
+    tok = tiny_tokenizer()
+    mdl = lora_model()
+    p = M.prompt_ids(tok, PROMPT)
+    seqs = [{"ids": p + tok(c, add_special_tokens=False)["input_ids"] + [2], "n_prompt": len(p)} for c in COMPLETIONS[:4]]
+    h0, _, _ = T.forward_hidden(mdl, seqs)
+    M.use_gqa_attention(mdl)
+    assert mdl.config._attn_implementation == "spogw_gqa"
+    h1, _, _ = T.forward_hidden(mdl, seqs)
+    assert torch.allclose(h0, h1, atol=1e-5)
