@@ -3,8 +3,11 @@
     python bench.py kernel [--device cpu|cuda] [--json]
     python bench.py sandbox [--n 200] [--workers 2]
     python bench.py executor [--concurrency 1 8]
+    python bench.py gpu [--models 135m 1.7b 7b] [--json]   # needs CUDA; see bench_gpu.py
 """
 import argparse
+
+import bench_gpu
 
 # ==== kernel benchmark (owner: kernel helper) ====
 # Fused log-prob kernel vs the naive LM-head paths (DESIGN §8). Each variant computes the same
@@ -302,5 +305,6 @@ if __name__ == "__main__":
     sandbox_parser(sub)
     executor_parser(sub)
     kernel_parser(sub)
+    bench_gpu.parser(sub)
     args = ap.parse_args()
     args.fn(args)

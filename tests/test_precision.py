@@ -167,3 +167,24 @@ def test_gqa_attention_in_the_training_forward():
     assert mdl.config._attn_implementation == "spogw_gqa"
     h1, _, _ = T.forward_hidden(mdl, seqs)
     assert torch.allclose(h0, h1, atol=1e-5)
+
+
+def test_bench_gpu_quick_on_cpu():
+    """bench.py gpu's own code path, on a tiny shape: the first step it reports is exact."""
+    import argparse
+
+    import bench_gpu
+    args = argparse.Namespace(device="cpu", dtype="bf16", models=[], reps=1, no_gqa=False, quick=True, json=True)
+    (row,) = bench_gpu.run(args)
+    assert row["max_abs_logratio"] == 0.0 and row["first_step_kl"] == 0.0
+    assert row["sample_tok_s"] > 0 and row["step_s_ckpt"] > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_bench_gpu_without_cuda_exits_2():
+    import subprocess
+    import sys
+    from pathlib import Path
+    r = subprocess.run([sys.executable, "bench.py", "gpu"], cwd=Path(__file__).resolve().parents[1],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "CUDA is not available" in r.stderr

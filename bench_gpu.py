@@ -1,0 +1,194 @@
+"""The GPU check: this repo's own update step and sampler on random-init models of real shapes.
+
+    python bench.py gpu                      # SmolLM2-135M, a 1.7B and a Qwen2.5-7B shape, bf16, < 5 min
+    python bench.py gpu --models 7b --json   # one shape, machine-readable
+    python bench.py gpu --device cpu --quick # the same code on a tiny shape (what the test suite runs)
+
+No weights are needed: each model is built from its config with random weights, a LoRA whose B is
+non-zero (so pi_theta differs from the base), and one GRPO step's worth of synthetic groups shaped
+like the default run's (one ~1000-token prompt, 8 distinct completions, 4 groups of 4). It reports
+  - the first step's rho and KL (theta == theta_old there, so they must be exactly 1 and 0),
+  - the bf16 kernel error buckets (bench.py kernel's measurement, on this device),
+  - peak memory and step time with and without activation checkpointing,
+  - sampling tokens/s for 8 prompts x 8 samples x 128 tokens (model.decode).
+Exits 2 when CUDA is missing (unless --device cpu).
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+import model as M
+import train as T
+
+# Real shapes. SmolLM2-1.7B stands in for "a 1.7B": MHA (32 KV heads), tied head, 49k vocab.
+SHAPES = {
+    "135m": ("llama", dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                           num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0)),
+    "1.7b": ("llama", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
+                           num_key_value_heads=32, vocab_size=49152, tie_word_embeddings=True, rope_theta=130000.0)),
+    "7b": ("qwen2", dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                         num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False, rope_theta=1e6)),
+    "tiny": ("llama", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=False)),
+}
+PROMPT_TOKENS, COMPLETION_TOKENS, DISTINCT, GROUPS, GROUP_SIZE = 1000, 128, 8, 4, 4
+
+
+def build(shape, device, dtype, lora_r=16, gqa=True):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kind, kw = SHAPES[shape]
+    cfg = AutoConfig.for_model(kind, max_position_embeddings=4096, **kw)
+    torch.manual_seed(0)
+    with torch.device(device):
+        mdl = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+    if gqa and torch.device(device).type == "cuda":
+        M.use_gqa_attention(mdl)
+    M.add_lora(mdl, r=lora_r, alpha=2 * lora_r)
+    g = torch.Generator(device="cpu").manual_seed(1)
+    for m in M.lora_modules(mdl).values():  # a trained adapter: pi_old != base, as at iteration >= 1
+        m.lora_B.weight.data.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.01)
+    return mdl
+
+
+def step_sequences(vocab, prompt_tokens=PROMPT_TOKENS, completion_tokens=COMPLETION_TOKENS, seed=0):
+    """One optimizer step of the default run: GROUPS groups of GROUP_SIZE members of one problem,
+    drawn from DISTINCT workflows of 3/4 to the full completion length."""
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(3, vocab, (prompt_tokens,), generator=g).tolist()
+    lens = torch.randint(completion_tokens * 3 // 4, completion_tokens + 1, (DISTINCT,), generator=g).tolist()
+    comps = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lens]
+    seqs = []
+    for k in range(GROUPS):
+        members = torch.randperm(DISTINCT, generator=g)[:GROUP_SIZE].tolist()
+        adv = torch.linspace(-1.2, 1.2, GROUP_SIZE).tolist()
+        seqs += [{"ids": prompt + comps[i], "n_prompt": len(prompt), "adv": a, "score": 0.0} for i, a in zip(members, adv)]
+    return seqs
+
+
+def first_step(mdl, seqs, cfg, ckpt):
+    """pi_old exactly as train.update scores it, then one step's loss and backward through
+    train.step_loss. Returns (the step's metrics, max |log pi_theta - log pi_old| over its tokens)."""
+    dev = []
+    terms = M.grpo_token_terms
+
+    def spy(logp, old_logp, *a):  # the per-token log-ratio inside the fused loss
+        dev.append((logp - old_logp).abs().max().item())
+        return terms(logp, old_logp, *a)
+
+    olds = T.seq_logprobs(mdl, seqs, cfg["token_budget"], cfg["chunk_size"], 1, ckpt)
+    for s, o in zip(seqs, olds):
+        s["old"] = s["ref"] = o
+    T.prepare_step(seqs, cfg)
+    M.grpo_token_terms = spy
+    try:
+        metrics = {}
+        for mb in T.micro_batches(seqs, cfg["token_budget"]):
+            _, m = T.step_loss(mdl, mb, cfg)
+            for k, v in m.items():
+                metrics[k] = metrics.get(k, 0.0) + v
+    finally:
+        M.grpo_token_terms = terms
+    return metrics, max(dev)
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def step_cost(mdl, seqs, cfg, ckpt, device, reps):
+    """Median wall time and peak memory above the model of one full GRPO step (pi_old pass excluded)."""
+    params = M.lora_parameters(mdl)
+    times, peak = [], 0.0
+    for r in range(reps + 1):  # the first is a warm-up
+        for p in params:
+            p.grad = None
+        sync(device)
+        if torch.device(device).type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        t = time.perf_counter()
+        cfg = dict(cfg, checkpoint="on" if ckpt else "off")
+        for mb in T.micro_batches(seqs, cfg["token_budget"]):
+            T.step_loss(mdl, mb, cfg)
+        sync(device)
+        if r:
+            times.append(time.perf_counter() - t)
+        if torch.device(device).type == "cuda":
+            peak = max(peak, (torch.cuda.max_memory_allocated() - base) / 2**30)
+    return statistics.median(times), peak
+
+
+def sampling_speed(mdl, vocab, device, prompts=8, n=8, tokens=128, prompt_tokens=200):
+    g = torch.Generator().manual_seed(2)
+    ids = [torch.randint(3, vocab, (prompt_tokens,), generator=g).tolist() for _ in range(prompts)]
+    gen = torch.Generator(device=device).manual_seed(0)
+    M.decode(mdl, ids[:1], n=2, max_new_tokens=4, temperature=1.0, eos=-1, gen=gen)  # warm-up
+    sync(device)
+    t = time.perf_counter()
+    out = M.decode(mdl, ids, n=n, max_new_tokens=tokens, temperature=1.0, eos=-1, gen=gen)
+    sync(device)
+    return sum(len(tk) for tk, _ in out) / (time.perf_counter() - t)
+
+
+def run(args):
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        print("bench.py gpu: CUDA is not available on this machine (this check needs a GPU; "
+              "`--device cpu --quick` runs the same code on a tiny shape)", file=sys.stderr)
+        sys.exit(2)
+    dtype = M.DTYPES[args.dtype]
+    shapes = ["tiny"] if args.quick else args.models
+    rows = []
+    for shape in shapes:
+        t0 = time.time()
+        mdl = build(shape, device, dtype, gqa=not args.no_gqa)
+        vocab = mdl.config.vocab_size
+        p_tok, c_tok = (60, 16) if args.quick else (PROMPT_TOKENS, COMPLETION_TOKENS)
+        cfg = dict(T.TRAIN_DEFAULTS, seed=0)
+        seqs = step_sequences(vocab, p_tok, c_tok)
+        weights_gib = sum(p.numel() * p.element_size() for p in mdl.parameters()) / 2**30
+        metrics, dev = first_step(mdl, [dict(s) for s in seqs], cfg, ckpt=T.checkpointing(cfg, device))
+        for s in seqs:
+            s["old"] = s["ref"] = [0.0] * (len(s["ids"]) - s["n_prompt"])
+        T.prepare_step(seqs, cfg)
+        reps = 1 if args.quick else args.reps
+        t_off, m_off = step_cost(mdl, seqs, cfg, False, device, reps)
+        t_on, m_on = step_cost(mdl, seqs, cfg, True, device, reps)
+        tok_s = sampling_speed(mdl, vocab, device, *((2, 2, 8, 20) if args.quick else ()))
+        row = dict(model=shape, dtype=args.dtype, weights_gib=weights_gib,
+                   step_tokens=sum(len(s["ids"]) - s["n_prompt"] for s in seqs) + p_tok,
+                   first_step_ratio=metrics["ratio_mean"], first_step_kl=metrics["kl"], max_abs_logratio=dev,
+                   step_s_no_ckpt=t_off, step_s_ckpt=t_on, ckpt_time_ratio=t_on / t_off,
+                   peak_gib_no_ckpt=weights_gib + m_off, peak_gib_ckpt=weights_gib + m_on,
+                   sample_tok_s=tok_s, seconds=time.time() - t0)
+        rows.append(row)
+        if not args.json:
+            print(f"{shape:>5} {args.dtype}: first step rho {row['first_step_ratio']:.6f} (max |log rho| {dev:.1e}), "
+                  f"KL {row['first_step_kl']:.1e} | step {t_off:.2f} s, peak {row['peak_gib_no_ckpt']:.1f} GiB -> "
+                  f"checkpointed {t_on:.2f} s ({t_on / t_off:.2f}x), {row['peak_gib_ckpt']:.1f} GiB | "
+                  f"sampling {tok_s:.0f} tok/s | {row['seconds']:.0f} s", flush=True)
+        del mdl
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    if args.json:
+        print(json.dumps({"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "rows": rows}, indent=1))
+    return rows
+
+
+def parser(sub):
+    p = sub.add_parser("gpu", help="update step, memory, checkpointing and sampling on real-shaped random models",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--dtype", choices=tuple(M.DTYPES), default="bf16")
+    p.add_argument("--models", nargs="+", choices=[s for s in SHAPES if s != "tiny"], default=["135m", "1.7b", "7b"])
+    p.add_argument("--reps", type=int, default=3, help="timed steps per setting (median)")
+    p.add_argument("--no-gqa", action="store_true", help="transformers' SDPA (repeat_kv) instead of model.gqa_attention")
+    p.add_argument("--quick", action="store_true", help="one tiny shape (tests)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=run)
