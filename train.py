@@ -431,6 +431,21 @@ def estimate_minutes(cfg, iters):
     return (iters * per_iter + n_eval * cfg["eval_problems"] * SEC_PER_EVAL) / 60
 
 
+def run_notes(cfg, iters):
+    """What to tell the user before a run starts: a time estimate where we have measured one (the
+    embedded default on a CPU) and warnings for settings that waste the machine."""
+    notes = []
+    if cfg["device"] == "cpu" and torch.cuda.is_available():
+        notes.append("warning: CUDA is available but --device is cpu: pass --device cuda to train and sample on the GPU")
+    if cfg["device"] == "cpu" and cfg["model"] == M.DEFAULT_MODEL and cfg["executor"] == "local":
+        notes.append(f"estimated time: ~{estimate_minutes(cfg, iters):.0f} min on 2 CPU cores (measured on the "
+                     f"embedded default; more cores or a GPU take less)")
+    else:
+        notes.append("no time estimate: the per-unit costs were measured for the embedded model on 2 CPU cores only; "
+                     "the progress bars show the rate once it runs")
+    return notes
+
+
 def write_report(run_dir, cfg, iters, baseline_rows, wall, resumed=False):
     import evaluate
     run_dir = Path(run_dir)
@@ -520,8 +535,8 @@ def main(argv=None):
                 write_atomic(ev_dst, ev_src.read_text())
         resumed = (run_dir / "iter_0" / "rollouts.jsonl").exists() and not args.data_from
         print(f"[train] run {run_dir}  config: " + json.dumps(cfg, sort_keys=True))
-        print(f"[train] estimated time: ~{estimate_minutes(cfg, args.iter):.0f} min on 2 CPU cores "
-              f"(much less on a GPU / API executor)")
+        for line in run_notes(cfg, args.iter):
+            print(f"[train] {line}", file=sys.stderr if line.startswith("warning") else sys.stdout)
         torch.manual_seed(cfg["seed"])
         collect.set_threads(cfg)
         with collect.open_executor(cfg) as ex:

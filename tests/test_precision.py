@@ -188,3 +188,14 @@ def test_bench_gpu_without_cuda_exits_2():
     r = subprocess.run([sys.executable, "bench.py", "gpu"], cwd=Path(__file__).resolve().parents[1],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "CUDA is not available" in r.stderr
+
+
+def test_run_notes_warn_about_an_idle_gpu_and_estimate_only_what_was_measured(monkeypatch):
+    import collect
+    c = dict(collect.DEFAULTS, **T.TRAIN_DEFAULTS, **T.CURATE_DEFAULTS, **T.EVAL_DEFAULTS)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    notes = T.run_notes(c, 3)
+    assert any(n.startswith("warning: CUDA is available") for n in notes)
+    assert any("2 CPU cores" in n for n in notes)
+    notes = T.run_notes(dict(c, device="cuda", model="Qwen/Qwen2.5-7B-Instruct"), 3)
+    assert not any("2 CPU cores" in n or n.startswith("warning") for n in notes)
