@@ -10,7 +10,8 @@ Every run is a fresh `python -I -S` child in its own session. As root (the norma
 lives in new network, PID and mount namespaces: no interfaces, only its own processes under a
 fresh /proc, / remounted read-only + nosuid, a size-capped tmpfs on /tmp as its working dir, and it
 drops to a fresh unprivileged uid before running anything untrusted. When its PID 1 exits the
-kernel kills everything left in the namespace, so nothing outlives a run. The child talks to the
+kernel kills everything left in the namespace, so nothing outlives a run. Besides the stdlib it can
+import PACKAGES (numpy, sympy, mpmath), read-only; nothing else of site-packages is visible. The child talks to the
 parent only through a private pipe pair (JSON lines); the API key and the executor client never
 leave the parent. See `isolation()` for what is in force where namespaces are not allowed.
 """
@@ -315,8 +316,15 @@ def isolation():
         return _probe()
 
 
-_PROBE = ("def solve(p):\n    import fractions, sys, importlib.util as u\n"
-          "    return ' '.join(['ok', sys.implementation.cache_tag] + [n for n in p.split() if u.find_spec(n)])\n")
+_PROBE = '''def solve(p):
+    import fractions, sys, importlib.util as u
+    def found(name):
+        try:
+            return u.find_spec(name) is not None
+        except Exception:  # e.g. PermissionError: not there for this uid
+            return False
+    return ' '.join(['ok', sys.implementation.cache_tag] + [n for n in p.split() if found(n)])
+'''
 
 
 def _probe():
@@ -352,10 +360,14 @@ def _probe():
             words = ((r["final"] or {}).get("answer") or "").split()
             if words[:1] == ["ok"]:
                 notes = (r["final"].get("notes") or []) + site[2]
-                if words[1:2] != [sys.implementation.cache_tag] and _SITE[1]:
+                tag = words[1] if len(words) > 1 else "?"
+                if tag != sys.implementation.cache_tag and _SITE[1]:
                     # compiled modules and .pyc files are built for our interpreter only
-                    notes.append(f"no packages: child python is {words[1:2]}, ours {sys.implementation.cache_tag}")
+                    notes.append(f"no packages: child python is {tag}, ours {sys.implementation.cache_tag}")
                     _SITE, words = (None, []), words[:2]
+                missing = [n for n, _ in _SITE[1] if n in PACKAGES and n not in words[2:]]
+                if missing:  # e.g. the uid mode, where the packages live under a 0700 home
+                    notes.append(f"{' '.join(missing)} not readable by the sandbox uid")
                 pk = f" + read-only packages: {' '.join(words[2:])}" if words[2:] else ""
                 ISOLATION = _DESCRIBE[name] + pk + (f" [{'; '.join(notes)}]" if notes else "")
                 return ISOLATION

@@ -6,10 +6,12 @@ import importlib.util
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -537,40 +539,65 @@ def test_programmer_imports_numpy_and_sympy(monkeypatch):
     assert r["error"] is None and r["answer"] == _sci_reference().strip() and r["calls"] == 1, r
 
 
+INIT = "import os\nLIBS = os.listdir(os.path.join(os.path.dirname(__file__), '..', '{}.libs'))\n"
+PKG_PROBE = """import importlib, os
+for name in {names}:
+    try:
+        m = importlib.import_module(name)
+    except ImportError as e:
+        print(name, type(e).__name__)
+        continue
+    out = [name, str(m.LIBS)]
+    for f in (lambda: open(m.__file__, 'a'), lambda: os.mkdir(os.path.dirname(m.__file__) + '/x'),
+              lambda: open(os.path.join(os.path.dirname(m.__file__), '..', 'x.py'), 'w')):
+        try:
+            f()
+            out.append('changed')
+        except OSError:
+            out.append('refused')
+    print(' '.join(out))
+"""
+
+
 @pytest.mark.parametrize("mode", ["ns", "uid"])
 def test_packages_exposed_read_only_in_each_mode(monkeypatch, mode):
-    """A package (with a wheel's `.libs` sibling) placed where any uid may read it is importable
-    in both root modes, read-only; one with a world-writable file is left out, with a note."""
+    """Test packages, each with a wheel's `.libs` sibling: one that any uid may read is importable
+    in both root modes, read-only; one with a world-writable file is left out; one under a 0700
+    directory (like /root here) is importable through the ns mode's bind mount only."""
     if os.geteuid() != 0:
         pytest.skip("the ns and uid modes need root")
     tag = secrets.token_hex(4)
-    good, bad = f"spogwpkg_{tag}", f"spogwbad_{tag}"
-    base = Path(__import__("tempfile").mkdtemp(dir=CANARY_DIR))
+    good, bad, hid = f"spogwpkg_{tag}", f"spogwbad_{tag}", f"spogwhid_{tag}"
+    base = Path(tempfile.mkdtemp(dir=CANARY_DIR))  # reachable by any uid, unlike pytest's tmp_path
     try:
         base.chmod(0o755)
-        for name in (good, bad):
-            (base / name).mkdir()
-            (base / name / "__init__.py").write_text("import os\nLIBS = os.listdir(os.path.join(os.path.dirname(__file__), '..', "
-                                                     f"'{name}.libs'))\n")
-            (base / f"{name}.libs").mkdir()
-            (base / f"{name}.libs" / "libx.so").write_text("not really")
+        (base / "hidden").mkdir(0o700)
+        for name, where in ((good, base), (bad, base), (hid, base / "hidden")):
+            (where / name).mkdir()
+            (where / name / "__init__.py").write_text(INIT.format(name))
+            (where / f"{name}.libs").mkdir()
+            (where / f"{name}.libs" / "libx.so").write_text("not really")
         (base / bad / "__init__.py").chmod(0o666)
         monkeypatch.syspath_prepend(str(base))
+        monkeypatch.syspath_prepend(str(base / "hidden"))
         monkeypatch.setenv("SPOGW_SANDBOX_ISOLATION", mode)
-        monkeypatch.setattr(sandbox, "PACKAGES", (good, bad))
+        monkeypatch.setattr(sandbox, "PACKAGES", (good, bad, hid))
         for k, v in (("_MODE", None), ("ISOLATION", "unprobed"), ("_SITE", (None, []))):
             monkeypatch.setattr(sandbox, k, v)
         iso = sandbox.isolation()
-        assert f"read-only packages: {good} [" in iso and f"{bad} left out: {base / bad / '__init__.py'} is world-writable" in iso
-        r = sandbox.run_program(f"import {good}, os\nprint({good}.LIBS)\n"
-                                f"for f in (lambda: open({good}.__file__, 'a'), lambda: os.mkdir(os.path.dirname({good}.__file__) + '/x')):\n"
-                                "    try:\n        f()\n        print('changed')\n    except OSError as e:\n        print(type(e).__name__)\n"
-                                f"import {bad}\n", timeout=30)
-        assert r["stdout"].splitlines()[0] == "['libx.so']" and "changed" not in r["stdout"], r
-        assert not r["ok"] and r["error"] == f"exit 1: ModuleNotFoundError: No module named '{bad}'", r
-        assert sorted(os.listdir(base / good)) == ["__init__.py"]
+        shown = f"{good} {hid}" if mode == "ns" else good
+        assert f"read-only packages: {shown} [" in iso, iso
+        assert f"{bad} left out: {base / bad / '__init__.py'} is world-writable" in iso, iso
+        assert (f"{hid} not readable by the sandbox uid" in iso) == (mode == "uid"), iso
+        r = sandbox.run_program(PKG_PROBE.format(names=(good, hid, bad)), timeout=30)
+        reachable = "['libx.so'] refused refused refused"
+        assert r["ok"] and r["stdout"].splitlines() == [
+            f"{good} {reachable}", f"{hid} {reachable}" if mode == "ns" else f"{hid} ModuleNotFoundError",
+            f"{bad} ModuleNotFoundError"], r
+        assert sorted(os.listdir(base)) == sorted([good, bad, f"{good}.libs", f"{bad}.libs", "hidden"])
+        assert [(base / n / "__init__.py").read_text() for n in (good, bad)] == [INIT.format(good), INIT.format(bad)]
     finally:
-        __import__("shutil").rmtree(base)
+        shutil.rmtree(base)
 
 
 def test_run_many_yields_all_with_indices():
