@@ -10,10 +10,11 @@ Every run is a fresh `python -I -S` child in its own session. As root (the norma
 lives in new network, PID and mount namespaces: no interfaces, only its own processes under a
 fresh /proc, / remounted read-only + nosuid, a size-capped tmpfs on /tmp as its working dir, and it
 drops to a fresh unprivileged uid before running anything untrusted. When its PID 1 exits the
-kernel kills everything left in the namespace, so nothing outlives a run. Besides the stdlib it can
-import PACKAGES (numpy, sympy, mpmath), read-only; nothing else of site-packages is visible. The child talks to the
-parent only through a private pipe pair (JSON lines); the API key and the executor client never
-leave the parent. See `isolation()` for what is in force where namespaces are not allowed.
+kernel kills everything left in the namespace, so nothing outlives a run. Besides the stdlib it
+can import PACKAGES (numpy, sympy, mpmath), read-only; nothing else of site-packages is visible.
+The child talks to the parent only through a private pipe pair (JSON lines); the API key and the
+executor client never leave the parent. See `isolation()` for what is in force where namespaces
+are not allowed.
 """
 import argparse
 import atexit
@@ -381,8 +382,8 @@ def _env(home):
     # an allowlist, not a blocklist: nothing like *KEY*/*TOKEN*/*SECRET*/*_PROXY can slip through
     env = {k: v for k, v in os.environ.items() if k in ("LANG", "TZ") or k.startswith("LC_")}
     env.update(PATH="/usr/local/bin:/usr/bin:/bin", HOME=home, TMPDIR=home, PYTHONIOENCODING="utf-8")
-    # numpy's OpenBLAS starts a thread (and reserves buffers) per core at import: on a many-core
-    # machine that alone overruns RLIMIT_AS and RLIMIT_NPROC
+    # numpy's OpenBLAS starts a thread per core at import, each ~40 MB of address space (buffer +
+    # stack): on 16 cores that alone would overrun programmer's 256 MB RLIMIT_AS
     env.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
     env.setdefault("LANG", "C.UTF-8")
     return env
