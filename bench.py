@@ -1,7 +1,7 @@
 """Speed and memory benchmarks. Ratios against a baseline measured in the same run.
 
     python bench.py kernel [--device cpu|cuda] [--json]
-    python bench.py sandbox [--n 200] [--workers 2]
+    python bench.py sandbox [--n 200] [--n-import 20] [--workers 2]
     python bench.py executor [--concurrency 1 8]
 """
 import argparse

@@ -631,3 +631,15 @@ def test_cli(tmp_path):
     assert _cli(str(wf), "--problem", "x", "--executor", "ftp://nope").returncode == 2
     info = json.loads(_cli("--info").stdout)
     assert info["isolation"] == sandbox.isolation()
+
+
+def test_bench_sandbox_smoke():
+    p = subprocess.run([sys.executable, "bench.py", "sandbox", "--n", "2", "--n-import", "1", "--rounds", "1", "--json"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = json.loads(p.stdout)
+    assert out["program_numpy_sympy"]["runs"] == out["bare_numpy_sympy"]["runs"] == 1
+    assert out["program_plain"]["runs"] == out["program_plain_no_packages"]["runs"] == 2
+    assert 0 < out["numpy_sympy_vmpeak_mb"] < 256 and out["plain_with_vs_without_packages"] > 0
+    bad = subprocess.run([sys.executable, "bench.py", "sandbox", "--n", "0"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--n" in bad.stderr
