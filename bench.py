@@ -1,7 +1,7 @@
 """Speed and memory benchmarks. Ratios against a baseline measured in the same run.
 
     python bench.py kernel [--device cpu|cuda] [--json]
-    python bench.py sandbox [--n 200] [--workers 2]
+    python bench.py sandbox [--n 200] [--n-import 20] [--workers 2]
     python bench.py executor [--concurrency 1 8]
     python bench.py gpu [--models 135m 1.7b 7b] [--json]   # needs CUDA; see bench_gpu.py
 """
@@ -201,15 +201,57 @@ class _InstantExecutor:
         return "Answer: 4", {"prompt_tokens": 1, "completion_tokens": 1, "cost_usd": 0.0}
 
 
+SCI_PROGRAM = ("import numpy, resource, sympy\nx = sympy.Symbol('x')\n"
+               "print(sympy.solve(x**2 - 5*x + 6, x), numpy.arange(10).sum())\n"
+               "u = resource.getrusage(resource.RUSAGE_SELF)\n"
+               "print(u.ru_maxrss, open('/proc/self/status').read().split('VmPeak:')[1].split()[0], u.ru_utime + u.ru_stime)\n")
+
+
+def _bare_program(py, code, path):
+    """`code` in a bare `python -I -S` with `path` on sys.path: no sandbox, the floor of a run."""
+    import subprocess
+    import time
+
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    t = time.perf_counter()
+    # ends like the sandbox runtime does, with os._exit: interpreter teardown after sympy costs more
+    # than the whole sandbox
+    code = f"import sys; sys.path += {path!r}\n{code}\nsys.stdout.flush(); sys.stderr.flush(); __import__('os')._exit(0)\n"
+    # a session of its own, like the sandbox child: with autogroup scheduling a new session gets its
+    # own CPU share, which on a machine shared with other jobs is worth more than the sandbox costs
+    p = subprocess.run([py, "-I", "-S", "-c", code], env=env, capture_output=True, text=True, start_new_session=True)
+    return dict(ok=p.returncode == 0, stdout=p.stdout, stderr=p.stderr, seconds=time.perf_counter() - t)
+
+
+def _program_block(sandbox, job, n, workers, site):
+    """`n` runs of `job` (a run_many job) through the pool, with the importable packages exposed
+    (site=True, the default) or not (as before they existed)."""
+    saved = sandbox._SITE
+    if not site:
+        sandbox._SITE = (None, [])
+    try:
+        res = [r for _, r in sandbox.run_many([job] * n, workers=workers)]
+    finally:
+        sandbox._SITE = saved
+    bad = [r for r in res if not r["ok"]]
+    assert not bad, bad[:1]
+    return res
+
+
 def bench_sandbox(args):
     """Per-run cost of the sandbox through the pool, against a bare `python -I -S -c pass` spawn
-    measured in the same run (the floor any subprocess sandbox pays)."""
+    measured in the same run (the floor any subprocess sandbox pays). Programs: a plain one with
+    the importable packages mounted (after) and without (before), and one that imports numpy and
+    sympy, against the same import in a bare, unsandboxed `python -I -S`."""
     import statistics
     import subprocess
     import time
 
     import sandbox
 
+    if args.n < 1 or args.n_import < 1 or args.rounds < 1:
+        print("bench.py sandbox: --n, --n-import and --rounds must be >= 1", file=sys.stderr)
+        sys.exit(2)
     iso = sandbox.isolation()
     py = sandbox._MODE[2]
     bare = []
@@ -230,23 +272,59 @@ def bench_sandbox(args):
         per = [r["seconds"] for r in res]
         rows[name] = dict(runs=args.n, workers=args.workers, median_run_ms=1e3 * statistics.median(per),
                           p90_run_ms=1e3 * sorted(per)[int(0.9 * len(per))], wall_s=wall, runs_per_s=args.n / wall)
-    out = dict(isolation=iso, python=py, bare_spawn_median_ms=1e3 * statistics.median(bare), **rows,
-               noop_vs_bare_spawn=rows["noop"]["median_run_ms"] / (1e3 * statistics.median(bare)))
+    # programs: the variants alternate block by block, so load drift hits them alike; the bare
+    # import uses the child's interpreter and the parent's package dirs, at the same concurrency
+    path = sorted({os.path.dirname(d) for _, d in sandbox._SITE[1]})
+    plain = dict(program="print(6 * 7)", timeout=60)
+    progs = {"program_plain_no_packages": (plain, args.n, False), "program_plain": (plain, args.n, True),
+             "program_numpy_sympy": (dict(program=SCI_PROGRAM, timeout=60), args.n_import, True),
+             "bare_numpy_sympy": (lambda: _bare_program(py, SCI_PROGRAM, path), args.n_import, True)}
+    runs = {k: [] for k in progs}
+    for _ in range(args.rounds):
+        for k, (job, n, site) in progs.items():
+            runs[k] += _program_block(sandbox, job, max(1, n // args.rounds), args.workers, site)
+    for k, res in runs.items():
+        per = [r["seconds"] for r in res]
+        rows[k] = dict(runs=len(res), workers=args.workers, median_run_ms=1e3 * statistics.median(per),
+                       p90_run_ms=1e3 * sorted(per)[int(0.9 * len(per))])
+    sci, ref = (runs[k][0]["stdout"].splitlines() for k in ("program_numpy_sympy", "bare_numpy_sympy"))
+    assert sci[0] == ref[0], (sci, ref)  # the sandbox computes what the bare interpreter does
+    mem, mem_bare = ([float(v) for v in lines[-1].split()] for lines in (sci, ref))
+    cpu, cpu_bare = (statistics.median(float(r["stdout"].split()[-1]) for r in runs[k]) for k in ("program_numpy_sympy", "bare_numpy_sympy"))
+    bare_ms, floor_ms = 1e3 * statistics.median(bare), rows["bare_numpy_sympy"]["median_run_ms"]
+    out = dict(isolation=iso, python=py, bare_spawn_median_ms=bare_ms, **rows,
+               numpy_sympy_maxrss_mb=mem[0] / 1024, numpy_sympy_vmpeak_mb=mem[1] / 1024,
+               bare_numpy_sympy_maxrss_mb=mem_bare[0] / 1024, bare_numpy_sympy_vmpeak_mb=mem_bare[1] / 1024,
+               numpy_sympy_cpu_ms=1e3 * cpu, bare_numpy_sympy_cpu_ms=1e3 * cpu_bare,
+               noop_vs_bare_spawn=rows["noop"]["median_run_ms"] / bare_ms,
+               plain_with_vs_without_packages=rows["program_plain"]["median_run_ms"] / rows["program_plain_no_packages"]["median_run_ms"],
+               numpy_sympy_vs_bare=rows["program_numpy_sympy"]["median_run_ms"] / floor_ms)
     if args.json:
         print(json.dumps(out))
         return
     print(f"isolation: {iso}\nchild python: {py}")
-    print(f"bare `python -I -S -c pass` spawn: median {out['bare_spawn_median_ms']:.1f} ms")
+    print(f"bare `python -I -S -c pass` spawn: median {bare_ms:.1f} ms")
+    w = max(map(len, rows))
     for name, r in rows.items():
-        print(f"{name:14s} {r['runs']} runs, {r['workers']} workers: median {r['median_run_ms']:.1f} ms/run "
-              f"(p90 {r['p90_run_ms']:.1f}), {r['runs_per_s']:.1f} runs/s, wall {r['wall_s']:.2f} s")
+        extra = f", {r['runs_per_s']:.1f} runs/s, wall {r['wall_s']:.2f} s" if "wall_s" in r else ""
+        print(f"{name:{w}s} {r['runs']} runs, {r['workers']} workers: median {r['median_run_ms']:.1f} ms/run "
+              f"(p90 {r['p90_run_ms']:.1f}){extra}")
+    print(f"numpy + sympy in the sandbox: max RSS {out['numpy_sympy_maxrss_mb']:.0f} MB, "
+          f"peak address space {out['numpy_sympy_vmpeak_mb']:.0f} MB (programmer's cap: 256 MB); bare: "
+          f"{out['bare_numpy_sympy_maxrss_mb']:.0f} MB, {out['bare_numpy_sympy_vmpeak_mb']:.0f} MB")
+    print(f"numpy + sympy program's own CPU time (median): {out['numpy_sympy_cpu_ms']:.0f} ms in the sandbox, "
+          f"{out['bare_numpy_sympy_cpu_ms']:.0f} ms bare")
     print(f"noop / bare spawn: {out['noop_vs_bare_spawn']:.2f}x   (target: noop median <= 80 ms)")
+    print(f"plain program, packages mounted / not: {out['plain_with_vs_without_packages']:.2f}x")
+    print(f"numpy + sympy program, sandbox / bare (no sandbox): {out['numpy_sympy_vs_bare']:.2f}x")
 
 
 def sandbox_parser(sub):
     p = sub.add_parser("sandbox", help="sandbox per-run overhead and throughput through the pool",
-                       description="python bench.py sandbox [--n 200] [--workers 2] [--json]")
-    p.add_argument("--n", type=int, default=200, help="workflows per measurement")
+                       description="python bench.py sandbox [--n 200] [--n-import 20] [--workers 2] [--json]")
+    p.add_argument("--n", type=int, default=200, help="workflows / plain programs per measurement")
+    p.add_argument("--n-import", type=int, default=20, help="numpy + sympy programs (and bare imports)")
+    p.add_argument("--rounds", type=int, default=4, help="alternating blocks of the program variants")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=bench_sandbox)

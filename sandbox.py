@@ -10,11 +10,15 @@ Every run is a fresh `python -I -S` child in its own session. As root (the norma
 lives in new network, PID and mount namespaces: no interfaces, only its own processes under a
 fresh /proc, / remounted read-only + nosuid, a size-capped tmpfs on /tmp as its working dir, and it
 drops to a fresh unprivileged uid before running anything untrusted. When its PID 1 exits the
-kernel kills everything left in the namespace, so nothing outlives a run. The child talks to the
-parent only through a private pipe pair (JSON lines); the API key and the executor client never
-leave the parent. See `isolation()` for what is in force where namespaces are not allowed.
+kernel kills everything left in the namespace, so nothing outlives a run. Besides the stdlib it
+can import PACKAGES (numpy, sympy, mpmath), read-only; nothing else of site-packages is visible.
+The child talks to the parent only through a private pipe pair (JSON lines); the API key and the
+executor client never leave the parent. See `isolation()` for what is in force where namespaces
+are not allowed.
 """
 import argparse
+import atexit
+import importlib.util
 import json
 import os
 import random
@@ -31,6 +35,12 @@ CAP = 64 * 1024  # bytes kept of stdout / stderr / answer / operator output
 MARK = "\n...[truncated]"
 MAX_MSG = 4 * 1024 * 1024  # one JSON line from the child; longer is a protocol error
 RESULT_KEYS = ("answer", "error", "calls", "prompt_tokens", "completion_tokens", "cost_usd", "seconds")
+# Installed packages that sandboxed code may import (executor-written MATH programs reach for sympy
+# and numpy all the time; mpmath is sympy's one dependency). Only these directories, plus a wheel's
+# bundled `<name>.libs` (numpy's OpenBLAS), become visible and only read-only: torch, openai and the
+# rest of site-packages stay out of reach. See _site().
+PACKAGES = ("numpy", "sympy", "mpmath")
+SITE_DIR = "/tmp/.site"  # where they appear inside the child's mount namespace
 
 # ---------------------------------------------------------------------------------------------
 # The child runtime: stdlib only, runs under `python -I -S -c`, so it must stay compatible with
@@ -62,7 +72,20 @@ def main():
             return True
         MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND = 1, 2, 4, 32, 4096
         opts = ("size=%dk,mode=1777" % cfg["tmpfs_kb"]).encode()
-        mount(b"tmpfs", b"/tmp", b"tmpfs", MS_NOSUID | MS_NODEV, opts)
+        site = cfg["site_dir"]
+        if mount(b"tmpfs", b"/tmp", b"tmpfs", MS_NOSUID | MS_NODEV, opts) and site:
+            # the importable packages (see _site()): each dir a read-only bind in a tmpfs that is
+            # itself remounted read-only, so neither a fresh uid nor a userns root (whose uid may own
+            # the files) can change them, and `..` from a bind ends in this tmpfs, not site-packages
+            os.mkdir(site, 0o755)
+            if mount(b"tmpfs", site.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, b"size=64k,mode=755"):
+                for name, src in cfg["site"]:
+                    dst = (site + "/" + name).encode()
+                    os.mkdir(dst)
+                    if mount(src.encode(), dst, None, MS_BIND, None) and not mount(
+                            None, dst, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV, None):
+                        libc.umount2(dst, 2)  # MNT_DETACH: never leave a writable bind behind
+                mount(None, site.encode(), None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
         if os.path.isdir("/dev/shm"):
             mount(b"tmpfs", b"/dev/shm", b"tmpfs", MS_NOSUID | MS_NODEV, b"size=1024k,mode=1777")
         mount(None, b"/", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
@@ -114,6 +137,8 @@ def main():
         os.lseek(fd, 0, 0)
         os.dup2(fd, 0)
         os.close(fd)
+    if cfg["site_dir"]:
+        sys.path.append(cfg["site_dir"])  # after the stdlib: a package cannot shadow a stdlib module
     import builtins
     code = cfg["code"]
     if cfg["mode"] == "program":
@@ -199,6 +224,7 @@ class SandboxError(RuntimeError):
 
 ISOLATION = "unprobed"  # set by isolation(); the bench and `--info` print it
 _MODE = None  # (name, argv prefix, python, uid_drop, mounts, block_net)
+_SITE = (None, [])  # (the child's sys.path entry for PACKAGES, [(name, host dir)]); set by _probe
 _PROBE_LOCK = threading.Lock()
 _DESCRIBE = {
     "ns": "netns+pidns+mountns (ro root, tmpfs /tmp) + fresh uid + rlimits",
@@ -229,6 +255,59 @@ def _set_non_dumpable():
         pass
 
 
+def _other_writable(path):
+    """The first file or directory at or above `path`, or anywhere below it, that a uid with only
+    "other" permissions may write (a fresh uid has no groups), else None. A sticky ancestor such as
+    /tmp is fine: others cannot rename or remove what they do not own there."""
+    up = path
+    while True:
+        if os.lstat(up).st_mode & 0o1002 == 0o002:
+            return up
+        if up == os.path.dirname(up):
+            break
+        up = os.path.dirname(up)
+    for top, dirs, files in os.walk(path):
+        for n in dirs + files:
+            if os.lstat(os.path.join(top, n)).st_mode & 0o002:
+                return os.path.join(top, n)
+    return None
+
+
+def _site(mode):
+    """Make PACKAGES importable, read-only, for the child of `mode`: (sys.path entry, [(name, host
+    dir)], notes). The dirs are the ones the parent itself would import (found, not imported). ns
+    and userns: read-only bind mounts under SITE_DIR (the runtime mounts them). uid: a root-owned
+    dir of symlinks; without a mount namespace the fresh uid reads whatever "other" may read anyway,
+    so this adds only the sys.path entry. Both: a package some other uid could write is left out.
+    none: nothing, since the child is our own uid and could rewrite the files."""
+    if mode == "none" or not PACKAGES:
+        return None, [], ["no packages: the child runs as our uid"] if PACKAGES else []
+    dirs, notes = [], []
+    for name in PACKAGES:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None or not spec.submodule_search_locations:
+            notes.append(f"{name} not installed as a package")
+            continue
+        d = os.path.realpath(list(spec.submodule_search_locations)[0])
+        pkg = [(name, d)] + ([(name + ".libs", d + ".libs")] if os.path.isdir(d + ".libs") else [])
+        bad = next(filter(None, (_other_writable(p) for _, p in pkg)), None)
+        if bad:
+            notes.append(f"{name} left out: {bad} is world-writable")
+            continue
+        dirs += pkg
+    if not dirs or mode in ("ns", "userns"):
+        return (SITE_DIR if dirs else None), dirs, notes
+    links = tempfile.mkdtemp(prefix="spogw-site-")
+    os.chmod(links, 0o755)
+    atexit.register(shutil.rmtree, links, True)
+    for name, d in dirs:
+        os.symlink(d, os.path.join(links, name))
+    return links, dirs, notes
+
+
 def isolation():
     """Probe (once) the strongest isolation this machine allows by running a real child with it;
     returns the ISOLATION string. SPOGW_SANDBOX_ISOLATION=ns|userns|uid|none forces a mode."""
@@ -238,8 +317,19 @@ def isolation():
         return _probe()
 
 
+_PROBE = '''def solve(p):
+    import fractions, sys, importlib.util as u
+    def found(name):
+        try:
+            return u.find_spec(name) is not None
+        except Exception:  # e.g. PermissionError: not there for this uid
+            return False
+    return ' '.join(['ok', sys.implementation.cache_tag] + [n for n in p.split() if found(n)])
+'''
+
+
 def _probe():
-    global ISOLATION, _MODE
+    global ISOLATION, _MODE, _SITE
     if _MODE is not None and ISOLATION != "unprobed":
         return ISOLATION  # another thread finished the probe while we waited
     _set_non_dumpable()
@@ -259,15 +349,30 @@ def _probe():
         if not modes:
             raise SandboxError(f"SPOGW_SANDBOX_ISOLATION={forced!r} is not available here")
     for name, prefix, uid_drop, mounts, block_net in modes:
+        site = None
         for py in _pythons() if uid_drop else _pythons()[:1]:
             _MODE = (name, prefix, py, uid_drop, mounts, block_net)
-            # the import proves the dropped uid can still read the interpreter's stdlib
-            r = _spawn("workflow", "def solve(p):\n    import fractions\n    return p\n", "ok", [], None, 5.0, 256)
-            if r["final"] and r["final"].get("answer") == "ok":
-                notes = r["final"].get("notes") or []
-                ISOLATION = _DESCRIBE[name] + (f" [{'; '.join(notes)}]" if notes else "")
+            if site is None:
+                site = _site(name)
+            _SITE = site[:2]
+            # the import proves the dropped uid can still read the interpreter's stdlib; find_spec
+            # that it reaches the packages (without paying for their import)
+            r = _spawn("workflow", _PROBE, " ".join(n for n, _ in _SITE[1] if n in PACKAGES), [], None, 5.0, 256)
+            words = ((r["final"] or {}).get("answer") or "").split()
+            if words[:1] == ["ok"]:
+                notes = (r["final"].get("notes") or []) + site[2]
+                tag = words[1] if len(words) > 1 else "?"
+                if tag != sys.implementation.cache_tag and _SITE[1]:
+                    # compiled modules and .pyc files are built for our interpreter only
+                    notes.append(f"no packages: child python is {tag}, ours {sys.implementation.cache_tag}")
+                    _SITE, words = (None, []), words[:2]
+                missing = [n for n, _ in _SITE[1] if n in PACKAGES and n not in words[2:]]
+                if missing:  # e.g. the uid mode, where the packages live under a 0700 home
+                    notes.append(f"{' '.join(missing)} not readable by the sandbox uid")
+                pk = f" + read-only packages: {' '.join(words[2:])}" if words[2:] else ""
+                ISOLATION = _DESCRIBE[name] + pk + (f" [{'; '.join(notes)}]" if notes else "")
                 return ISOLATION
-    _MODE = None
+    _MODE, _SITE = None, (None, [])
     raise SandboxError("no sandbox mode works here (cannot start a python child)")
 
 
@@ -277,6 +382,9 @@ def _env(home):
     # an allowlist, not a blocklist: nothing like *KEY*/*TOKEN*/*SECRET*/*_PROXY can slip through
     env = {k: v for k, v in os.environ.items() if k in ("LANG", "TZ") or k.startswith("LC_")}
     env.update(PATH="/usr/local/bin:/usr/bin:/bin", HOME=home, TMPDIR=home, PYTHONIOENCODING="utf-8")
+    # numpy's OpenBLAS starts a thread per core at import, each ~40 MB of address space (buffer +
+    # stack): on 16 cores that alone would overrun programmer's 256 MB RLIMIT_AS
+    env.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
     env.setdefault("LANG", "C.UTF-8")
     return env
 
@@ -321,7 +429,7 @@ def _spawn(mode, code, problem, ops, handler, timeout, mem_mb, stdin=None, keep_
         if uid is not None:
             os.chown(host_dir, uid, uid)
     cfg = dict(mode=mode, code=code, problem=problem, ops=list(ops), stdin=stdin, uid=uid,
-               mounts=mounts, block_net=block_net, workdir=workdir, cap=CAP,
+               mounts=mounts, block_net=block_net, workdir=workdir, cap=CAP, site_dir=_SITE[0], site=_SITE[1],
                mem=int(mem_mb) << 20, cpu=int(timeout) + 1, fsize=16 << 20, nofile=64, nproc=64,
                tmpfs_kb=64 * 1024)
     c_in_r, c_in_w = os.pipe()  # parent -> child

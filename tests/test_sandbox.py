@@ -1,13 +1,17 @@
 """The sandbox against hostile workflows (no model needed: --executor none), plus run_program,
 run_many and the CLI. The corpus runs once, two at a time, in a module fixture; each case is then
 its own test."""
+import hashlib
+import importlib.util
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +27,15 @@ SECRET = "sk-canary-" + secrets.token_hex(12)
 CANARY_DIR = Path("/var/tmp") if os.access("/var/tmp", os.W_OK) else Path("/tmp")
 CANARY = CANARY_DIR / f"spogw-canary-{secrets.token_hex(6)}"
 PWNED = ROOT / f"pwned-{secrets.token_hex(6)}.txt"
+SYMPY_INIT = Path(importlib.util.find_spec("sympy").origin)  # an exposed package file: must stay as it is
+
+
+def _fingerprint(path):
+    st = path.stat()
+    return hashlib.sha256(path.read_bytes()).hexdigest(), st.st_mtime_ns, st.st_mode, sorted(os.listdir(path.parent))
+
+
+SYMPY_BEFORE = _fingerprint(SYMPY_INIT)
 
 # name -> (workflow code, check(result) -> None); {port}, {canary}, {pwned}, {mark}, {parent}
 # {victim} are filled in by the fixture.
@@ -174,6 +187,51 @@ def solve(p):
 """)
 def _(r):
     assert r["error"] is None and SECRET not in r["answer"] and "OPENAI_API_KEY" not in r["answer"], r
+
+
+@case("write_package_dir", """import ctypes, glob, importlib.util, os
+def solve(p):
+    init = importlib.util.find_spec('sympy').origin  # found, not imported: the import is slow
+    pkg = os.path.dirname(init)
+    site = os.path.dirname(pkg)
+    pyc = glob.glob(os.path.join(pkg, '__pycache__', '__init__.*.pyc'))[0]
+    out = []
+    for f in (lambda: open(init, 'a').write('pwned'), lambda: open(pyc, 'r+b').write(b'pwned'),
+              lambda: open(os.path.join(pkg, 'pwned.py'), 'w'), lambda: open(os.path.join(site, 'sitecustomize.py'), 'w'),
+              lambda: os.mkdir(os.path.join(site, 'torch')), lambda: os.rename(pkg, pkg + '.x'),
+              lambda: os.remove(init), lambda: os.chmod(init, 0o777), lambda: os.utime(init, (0, 0))):
+        try:
+            f()
+            out.append('changed')
+        except OSError as e:
+            out.append(type(e).__name__)
+    libc = ctypes.CDLL(None, use_errno=True)
+    for path in (pkg, site):  # remount without MS_RDONLY; unmount to reach what is beneath
+        out.append(str(libc.mount(None, path.encode(), None, 32 | 4096, None)))
+        out.append(str(libc.umount2(path.encode(), 2)))
+    return ' '.join(out)
+""")
+def _(r):
+    assert r["error"] is None and "changed" not in r["answer"] and r["answer"].endswith(" -1 -1 -1 -1"), r
+    assert _fingerprint(SYMPY_INIT) == SYMPY_BEFORE
+
+
+@case("reach_other_packages", """import importlib.util, os
+def solve(p):
+    pkg = os.path.dirname(importlib.util.find_spec('numpy').origin)
+    out = [' '.join(sorted(os.listdir(os.path.join(pkg, '..'))))]
+    for name in ('torch', 'openai', 'transformers', 'operators', 'sandbox'):
+        try:
+            __import__(name)
+            out.append(name)
+        except ImportError as e:
+            out.append(type(e).__name__)
+    return '|'.join(out)
+""")
+def _(r):
+    listing, *imports = r["answer"].split("|")
+    assert set(listing.split()) <= {"numpy", "numpy.libs", "sympy", "mpmath"} and "sympy" in listing, r
+    assert imports == ["ModuleNotFoundError"] * 5, r
 
 
 @case("network_loopback", """import socket
@@ -441,6 +499,107 @@ def test_run_program():
     assert len(r["stdout"]) == sandbox.CAP + len(sandbox.MARK)
 
 
+SCI = """import os, numpy, sympy
+x = sympy.Symbol('x')
+print(sympy.solve(x**3 - 6*x**2 + 11*x - 6, x), numpy.linalg.solve([[2.0, 1.0], [1.0, 3.0]], [3.0, 5.0]).round(9).tolist())
+print(len(os.listdir('/proc/self/task')))  # OpenBLAS starts a thread per core unless told not to
+"""
+
+
+def _sci_reference():
+    """What SCI prints when run right here, with the parent's own packages, in one thread."""
+    import numpy
+    import sympy
+
+    x = sympy.Symbol("x")
+    return (f"{sympy.solve(x**3 - 6*x**2 + 11*x - 6, x)} "
+            f"{numpy.linalg.solve([[2.0, 1.0], [1.0, 3.0]], [3.0, 5.0]).round(9).tolist()}\n1\n")
+
+
+@pytest.mark.parametrize("mem_mb", [512, 256])  # run_program's default, and what programmer passes
+def test_run_program_imports_numpy_and_sympy(mem_mb):
+    r = sandbox.run_program(SCI, timeout=60, mem_mb=mem_mb)
+    assert r["ok"] and r["stdout"] == _sci_reference(), r
+    assert "read-only packages: numpy sympy mpmath" in sandbox.isolation()
+
+
+class _ProgramExecutor:
+    """An executor whose every reply is the SCI program."""
+
+    def chat(self, messages, temperature=0.0, max_tokens=512, sample_index=0):
+        return f"```python\n{SCI}```", {"prompt_tokens": 1, "completion_tokens": 1, "cost_usd": 0.0}
+
+
+def test_programmer_imports_numpy_and_sympy(monkeypatch):
+    import operators
+
+    monkeypatch.setattr(operators, "PROGRAM_TIMEOUT", 60.0)  # a loaded test machine, not a timed test
+    r = sandbox.run_workflow("def solve(p):\n    return programmer(p)\n", "Roots of x^3 - 6x^2 + 11x - 6?",
+                             executor=_ProgramExecutor(), timeout=10)
+    assert r["error"] is None and r["answer"] == _sci_reference().strip() and r["calls"] == 1, r
+
+
+INIT = "import os\nLIBS = os.listdir(os.path.join(os.path.dirname(__file__), '..', '{}.libs'))\n"
+PKG_PROBE = """import importlib, os
+for name in {names}:
+    try:
+        m = importlib.import_module(name)
+    except ImportError as e:
+        print(name, type(e).__name__)
+        continue
+    out = [name, str(m.LIBS)]
+    for f in (lambda: open(m.__file__, 'a'), lambda: os.mkdir(os.path.dirname(m.__file__) + '/x'),
+              lambda: open(os.path.join(os.path.dirname(m.__file__), '..', 'x.py'), 'w')):
+        try:
+            f()
+            out.append('changed')
+        except OSError:
+            out.append('refused')
+    print(' '.join(out))
+"""
+
+
+@pytest.mark.parametrize("mode", ["ns", "uid"])
+def test_packages_exposed_read_only_in_each_mode(monkeypatch, mode):
+    """Test packages, each with a wheel's `.libs` sibling: one that any uid may read is importable
+    in both root modes, read-only; one with a world-writable file is left out; one under a 0700
+    directory (like /root here) is importable through the ns mode's bind mount only."""
+    if os.geteuid() != 0:
+        pytest.skip("the ns and uid modes need root")
+    tag = secrets.token_hex(4)
+    good, bad, hid = f"spogwpkg_{tag}", f"spogwbad_{tag}", f"spogwhid_{tag}"
+    base = Path(tempfile.mkdtemp(dir=CANARY_DIR))  # reachable by any uid, unlike pytest's tmp_path
+    try:
+        base.chmod(0o755)
+        (base / "hidden").mkdir(0o700)
+        for name, where in ((good, base), (bad, base), (hid, base / "hidden")):
+            (where / name).mkdir()
+            (where / name / "__init__.py").write_text(INIT.format(name))
+            (where / f"{name}.libs").mkdir()
+            (where / f"{name}.libs" / "libx.so").write_text("not really")
+        (base / bad / "__init__.py").chmod(0o666)
+        monkeypatch.syspath_prepend(str(base))
+        monkeypatch.syspath_prepend(str(base / "hidden"))
+        monkeypatch.setenv("SPOGW_SANDBOX_ISOLATION", mode)
+        monkeypatch.setattr(sandbox, "PACKAGES", (good, bad, hid))
+        for k, v in (("_MODE", None), ("ISOLATION", "unprobed"), ("_SITE", (None, []))):
+            monkeypatch.setattr(sandbox, k, v)
+        iso = sandbox.isolation()
+        shown = f"{good} {hid}" if mode == "ns" else good
+        assert f"read-only packages: {shown} [" in iso, iso
+        assert f"{bad} left out: {base / bad / '__init__.py'} is world-writable" in iso, iso
+        assert (f"{hid} not readable by the sandbox uid" in iso) == (mode == "uid"), iso
+        r = sandbox.run_program(PKG_PROBE.format(names=(good, hid, bad)), timeout=30)
+        reachable = "['libx.so'] refused refused refused"
+        assert r["ok"] and r["stdout"].splitlines() == [
+            f"{good} {reachable}", f"{hid} {reachable}" if mode == "ns" else f"{hid} ModuleNotFoundError",
+            f"{bad} ModuleNotFoundError"], r
+        assert sorted(os.listdir(base)) == sorted([good, bad, f"{good}.libs", f"{bad}.libs", "hidden"])
+        assert [(base / n / "__init__.py").read_text() for n in (good, bad)] == [INIT.format(good), INIT.format(bad)]
+    finally:
+        shutil.rmtree(base)
+
+
 def test_run_many_yields_all_with_indices():
     jobs = [dict(code=f"def solve(p):\n    return p * {i}\n", problem="ab", timeout=5) for i in range(6)]
     jobs.append(dict(program="print('prog')"))
@@ -472,3 +631,15 @@ def test_cli(tmp_path):
     assert _cli(str(wf), "--problem", "x", "--executor", "ftp://nope").returncode == 2
     info = json.loads(_cli("--info").stdout)
     assert info["isolation"] == sandbox.isolation()
+
+
+def test_bench_sandbox_smoke():
+    p = subprocess.run([sys.executable, "bench.py", "sandbox", "--n", "2", "--n-import", "1", "--rounds", "1", "--json"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = json.loads(p.stdout)
+    assert out["program_numpy_sympy"]["runs"] == out["bare_numpy_sympy"]["runs"] == 1
+    assert out["program_plain"]["runs"] == out["program_plain_no_packages"]["runs"] == 2
+    assert 0 < out["numpy_sympy_vmpeak_mb"] < 256 and out["plain_with_vs_without_packages"] > 0
+    bad = subprocess.run([sys.executable, "bench.py", "sandbox", "--n", "0"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--n" in bad.stderr
