@@ -282,7 +282,9 @@ def load_adapter(model, adapter_dir):
         raise ModelError(f"{adapter_dir}: not an adapter dir (needs adapter_config.json and adapter_model.safetensors)")
     cfg = json.loads(cfg_path.read_text())
     if not lora_modules(model):
-        add_lora(model, r=cfg["r"], alpha=cfg["lora_alpha"], dropout=0.0, targets=tuple(cfg["target_modules"]))
+        t = cfg["target_modules"]  # peft may write "all-linear" (its name for our default) or one name
+        targets = None if t == "all-linear" else (t,) if isinstance(t, str) else tuple(t)
+        add_lora(model, r=cfg["r"], alpha=cfg["lora_alpha"], dropout=0.0, targets=targets)
     state = safetensors.torch.load_file(w_path)
     mods = lora_modules(model)
     seen = set()
@@ -307,17 +309,15 @@ def load_adapter(model, adapter_dir):
 
 def system_supported(tokenizer):
     """Whether the chat template renders a system message. Gemma's and older Mistral's raise instead
-    ("System role not supported", "roles must alternate"); asked once per tokenizer."""
+    ("System role not supported", "roles must alternate"). Not cached: the template may change."""
     from jinja2.exceptions import TemplateError
 
-    if not hasattr(tokenizer, "_spogw_system_ok"):
-        try:
-            tokenizer.apply_chat_template([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
-                                          add_generation_prompt=True, tokenize=False)
-            tokenizer._spogw_system_ok = True
-        except TemplateError:
-            tokenizer._spogw_system_ok = False
-    return tokenizer._spogw_system_ok
+    try:
+        tokenizer.apply_chat_template([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
+                                      add_generation_prompt=True, tokenize=False)
+        return True
+    except TemplateError:
+        return False
 
 
 def chat_messages(tokenizer, messages):
