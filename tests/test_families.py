@@ -1,6 +1,8 @@
 """Model families beyond Llama: chat templates without a system role, several stop ids, scaled or
 capped logits, fused projections, and training on the prompt ids that sampling saw. Tiny random
 models built from a config and fixture chat templates; nothing is downloaded."""
+import json
+
 import pytest
 import torch
 
@@ -66,7 +68,6 @@ def test_sampling_stops_on_every_generation_config_eos():
     tok.add_special_tokens({"additional_special_tokens": ["<end_of_turn>"]})
     eot = tok.convert_tokens_to_ids("<end_of_turn>")
     m.generation_config.eos_token_id = [2, eot]  # Gemma: <eos> and <end_of_turn>
-    assert M.stop_ids(m, tok) == {2, eot}
     msgs = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "what is 4*4?"}]]
     for stop in (eot, 2):
         h = forced(m, stop)
@@ -78,18 +79,19 @@ def test_sampling_stops_on_every_generation_config_eos():
             # the stop token stays in token_ids (training learns to stop), the text drops it
             assert r["token_ids"] == [stop] and r["text"] == "" and len(r["logprobs"]) == 1
             assert not M.hit_cap(r["token_ids"], 20, M.stop_ids(m, tok))
+    assert M.stop_ids(m, tok) == {2, eot}
 
 
 def test_generation_config_eos_int_joins_tokenizer_eos():
     m, tok = tiny_llama(), tiny_tokenizer()
     m.generation_config.eos_token_id = 7  # Phi-3: <|end|> in generation_config, <|endoftext|> in the tokenizer
-    assert M.stop_ids(m, tok) == {2, 7}
     h = forced(m, 7)
     try:
         r = M.sample(m, tok, [[{"role": "user", "content": "hi"}]], max_new_tokens=9, temperature=0)[0][0]
     finally:
         h.remove()
     assert r["token_ids"] == [7]
+    assert M.stop_ids(m, tok) == {2, 7}
 
 
 def test_decode_stop_set_cuts_each_row_at_its_first_stop():
@@ -114,8 +116,6 @@ def scaled_models():
 @pytest.mark.parametrize("which", [0, 1], ids=["cohere-logit_scale", "granite-logits_scaling"])
 def test_training_logprobs_equal_the_models_own_logits(which):
     m = scaled_models()[which]
-    assert M.head_scale(m) == 0.25
-    M.check_head(m)
     prompt, comps = [5, 9, 13, 7], [[22, 31, 4], [8, 8]]
     ref = []
     with torch.no_grad():
@@ -132,9 +132,11 @@ def test_training_logprobs_equal_the_models_own_logits(which):
         a = M.completion_logprobs(m, ids, attn, comp)
         h, W, y = M.shared_prompt_hidden(m, prompt, comps)
         b = M.fused_logprobs(h, W, y)
-        unscaled = M.fused_logprobs(h / M.head_scale(m), W, y)
     assert a.tolist() == pytest.approx(ref, abs=1e-5)
     assert b.tolist() == pytest.approx(ref, abs=1e-5)
+    assert M.head_scale(m) == 0.25
+    M.check_head(m)
+    unscaled = M.fused_logprobs(h / M.head_scale(m), W, y)
     assert (unscaled - torch.tensor(ref)).abs().max() > 1e-3  # the scale matters at this size
 
 
@@ -198,6 +200,8 @@ def test_phi3_adapter_round_trips_and_loads_in_peft(tmp_path):
         base = make()(input_ids=ids).logits
     assert (want - base).abs().max() > 1e-3
     M.save_adapter(m, tmp_path / "a", base_model_name="tiny-phi3")
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]  # the real names
     m2 = M.load_adapter(make(), tmp_path / "a")
     pm = peft.PeftModel.from_pretrained(make(), str(tmp_path / "a"))
     with torch.no_grad():
