@@ -142,6 +142,54 @@ def stop_ids(model, tokenizer):
                          f"tokenizer or generation_config.json, so sampling would never stop")
     return frozenset(int(i) for i in ids)
 
+
+def head_scale(model):
+    """The factor s with logits = s * (h W^T) of this model's LM head, the form the fused kernels
+    compute (they take h * s): Cohere multiplies the logits by config.logit_scale, Granite divides
+    them by config.logits_scaling. A tanh softcap (Gemma 2's final_logit_softcapping) or a biased
+    head is not of that form: ModelError, naming the config key, rather than training on log-probs
+    of another distribution than the one sampled."""
+    cfg = model.config.get_text_config(decoder=True)
+    name = getattr(model, "name_or_path", type(model).__name__)
+    if getattr(cfg, "final_logit_softcapping", None):
+        raise ModelError(f"{name}: config final_logit_softcapping={cfg.final_logit_softcapping} (tanh-capped "
+                         f"logits) is not supported by the training log-probs; use a model without it")
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise ModelError(f"{name}: the LM head has a bias, which the training log-probs do not model")
+    s = 1.0
+    if getattr(cfg, "logit_scale", None) is not None:  # Cohere: logits * logit_scale
+        s *= float(cfg.logit_scale)
+    if getattr(cfg, "logits_scaling", None) is not None:  # Granite, MiniCPM3 divide; HyperCLOVA X multiplies
+        s = s * float(cfg.logits_scaling) if cfg.model_type.startswith("hyperclovax") else s / float(cfg.logits_scaling)
+    return s
+
+
+@torch.no_grad()
+def check_head(model, n_tokens=8):
+    """ModelError unless the model's own logits equal head_scale * (h W^T) on a few tokens: a family
+    whose head post-processes logits in a way head_scale does not know is refused, not trained on
+    log-probs of another distribution than the one it samples from."""
+    s = head_scale(model)
+    dev = next(model.parameters()).device
+    ids = torch.arange(1, n_tokens + 1, device=dev)[None] % model.get_output_embeddings().weight.shape[0]
+    h = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state[0].float()
+    ours = (h * s) @ model.get_output_embeddings().weight.float().t()
+    theirs = model(input_ids=ids, use_cache=False).logits[0].float()
+    tol = 1e-4 if model.dtype == torch.float32 else 2e-2  # relative to the largest logit
+    err = float((ours - theirs).abs().max() / theirs.abs().max().clamp(min=1e-6))
+    if not err <= tol:
+        raise ModelError(f"{getattr(model, 'name_or_path', type(model).__name__)} ({model.config.model_type}): the "
+                         f"LM head's logits are not {s:g} * hidden @ lm_head.weight^T (relative error {err:.2g}), "
+                         f"so training log-probs would not match sampling; this model family is not supported")
+
+
+def scaled_hidden(model, hidden):
+    """hidden * head_scale(model) (hidden itself when the scale is 1: no copy on Llama-like heads)."""
+    s = head_scale(model)
+    return hidden if s == 1.0 else hidden * s
+
+
 # ==== LoRA (owner: lead) ====
 
 # None = every nn.Linear of the decoder layers, resolved per model (Llama/Qwen2/Gemma: q,k,v,o,gate,
@@ -668,47 +716,6 @@ def fused_grpo_loss(hidden, weight, targets, old_logp, ref_logp, adv, token_weig
     return loss, dict(zip(("pg", "kl", "clip_frac", "ratio_mean"), m.tolist()))
 
 
-def head_scale(model):
-    """The factor s with logits = s * (h W^T) of this model's LM head, the form the fused kernels
-    compute (they take h * s): Cohere multiplies the logits by config.logit_scale, Granite divides
-    them by config.logits_scaling. A tanh softcap (Gemma 2's final_logit_softcapping) or a biased
-    head is not of that form: ModelError, naming the config key, rather than training on log-probs
-    of another distribution than the one sampled."""
-    cfg = model.config.get_text_config(decoder=True)
-    name = getattr(model, "name_or_path", type(model).__name__)
-    if getattr(cfg, "final_logit_softcapping", None):
-        raise ModelError(f"{name}: config final_logit_softcapping={cfg.final_logit_softcapping} (tanh-capped "
-                         f"logits) is not supported by the training log-probs; use a model without it")
-    head = model.get_output_embeddings()
-    if getattr(head, "bias", None) is not None:
-        raise ModelError(f"{name}: the LM head has a bias, which the training log-probs do not model")
-    s = 1.0
-    if getattr(cfg, "logit_scale", None) is not None:  # Cohere: logits * logit_scale
-        s *= float(cfg.logit_scale)
-    if getattr(cfg, "logits_scaling", None) is not None:  # Granite, MiniCPM3 divide; HyperCLOVA X multiplies
-        s = s * float(cfg.logits_scaling) if cfg.model_type.startswith("hyperclovax") else s / float(cfg.logits_scaling)
-    return s
-
-
-@torch.no_grad()
-def check_head(model, n_tokens=8):
-    """ModelError unless the model's own logits equal head_scale * (h W^T) on a few tokens: a family
-    whose head post-processes logits in a way head_scale does not know is refused, not trained on
-    log-probs of another distribution than the one it samples from."""
-    s = head_scale(model)
-    dev = next(model.parameters()).device
-    ids = torch.arange(1, n_tokens + 1, device=dev)[None] % model.get_output_embeddings().weight.shape[0]
-    h = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state[0].float()
-    ours = (h * s) @ model.get_output_embeddings().weight.float().t()
-    theirs = model(input_ids=ids, use_cache=False).logits[0].float()
-    tol = 1e-4 if model.dtype == torch.float32 else 2e-2  # relative to the largest logit
-    err = float((ours - theirs).abs().max() / theirs.abs().max().clamp(min=1e-6))
-    if not err <= tol:
-        raise ModelError(f"{getattr(model, 'name_or_path', type(model).__name__)} ({model.config.model_type}): the "
-                         f"LM head's logits are not {s:g} * hidden @ lm_head.weight^T (relative error {err:.2g}), "
-                         f"so training log-probs would not match sampling; this model family is not supported")
-
-
 def completion_hidden(model, input_ids, attention_mask, completion_mask):
     """(hidden [N, H], weight [V, H], targets [N]) for the completion tokens of a batch: the decoder's
     last hidden state at every position t whose *next* token is a completion token, times head_scale
@@ -723,12 +730,6 @@ def completion_hidden(model, input_ids, attention_mask, completion_mask):
     mask = completion_mask[:, 1:].bool()
     hidden = scaled_hidden(model, out.last_hidden_state[:, :-1][mask])
     return hidden, model.get_output_embeddings().weight, input_ids[:, 1:][mask]
-
-
-def scaled_hidden(model, hidden):
-    """hidden * head_scale(model) (hidden itself when the scale is 1: no copy on Llama-like heads)."""
-    s = head_scale(model)
-    return hidden if s == 1.0 else hidden * s
 
 
 def completion_logprobs(model, input_ids, attention_mask, completion_mask, chunk_size=1024):

@@ -107,15 +107,23 @@ def test_decode_stop_set_cuts_each_row_at_its_first_stop():
 
 # ---- logit scaling ----------------------------------------------------------------------------------
 
-def scaled_models():
-    from transformers import CohereConfig, CohereForCausalLM, GraniteConfig, GraniteForCausalLM
-    return [tiny(CohereConfig, CohereForCausalLM, logit_scale=0.25),  # logits * 0.25
-            tiny(GraniteConfig, GraniteForCausalLM, logits_scaling=4.0, tie_word_embeddings=False)]  # logits / 4
+def scaled_model(family):
+    """(tiny model, its head scale s: logits = s * h W^T)."""
+    from transformers import (CohereConfig, CohereForCausalLM, GraniteConfig, GraniteForCausalLM,
+                              HyperCLOVAXConfig, HyperCLOVAXForCausalLM, MiniCPM3Config, MiniCPM3ForCausalLM)
+    untied = dict(tie_word_embeddings=False)
+    return {"cohere": lambda: (tiny(CohereConfig, CohereForCausalLM, logit_scale=0.25), 0.25),  # logits * 0.25
+            "granite": lambda: (tiny(GraniteConfig, GraniteForCausalLM, logits_scaling=4.0, **untied), 0.25),  # / 4
+            "hyperclovax": lambda: (tiny(HyperCLOVAXConfig, HyperCLOVAXForCausalLM, logits_scaling=4.0, **untied), 4.0),
+            # MiniCPM3 divides h by logits_scaling = hidden_size / dim_model_base = 4
+            "minicpm3": lambda: (tiny(MiniCPM3Config, MiniCPM3ForCausalLM, num_key_value_heads=4, dim_model_base=8,
+                                      kv_lora_rank=8, q_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                                      v_head_dim=8, **untied), 0.25)}[family]()
 
 
-@pytest.mark.parametrize("which", [0, 1], ids=["cohere-logit_scale", "granite-logits_scaling"])
-def test_training_logprobs_equal_the_models_own_logits(which):
-    m = scaled_models()[which]
+@pytest.mark.parametrize("family", ["cohere", "granite", "hyperclovax", "minicpm3"])
+def test_training_logprobs_equal_the_models_own_logits(family):
+    m, scale = scaled_model(family)
     prompt, comps = [5, 9, 13, 7], [[22, 31, 4], [8, 8]]
     ref = []
     with torch.no_grad():
@@ -134,7 +142,7 @@ def test_training_logprobs_equal_the_models_own_logits(which):
         b = M.fused_logprobs(h, W, y)
     assert a.tolist() == pytest.approx(ref, abs=1e-5)
     assert b.tolist() == pytest.approx(ref, abs=1e-5)
-    assert M.head_scale(m) == 0.25
+    assert M.head_scale(m) == scale
     M.check_head(m)
     unscaled = M.fused_logprobs(h / M.head_scale(m), W, y)
     assert (unscaled - torch.tensor(ref)).abs().max() > 1e-3  # the scale matters at this size
