@@ -128,10 +128,10 @@ def sampling_speed(mdl, vocab, device, prompts=8, n=8, tokens=128, prompt_tokens
     g = torch.Generator().manual_seed(2)
     ids = [torch.randint(3, vocab, (prompt_tokens,), generator=g).tolist() for _ in range(prompts)]
     gen = torch.Generator(device=device).manual_seed(0)
-    M.decode(mdl, ids[:1], n=2, max_new_tokens=4, temperature=1.0, eos=-1, gen=gen)  # warm-up
+    M.decode(mdl, ids[:1], n=2, max_new_tokens=4, temperature=1.0, stop=(), gen=gen)  # warm-up
     sync(device)
     t = time.perf_counter()
-    out = M.decode(mdl, ids, n=n, max_new_tokens=tokens, temperature=1.0, eos=-1, gen=gen)
+    out = M.decode(mdl, ids, n=n, max_new_tokens=tokens, temperature=1.0, stop=(), gen=gen)
     sync(device)
     return sum(len(tk) for tk, _ in out) / (time.perf_counter() - t)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from jsonl import DataError, append_jsonl, read_json, read_jsonl, truncate_torn_tail, update_json
 
+CAP_WARN = 0.10  # warn when more than this fraction of completions ran into the token cap
 DEFAULTS = dict(model="smollm2-135m", bench="arith", data_dir=None, problems=10, m=8, runs=1,
                 temperature=0.8, top_p=0.95, max_new_tokens=128, gen_batch=4, max_calls=6,
                 executor="local", executor_model=None, timeout=30.0, workers=16, seed=0,
@@ -155,17 +156,34 @@ def sample_remote(url, name, messages_list, n, max_new_tokens, temperature, top_
     return out
 
 
-def workflow_row(problem, j, prompt, prefill, completion, ids, family_ops, max_calls):
-    """The row before execution: verbatim completion, extracted code, static check."""
+def workflow_row(problem, j, prompt, prefill, completion, ids, family_ops, max_calls, prompt_ids=None, hit_cap=None):
+    """The row before execution: verbatim completion, extracted code, static check. prompt_ids: the
+    token ids the sampler saw (template + prefill), which training uses instead of re-rendering
+    `prompt`; hit_cap: the completion ran into max_new_tokens (counted in the stats)."""
     import operators as O
     code = O.extract_code(prefill + completion)
     if code is None:
         ok, reason = False, "no python block"
     else:
         ok, reason = O.check_workflow(code, problem["problem"], allowed_ops=family_ops, max_calls=max_calls)
-    return {"problem_id": problem["id"], "sample": j, "prompt": prompt, "prefill": prefill,
-            "completion": completion, "completion_ids": ids, "code": code, "valid": bool(ok),
-            "reason": None if ok else reason}
+    row = {"problem_id": problem["id"], "sample": j, "prompt": prompt, "prefill": prefill,
+           "completion": completion, "completion_ids": ids, "code": code, "valid": bool(ok),
+           "reason": None if ok else reason}
+    if prompt_ids is not None:
+        row["prompt_ids"] = list(prompt_ids)
+    if hit_cap is not None:
+        row["hit_cap"] = bool(hit_cap)
+    return row
+
+
+def cap_warning(rows, knob, cap):
+    """(fraction of rows whose completion hit the token cap, a warning line or None). Defaults sized
+    for a 135M model cut a bigger model's workflows off mid-block; the run says so."""
+    frac = statistics.fmean(bool(r.get("hit_cap")) for r in rows) if rows else 0.0
+    if frac <= CAP_WARN:
+        return frac, None
+    return frac, (f"warning: {frac:.0%} of the completions hit {knob} {cap} and were cut off; "
+                  f"raise {knob} for this model")
 
 
 def execute(rows, problems, cfg, executor, bench, f, progress=None):
@@ -256,6 +274,7 @@ def collect(run_dir, it, cfg, executor=None, generator=None):
             bar.set_postfix(valid=f"{stats['valid'] / stats['seen']:.0%}", score=f"{stats['score'] / stats['seen']:.2f}",
                             exec_tok=stats["tokens"])
 
+        stops = M.stop_ids(mdl, tok)
         B = cfg["gen_batch"]
         chunks = [(c // B, problems[c:c + B]) for c in range(0, len(problems), B)]
         chunks = [(k, ch) for k, ch in chunks if not all((p["id"], j) in done for p in ch for j in range(cfg["m"]))]
@@ -272,7 +291,8 @@ def collect(run_dir, it, cfg, executor=None, generator=None):
                 samples = M.sample(mdl, tok, msgs, n=cfg["m"], max_new_tokens=cfg["max_new_tokens"],
                                    temperature=cfg["temperature"], top_p=cfg["top_p"], seed=seed,
                                    prefill=O.PREFILLS[fam])
-            return [workflow_row(p, j, m, O.PREFILLS[fam], s["text"], s["token_ids"], O.OPERATOR_SETS[fam], cfg["max_calls"])
+            return [workflow_row(p, j, m, O.PREFILLS[fam], s["text"], s["token_ids"], O.OPERATOR_SETS[fam], cfg["max_calls"],
+                                 prompt_ids=s.get("prompt_ids"), hit_cap=M.hit_cap(s["token_ids"], cfg["max_new_tokens"], stops))
                     for p, m, per in zip(chunk, msgs, samples) for j, s in enumerate(per) if (p["id"], j) not in done]
 
         with open(out, "a", encoding="utf-8") as f:
@@ -286,6 +306,9 @@ def collect(run_dir, it, cfg, executor=None, generator=None):
              "mean_score_valid": statistics.fmean([r["score"] for r in rows if r["valid"]] or [0.0]),
              "executor_tokens": sum(r["prompt_tokens"] + r["completion_tokens"] for r in rows),
              "cost_usd": sum(r["cost_usd"] for r in rows), "seconds": time.time() - t0}
+    stats["hit_cap_fraction"], warning = cap_warning(rows, "--max-new-tokens", cfg["max_new_tokens"])
+    if warning:
+        print(warning, file=sys.stderr)
     update_json(d / "stats.json", "collect", stats)
     return stats
 

@@ -77,6 +77,20 @@ def interval_length(scores):
     return s[t - 1] - s[t]
 
 
+def shared_prompt_ids(rows, members):
+    """The sampled prompt ids of a group's rollout rows, for train.sequences: {"prompt_ids": ids} when
+    all rows share them (one sampling call renders a problem's prompt once), else each member gets
+    its row's own (a resumed collection may have re-rendered a date-stamped template). Rows written
+    before prompt ids were stored have none: training re-renders their prompt."""
+    ids = [r.get("prompt_ids") for r in rows]
+    if ids[0] is not None and all(x == ids[0] for x in ids):
+        return {"prompt_ids": ids[0]}
+    for m, x in zip(members, ids):
+        if x is not None:
+            m["prompt_ids"] = x
+    return {}
+
+
 def curate(rows, mode="sharpen", n=6, group_size=4, min_var=0.01, max_combos=1000,
            groups_per_problem=4, drop_invalid=False, seed=0):
     """rollout rows -> (group rows, stats)."""
@@ -92,13 +106,13 @@ def curate(rows, mode="sharpen", n=6, group_size=4, min_var=0.01, max_combos=100
         for g in problem_groups(scores, mode, n, group_size, min_var, max_combos, groups_per_problem, seed + k):
             g_scores = [scores[i] for i in g]
             adv = advantages(g_scores)
-            out.append({
-                "problem_id": pid, "prompt": rs[0]["prompt"], "prefill": rs[0].get("prefill", ""),
-                "members": [{"sample": rs[i]["sample"], "completion": rs[i]["completion"],
-                             "completion_ids": rs[i]["completion_ids"], "score": s, "advantage": a}
-                            for i, s, a in zip(g, g_scores, adv)],
-                "std": statistics.pstdev(g_scores), "mil": interval_length(g_scores),
-            })
+            members = [{"sample": rs[i]["sample"], "completion": rs[i]["completion"],
+                        "completion_ids": rs[i]["completion_ids"], "score": s, "advantage": a}
+                       for i, s, a in zip(g, g_scores, adv)]
+            group = {"problem_id": pid, "prompt": rs[0]["prompt"], "prefill": rs[0].get("prefill", "")}
+            group.update(shared_prompt_ids([rs[i] for i in g], members))
+            out.append({**group, "members": members,
+                        "std": statistics.pstdev(g_scores), "mil": interval_length(g_scores)})
     kept = len({g["problem_id"] for g in out})
     stats = {
         "problems": len(by_problem), "problems_kept": kept, "groups": len(out),

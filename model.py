@@ -153,11 +153,76 @@ def load_model(name_or_path=DEFAULT_MODEL, device="cpu", dtype=None):
     model.name_or_path = str(name_or_path)  # what save_adapter records as the base model
     if torch.device(device).type == "cuda":  # where attention memory bounds the step; CPU numerics stay as they were
         use_gqa_attention(model)
-    return model.to(device).eval(), tok
+    model = model.to(device).eval()
+    check_head(model)  # a head the training log-probs cannot reproduce fails here, before any sampling
+    return model, tok
+
+
+def stop_ids(model, tokenizer):
+    """Every token id that ends a turn: generation_config.eos_token_id (an int or a list: Gemma adds
+    <end_of_turn>, Phi-3 <|end|>, Llama 3 <|eot_id|>) and the tokenizer's eos. Decoding on the
+    tokenizer's eos alone runs such models to the token limit."""
+    ids = set()
+    for src in (getattr(getattr(model, "generation_config", None), "eos_token_id", None), tokenizer.eos_token_id):
+        ids.update([src] if isinstance(src, int) else (src or []))
+    if not ids:
+        raise ModelError(f"{getattr(model, 'name_or_path', type(model).__name__)}: no eos token id in the "
+                         f"tokenizer or generation_config.json, so sampling would never stop")
+    return frozenset(int(i) for i in ids)
+
+
+def head_scale(model):
+    """The factor s with logits = s * (h W^T) of this model's LM head, the form the fused kernels
+    compute (they take h * s): Cohere multiplies the logits by config.logit_scale, Granite divides
+    them by config.logits_scaling. A tanh softcap (Gemma 2's final_logit_softcapping) or a biased
+    head is not of that form: ModelError, naming the config key, rather than training on log-probs
+    of another distribution than the one sampled."""
+    cfg = model.config.get_text_config(decoder=True)
+    name = getattr(model, "name_or_path", type(model).__name__)
+    if getattr(cfg, "final_logit_softcapping", None):
+        raise ModelError(f"{name}: config final_logit_softcapping={cfg.final_logit_softcapping} (tanh-capped "
+                         f"logits) is not supported by the training log-probs; use a model without it")
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise ModelError(f"{name}: the LM head has a bias, which the training log-probs do not model")
+    s = 1.0
+    if getattr(cfg, "logit_scale", None) is not None:  # Cohere: logits * logit_scale
+        s *= float(cfg.logit_scale)
+    if getattr(cfg, "logits_scaling", None) is not None:  # Granite, MiniCPM3 divide; HyperCLOVA X multiplies
+        s = s * float(cfg.logits_scaling) if cfg.model_type.startswith("hyperclovax") else s / float(cfg.logits_scaling)
+    return s
+
+
+@torch.no_grad()
+def check_head(model, n_tokens=8):
+    """ModelError unless the model's own logits equal head_scale * (h W^T) on a few tokens: a family
+    whose head post-processes logits in a way head_scale does not know is refused, not trained on
+    log-probs of another distribution than the one it samples from."""
+    s = head_scale(model)
+    dev = next(model.parameters()).device
+    ids = torch.arange(1, n_tokens + 1, device=dev)[None] % model.get_output_embeddings().weight.shape[0]
+    h = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state[0].float()
+    ours = (h * s) @ model.get_output_embeddings().weight.float().t()
+    theirs = model(input_ids=ids, use_cache=False).logits[0].float()
+    tol = 1e-4 if model.dtype == torch.float32 else 2e-2  # relative to the largest logit
+    err = float((ours - theirs).abs().max() / theirs.abs().max().clamp(min=1e-6))
+    if not err <= tol:
+        raise ModelError(f"{getattr(model, 'name_or_path', type(model).__name__)} ({model.config.model_type}): the "
+                         f"LM head's logits are not {s:g} * hidden @ lm_head.weight^T (relative error {err:.2g}), "
+                         f"so training log-probs would not match sampling; this model family is not supported")
+
+
+def scaled_hidden(model, hidden):
+    """hidden * head_scale(model) (hidden itself when the scale is 1: no copy on Llama-like heads)."""
+    s = head_scale(model)
+    return hidden if s == 1.0 else hidden * s
+
 
 # ==== LoRA (owner: lead) ====
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# None = every nn.Linear of the decoder layers, resolved per model (Llama/Qwen2/Gemma: q,k,v,o,gate,
+# up,down; Phi-3: qkv_proj, o_proj, gate_up_proj, down_proj); a tuple = those attribute names
+LORA_TARGETS = None
 
 
 class LoRALinear(nn.Module):
@@ -188,19 +253,40 @@ def lora_modules(model):
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
+def linear_names(module):
+    """Attribute names of the nn.Linear modules under `module` (e.g. {"q_proj", ..., "down_proj"})."""
+    return {name.rpartition(".")[2] for name, m in module.named_modules() if isinstance(m, nn.Linear)}
+
+
+def lora_targets(model, targets=LORA_TARGETS):
+    """The attribute names add_lora wraps. None: all linear projections of the decoder (not the LM
+    head). A tuple: each name must exist, else ModelError -- a model with fused qkv_proj would
+    otherwise silently get LoRA on o/down only."""
+    dec = model.get_decoder() if hasattr(model, "get_decoder") else model
+    if targets is None:
+        names = linear_names(dec)
+        if not names:
+            raise ModelError(f"add_lora: {type(model).__name__} has no nn.Linear in its decoder")
+        return tuple(sorted(names))
+    have = linear_names(model)
+    missing = [t for t in targets if t not in have]
+    if missing:
+        raise ModelError(f"add_lora: target module(s) {missing} match no nn.Linear in {type(model).__name__}; "
+                         f"its decoder has {sorted(linear_names(dec))}")
+    return tuple(sorted(set(targets)))
+
+
 def add_lora(model, r=16, alpha=32, dropout=0.0, targets=LORA_TARGETS):
-    """Wrap every nn.Linear whose attribute name is in `targets`; freeze everything else."""
+    """Wrap every nn.Linear whose attribute name is in `targets` (see lora_targets); freeze
+    everything else. The adapter config records the names actually wrapped."""
+    targets = lora_targets(model, targets)
     for p in model.parameters():
         p.requires_grad_(False)
-    wrapped = []
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if child_name in targets and isinstance(child, nn.Linear):
                 setattr(module, child_name, LoRALinear(child, r, alpha, dropout))
-                wrapped.append(f"{name}.{child_name}" if name else child_name)
-    if not wrapped:
-        raise ModelError(f"add_lora: no nn.Linear named any of {targets} in {type(model).__name__}")
-    model.lora_config = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": sorted(set(targets))}
+    model.lora_config = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": list(targets)}
     return model
 
 
@@ -272,7 +358,9 @@ def load_adapter(model, adapter_dir):
         raise ModelError(f"{adapter_dir}: not an adapter dir (needs adapter_config.json and adapter_model.safetensors)")
     cfg = json.loads(cfg_path.read_text())
     if not lora_modules(model):
-        add_lora(model, r=cfg["r"], alpha=cfg["lora_alpha"], dropout=0.0, targets=tuple(cfg["target_modules"]))
+        t = cfg["target_modules"]  # peft may write "all-linear" (its name for our default) or one name
+        targets = None if t == "all-linear" else (t,) if isinstance(t, str) else tuple(t)
+        add_lora(model, r=cfg["r"], alpha=cfg["lora_alpha"], dropout=0.0, targets=targets)
     state = safetensors.torch.load_file(w_path)
     mods = lora_modules(model)
     seen = set()
@@ -295,14 +383,40 @@ def load_adapter(model, adapter_dir):
 
 # ==== sampling (owner: lead) ====
 
+def system_supported(tokenizer):
+    """Whether the chat template renders a system message. Gemma's and older Mistral's raise instead
+    ("System role not supported", "roles must alternate"). Not cached: the template may change."""
+    from jinja2.exceptions import TemplateError
+
+    try:
+        tokenizer.apply_chat_template([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
+                                      add_generation_prompt=True, tokenize=False)
+        return True
+    except TemplateError:
+        return False
+
+
+def chat_messages(tokenizer, messages):
+    """`messages` as this template accepts them: a leading system message is folded into the first
+    user turn ("system\n\nuser") when the template refuses the system role."""
+    if not messages or messages[0]["role"] != "system" or system_supported(tokenizer):
+        return list(messages)
+    system, rest = messages[0]["content"], list(messages[1:])
+    if rest and rest[0]["role"] == "user":
+        return [{"role": "user", "content": f"{system}\n\n{rest[0]['content']}"}] + rest[1:]
+    return [{"role": "user", "content": system}] + rest
+
+
 def prompt_text(tokenizer, messages, prefill=None):
     """The chat-templated prompt, ending where the assistant's text begins (plus `prefill`)."""
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(chat_messages(tokenizer, messages), add_generation_prompt=True, tokenize=False)
     return text + (prefill or "")
 
 
 def prompt_ids(tokenizer, messages, prefill=None):
-    """Token ids of the prompt; train.py uses this too, so training sees exactly what sampling saw."""
+    """Token ids of the prompt. The samplers return these with every sample and the rollouts keep
+    them, so training sees exactly what sampling saw (a template that inserts today's date renders
+    differently on another day); re-rendering is for rows written before they were stored."""
     return tokenizer(prompt_text(tokenizer, messages, prefill), add_special_tokens=False)["input_ids"]
 
 
@@ -329,10 +443,11 @@ def _per_prompt(x, k, name):
 
 
 @torch.no_grad()
-def decode(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, eos=None, pad=0, gen=None):
+def decode(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, stop=(), pad=0, gen=None):
     """The sampler under `sample`: n continuations of each token-id prompt,
     as [(token_ids, logprobs)] prompt-major (the n of prompt 0 first). temperature and
-    max_new_tokens: one number or one per prompt. A row stops after eos (kept) or its budget.
+    max_new_tokens: one number or one per prompt. A row stops after any id in `stop` (an int or a
+    collection; the stop token is kept) or at its budget.
 
     Three things make a 135M model usable on two CPU cores: (1) the prompts' common prefix (the
     generator's ~900-token few-shot block) runs once at batch 1 and each prompt's own suffix once,
@@ -344,6 +459,8 @@ def decode(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, 
     k = len(prompts)
     if k == 0:
         return []
+    stop = sorted({stop} if isinstance(stop, int) else set(stop))
+    stop_t = torch.tensor(stop, dtype=torch.long, device=device)
     temps = torch.tensor(_per_prompt(temperature, k, "temperature"), dtype=torch.float32, device=device)
     limits = _per_prompt(max_new_tokens, k, "max_new_tokens")
     budget = torch.tensor(limits, device=device)
@@ -388,7 +505,7 @@ def decode(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, 
         for r, tk, l in zip(rows.tolist(), nxt.tolist(), lp.tolist()):
             toks[r].append(tk)
             lps[r].append(l)
-        live = (nxt != eos) & (budget > t + 1)
+        live = ~torch.isin(nxt, stop_t) & (budget > t + 1)
         if not bool(live.any()):
             break
         if int(live.sum()) <= len(rows) // 2:  # compact: stopped rows cost a full forward each step
@@ -399,35 +516,44 @@ def decode(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, 
         mask[:, P + S + t] = 1
         res = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
         logits, pos = res.logits[:, -1], pos + 1
-    # stopped rows that were not compacted away decoded on: cut each at its EOS (kept: training
-    # learns to stop) or its budget
-    out = []
+    # stopped rows that were not compacted away decoded on: cut each at its first stop token (kept:
+    # training learns to stop) or its budget
+    stops, out = set(stop), []
     for r, (tk, lp) in enumerate(zip(toks, lps)):
-        T = min(tk.index(eos) + 1 if eos in tk else len(tk), limits[r // n])
+        T = min(next((i + 1 for i, x in enumerate(tk) if x in stops), len(tk)), limits[r // n])
         out.append((tk[:T], lp[:T]))
     return out
 
 
 def sample(model, tokenizer, messages_list, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0,
            seed=0, prefill=None, batch_size=32):
-    """n completions per prompt: [[{text, token_ids, logprobs}] * n] * len(messages_list).
+    """n completions per prompt: [[{text, token_ids, logprobs, prompt_ids}] * n] * len(messages_list).
 
     Temperature 0 = greedy. `logprobs` are of the sampled tokens under the model's *unscaled*
-    distribution (temperature 1, no top-p) -- that is pi_old for GRPO. token_ids end with EOS when
-    the model stopped; `text` is the continuation after the prefill, without EOS. The same seed and
-    inputs give the same outputs. Batches hold batch_size rows (prompts x n)."""
+    distribution (temperature 1, no top-p) -- that is pi_old for GRPO. token_ids end with the stop
+    token when the model stopped (any of stop_ids); `text` is the continuation after the prefill,
+    without it. `prompt_ids` are the prompt's token ids as sampled (template + prefill). The same
+    seed and inputs give the same outputs. Batches hold batch_size rows (prompts x n)."""
+    stops = stop_ids(model, tokenizer)
     eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else min(stops))
     device = next(model.parameters()).device
     per_batch = max(1, batch_size // n)
     out = []
     for b0 in range(0, len(messages_list), per_batch):
         gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b0)  # per batch: resumes match
         ids = [prompt_ids(tokenizer, m, prefill) for m in messages_list[b0:b0 + per_batch]]
-        for tk, lp in decode(model, ids, n, max_new_tokens, temperature or 0.0, top_p, eos, pad, gen):
-            text_ids = tk[:-1] if tk and tk[-1] == eos else tk
-            out.append({"text": tokenizer.decode(text_ids, skip_special_tokens=True), "token_ids": tk, "logprobs": lp})
+        res = decode(model, ids, n, max_new_tokens, temperature or 0.0, top_p, stops, pad, gen)
+        for i, (tk, lp) in enumerate(res):
+            text_ids = tk[:-1] if tk and tk[-1] in stops else tk
+            out.append({"text": tokenizer.decode(text_ids, skip_special_tokens=True), "token_ids": tk, "logprobs": lp,
+                        "prompt_ids": list(ids[i // n])})
     return [out[i * n:(i + 1) * n] for i in range(len(messages_list))]
+
+
+def hit_cap(token_ids, max_new_tokens, stops):
+    """True when a completion ran into max_new_tokens instead of ending on a stop token."""
+    return len(token_ids) >= max_new_tokens and not (token_ids and token_ids[-1] in stops)
 
 # ==== fused log-prob kernel (owner: kernel helper) ====
 
@@ -620,8 +746,8 @@ def fused_grpo_loss(hidden, weight, targets, old_logp, ref_logp, adv, token_weig
 
 def completion_hidden(model, input_ids, attention_mask, completion_mask):
     """(hidden [N, H], weight [V, H], targets [N]) for the completion tokens of a batch: the decoder's
-    last hidden state at every position t whose *next* token is a completion token. Row-major order
-    of completion_mask[:, 1:]. Assumes a plain bias-free LM head (no logit scaling or softcap)."""
+    last hidden state at every position t whose *next* token is a completion token, times head_scale
+    (so hidden @ weight^T are the model's own logits). Row-major order of completion_mask[:, 1:]."""
     if not (input_ids.shape == attention_mask.shape == completion_mask.shape):
         raise ValueError(f"input_ids, attention_mask, completion_mask shapes differ: "
                          f"{tuple(input_ids.shape)}, {tuple(attention_mask.shape)}, {tuple(completion_mask.shape)}")
@@ -630,7 +756,7 @@ def completion_hidden(model, input_ids, attention_mask, completion_mask):
     out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                               use_cache=False)
     mask = completion_mask[:, 1:].bool()
-    hidden = out.last_hidden_state[:, :-1][mask]
+    hidden = scaled_hidden(model, out.last_hidden_state[:, :-1][mask])
     return hidden, model.get_output_embeddings().weight, input_ids[:, 1:][mask]
 
 
@@ -746,7 +872,7 @@ def shared_prompt_hidden(model, prompt, completions):
     hc = dec(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=_replayable(cache),
              use_cache=True).last_hidden_state
     hidden = torch.cat([torch.cat([h_last, hc[i, :L - 1]]) if L else h_last[:0] for i, L in enumerate(lens)])
-    return hidden, model.get_output_embeddings().weight, ids[attn[:, P:].bool()]
+    return scaled_hidden(model, hidden), model.get_output_embeddings().weight, ids[attn[:, P:].bool()]
 
 
 # ==== CLI (owner: lead) ====

@@ -858,7 +858,8 @@ def build_prompt(problem, family, operators=None, max_calls=6):
     """Chat messages asking the generator for one workflow for `problem` (DESIGN §3): the role and
     the rules (system), few-shot turns, then the problem. Each user turn repeats the operator
     catalogue, then its problem. The completion is one ```python block; sample it after
-    PREFILLS[family]."""
+    PREFILLS[family]. For a chat template without a system role (Gemma, older Mistral) the sampler
+    folds the system text into the first user turn (model.chat_messages)."""
     if family not in FAMILY_OPERATORS:
         raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILY_OPERATORS)}")
     ops = list(operators or FAMILY_OPERATORS[family])

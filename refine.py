@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import collect
+import curate
 from jsonl import DataError, append_jsonl, read_json, read_jsonl, truncate_torn_tail, write_atomic, write_json_atomic, write_jsonl_atomic
 
 REFINE_DEFAULTS = dict(turns=3, candidates=5, val_problems=16, episodes=2, max_repairs=3, refine_tokens=160,
@@ -221,7 +222,9 @@ def self_check_and_repair(msgs, samples, todo, problem, cfg, executor, propose, 
     fam = benchmarks.family(cfg["bench"])
     prefill = O.prefill_for(fam)
     ops = {k: O.OPERATORS[k] for k in O.OPERATOR_SETS[fam]}
+    # prompt_ids stay those of the turn's state prompt through repairs: RWR trains the final action on it
     st = {c: {"conv": msgs, "completion": samples[c]["text"], "completion_ids": samples[c]["token_ids"],
+              "prompt_ids": samples[c].get("prompt_ids"), "hit_cap": samples[c].get("hit_cap"),
               "attempts": [], "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0, "seconds": 0.0}
           for c in todo}
     pending = list(todo)
@@ -260,7 +263,7 @@ def self_check_and_repair(msgs, samples, todo, problem, cfg, executor, propose, 
             again.append(c)
         for c in again:
             new = propose([st[c]["conv"]], 1, seed_of(seed_base, c, rnd))[0][0]
-            st[c]["completion"], st[c]["completion_ids"] = new["text"], new["token_ids"]
+            st[c]["completion"], st[c]["completion_ids"], st[c]["hit_cap"] = new["text"], new["token_ids"], new.get("hit_cap")
         pending = again
         if not pending:
             break
@@ -349,7 +352,9 @@ def run_episodes(out, val_out, episodes, cfg, executor, propose, tag, turns, n, 
                     acc = statistics.fmean(v["score"] for v in vr) if vr else 0.0
                     return {"kind": "candidate", "episode": ep, "turn": t, "candidate": c, "candidates": n,
                             "seed": seed, "prompt": msgs, "prefill": prefill_of(cfg["bench"]), "completion": s["completion"],
-                            "completion_ids": s["completion_ids"], "code": s["code"], "valid": s["valid"],
+                            "completion_ids": s["completion_ids"],
+                            **({"prompt_ids": s["prompt_ids"]} if s["prompt_ids"] is not None else {}),
+                            "hit_cap": s["hit_cap"], "code": s["code"], "valid": s["valid"],
                             "reason": s["reason"], "repairs": len(s["attempts"]), "attempts": s["attempts"],
                             "n_val": len(vr), "accuracy": acc,
                             "reward": w4s_reward(acc, state["best"], state["accuracy"]),
@@ -366,9 +371,10 @@ def run_episodes(out, val_out, episodes, cfg, executor, propose, tag, turns, n, 
 
 
 def make_proposer(cfg, generator=None, loader=None, greedy=False):
-    """propose(messages_list, n, seed) -> [[{text, token_ids}] * n]: the meta-agent, from a local
-    (model, tokenizer) or --generator-url. The model is loaded on first use (`loader`), so a finished
-    run resumes without one. greedy: temperature 0 (evaluation with one candidate)."""
+    """propose(messages_list, n, seed) -> [[{text, token_ids, prompt_ids, hit_cap}] * n]: the meta-agent,
+    from a local (model, tokenizer) or --generator-url. The model is loaded on first use (`loader`), so a
+    finished run resumes without one. greedy: temperature 0 (evaluation with one candidate). hit_cap:
+    the action ran into --refine-tokens."""
     held, prefill = {}, prefill_of(cfg["bench"])
 
     def propose(messages_list, n, seed):
@@ -378,10 +384,13 @@ def make_proposer(cfg, generator=None, loader=None, greedy=False):
         mdl, tok = held["g"]
         temp = 0.0 if greedy else cfg["temperature"]
         if cfg["generator_url"]:
-            return collect.sample_remote(cfg["generator_url"], cfg["generator_name"] or cfg["model"], messages_list,
-                                         n, cfg["refine_tokens"], temp, cfg["top_p"], seed, prefill, tok)
-        return M.sample(mdl, tok, messages_list, n=n, max_new_tokens=cfg["refine_tokens"], temperature=temp,
-                        top_p=cfg["top_p"], seed=seed, prefill=prefill)
+            out = collect.sample_remote(cfg["generator_url"], cfg["generator_name"] or cfg["model"], messages_list,
+                                        n, cfg["refine_tokens"], temp, cfg["top_p"], seed, prefill, tok)
+        else:
+            out = M.sample(mdl, tok, messages_list, n=n, max_new_tokens=cfg["refine_tokens"], temperature=temp,
+                           top_p=cfg["top_p"], seed=seed, prefill=prefill)
+        stops = M.stop_ids(mdl, tok)
+        return [[dict(s, hit_cap=M.hit_cap(s["token_ids"], cfg["refine_tokens"], stops)) for s in per] for per in out]
     return propose
 
 
@@ -438,6 +447,9 @@ def collect_refine(run_dir, it, cfg, executor=None, generator=None, propose=None
              "episodes": [episode_summary([r for r in rows if r["episode"] == e], cfg["turns"]) for e, _ in eps],
              "executor_tokens": sum(r["prompt_tokens"] + r["completion_tokens"] for r in rows),
              "cost_usd": sum(r["cost_usd"] for r in rows), "seconds": time.time() - t0}
+    stats["hit_cap_fraction"], warning = collect.cap_warning(cands, "--refine-tokens", cfg["refine_tokens"])
+    if warning:
+        print(warning, file=sys.stderr)
     path = d / "stats.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
     old["refine"] = stats
@@ -467,10 +479,10 @@ def write_groups(run_dir, it):
             dropped += 1
             continue
         top = sorted(rewards, reverse=True)
+        members = [{"sample": r["candidate"], "completion": r["completion"], "completion_ids": r["completion_ids"],
+                    "score": r["reward"], "advantage": 0.0, "accuracy": r["accuracy"], "repairs": r["repairs"]} for r in rs]
         groups.append({"problem_id": f"refine-e{e}-t{t}", "prompt": rs[0]["prompt"], "prefill": rs[0]["prefill"],
-                       "members": [{"sample": r["candidate"], "completion": r["completion"],
-                                    "completion_ids": r["completion_ids"], "score": r["reward"], "advantage": 0.0,
-                                    "accuracy": r["accuracy"], "repairs": r["repairs"]} for r in rs],
+                       **curate.shared_prompt_ids(rs, members), "members": members,
                        "std": statistics.pstdev(rewards), "mil": top[0] - top[1]})
     write_jsonl_atomic(d / "groups.jsonl", groups)
     return {"groups": len(groups), "dropped_equal_rewards": dropped, "members": sum(len(g["members"]) for g in groups)}

@@ -133,28 +133,44 @@ def checkpointing(cfg, device):
 def sequences(groups, tok, loss, pairs_per_problem, seed):
     """The training examples of one iteration, as a list of steps' worth of units.
     grpo/rwr: one unit per group, members = sequences with an advantage (grpo) or a score (rwr).
-    scoredpo: one unit per problem, members = sampled (winner, loser) pairs of its distinct workflows."""
+    scoredpo: one unit per problem, members = sampled (winner, loser) pairs of its distinct workflows.
+    A sequence's prompt is the token ids its sampler saw (the member's or the group's `prompt_ids`);
+    groups of runs that did not store them are re-rendered from the messages."""
     import model as M
+
+    rendered = {}
+
+    def prompt_of(g, m):
+        ids = m.get("prompt_ids") or g.get("prompt_ids")
+        if not ids:  # rendered once per group, as before prompt ids were stored
+            if id(g) not in rendered:
+                rendered[id(g)] = M.prompt_ids(tok, g["prompt"], g.get("prefill") or None)
+            ids = rendered[id(g)]
+        return list(ids)
+
     units = []
     if loss in ("grpo", "rwr"):
         for g in groups:
-            p = M.prompt_ids(tok, g["prompt"], g.get("prefill") or None)
-            units.append([{"ids": p + m["completion_ids"], "n_prompt": len(p), "adv": m["advantage"],
-                           "score": m["score"]} for m in g["members"]])
+            unit = []
+            for m in g["members"]:
+                p = prompt_of(g, m)
+                unit.append({"ids": p + m["completion_ids"], "n_prompt": len(p), "adv": m["advantage"], "score": m["score"]})
+            units.append(unit)
         return units
     by_problem = {}
     for g in groups:  # a problem's groups overlap: pool its distinct workflows
-        d = by_problem.setdefault(g["problem_id"], {"prompt": g["prompt"], "prefill": g.get("prefill"), "m": {}})
+        d = by_problem.setdefault(g["problem_id"], {"m": {}})
         for m in g["members"]:
-            d["m"][m["sample"]] = m
+            d["m"][m["sample"]] = (g, m)
     for k, (pid, d) in enumerate(sorted(by_problem.items())):
-        p = M.prompt_ids(tok, d["prompt"], d["prefill"] or None)
         ms = list(d["m"].values())
-        pairs = sample_pairs([m["score"] for m in ms], pairs_per_problem, seed + k)
+        pairs = sample_pairs([m["score"] for _, m in ms], pairs_per_problem, seed + k)
         unit = []
         for w, l in pairs:
             for i in (w, l):
-                unit.append({"ids": p + ms[i]["completion_ids"], "n_prompt": len(p), "score": ms[i]["score"]})
+                g, m = ms[i]
+                p = prompt_of(g, m)
+                unit.append({"ids": p + m["completion_ids"], "n_prompt": len(p), "score": m["score"]})
         if unit:
             units.append(unit)
     return units

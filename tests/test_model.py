@@ -169,10 +169,10 @@ def test_decode_per_prompt_budgets_and_compaction_match_one_by_one():
     m, tok = tiny_llama(), tiny_tokenizer()
     prompts = [M.prompt_ids(tok, x) for x in MSGS] + [M.prompt_ids(tok, MSGS[0])[:-1]]
     budgets = [2, 2, 9, 2]
-    both = M.decode(m, prompts, n=1, max_new_tokens=budgets, temperature=0.0, eos=2, pad=0)
+    both = M.decode(m, prompts, n=1, max_new_tokens=budgets, temperature=0.0, stop=2, pad=0)
     for p, b, (ids, lp) in zip(prompts, budgets, both):
-        alone = M.decode(m, [p], n=1, max_new_tokens=b, temperature=0.0, eos=2, pad=0)[0]
+        alone = M.decode(m, [p], n=1, max_new_tokens=b, temperature=0.0, stop=2, pad=0)[0]
         assert len(ids) <= b and ids == alone[0]
         assert lp == pytest.approx(alone[1], abs=1e-4)
     with pytest.raises(ValueError, match="one value per prompt"):
-        M.decode(m, prompts, max_new_tokens=[1, 2], temperature=0.0, eos=2)
+        M.decode(m, prompts, max_new_tokens=[1, 2], temperature=0.0, stop=2)
