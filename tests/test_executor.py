@@ -44,12 +44,64 @@ def test_client_error_is_not_retried():
     assert len(srv.requests) == 1
 
 
-def test_permanent_failure_gives_error_results_not_a_crash():
+def test_permanent_failure_is_reported_beside_the_result_not_as_a_crash():
+    """Retries used up: every run gets `infra_error` (the endpoint's fault, never a score), also when
+    the workflow catches the exception and answers anyway; its later operator calls send nothing."""
     wf = "def solve(p):\n    return custom(p, 'Answer.')\n"
+    catcher = ("def solve(p):\n    try:\n        return custom(p, 'a')\n    except Exception:\n"
+               "        pass\n    try:\n        return custom(p, 'b')\n    except Exception:\n        return '7'\n")
     with StubServer(faults=["500"] * 100) as srv:
         ex = make(srv.url, max_retries=1)
         res = [r for _, r in sandbox.run_many([dict(code=wf, problem=str(i), executor=ex, timeout=10) for i in range(3)])]
-    assert all(r["answer"] is None and "ExecutorError" in r["error"] and r["calls"] == 1 for r in res), res
+        assert len(srv.requests) == 6 and not ex.tripped  # 3 of 20 recent calls failed: under --max-fail-frac
+        caught = sandbox.run_workflow(catcher, "q", executor=ex, timeout=10)
+        assert len(srv.requests) == 8  # the second custom() sent nothing
+    assert all(r["answer"] is None and "HTTP 500" in r["infra_error"] and r["calls"] == 1 for r in res), res
+    assert caught["answer"] == "7" and "HTTP 500" in caught["infra_error"] and caught["calls"] == 1
+
+
+def test_fatal_errors_stop_at_once_and_trip_the_executor():
+    """401, a rejected request (400) and insufficient_quota are not retried; later calls fail
+    without a request. A prompt over the context window is the workflow's own fault: a plain
+    ExecutorError, no trip."""
+    for fault, text in (("401", "invalid_api_key"), ("400", "unsupported_parameter"), ("quota", "insufficient_quota")):
+        with StubServer(faults=[fault] * 10) as srv:
+            ex = make(srv.url)
+            with pytest.raises(operators.InfraError, match=text) as e:
+                ex.chat(MSG)
+            assert e.value.fatal and srv.url in str(e.value) and "stub-model" in str(e.value)
+            with pytest.raises(operators.InfraError, match=text):
+                ex.chat(MSG, sample_index=1)
+            assert len(srv.requests) == 1 and ex.tripped
+    with StubServer(faults=["context"], reply=lambda m: "fine") as srv:
+        ex = make(srv.url)
+        with pytest.raises(operators.ExecutorError, match="context_length_exceeded") as e:
+            ex.chat(MSG)
+        assert not isinstance(e.value, operators.InfraError) and not ex.tripped
+        assert ex.chat(MSG, sample_index=1)[0] == "fine"
+
+
+def test_failure_window_trips_like_a_naive_sliding_count():
+    """max_fail_frac=0.5 over a window of 4: the executor trips at the first call whose window of the
+    last 4 outcomes holds more than 2 failures, and not before."""
+    outcomes = [1, 0, 1, 0, 1, 0, 0, 1, 1, 0, 1, 1, 1, 0]  # 1 = the call fails (its one attempt)
+
+    def naive(seq, w=4, frac=0.5):
+        return next(k for k in range(len(seq)) if seq[k] and sum(seq[max(0, k - w + 1):k + 1]) > frac * w)
+
+    trip_at = naive(outcomes)
+    with StubServer(faults=["500" if o else None for o in outcomes]) as srv:
+        ex = make(srv.url, max_retries=0, max_fail_frac=0.5, fail_window=4)
+        for k, o in enumerate(outcomes[:trip_at + 1]):
+            if o:
+                with pytest.raises(operators.InfraError) as e:
+                    ex.chat(MSG, sample_index=k)
+                assert e.value.fatal == (k == trip_at) and bool(ex.tripped) == (k == trip_at)
+            else:
+                assert ex.chat(MSG, sample_index=k)[0] == "hello"
+        with pytest.raises(operators.InfraError, match="3 of the last 4 executor calls failed"):
+            ex.chat(MSG, sample_index=99)
+    assert len(srv.requests) == trip_at + 1
 
 
 def test_cache_hit_sends_nothing(tmp_path):
