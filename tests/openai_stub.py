@@ -1,5 +1,6 @@
 """A loopback OpenAI chat-completions server for tests: scripted faults, canned replies."""
 import json
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -72,7 +73,8 @@ class StubServer:
                         return self.send(429, '{"error": {"message": "slow down"}}', [("Retry-After", fault[4:])])
                     if fault == "malformed":
                         return self.send(200, '{"choices": [{"message": ')
-                    if fault == "refuse":
+                    if fault == "refuse":  # stop listening before this connection drops, so a retry is refused
+                        stub.httpd.socket.shutdown(socket.SHUT_RDWR)  # Linux: leaves LISTEN at once
                         threading.Thread(target=stub.close).start()  # not from this thread: shutdown() waits
                         self.close_connection = True
                         return

@@ -227,3 +227,101 @@ def test_replicas_share_the_load_and_a_retry_moves_on():
         ex = operators.Executor([down.url, up.url], "stub-model", max_retries=1, **FAST)
         assert [ex.chat(MSG, sample_index=i)[0] for i in range(2)] == ["up", "up"]  # one retried, none lost
         assert len(down.requests) == 1 and len(up.requests) == 2 and ex.failures == 0
+
+
+def test_reasoning_models_get_max_completion_tokens_and_no_temperature():
+    """o-series and gpt-5 reject max_tokens and non-default temperatures with a 400: the request
+    body the server receives is checked against the params each family accepts."""
+    with StubServer() as srv:
+        for model in ("o3-mini", "o1", "o4-mini-2025-04-16", "gpt-5", "gpt-5-mini", "openai/o3"):
+            operators.Executor(srv.url, model, reasoning_tokens=1000, **FAST).chat(MSG, temperature=0.7, max_tokens=64)
+        operators.Executor(srv.url, "gpt-4o-mini", **FAST).chat(MSG, temperature=0.7, max_tokens=64)
+        operators.Executor(srv.url, "omni-7b", **FAST).chat(MSG, temperature=0.7, max_tokens=64)  # not o<digit>
+    want_reasoning = {"messages": MSG, "max_completion_tokens": 1064}
+    assert [{k: v for k, v in r.items() if k != "model"} for r in srv.requests[:6]] == [want_reasoning] * 6
+    assert [r["model"] for r in srv.requests[:6]] == ["o3-mini", "o1", "o4-mini-2025-04-16", "gpt-5", "gpt-5-mini", "openai/o3"]
+    for r in srv.requests[6:]:
+        assert {k: v for k, v in r.items() if k != "model"} == {"messages": MSG, "temperature": 0.7, "max_tokens": 64}
+
+
+def test_prices_by_longest_model_name_prefix(capsys):
+    P = operators.PRICES
+    for model, key in (("gpt-4o-mini-2024-07-18", "gpt-4o-mini"), ("gpt-4o-2024-08-06", "gpt-4o"),
+                       ("gpt-4o-2024-05-13", "gpt-4o-2024-05-13"), ("openai/gpt-4.1-mini", "gpt-4.1-mini"),
+                       ("gpt-4.1-2025-04-14", "gpt-4.1"), ("o3-mini-2025-01-31", "o3-mini"), ("o3", "o3"),
+                       ("gpt-5-nano", "gpt-5-nano")):
+        assert operators.price_of(model) == P[key], model
+    for model in ("gpt-4", "gpt-4omni", "o", "my-model"):  # a prefix must end at a "-"
+        assert operators.price_of(model) is None, model
+    remote = "https://api.example.invalid/v1"
+    assert operators.Executor(remote, "gpt-4o-mini-2024-07-18").price == P["gpt-4o-mini"]
+    capsys.readouterr()
+    for _ in range(2):
+        assert operators.Executor(remote, "mystery-model-x").price == (0.0, 0.0)
+    err = capsys.readouterr().err
+    assert err.count("mystery-model-x") == 1 and "warning" in err  # warned once
+    operators.Executor(remote, "mystery-model-y", prices={})  # explicit prices: no warning
+    operators.Executor("http://127.0.0.1:9/v1", "mystery-model-z")  # loopback: costs nothing, no warning
+    assert capsys.readouterr().err == ""
+
+
+def test_cache_key_includes_the_endpoint(tmp_path):
+    """One model name at two servers is two executors; the same server again (a re-run) hits the
+    cache; a stable cache_name (the local executor's, whose ports change per run) shares it."""
+    with StubServer(reply=lambda m: "A") as a, StubServer(reply=lambda m: "B") as b:
+        assert make(a.url, cache_dir=tmp_path).chat(MSG)[0] == "A"
+        assert make(b.url, cache_dir=tmp_path).chat(MSG)[0] == "B"
+        assert make(a.url, cache_dir=tmp_path).chat(MSG) == ("A", {"prompt_tokens": 10, "completion_tokens": 5,
+                                                                    "cost_usd": 0.0, "cached": True})
+        assert len(a.requests) == 1 and len(b.requests) == 1
+        assert make(a.url, cache_dir=tmp_path, cache_name="local:m").chat(MSG)[0] == "A"
+        assert make(b.url, cache_dir=tmp_path, cache_name="local:m").chat(MSG)[0] == "A"  # same name, other port
+        assert len(a.requests) == 2 and len(b.requests) == 1
+
+
+def test_max_in_flight_bounds_concurrent_requests():
+    from concurrent.futures import ThreadPoolExecutor
+
+    def slow(m):
+        time.sleep(0.1)
+        return "ok"
+    for k in (2, 0):
+        with StubServer(reply=slow) as srv:
+            ex = make(srv.url, max_in_flight=k)
+            with ThreadPoolExecutor(8) as pool:
+                assert list(pool.map(lambda i: ex.chat(MSG, sample_index=i)[0], range(16))) == ["ok"] * 16
+        if k:
+            assert srv.max_active == k  # reached and never passed
+        else:
+            assert srv.max_active > 2  # unbounded: the knob is what held it at 2
+
+
+def test_preflight_names_endpoint_model_and_server_text():
+    with StubServer(faults=["401"]) as srv:
+        with pytest.raises(operators.InfraError) as e:
+            make(srv.url).preflight()
+    msg = str(e.value)
+    assert srv.url in msg and "stub-model" in msg and "Incorrect API key provided" in msg and "HTTP 401" in msg
+    with StubServer() as srv:
+        make(srv.url).preflight()
+        assert len(srv.requests) == 1
+        url = srv.url
+    t = time.monotonic()
+    with pytest.raises(operators.InfraError, match="Connection refused|ConnectError"):
+        make(url).preflight()  # nothing listens there any more: no retries, no backoff
+    assert time.monotonic() - t < 10
+
+
+def test_generator_preflight_lists_models():
+    import collect
+    from jsonl import DataError
+    with StubServer(models=("iter0", "base")) as srv:
+        collect.preflight_generator({"generator_url": srv.url, "generator_name": "iter0", "model": "x"})
+        with pytest.raises(operators.InfraError, match="does not serve 'iter1'.*'iter0', 'base'"):
+            collect.preflight_generator({"generator_url": srv.url, "generator_name": "iter1", "model": "x"})
+        url = srv.url
+    with pytest.raises(operators.InfraError, match=f"generator at {url}: GET /models"):
+        collect.preflight_generator({"generator_url": url, "generator_name": "iter0", "model": "x"})
+    with pytest.raises(DataError, match="--max-fail-frac must be between 0 and 1, got 1.5"):
+        with collect.open_executor(dict(collect.DEFAULTS, executor="none", max_fail_frac=1.5)):
+            pass
