@@ -117,6 +117,11 @@ def open_executor(cfg, generator=True):
             raise DataError(f"--{k.replace('_', '-')} must be {'between %g and %g' % (lo, hi) if hi else '>= %g' % lo}, got {v}")
     if generator:
         preflight_generator(cfg)
+    if cfg["executor"] == "local":
+        import torch
+        if torch.cuda.is_available():
+            print("note: --executor local serves on the CPU; on a GPU serve the executor there and pass "
+                  "--executor-url (README, Scaling up)", file=sys.stderr)
     client = dict(max_in_flight=cfg.get("max_in_flight"), max_fail_frac=cfg.get("max_fail_frac"),
                   fail_window=cfg.get("fail_window"), max_retries=cfg.get("executor_retries"),
                   base_delay=cfg.get("executor_backoff"))
