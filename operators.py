@@ -74,10 +74,12 @@ def server_text(e):
     return str(e)[:300]
 
 
-# A 4xx that this request's content caused (a prompt over the context window, a content filter):
-# the workflow's fault, and asking again -- or resuming -- would fail the same way.
+# A 4xx that this request's content caused (a prompt over the context window, a content filter, a
+# 413 body too large): the workflow's fault. Asking again -- or resuming -- would fail the same way,
+# so stopping the run for it would stop every rerun at the same workflow.
 _WORKFLOW_4XX = re.compile(r"context_length_exceeded|maximum context length|context length|prompt is too long|"
-                           r"content_filter|content_policy|content management policy", re.I)
+                           r"reduce the length|max_new_tokens` must be|content_filter|content_policy|"
+                           r"content management policy", re.I)
 
 
 class Executor:
@@ -218,7 +220,7 @@ class Executor:
                     return out
                 except openai.APIStatusError as e:
                     last = f"HTTP {e.status_code}: {server_text(e)}"
-                    if 400 <= e.status_code < 500 and _WORKFLOW_4XX.search(last):
+                    if e.status_code == 413 or (400 <= e.status_code < 500 and _WORKFLOW_4XX.search(last)):
                         raise ExecutorError(f"{where}: {last}") from None  # this prompt's fault
                     quota = e.status_code == 429 and "insufficient_quota" in last
                     if quota or (e.status_code not in (408, 409, 429) and e.status_code < 500):
@@ -259,6 +261,8 @@ class Executor:
 
         msgs = [{"role": "user", "content": "Reply with OK."}]
         for i, url in enumerate(self.urls):
+            with self.lock:
+                self.requests += 1
             try:
                 self._send(i, msgs, 0.0, 8, timeout=self.timeout if self.local else min(self.timeout, 30.0))
             except openai.APIStatusError as e:
