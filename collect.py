@@ -380,7 +380,7 @@ def main(argv=None):
         set_threads(cfg)
         with open_executor(cfg) as ex:
             stats = collect(args.run, args.iter, cfg, executor=ex)
-    except (DataError, ValueError, ExecutorError) as e:  # ExecutorError here is the endpoint's (InfraError)
+    except (DataError, ValueError, ExecutorError) as e:  # here: the endpoint's, never a workflow's
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps(stats))

@@ -205,7 +205,7 @@ def main(argv=None):
                         M.load_adapter(mdl, adapter)
                     out = Path(args.run) / "eval" / f"iter_{args.iter}.jsonl"
                 s = eval_generator(mdl, tok, cfg, ex, out, args.split, args.limit)
-    except (DataError, ValueError, collect.ExecutorError) as e:  # ExecutorError here is the endpoint's
+    except (DataError, ValueError, collect.ExecutorError) as e:  # here: the endpoint's, never a workflow's
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"accuracy {100 * s['accuracy']:.1f} % (95 % CI {100 * s['ci_low']:.1f}–{100 * s['ci_high']:.1f}), "

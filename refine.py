@@ -567,7 +567,7 @@ def collect_main(args):
         collect.set_threads(cfg)
         with collect.open_executor(cfg) as ex:
             stats = collect_refine(args.run, args.iter, cfg, executor=ex)
-    except (DataError, ValueError, collect.ExecutorError) as e:  # ExecutorError here is the endpoint's
+    except (DataError, ValueError, collect.ExecutorError) as e:  # here: the endpoint's, never a workflow's
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps(stats))
@@ -589,7 +589,7 @@ def evaluate_main(args):
                 M.load_adapter(mdl, adapter)
             s = evaluate_refine(mdl, tok, cfg, ex, cfg["turns"], Path(args.run) / "eval", f"refine_iter_{args.iter}",
                                 test_problems=args.limit)
-    except (DataError, ValueError, collect.ExecutorError) as e:  # ExecutorError here is the endpoint's
+    except (DataError, ValueError, collect.ExecutorError) as e:  # here: the endpoint's, never a workflow's
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print("\n".join(EVAL_HEADER + [format_eval(s)]))
@@ -650,6 +650,6 @@ def train_main(args):
                 print(f"[eval refine iter {k}] " + format_eval(s))
                 evals.append(s)
         print(write_report(run_dir, cfg, args.iter, evals).read_text())
-    except (DataError, ValueError, collect.ExecutorError) as e:  # ExecutorError here is the endpoint's
+    except (DataError, ValueError, collect.ExecutorError) as e:  # here: the endpoint's, never a workflow's
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
