@@ -12,6 +12,7 @@ chunk, so a restarted run regenerates exactly the same completions and only exec
 Settings not given on the command line come from runs/<run>/config.json (written by train.py).
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import statistics
@@ -20,12 +21,14 @@ import time
 from pathlib import Path
 
 from jsonl import DataError, append_jsonl, read_json, read_jsonl, truncate_torn_tail, update_json
+from operators import ExecutorError, InfraError, server_text
 
 CAP_WARN = 0.10  # warn when more than this fraction of completions ran into the token cap
 DEFAULTS = dict(model="smollm2-135m", bench="arith", data_dir=None, problems=10, m=8, runs=1,
                 temperature=0.8, top_p=0.95, max_new_tokens=128, gen_batch=4, max_calls=6,
                 executor="local", executor_model=None, timeout=30.0, workers=16, seed=0,
-                generator_url=None, generator_name=None, device="cpu", dtype="auto", threads=0, call_tokens=0, servers=0)
+                generator_url=None, generator_name=None, device="cpu", dtype="auto", threads=0, call_tokens=0, servers=0,
+                max_in_flight=0, max_fail_frac=0.5, fail_window=20, executor_retries=None, executor_backoff=None)
 
 
 def add_args(ap):
@@ -57,6 +60,14 @@ def add_args(ap):
     g.add_argument("--threads", type=int, help="torch CPU threads here (0 = auto: leave a core to the local executor)")
     g.add_argument("--call-tokens", type=int, help="cap on each executor reply, in tokens (0 = auto: 160 for the "
                                                    "local executor, the operators' own limits otherwise)")
+    g.add_argument("--max-in-flight", type=int, help="executor requests at once across all sandboxes (API rate "
+                                                     "tiers; 0 = unbounded)")
+    g.add_argument("--max-fail-frac", type=float, help="stop (exit 2) when more than this fraction of the last "
+                                                       "--fail-window executor calls failed after retries (1 = never)")
+    g.add_argument("--fail-window", type=int, help="executor calls that --max-fail-frac looks back on")
+    g.add_argument("--executor-retries", type=int, help="retries of an executor call on 429 / 5xx / timeouts / "
+                                                        "connection errors (default 5; local executor 2)")
+    g.add_argument("--executor-backoff", type=float, help="seconds before the first retry, doubled each time (default 1)")
 
 
 def settings(run_dir, args):
@@ -74,14 +85,63 @@ def executor_cache(cfg):
     return str(M.cache_root() / "executor")
 
 
-def open_executor(cfg):
-    """`with open_executor(cfg) as ex:` -- the run's executor (operators.make_executor). The local
-    one runs one single-threaded server per core: while workflows execute the generator is mostly
-    idle, and a second server turned that idle core into ~1.3-1.5x executor throughput."""
+def preflight_generator(cfg):
+    """GET /models of --generator-url before any sampling: an unreachable server or a name it does
+    not serve fails here in seconds (InfraError naming the URL and the server's answer)."""
+    url, name = cfg.get("generator_url"), cfg.get("generator_name") or cfg.get("model")
+    if not url:
+        return
+    import openai
+    try:  # the same key sample_remote sends
+        ids = [m.id for m in openai.OpenAI(base_url=url, api_key="EMPTY", max_retries=0, timeout=30.0).models.list()]
+    except openai.APIStatusError as e:
+        raise InfraError(f"generator at {url}: GET /models: HTTP {e.status_code}: {server_text(e)}", fatal=True) from None
+    except Exception as e:
+        cause = f" ({type(e.__cause__).__name__}: {e.__cause__})" if e.__cause__ else ""
+        raise InfraError(f"generator at {url}: GET /models: {type(e).__name__}: {e}{cause}", fatal=True) from None
+    if name not in ids:
+        raise InfraError(f"generator at {url} does not serve {name!r} (it serves {', '.join(map(repr, ids)) or 'nothing'}); "
+                         f"set --generator-name", fatal=True)
+
+
+@contextlib.contextmanager
+def open_executor(cfg, generator=True):
+    """`with open_executor(cfg) as ex:` -- the run's executor (operators.make_executor), checked by
+    one request (Executor.preflight) before it is handed out, and --generator-url's /models when
+    `generator` (the step samples from it). The local executor runs one single-threaded server per
+    core: while workflows execute the generator is mostly idle, and a second server turned that
+    idle core into ~1.3-1.5x executor throughput."""
     import os
     import operators as O
+    for k, lo, hi in (("max_in_flight", 0, None), ("max_fail_frac", 0, 1), ("fail_window", 1, None),
+                      ("executor_retries", 0, None), ("executor_backoff", 0, None)):
+        v = cfg.get(k)
+        if v is not None and (v < lo or (hi is not None and v > hi)):
+            raise DataError(f"--{k.replace('_', '-')} must be {'between %g and %g' % (lo, hi) if hi else '>= %g' % lo}, got {v}")
+    if generator:
+        preflight_generator(cfg)
+    if cfg["executor"] == "local":
+        import torch
+        if torch.cuda.is_available():
+            print("note: --executor local serves on the CPU; on a GPU serve the executor there and pass "
+                  "--executor-url (README, Scaling up)", file=sys.stderr)
+    client = dict(max_in_flight=cfg.get("max_in_flight"), max_fail_frac=cfg.get("max_fail_frac"),
+                  fail_window=cfg.get("fail_window"), max_retries=cfg.get("executor_retries"),
+                  base_delay=cfg.get("executor_backoff"))
     servers = cfg["servers"] or max(1, min(4, os.cpu_count() or 1))
-    return O.make_executor(cfg["executor"], cfg["executor_model"], executor_cache(cfg), servers=servers)
+    with O.make_executor(cfg["executor"], cfg["executor_model"], executor_cache(cfg), servers=servers,
+                         **{k: v for k, v in client.items() if v is not None}) as ex:
+        if ex is not None:
+            ex.preflight()
+        yield ex
+
+
+def require_scored(lost, out):
+    """After a step: rows left out because the executor failed (`lost`: one message each) stop the
+    run with InfraError. The rows written stay; a rerun redoes only the missing ones."""
+    if lost:
+        raise InfraError(f"{len(lost)} workflow(s) not scored because the executor failed; the rows scored so far "
+                         f"are kept in {out}, rerun to redo the rest. Last failure: {lost[-1]}")
 
 
 def set_threads(cfg):
@@ -188,7 +248,10 @@ def cap_warning(rows, knob, cap):
 
 def execute(rows, problems, cfg, executor, bench, f, progress=None):
     """Run every valid workflow cfg['runs'] times in the sandbox pool; append each row when its
-    last run is scored. Invalid workflows are written at once with score 0."""
+    last run is scored. Invalid workflows are written at once with score 0. A run that met an
+    executor failure (result["infra_error"]) is no score: its row is left out (a rerun redoes it)
+    and returned as one message in the list this returns; once the executor has tripped (a fatal
+    error, too many failures) InfraError stops the step at once, the rows written so far kept."""
     import benchmarks
     import operators as O
     import sandbox
@@ -209,12 +272,18 @@ def execute(rows, problems, cfg, executor, bench, f, progress=None):
                              context=run_context(p, cfg, r), timeout=cfg["timeout"], max_calls=cfg["max_calls"]))
             owners.append(i)
     results = {i: [] for i in set(owners)}
+    lost = []
     for k, res in sandbox.run_many(jobs, workers=cfg["workers"]):
         i = owners[k]
+        if res["infra_error"] and getattr(executor, "tripped", None):
+            raise InfraError(f"{executor.tripped}\nrows scored so far are kept in {f.name}; rerun to resume", fatal=True)
         res["score"] = 0.0 if res["error"] else benchmarks.score(bench, by_id[rows[i]["problem_id"]], res["answer"])
         results[i].append(res)
         if len(results[i]) == cfg["runs"]:
             rs, row = results.pop(i), rows[i]
+            if any(x["infra_error"] for x in rs):
+                lost.append(next(x["infra_error"] for x in rs if x["infra_error"]))
+                continue
             row.update(scores=[x["score"] for x in rs], score=statistics.fmean(x["score"] for x in rs),
                        answers=[x["answer"] for x in rs], errors=[x["error"] for x in rs],
                        calls=sum(x["calls"] for x in rs), prompt_tokens=sum(x["prompt_tokens"] for x in rs),
@@ -223,6 +292,7 @@ def execute(rows, problems, cfg, executor, bench, f, progress=None):
             append_jsonl(f, row)
             if progress:
                 progress(row)
+    return lost
 
 
 def pipelined(chunks, generate, run):
@@ -233,6 +303,8 @@ def pipelined(chunks, generate, run):
     with ThreadPoolExecutor(1) as pool:
         fut = None
         for chunk in chunks:
+            if fut and fut.done():
+                fut.result()  # a failed run stops us before the next (slow) sampling
             rows = generate(chunk)
             if fut:
                 fut.result()
@@ -295,9 +367,12 @@ def collect(run_dir, it, cfg, executor=None, generator=None):
                                  prompt_ids=s.get("prompt_ids"), hit_cap=M.hit_cap(s["token_ids"], cfg["max_new_tokens"], stops))
                     for p, m, per in zip(chunk, msgs, samples) for j, s in enumerate(per) if (p["id"], j) not in done]
 
+        lost = []
         with open(out, "a", encoding="utf-8") as f:
-            pipelined(chunks, generate, lambda rows, item: execute(rows, item[1], cfg, executor, cfg["bench"], f, progress))
+            pipelined(chunks, generate,
+                      lambda rows, item: lost.extend(execute(rows, item[1], cfg, executor, cfg["bench"], f, progress)))
         bar.close()
+        require_scored(lost, out)
     rows = read_jsonl(out)
     if len(rows) != total or len({(r["problem_id"], r["sample"]) for r in rows}) != total:
         raise DataError(f"{out}: expected {total} distinct (problem, sample) rows, found {len(rows)}")
@@ -330,7 +405,7 @@ def main(argv=None):
         set_threads(cfg)
         with open_executor(cfg) as ex:
             stats = collect(args.run, args.iter, cfg, executor=ex)
-    except (DataError, ValueError) as e:
+    except (DataError, ValueError, ExecutorError) as e:  # here: the endpoint's, never a workflow's
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps(stats))

@@ -104,7 +104,8 @@ def eval_baseline(name, cfg, executor, split="test", limit=200, out=None):
     rows = [{"problem_id": p["id"], "sample": 0, "prompt": None, "prefill": "", "completion": code,
              "completion_ids": [], "code": code, "valid": True, "reason": None} for p in todo]
     with open(out, "a", encoding="utf-8") as f:
-        collect.execute(rows, todo, dict(cfg, runs=cfg["runs"]), executor, cfg["bench"], f)
+        lost = collect.execute(rows, todo, dict(cfg, runs=cfg["runs"]), executor, cfg["bench"], f)
+    collect.require_scored(lost, out)
     return summarize(_finish(out, problems))
 
 
@@ -124,10 +125,12 @@ def eval_generator(mdl, tok, cfg, executor, out, split="test", limit=200):
         return [collect.workflow_row(p, 0, m, O.PREFILLS[fam], s[0]["text"], s[0]["token_ids"], O.OPERATOR_SETS[fam],
                                      cfg["max_calls"]) for p, m, s in zip(chunk, msgs, samples)]
 
+    lost = []
     with open(out, "a", encoding="utf-8") as f:
         B = 32  # greedy rows per decode batch
         collect.pipelined([todo[c:c + B] for c in range(0, len(todo), B)], generate,
-                          lambda rows, chunk: collect.execute(rows, chunk, cfg, executor, cfg["bench"], f))
+                          lambda rows, chunk: lost.extend(collect.execute(rows, chunk, cfg, executor, cfg["bench"], f)))
+    collect.require_scored(lost, out)
     return summarize(_finish(out, problems))
 
 
@@ -186,7 +189,7 @@ def main(argv=None):
         if not (args.baseline or args.adapter or (args.run and args.iter is not None)):
             raise DataError("give --baseline NAME, --adapter DIR, or --run DIR --iter K")
         collect.set_threads(cfg)
-        with collect.open_executor(cfg) as ex:
+        with collect.open_executor(cfg, generator=False) as ex:  # the generator is loaded here
             if args.baseline:
                 out = baseline_path(cfg, args.baseline, args.split, args.limit)
                 s = eval_baseline(args.baseline, cfg, ex, args.split, args.limit, out)
@@ -202,7 +205,7 @@ def main(argv=None):
                         M.load_adapter(mdl, adapter)
                     out = Path(args.run) / "eval" / f"iter_{args.iter}.jsonl"
                 s = eval_generator(mdl, tok, cfg, ex, out, args.split, args.limit)
-    except (DataError, ValueError) as e:
+    except (DataError, ValueError, collect.ExecutorError) as e:  # here: the endpoint's, never a workflow's
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"accuracy {100 * s['accuracy']:.1f} % (95 % CI {100 * s['ci_low']:.1f}–{100 * s['ci_high']:.1f}), "

@@ -244,6 +244,8 @@ def self_check_and_repair(msgs, samples, todo, problem, cfg, executor, propose, 
                      context=collect.run_context(problem, cfg), timeout=cfg["timeout"], max_calls=cfg["max_calls"])
                 for c in runs]
         for k, res in sandbox.run_many(jobs, workers=cfg["workers"]):
+            if res["infra_error"]:  # the endpoint failed, not the candidate: stop, a rerun redoes this turn
+                raise collect.InfraError(res["infra_error"])
             s = st[runs[k]]
             for key in ("prompt_tokens", "completion_tokens", "cost_usd", "seconds"):
                 s[key] += res[key]
@@ -294,7 +296,7 @@ def score_on_batch(cands, problems, cfg, executor, fv, val_done, on_done):
         if left[c["key"]] == 0:
             on_done(c, [val_done[(*c["key"], pid)] for pid in ids])
     if rows:
-        collect.execute(rows, problems, cfg, executor, cfg["bench"], fv, progress)
+        collect.require_scored(collect.execute(rows, problems, cfg, executor, cfg["bench"], fv, progress), fv.name)
 
 
 def _tokens(row, extra):
@@ -495,7 +497,8 @@ def score_workflow(code, problems, cfg, executor, out):
     rows = [{"problem_id": p["id"], "sample": 0, "prompt": None, "prefill": "", "completion": code,
              "completion_ids": [], "code": code, "valid": True, "reason": None} for p in todo]
     with open(out, "a", encoding="utf-8") as f:
-        collect.execute(rows, todo, cfg, executor, cfg["bench"], f)
+        lost = collect.execute(rows, todo, cfg, executor, cfg["bench"], f)
+    collect.require_scored(lost, out)
     return evaluate.summarize(evaluate._finish(Path(out), problems))
 
 
@@ -576,7 +579,7 @@ def collect_main(args):
         collect.set_threads(cfg)
         with collect.open_executor(cfg) as ex:
             stats = collect_refine(args.run, args.iter, cfg, executor=ex)
-    except (DataError, ValueError) as e:
+    except (DataError, ValueError, collect.ExecutorError) as e:  # here: the endpoint's, never a workflow's
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps(stats))
@@ -598,7 +601,7 @@ def evaluate_main(args):
                 M.load_adapter(mdl, adapter)
             s = evaluate_refine(mdl, tok, cfg, ex, cfg["turns"], Path(args.run) / "eval", f"refine_iter_{args.iter}",
                                 test_problems=args.limit)
-    except (DataError, ValueError) as e:
+    except (DataError, ValueError, collect.ExecutorError) as e:  # here: the endpoint's, never a workflow's
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print("\n".join(EVAL_HEADER + [format_eval(s)]))
@@ -659,6 +662,6 @@ def train_main(args):
                 print(f"[eval refine iter {k}] " + format_eval(s))
                 evals.append(s)
         print(write_report(run_dir, cfg, args.iter, evals).read_text())
-    except (DataError, ValueError) as e:
+    except (DataError, ValueError, collect.ExecutorError) as e:  # here: the endpoint's, never a workflow's
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -34,7 +34,7 @@ import time
 CAP = 64 * 1024  # bytes kept of stdout / stderr / answer / operator output
 MARK = "\n...[truncated]"
 MAX_MSG = 4 * 1024 * 1024  # one JSON line from the child; longer is a protocol error
-RESULT_KEYS = ("answer", "error", "calls", "prompt_tokens", "completion_tokens", "cost_usd", "seconds")
+RESULT_KEYS = ("answer", "error", "calls", "prompt_tokens", "completion_tokens", "cost_usd", "seconds", "infra_error")
 # Installed packages that sandboxed code may import (executor-written MATH programs reach for sympy
 # and numpy all the time; mpmath is sympy's one dependency). Only these directories, plus a wheel's
 # bundled `<name>.libs` (numpy's OpenBLAS), become visible and only read-only: torch, openai and the
@@ -564,7 +564,9 @@ def run_workflow(code, problem, *, executor=None, operators=None, context=None, 
                  mem_mb=1024, max_calls=20, max_tokens_budget=None):
     """Run `solve(problem)` from `code` in a fresh sandbox; operators are stubs that call
     `operators[name](ctx, *args, **kwargs)` here in the parent. Never raises for anything the
-    workflow does. `timeout` is the child's own wall time (operator calls do not count)."""
+    workflow does. `timeout` is the child's own wall time (operator calls do not count).
+    `infra_error` is set (the first message) when an operator call met an InfraError: the result
+    then says nothing about the workflow and must not be scored."""
     import operators as ops_mod  # lazy: operators imports us for run_program
 
     isolation()
@@ -579,6 +581,8 @@ def run_workflow(code, problem, *, executor=None, operators=None, context=None, 
             return {"error": f"unknown operator {name!r}"}
         if not isinstance(args, list) or not isinstance(kwargs, dict):
             return {"error": f"{name}: malformed call"}
+        if ctx.infra_error:  # the run is void already: spend nothing more on it
+            return {"error": f"{name}: executor unavailable"}
         # operator time is not charged to `timeout`, so operators that need no executor call
         # (a unanimous ensemble, test() on passing code) must be bounded too
         ctx.ops += 1
@@ -591,6 +595,11 @@ def run_workflow(code, problem, *, executor=None, operators=None, context=None, 
         except ops_mod.BudgetError as e:
             ctx.budget_error = ctx.budget_error or str(e)
             return {"error": f"budget: {e}"}
+        except ops_mod.InfraError as e:
+            # the endpoint's fault, not the workflow's: reported beside the result whatever the
+            # workflow then does with the exception (it may catch it and answer anyway)
+            ctx.infra_error = ctx.infra_error or str(e)[:2000]
+            return {"error": f"{name}: executor unavailable"}
         except TypeError as e:  # wrong arguments from the workflow
             return {"error": f"{name}: {e}"}
         except Exception as e:  # ExecutorError and anything else: the workflow sees an exception
@@ -615,7 +624,7 @@ def run_workflow(code, problem, *, executor=None, operators=None, context=None, 
         error = "budget: " + ctx.budget_error
     return dict(answer=answer, error=error, calls=ctx.calls, prompt_tokens=ctx.prompt_tokens,
                 completion_tokens=ctx.completion_tokens, cost_usd=round(ctx.cost_usd, 8),
-                seconds=round(r["seconds"], 4))
+                seconds=round(r["seconds"], 4), infra_error=ctx.infra_error)
 
 
 def run_program(code, *, stdin=None, timeout=10.0, mem_mb=512):
@@ -640,7 +649,7 @@ def run_many(jobs, workers=2, progress=None):
     """Run many sandboxes concurrently; yields (index, result) as each finishes. A job is a dict
     of run_workflow keyword arguments (code, problem, ...), or {"program": code, ...} for
     run_program, or a zero-argument callable. `progress`: a tqdm-like object (.update(1)) or a
-    callable(done, total)."""
+    callable(done, total). Closing the generator early cancels the jobs not yet started."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
     jobs = list(jobs)
@@ -654,12 +663,16 @@ def run_many(jobs, workers=2, progress=None):
             return run_program(job.pop("program"), **job)
         return run_workflow(job.pop("code"), job.pop("problem"), **job)
 
-    with ThreadPoolExecutor(max_workers=max(1, int(workers))) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, int(workers)))
+    try:
         futs = {pool.submit(one, job): i for i, job in enumerate(jobs)}
         for done, fut in enumerate(as_completed(futs), 1):
             if progress is not None:
                 progress.update(1) if hasattr(progress, "update") else progress(done, len(jobs))
             yield futs[fut], fut.result()
+    finally:
+        # a consumer that stops early (a failed executor) must not wait for every queued job
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ---- CLI ----------------------------------------------------------------------------------------

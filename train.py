@@ -599,7 +599,7 @@ def main(argv=None):
                     baseline_rows[name] = evaluate.summarize(read_jsonl(out)[:cfg["eval_problems"]])
         path = write_report(run_dir, cfg, args.iter, baseline_rows, time.time() - t_start, resumed)
         print(path.read_text())
-    except (DataError, ValueError) as e:
+    except (DataError, ValueError, collect.ExecutorError) as e:  # here: the endpoint's, never a workflow's
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

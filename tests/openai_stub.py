@@ -1,18 +1,39 @@
 """A loopback OpenAI chat-completions server for tests: scripted faults, canned replies."""
 import json
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+# Error bodies as the OpenAI API sends them (status, body); the clients read error.code / message.
+ERRORS = {
+    "401": (401, {"message": "Incorrect API key provided: sk-bad. You can find your API key at "
+                             "https://platform.openai.com/account/api-keys.",
+                  "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}),
+    "400": (400, {"message": "Unsupported parameter: 'max_tokens' is not supported with this model. "
+                             "Use 'max_completion_tokens' instead.",
+                  "type": "invalid_request_error", "param": "max_tokens", "code": "unsupported_parameter"}),
+    "quota": (429, {"message": "You exceeded your current quota, please check your plan and billing details.",
+                    "type": "insufficient_quota", "param": None, "code": "insufficient_quota"}),
+    "context": (400, {"message": "This model's maximum context length is 128000 tokens. However, your messages "
+                                 "resulted in 200000 tokens.",
+                      "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}),
+    "500": (500, {"message": "boom"}),
+    "404": (404, {"message": "no such model"}),
+}
+
 
 class StubServer:
-    """`faults`: a list consumed one per request: "500", "429:<retry-after>", "hang:<s>",
-    "malformed", "404", or None (answer normally). `reply(messages) -> str` makes the answer.
-    `.requests` holds every request body received."""
+    """`faults`: a list consumed one per chat request: a key of ERRORS, "429:<retry-after>",
+    "hang:<s>", "malformed", "refuse" (drop this connection and stop listening: every later
+    connection is refused), or None (answer normally). `reply(messages) -> str` makes the answer.
+    `.requests` holds every chat request body received, `.max_active` the most handled at once.
+    GET /v1/models lists `models`. `port`: bind this port (a restarted server on the old URL)."""
 
-    def __init__(self, reply=lambda messages: "hello", faults=()):
+    def __init__(self, reply=lambda messages: "hello", faults=(), models=("stub-model",), port=0):
         self.reply, self.faults, self.requests = reply, list(faults), []
         self.times = []
+        self.active = self.max_active = 0
         self.lock = threading.Lock()
         stub = self
 
@@ -30,21 +51,33 @@ class StubServer:
                 self.end_headers()
                 self.wfile.write(data)
 
+            def do_GET(self):
+                if self.path.rstrip("/").endswith("/models"):
+                    return self.send(200, json.dumps({"object": "list", "data": [
+                        {"id": m, "object": "model", "created": 0, "owned_by": "stub"} for m in models]}))
+                self.send(404, '{"error": {"message": "not found"}}')
+
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with stub.lock:
                     stub.requests.append(body)
                     stub.times.append(time.monotonic())
                     fault = stub.faults.pop(0) if stub.faults else None
+                    stub.active += 1
+                    stub.max_active = max(stub.max_active, stub.active)
                 try:
-                    if fault == "500":
-                        return self.send(500, '{"error": {"message": "boom"}}')
-                    if fault == "404":
-                        return self.send(404, '{"error": {"message": "no such model"}}')
+                    if fault in ERRORS:
+                        code, err = ERRORS[fault]
+                        return self.send(code, json.dumps({"error": err}))
                     if fault and fault.startswith("429"):
                         return self.send(429, '{"error": {"message": "slow down"}}', [("Retry-After", fault[4:])])
                     if fault == "malformed":
                         return self.send(200, '{"choices": [{"message": ')
+                    if fault == "refuse":  # stop listening before this connection drops, so a retry is refused
+                        stub.httpd.socket.shutdown(socket.SHUT_RDWR)  # Linux: leaves LISTEN at once
+                        threading.Thread(target=stub.close).start()  # not from this thread: shutdown() waits
+                        self.close_connection = True
+                        return
                     if fault and fault.startswith("hang"):
                         time.sleep(float(fault[5:]))
                     text = stub.reply(body["messages"])
@@ -55,16 +88,28 @@ class StubServer:
                         "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}))
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (timeout test)
+                finally:
+                    with stub.lock:
+                        stub.active -= 1
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.port = self.httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}/v1"
         self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True)
+        self.closed = False
+
+    def close(self):
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+        self.httpd.shutdown()
+        self.httpd.server_close()
 
     def __enter__(self):
         self.thread.start()
         return self
 
     def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.close()

@@ -44,12 +44,64 @@ def test_client_error_is_not_retried():
     assert len(srv.requests) == 1
 
 
-def test_permanent_failure_gives_error_results_not_a_crash():
+def test_permanent_failure_is_reported_beside_the_result_not_as_a_crash():
+    """Retries used up: every run gets `infra_error` (the endpoint's fault, never a score), also when
+    the workflow catches the exception and answers anyway; its later operator calls send nothing."""
     wf = "def solve(p):\n    return custom(p, 'Answer.')\n"
+    catcher = ("def solve(p):\n    try:\n        return custom(p, 'a')\n    except Exception:\n"
+               "        pass\n    try:\n        return custom(p, 'b')\n    except Exception:\n        return '7'\n")
     with StubServer(faults=["500"] * 100) as srv:
         ex = make(srv.url, max_retries=1)
         res = [r for _, r in sandbox.run_many([dict(code=wf, problem=str(i), executor=ex, timeout=10) for i in range(3)])]
-    assert all(r["answer"] is None and "ExecutorError" in r["error"] and r["calls"] == 1 for r in res), res
+        assert len(srv.requests) == 6 and not ex.tripped  # 3 of 20 recent calls failed: under --max-fail-frac
+        caught = sandbox.run_workflow(catcher, "q", executor=ex, timeout=10)
+        assert len(srv.requests) == 8  # the second custom() sent nothing
+    assert all(r["answer"] is None and "HTTP 500" in r["infra_error"] and r["calls"] == 1 for r in res), res
+    assert caught["answer"] == "7" and "HTTP 500" in caught["infra_error"] and caught["calls"] == 1
+
+
+def test_fatal_errors_stop_at_once_and_trip_the_executor():
+    """401, a rejected request (400) and insufficient_quota are not retried; later calls fail
+    without a request. A prompt over the context window is the workflow's own fault: a plain
+    ExecutorError, no trip."""
+    for fault, text in (("401", "invalid_api_key"), ("400", "unsupported_parameter"), ("quota", "insufficient_quota")):
+        with StubServer(faults=[fault] * 10) as srv:
+            ex = make(srv.url)
+            with pytest.raises(operators.InfraError, match=text) as e:
+                ex.chat(MSG)
+            assert e.value.fatal and srv.url in str(e.value) and "stub-model" in str(e.value)
+            with pytest.raises(operators.InfraError, match=text):
+                ex.chat(MSG, sample_index=1)
+            assert len(srv.requests) == 1 and ex.tripped
+    with StubServer(faults=["context"], reply=lambda m: "fine") as srv:
+        ex = make(srv.url)
+        with pytest.raises(operators.ExecutorError, match="context_length_exceeded") as e:
+            ex.chat(MSG)
+        assert not isinstance(e.value, operators.InfraError) and not ex.tripped
+        assert ex.chat(MSG, sample_index=1)[0] == "fine"
+
+
+def test_failure_window_trips_like_a_naive_sliding_count():
+    """max_fail_frac=0.5 over a window of 4: the executor trips at the first call whose window of the
+    last 4 outcomes holds more than 2 failures, and not before."""
+    outcomes = [1, 0, 1, 0, 1, 0, 0, 1, 1, 0, 1, 1, 1, 0]  # 1 = the call fails (its one attempt)
+
+    def naive(seq, w=4, frac=0.5):
+        return next(k for k in range(len(seq)) if seq[k] and sum(seq[max(0, k - w + 1):k + 1]) > frac * w)
+
+    trip_at = naive(outcomes)
+    with StubServer(faults=["500" if o else None for o in outcomes]) as srv:
+        ex = make(srv.url, max_retries=0, max_fail_frac=0.5, fail_window=4)
+        for k, o in enumerate(outcomes[:trip_at + 1]):
+            if o:
+                with pytest.raises(operators.InfraError) as e:
+                    ex.chat(MSG, sample_index=k)
+                assert e.value.fatal == (k == trip_at) and bool(ex.tripped) == (k == trip_at)
+            else:
+                assert ex.chat(MSG, sample_index=k)[0] == "hello"
+        with pytest.raises(operators.InfraError, match="3 of the last 4 executor calls failed"):
+            ex.chat(MSG, sample_index=99)
+    assert len(srv.requests) == trip_at + 1
 
 
 def test_cache_hit_sends_nothing(tmp_path):
@@ -175,3 +227,101 @@ def test_replicas_share_the_load_and_a_retry_moves_on():
         ex = operators.Executor([down.url, up.url], "stub-model", max_retries=1, **FAST)
         assert [ex.chat(MSG, sample_index=i)[0] for i in range(2)] == ["up", "up"]  # one retried, none lost
         assert len(down.requests) == 1 and len(up.requests) == 2 and ex.failures == 0
+
+
+def test_reasoning_models_get_max_completion_tokens_and_no_temperature():
+    """o-series and gpt-5 reject max_tokens and non-default temperatures with a 400: the request
+    body the server receives is checked against the params each family accepts."""
+    with StubServer() as srv:
+        for model in ("o3-mini", "o1", "o4-mini-2025-04-16", "gpt-5", "gpt-5-mini", "openai/o3"):
+            operators.Executor(srv.url, model, reasoning_tokens=1000, **FAST).chat(MSG, temperature=0.7, max_tokens=64)
+        operators.Executor(srv.url, "gpt-4o-mini", **FAST).chat(MSG, temperature=0.7, max_tokens=64)
+        operators.Executor(srv.url, "omni-7b", **FAST).chat(MSG, temperature=0.7, max_tokens=64)  # not o<digit>
+    want_reasoning = {"messages": MSG, "max_completion_tokens": 1064}
+    assert [{k: v for k, v in r.items() if k != "model"} for r in srv.requests[:6]] == [want_reasoning] * 6
+    assert [r["model"] for r in srv.requests[:6]] == ["o3-mini", "o1", "o4-mini-2025-04-16", "gpt-5", "gpt-5-mini", "openai/o3"]
+    for r in srv.requests[6:]:
+        assert {k: v for k, v in r.items() if k != "model"} == {"messages": MSG, "temperature": 0.7, "max_tokens": 64}
+
+
+def test_prices_by_longest_model_name_prefix(capsys):
+    P = operators.PRICES
+    for model, key in (("gpt-4o-mini-2024-07-18", "gpt-4o-mini"), ("gpt-4o-2024-08-06", "gpt-4o"),
+                       ("gpt-4o-2024-05-13", "gpt-4o-2024-05-13"), ("openai/gpt-4.1-mini", "gpt-4.1-mini"),
+                       ("gpt-4.1-2025-04-14", "gpt-4.1"), ("o3-mini-2025-01-31", "o3-mini"), ("o3", "o3"),
+                       ("gpt-5-nano", "gpt-5-nano")):
+        assert operators.price_of(model) == P[key], model
+    for model in ("gpt-4", "gpt-4omni", "o", "my-model"):  # a prefix must end at a "-"
+        assert operators.price_of(model) is None, model
+    remote = "https://api.example.invalid/v1"
+    assert operators.Executor(remote, "gpt-4o-mini-2024-07-18").price == P["gpt-4o-mini"]
+    capsys.readouterr()
+    for _ in range(2):
+        assert operators.Executor(remote, "mystery-model-x").price == (0.0, 0.0)
+    err = capsys.readouterr().err
+    assert err.count("mystery-model-x") == 1 and "warning" in err  # warned once
+    operators.Executor(remote, "mystery-model-y", prices={})  # explicit prices: no warning
+    operators.Executor("http://127.0.0.1:9/v1", "mystery-model-z")  # loopback: costs nothing, no warning
+    assert capsys.readouterr().err == ""
+
+
+def test_cache_key_includes_the_endpoint(tmp_path):
+    """One model name at two servers is two executors; the same server again (a re-run) hits the
+    cache; a stable cache_name (the local executor's, whose ports change per run) shares it."""
+    with StubServer(reply=lambda m: "A") as a, StubServer(reply=lambda m: "B") as b:
+        assert make(a.url, cache_dir=tmp_path).chat(MSG)[0] == "A"
+        assert make(b.url, cache_dir=tmp_path).chat(MSG)[0] == "B"
+        assert make(a.url, cache_dir=tmp_path).chat(MSG) == ("A", {"prompt_tokens": 10, "completion_tokens": 5,
+                                                                    "cost_usd": 0.0, "cached": True})
+        assert len(a.requests) == 1 and len(b.requests) == 1
+        assert make(a.url, cache_dir=tmp_path, cache_name="local:m").chat(MSG)[0] == "A"
+        assert make(b.url, cache_dir=tmp_path, cache_name="local:m").chat(MSG)[0] == "A"  # same name, other port
+        assert len(a.requests) == 2 and len(b.requests) == 1
+
+
+def test_max_in_flight_bounds_concurrent_requests():
+    from concurrent.futures import ThreadPoolExecutor
+
+    def slow(m):
+        time.sleep(0.1)
+        return "ok"
+    for k in (2, 0):
+        with StubServer(reply=slow) as srv:
+            ex = make(srv.url, max_in_flight=k)
+            with ThreadPoolExecutor(8) as pool:
+                assert list(pool.map(lambda i: ex.chat(MSG, sample_index=i)[0], range(16))) == ["ok"] * 16
+        if k:
+            assert srv.max_active == k  # reached and never passed
+        else:
+            assert srv.max_active > 2  # unbounded: the knob is what held it at 2
+
+
+def test_preflight_names_endpoint_model_and_server_text():
+    with StubServer(faults=["401"]) as srv:
+        with pytest.raises(operators.InfraError) as e:
+            make(srv.url).preflight()
+    msg = str(e.value)
+    assert srv.url in msg and "stub-model" in msg and "Incorrect API key provided" in msg and "HTTP 401" in msg
+    with StubServer() as srv:
+        make(srv.url).preflight()
+        assert len(srv.requests) == 1
+        url = srv.url
+    t = time.monotonic()
+    with pytest.raises(operators.InfraError, match="Connection refused|ConnectError"):
+        make(url).preflight()  # nothing listens there any more: no retries, no backoff
+    assert time.monotonic() - t < 10
+
+
+def test_generator_preflight_lists_models():
+    import collect
+    from jsonl import DataError
+    with StubServer(models=("iter0", "base")) as srv:
+        collect.preflight_generator({"generator_url": srv.url, "generator_name": "iter0", "model": "x"})
+        with pytest.raises(operators.InfraError, match="does not serve 'iter1'.*'iter0', 'base'"):
+            collect.preflight_generator({"generator_url": srv.url, "generator_name": "iter1", "model": "x"})
+        url = srv.url
+    with pytest.raises(operators.InfraError, match=f"generator at {url}: GET /models"):
+        collect.preflight_generator({"generator_url": url, "generator_name": "iter0", "model": "x"})
+    with pytest.raises(DataError, match="--max-fail-frac must be between 0 and 1, got 1.5"):
+        with collect.open_executor(dict(collect.DEFAULTS, executor="none", max_fail_frac=1.5)):
+            pass
