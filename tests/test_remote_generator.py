@@ -10,8 +10,10 @@ import pytest
 import torch
 
 import collect
+import evaluate
 import model as M
 import refine as R
+import train as T
 from conftest import tiny_llama, tiny_tokenizer
 from vllm_stub import VLLMStub
 
@@ -238,3 +240,30 @@ def test_refine_meta_agent_samples_under_its_iterations_name(tmp_path, tok, mode
         assert [s["token_ids"] for s in out] == [ch["token_ids"] for ch in stub.replies[-1]["choices"]]
         with pytest.raises(ValueError, match="served"):
             R.make_proposer(cfg, (None, tok))(MSGS[:1], 1, 0)
+
+
+def test_train_driver_samples_each_iteration_from_its_own_adapter(tmp_path, tok):
+    d = tmp_path / "tiny-full"  # the trainer needs the weights; the stub serves the same tiny_llama()
+    tiny_tokenizer().save_pretrained(d)
+    tiny_llama().save_pretrained(d)
+    run = tmp_path / "run"
+    with VLLMStub(tiny_llama, tok) as stub:
+        T.main(["--iter", "2", "--run", str(run), "--model", str(d), "--generator-url", stub.url,
+                "--generator-name", "base", "--executor", "none", "--problems", "1", "--m", "2", "--gen-batch", "1",
+                "--max-new-tokens", "8", "--threads", "1", "--lora-r", "4", "--no-eval"])
+    (load,) = load_requests(stub)
+    assert load["lora_path"] == str((run / "iter_1" / "adapter").resolve())
+    assert [b["model"] for b in completion_requests(stub)] == ["base", load["lora_name"]]
+
+
+def test_refine_evaluation_samples_the_iterations_adapter_with_the_tokenizer_only(tmp_path, tok, model_dir):
+    run = tmp_path / "run"
+    make_adapter(run / "iter_1" / "adapter", seed=1)
+    with VLLMStub(tiny_llama, tok) as stub:
+        evaluate.main(["--mode", "refine", "--run", str(run), "--iter", "1", "--model", str(model_dir),
+                       "--generator-url", stub.url, "--generator-name", "base", "--executor", "none", "--turns", "1",
+                       "--eval-candidates", "1", "--val-problems", "1", "--max-repairs", "0", "--limit", "1",
+                       "--refine-tokens", "8", "--threads", "1"])
+    (load,) = load_requests(stub)
+    assert load["lora_path"] == str((run / "iter_1" / "adapter").resolve())
+    assert [b["model"] for b in completion_requests(stub)] == [load["lora_name"]]
