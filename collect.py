@@ -273,8 +273,11 @@ def sample_remote(url, name, messages_list, n, max_new_tokens, temperature, top_
     prompts = [M.prompt_ids(tokenizer, m, prefill) for m in messages_list]
     if not prompts:
         return []
+    # vLLM fills a sampling field the request leaves out from the model's generation_config.json
+    # (Qwen2.5: top_k 20, repetition_penalty 1.05); model.sample applies temperature and top-p only
     body = {"model": name, "prompt": prompts, "n": n, "max_tokens": max_new_tokens, "temperature": temperature,
-            "top_p": top_p, "seed": seed, "logprobs": 0, "return_tokens_as_token_ids": True,
+            "top_p": top_p, "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
+            "frequency_penalty": 0.0, "seed": seed, "logprobs": 0, "return_tokens_as_token_ids": True,
             "return_token_ids": True}
     code, text = vllm_request(url, "completions", body)
     where = f"generator at {url}: POST /completions (model {name!r})"

@@ -73,6 +73,8 @@ def test_sample_remote_sends_token_ids_and_returns_the_sampled_ids(tok, token_id
     (body,) = completion_requests(stub)
     assert body["prompt"] == prompts and body["seed"] == 7 and body["n"] == 3 and body["model"] == "base"
     assert body["logprobs"] is not None and body["return_tokens_as_token_ids"] and body["return_token_ids"]
+    # nothing but temperature and top-p, whatever the served model's generation_config says
+    assert body["top_k"] == -1 and body["repetition_penalty"] == 1.0 and body["min_p"] == 0.0
     base, specials, stopped = tiny_llama(), 0, 0
     for p, per in zip(prompts, out):
         assert len(per) == 3
