@@ -17,10 +17,10 @@ under a name of its own first (serve_generator).
 import argparse
 import hashlib
 import json
-import statistics
-import sys
 import os
 import re
+import statistics
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -265,8 +265,9 @@ def sample_remote(url, name, messages_list, n, max_new_tokens, temperature, top_
     tokens; a chat endpoint would render its own (a Qwen3 template inserts an empty think block
     before a continued assistant turn). The reply's sampled ids (return_token_ids, and the logprobs'
     "token_id:<id>" tokens, which older servers support alone) are stored as they are, the stop
-    token included when the model stopped on one; `logprobs` are theirs (vLLM's default: of the
-    unscaled distribution, like model.sample); `text` is decoded here from the ids. One request
+    token included when the model stopped on one; `logprobs` are the server's (vLLM V1's default
+    --logprobs-mode raw_logprobs: the unscaled distribution, like model.sample; training recomputes
+    pi_old itself); `text` is decoded here from the ids. One request
     carries every prompt with `seed` (vLLM seeds the i-th of the n samples with seed + i), so a
     resumed run regenerates the same samples where the server honours seeds."""
     import model as M
