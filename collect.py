@@ -3,21 +3,28 @@
     python collect.py --run runs/default --iter 0                      # embedded default, arith
     python collect.py --run runs/x --iter 1 --bench gsm8k --executor-url https://api.openai.com/v1 \
         --executor-model gpt-4o-mini --runs 3
-    python collect.py --run runs/x --iter 0 --generator-url http://localhost:8000/v1 --generator-name iter0
+    python collect.py --run runs/x --iter 1 --generator-url http://localhost:8000/v1 --generator-name base
 
 One row per (problem, sample) is appended to runs/<run>/iter_<k>/rollouts.jsonl as soon as that
 workflow is scored (DESIGN §11). Resumable: problems are sampled in fixed chunks with a seed per
 chunk, so a restarted run regenerates exactly the same completions and only executes the missing
 (problem, sample) rows; the finished file equals an uninterrupted run's, up to row order.
 Settings not given on the command line come from runs/<run>/config.json (written by train.py).
+With --generator-url a vLLM server samples (README "vLLM recipe"): iteration 0 from the base model
+it serves as --generator-name, iteration k >= 1 from iter_k/adapter, which is loaded into the server
+under a name of its own first (serve_generator).
 """
 import argparse
 import contextlib
 import hashlib
 import json
+import os
+import re
 import statistics
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from jsonl import DataError, append_jsonl, read_json, read_jsonl, truncate_torn_tail, update_json
@@ -52,8 +59,9 @@ def add_args(ap):
     g.add_argument("--timeout", type=float, help="seconds per workflow run")
     g.add_argument("--workers", type=int, help="sandboxes run concurrently")
     g.add_argument("--seed", type=int)
-    g.add_argument("--generator-url", help="sample workflows from an OpenAI-compatible server instead")
-    g.add_argument("--generator-name", help="model name at --generator-url (e.g. the LoRA adapter's name)")
+    g.add_argument("--generator-url", help="sample workflows from a vLLM server instead (README: vLLM recipe)")
+    g.add_argument("--generator-name", help="the base model's name at --generator-url (default: --model); "
+                                            "iterations >= 1 load their adapter under a name of their own")
     g.add_argument("--device", help="cpu | cuda")
     g.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"],
                    help="generator weights and forward precision (auto: bf16 on CUDA, fp32 on CPU)")
@@ -180,40 +188,203 @@ def problems_for(cfg, it):
 
 
 def load_generator(cfg, run_dir, it):
-    """Base model + the adapter trained at iteration it-1 (saved as iter_<it>/adapter)."""
+    """(model, tokenizer) of iteration `it`: the base model + the adapter trained at iteration it-1
+    (saved as iter_<it>/adapter). With --generator-url the server samples: (None, tokenizer), and
+    only the tokenizer is loaded (the full model in fp32 would be ~30 GB for a 7B one)."""
     import model as M
+    if cfg["generator_url"]:
+        return None, load_tokenizer(cfg["model"])
     mdl, tok = M.load_model(cfg["model"], device=cfg["device"], dtype=cfg["dtype"])
-    adapter = Path(run_dir) / f"iter_{it}" / "adapter"
     if it > 0:
-        if not adapter.is_dir():
-            raise DataError(f"{adapter}: missing (iteration {it} needs the adapter trained at iteration {it - 1})")
-        M.load_adapter(mdl, adapter)
+        M.load_adapter(mdl, adapter_dir(run_dir, it))
     return mdl, tok
 
 
+def load_tokenizer(name):
+    """The tokenizer of a model name/dir/.gguf as load_model sets it up, without the weights."""
+    import model as M
+    from transformers import AutoTokenizer
+    path = M.resolve_model_dir(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except OSError as e:
+        raise M.ModelError(f"cannot load the tokenizer of {name!r}: {e}") from e
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def adapter_dir(run_dir, it):
+    """iter_<it>/adapter, checked: the generator of iteration it >= 1 is the one trained at it-1."""
+    d = Path(run_dir) / f"iter_{it}" / "adapter"
+    if not (d / "adapter_config.json").is_file() or not (d / "adapter_model.safetensors").is_file():
+        raise DataError(f"{d}: missing or incomplete (iteration {it} needs the adapter trained at iteration {it - 1})")
+    return d
+
+
+# ---- the vLLM generator (--generator-url) ----------------------------------------------------------
+# Plain urllib, not the openai client: load_lora_adapter is no OpenAI endpoint and answers plain text,
+# the sampled ids come back in fields the client's types do not declare, and a failure should stop
+# the step at once (the client retries silently) with the server's own message.
+
+GENERATOR_TIMEOUT = 600.0  # seconds per request: one request samples n completions of several prompts
+
+
+class GeneratorError(ValueError):
+    """The --generator-url server failed: unreachable, refused an adapter or a request, or answered
+    something that is not a vLLM reply. An infrastructure fault, never a sample; the CLIs exit 2."""
+
+
+def vllm_request(url, path, body=None, timeout=GENERATOR_TIMEOUT):
+    """(HTTP status, reply text) of GET <url>/<path> (body None) or POST of the JSON `body`. A status
+    >= 400 is returned for the caller to word; no answer at all is a GeneratorError naming the URL."""
+    headers = {"Content-Type": "application/json"}
+    if os.environ.get("VLLM_API_KEY"):  # the key a `vllm serve --api-key` / $VLLM_API_KEY server wants
+        headers["Authorization"] = f"Bearer {os.environ['VLLM_API_KEY']}"
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(f"{url.rstrip('/')}/{path}", data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read().decode("utf-8", errors="replace")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode("utf-8", errors="replace")
+    except (urllib.error.URLError, OSError, ValueError) as e:  # ValueError: not an http(s) URL
+        reason = getattr(e, "reason", None) or e
+        raise GeneratorError(f"generator at {url}: {'GET' if body is None else 'POST'} /{path}: no answer "
+                             f"({type(reason).__name__}: {reason}); is the vLLM server up?") from None
+
+
+def server_message(text):
+    """The error message of a vLLM error body ({"error": {"message"}} or {"message"}), else the text."""
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return text.strip()[:500]
+    err = obj.get("error") if isinstance(obj, dict) else None
+    msg = err.get("message") if isinstance(err, dict) else obj.get("message") if isinstance(obj, dict) else None
+    return str(msg if msg is not None else text.strip())[:500]
+
+
+def adapter_name(run_dir, it, adapter):
+    """The served name of iteration `it`'s adapter: <run dir name>-<12 hex>-iter<it>, the hex from the
+    adapter's absolute path and the bytes of its two files. vLLM refuses to load a second adapter
+    under a name it has, so each run, iteration and adapter version gets its own; and one name
+    always means one path with one content, which is what lets a restart reuse it (serve_generator)."""
+    h = hashlib.sha256(str(Path(adapter).resolve()).encode())
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        h.update(b"\0" + (Path(adapter) / f).read_bytes())
+    run = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(run_dir).resolve().name) or "run"
+    return f"{run}-{h.hexdigest()[:12]}-iter{it}"
+
+
+def served_models(url):
+    """{id: model card} of GET <url>/models (vLLM lists its base model(s) and every loaded adapter,
+    an adapter's card with `root` = the path it was loaded from)."""
+    code, text = vllm_request(url, "models", timeout=60.0)
+    if code != 200:
+        raise GeneratorError(f"generator at {url}: GET /models: HTTP {code}: {server_message(text)}")
+    try:
+        return {m["id"]: m for m in json.loads(text)["data"]}
+    except (ValueError, KeyError, TypeError):
+        raise GeneratorError(f"generator at {url}: GET /models: not a model list: {text[:200]!r}") from None
+
+
+def serve_generator(cfg, run_dir, it):
+    """The name to sample iteration `it` under at --generator-url: the base model (--generator-name,
+    default --model) at it = 0; else iter_<it>/adapter, loaded first (POST /load_lora_adapter, which
+    needs VLLM_ALLOW_RUNTIME_LORA_UPDATING=True on the server) under adapter_name's fresh name.
+    vLLM answers 400 "has already been loaded" when the name exists, e.g. after this run restarted
+    against the same server: that counts as loaded only when the server lists the name with our
+    adapter's path as its root -- the name fixes the path and the bytes, the root confirms it is ours.
+    A refusal (LoRA disabled, rank over --max-lora-rank, a path the server cannot read) is a
+    GeneratorError with the server's message."""
+    url = cfg["generator_url"]
+    if it == 0:
+        return cfg["generator_name"] or cfg["model"]
+    path = adapter_dir(run_dir, it).resolve()
+    name = adapter_name(run_dir, it, path)
+    code, text = vllm_request(url, "load_lora_adapter", {"lora_name": name, "lora_path": str(path)})
+    if code == 200:
+        return name
+    msg = server_message(text)
+    if code == 400 and "already" in msg.lower():
+        card = served_models(url).get(name)
+        if card is not None and card.get("root") == str(path):
+            return name
+        raise GeneratorError(f"generator at {url} already has an adapter named {name!r}, loaded from "
+                             f"{card.get('root') if card else '(not listed)'}, not {path}; restart the server")
+    hint = (" (start the server with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, --max-lora-rank >= "
+            "--lora-r, and let it read the run directory; README: vLLM recipe)")
+    raise GeneratorError(f"generator at {url}: loading adapter {path} as {name!r}: HTTP {code}: {msg}{hint}")
+
+
 def sample_remote(url, name, messages_list, n, max_new_tokens, temperature, top_p, seed, prefill, tokenizer):
-    """Workflows from an OpenAI-compatible server (vLLM with --enable-lora serving the adapter as
-    `name`). The assistant turn is continued from `prefill` (vLLM's continue_final_message).
-    Token ids come from re-tokenizing the text with the local tokenizer."""
-    from openai import OpenAI
-    client = OpenAI(base_url=url, api_key="EMPTY", max_retries=3)
+    """n workflows per prompt from a vLLM server serving `name` (serve_generator):
+    [[{text, token_ids, logprobs, prompt_ids, finish_reason}] * n] * len(messages_list), as model.sample.
+
+    The prompts are rendered and tokenized here (model.prompt_ids: chat template + prefill, what
+    training uses) and sent as token ids to /v1/completions, so the server continues exactly those
+    tokens; a chat endpoint would render its own (a Qwen3 template inserts an empty think block
+    before a continued assistant turn). The reply's sampled ids (return_token_ids, and the logprobs'
+    "token_id:<id>" tokens, which older servers support alone) are stored as they are, the stop
+    token included when the model stopped on one; `logprobs` are the server's (vLLM V1's default
+    --logprobs-mode raw_logprobs: the unscaled distribution, like model.sample; training recomputes
+    pi_old itself); `text` is decoded here from the ids. One request
+    carries every prompt with `seed` (vLLM seeds the i-th of the n samples with seed + i), so a
+    resumed run regenerates the same samples where the server honours seeds."""
+    import model as M
+    prompts = [M.prompt_ids(tokenizer, m, prefill) for m in messages_list]
+    if not prompts:
+        return []
+    # vLLM fills a sampling field the request leaves out from the model's generation_config.json
+    # (Qwen2.5: top_k 20, repetition_penalty 1.05); model.sample applies temperature and top-p only
+    body = {"model": name, "prompt": prompts, "n": n, "max_tokens": max_new_tokens, "temperature": temperature,
+            "top_p": top_p, "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
+            "frequency_penalty": 0.0, "seed": seed, "logprobs": 0, "return_tokens_as_token_ids": True,
+            "return_token_ids": True}
+    code, text = vllm_request(url, "completions", body)
+    where = f"generator at {url}: POST /completions (model {name!r})"
+    if code != 200:
+        raise GeneratorError(f"{where}: HTTP {code}: {server_message(text)}")
+    try:
+        choices = json.loads(text)["choices"]
+    except (ValueError, KeyError, TypeError):
+        raise GeneratorError(f"{where}: not a completion: {text[:200]!r}") from None
+    if not isinstance(choices, list) or len(choices) != len(prompts) * n:
+        raise GeneratorError(f"{where}: {len(choices) if isinstance(choices, list) else 'no'} choices for "
+                             f"{len(prompts)} prompts x n={n}")
     out = []
-    for messages in messages_list:
-        msgs, extra = list(messages), {}
-        if prefill:
-            msgs.append({"role": "assistant", "content": prefill})
-            extra = {"continue_final_message": True, "add_generation_prompt": False}
-        r = client.chat.completions.create(model=name, messages=msgs, n=n, max_tokens=max_new_tokens,
-                                           temperature=temperature, top_p=top_p, seed=seed, extra_body=extra)
-        per = []
-        for ch in sorted(r.choices, key=lambda c: c.index):
-            text = ch.message.content or ""
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            if ch.finish_reason == "stop":
-                ids = ids + [tokenizer.eos_token_id]
-            per.append({"text": text, "token_ids": ids})
-        out.append(per)
-    return out
+    for i, ch in enumerate(choices):  # vLLM orders them prompt-major, the n of prompt 0 first
+        p = prompts[i // n]
+        lp = ch.get("logprobs") if isinstance(ch, dict) else None
+        tokens, logprobs = (lp.get("tokens"), lp.get("token_logprobs")) if isinstance(lp, dict) else (None, None)
+        if (not isinstance(tokens, list) or not isinstance(logprobs, list) or len(tokens) != len(logprobs)
+                or not all(isinstance(x, (int, float)) for x in logprobs)):
+            raise GeneratorError(f"{where}: choice {i} has no per-token logprobs")
+        found = [re.fullmatch(r"token_id:(\d+)", t) if isinstance(t, str) else None for t in tokens]
+        if not all(found):
+            raise GeneratorError(f"{where}: the logprobs name tokens by text, not by id, so the sampled ids are "
+                                 f"unknown; use a vLLM that supports return_tokens_as_token_ids, or start it with "
+                                 f"--return-tokens-as-token-ids")
+        ids = [int(f.group(1)) for f in found]
+        if ch.get("token_ids") is not None and list(ch["token_ids"]) != ids:
+            raise GeneratorError(f"{where}: choice {i}: token_ids and the logprobs' tokens differ")
+        if ch.get("prompt_token_ids") is not None and list(ch["prompt_token_ids"]) != p:
+            raise GeneratorError(f"{where}: choice {i}: the server sampled after other prompt ids than were sent")
+        out.append({"text": tokenizer.decode(ids, skip_special_tokens=True), "token_ids": ids,
+                    "logprobs": [float(x) for x in logprobs], "prompt_ids": list(p),
+                    "finish_reason": ch.get("finish_reason")})
+    return [out[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
+def capped(sample, cap, stops):
+    """Did this completion run into the token cap? A server says so itself (finish_reason "length");
+    locally it is a completion at the cap whose last token is no stop id."""
+    import model as M
+    if sample.get("finish_reason") is not None:
+        return sample["finish_reason"] == "length"
+    return M.hit_cap(sample["token_ids"], cap, stops)
 
 
 def workflow_row(problem, j, prompt, prefill, completion, ids, family_ops, max_calls, prompt_ids=None, hit_cap=None):
@@ -331,9 +502,8 @@ def collect(run_dir, it, cfg, executor=None, generator=None):
     total = len(problems) * cfg["m"]
     t0 = time.time()
     if len(done) < total:
-        if generator is None and not cfg["generator_url"]:
-            generator = load_generator(cfg, run_dir, it)
-        mdl, tok = generator if generator else M.load_model(cfg["model"])
+        mdl, tok = generator or load_generator(cfg, run_dir, it)
+        served = serve_generator(cfg, run_dir, it) if cfg["generator_url"] else None
         stats = {"n": len(done), "valid": 0, "score": 0.0, "tokens": 0, "seen": 0}
         bar = tqdm(total=total, initial=len(done), desc=f"collect iter {it}", unit="wf", dynamic_ncols=True)
 
@@ -356,15 +526,14 @@ def collect(run_dir, it, cfg, executor=None, generator=None):
             msgs = [O.build_prompt(p["problem"], fam) for p in chunk]
             seed = chunk_seed(cfg["seed"], it, k)  # per chunk: a resumed run regenerates the same samples
             if cfg["generator_url"]:
-                samples = sample_remote(cfg["generator_url"], cfg["generator_name"] or cfg["model"], msgs,
-                                        cfg["m"], cfg["max_new_tokens"], cfg["temperature"], cfg["top_p"],
-                                        seed, O.PREFILLS[fam], tok)
+                samples = sample_remote(cfg["generator_url"], served, msgs, cfg["m"], cfg["max_new_tokens"],
+                                        cfg["temperature"], cfg["top_p"], seed, O.PREFILLS[fam], tok)
             else:
                 samples = M.sample(mdl, tok, msgs, n=cfg["m"], max_new_tokens=cfg["max_new_tokens"],
                                    temperature=cfg["temperature"], top_p=cfg["top_p"], seed=seed,
                                    prefill=O.PREFILLS[fam])
             return [workflow_row(p, j, m, O.PREFILLS[fam], s["text"], s["token_ids"], O.OPERATOR_SETS[fam], cfg["max_calls"],
-                                 prompt_ids=s.get("prompt_ids"), hit_cap=M.hit_cap(s["token_ids"], cfg["max_new_tokens"], stops))
+                                 prompt_ids=s.get("prompt_ids"), hit_cap=capped(s, cfg["max_new_tokens"], stops))
                     for p, m, per in zip(chunk, msgs, samples) for j, s in enumerate(per) if (p["id"], j) not in done]
 
         lost = []

@@ -372,11 +372,12 @@ def run_episodes(out, val_out, episodes, cfg, executor, propose, tag, turns, n, 
     return read_jsonl(out, required=ROW_KEYS)
 
 
-def make_proposer(cfg, generator=None, loader=None, greedy=False):
+def make_proposer(cfg, generator=None, loader=None, greedy=False, served=None):
     """propose(messages_list, n, seed) -> [[{text, token_ids, prompt_ids, hit_cap}] * n]: the meta-agent,
     from a local (model, tokenizer) or --generator-url. The model is loaded on first use (`loader`), so a
     finished run resumes without one. greedy: temperature 0 (evaluation with one candidate). hit_cap:
-    the action ran into --refine-tokens."""
+    the action ran into --refine-tokens. served: with --generator-url, a function giving the name to
+    sample under (collect.serve_generator of the meta-agent's iteration), called on first use like `loader`."""
     held, prefill = {}, prefill_of(cfg["bench"])
 
     def propose(messages_list, n, seed):
@@ -386,13 +387,17 @@ def make_proposer(cfg, generator=None, loader=None, greedy=False):
         mdl, tok = held["g"]
         temp = 0.0 if greedy else cfg["temperature"]
         if cfg["generator_url"]:
-            out = collect.sample_remote(cfg["generator_url"], cfg["generator_name"] or cfg["model"], messages_list,
+            if served is None:  # sampling under a default name is how iterations used to sample the base model
+                raise ValueError("make_proposer: --generator-url needs `served` (the iteration's served name)")
+            if "name" not in held:
+                held["name"] = served()
+            out = collect.sample_remote(cfg["generator_url"], held["name"], messages_list,
                                         n, cfg["refine_tokens"], temp, cfg["top_p"], seed, prefill, tok)
         else:
             out = M.sample(mdl, tok, messages_list, n=n, max_new_tokens=cfg["refine_tokens"], temperature=temp,
                            top_p=cfg["top_p"], seed=seed, prefill=prefill)
         stops = M.stop_ids(mdl, tok)
-        return [[dict(s, hit_cap=M.hit_cap(s["token_ids"], cfg["refine_tokens"], stops)) for s in per] for per in out]
+        return [[dict(s, hit_cap=collect.capped(s, cfg["refine_tokens"], stops)) for s in per] for per in out]
     return propose
 
 
@@ -426,7 +431,8 @@ def collect_refine(run_dir, it, cfg, executor=None, generator=None, propose=None
     d = Path(run_dir) / f"iter_{it}"
     eps = [(e, episode_problems(cfg, it, e)) for e in range(cfg["episodes"])]
     if propose is None:
-        propose = make_proposer(cfg, generator, loader=lambda: collect.load_generator(cfg, run_dir, it))
+        propose = make_proposer(cfg, generator, loader=lambda: collect.load_generator(cfg, run_dir, it),
+                                served=lambda: collect.serve_generator(cfg, run_dir, it))
     total = cfg["episodes"] * (1 + cfg["turns"] * cfg["candidates"])
     t0 = time.time()
     bar = tqdm(total=total, desc=f"refine iter {it}", unit="cand", dynamic_ncols=True)
@@ -502,17 +508,18 @@ def score_workflow(code, problems, cfg, executor, out):
     return evaluate.summarize(evaluate._finish(Path(out), problems))
 
 
-def evaluate_refine(mdl, tok, cfg, executor, turns, out_dir, name, test_problems=200, propose=None):
+def evaluate_refine(mdl, tok, cfg, executor, turns, out_dir, name, test_problems=200, propose=None, served=None):
     """T turns of one episode with the meta-agent `mdl` on a fixed batch of the validate split, then the
     episode's best workflow (by validation accuracy) on `test_problems` of the test split.
     cfg['eval_candidates'] actions per turn, sampled at cfg['temperature'] from a fixed seed (the
     same search as in training); 1 = one greedy action per turn. Rows: <out_dir>/<name>.jsonl and
-    _val.jsonl (the episode), <name>_test_<code hash>.jsonl; the summary: <name>_T<turns>.json."""
+    _val.jsonl (the episode), <name>_test_<code hash>.jsonl; the summary: <name>_T<turns>.json.
+    With --generator-url the server samples under `served()` (make_proposer) and `mdl` may be None."""
     import benchmarks
     out_dir = Path(out_dir)
     n = cfg["eval_candidates"]
     if propose is None:
-        propose = make_proposer(cfg, (mdl, tok), greedy=(n == 1))
+        propose = make_proposer(cfg, (mdl, tok), greedy=(n == 1), served=served)
     val = benchmarks.load(cfg["bench"], "validate", cfg["data_dir"], limit=cfg["val_problems"], seed=cfg["seed"])
     rows = run_episodes(out_dir / f"{name}.jsonl", out_dir / f"{name}_val.jsonl", [(0, val)], cfg, executor,
                         propose, "eval", turns, n)
@@ -586,21 +593,17 @@ def collect_main(args):
 
 
 def evaluate_main(args):
-    import model as M
     try:
         if not args.run or args.iter is None:
             raise DataError("--mode refine needs --run DIR --iter K")
         cfg = settings(args.run, args, collect.settings(args.run, args), save=False)
         collect.set_threads(cfg)
         with collect.open_executor(cfg) as ex:
-            mdl, tok = M.load_model(cfg["model"], device=cfg["device"], dtype=cfg["dtype"])
-            if args.iter > 0:
-                adapter = Path(args.run) / f"iter_{args.iter}" / "adapter"
-                if not adapter.is_dir():
-                    raise DataError(f"{adapter}: missing")
-                M.load_adapter(mdl, adapter)
+            # the meta-agent of iteration K: base + iter_K/adapter, here or (--generator-url) in the server
+            mdl, tok = collect.load_generator(cfg, args.run, args.iter)
             s = evaluate_refine(mdl, tok, cfg, ex, cfg["turns"], Path(args.run) / "eval", f"refine_iter_{args.iter}",
-                                test_problems=args.limit)
+                                test_problems=args.limit,
+                                served=lambda: collect.serve_generator(cfg, args.run, args.iter))
     except (DataError, ValueError, collect.ExecutorError) as e:  # here: the endpoint's, never a workflow's
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -653,12 +656,15 @@ def train_main(args):
             evals = []
             for k in sorted({0, args.iter}):
                 name = f"refine_iter_{k}"
+                served = lambda k=k: collect.serve_generator(cfg, run_dir, k)  # --generator-url: k's own model
                 if k == 0:
                     with M.lora_disabled(mdl):
-                        s = evaluate_refine(mdl, tok, cfg, ex, cfg["turns"], run_dir / "eval", name, cfg["eval_problems"])
+                        s = evaluate_refine(mdl, tok, cfg, ex, cfg["turns"], run_dir / "eval", name, cfg["eval_problems"],
+                                            served=served)
                 else:
                     M.load_adapter(mdl, run_dir / f"iter_{k}" / "adapter")
-                    s = evaluate_refine(mdl, tok, cfg, ex, cfg["turns"], run_dir / "eval", name, cfg["eval_problems"])
+                    s = evaluate_refine(mdl, tok, cfg, ex, cfg["turns"], run_dir / "eval", name, cfg["eval_problems"],
+                                        served=served)
                 print(f"[eval refine iter {k}] " + format_eval(s))
                 evals.append(s)
         print(write_report(run_dir, cfg, args.iter, evals).read_text())
