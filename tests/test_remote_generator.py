@@ -2,7 +2,6 @@
 token-id prompts, the sampled ids stored as returned, iteration k's adapter loaded under a name of
 its own and sampled from, restarts, and server faults as exit status 2. The reference for every
 sample is model.decode run here, one sample at a time, on the model the server should have used."""
-import inspect
 import json
 import socket
 
@@ -196,8 +195,6 @@ def test_collect_samples_iteration_1_from_its_adapter_and_stores_the_returned_id
     assert not (model_dir / "model.safetensors").exists()  # the weights were never needed
 
 
-@pytest.mark.xfail("prompt_ids" not in inspect.signature(collect.workflow_row).parameters, strict=True,
-                   reason="rollout rows store prompt_ids once workflow_row takes them (the prompt_ids branch)")
 def test_rollouts_keep_the_prompt_ids_the_server_sampled_after(tmp_path, tok, model_dir):
     run = tmp_path / "run"
     make_adapter(run / "iter_1" / "adapter", seed=1)
