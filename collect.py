@@ -6,7 +6,7 @@
     python collect.py --run runs/x --iter 1 --generator-url http://localhost:8000/v1 --generator-name base
 
 One row per (problem, sample) is appended to runs/<run>/iter_<k>/rollouts.jsonl as soon as that
-workflow is scored (DESIGN §11). Resumable: problems are sampled in fixed chunks with a seed per
+workflow is scored (ARCHITECTURE §11). Resumable: problems are sampled in fixed chunks with a seed per
 chunk, so a restarted run regenerates exactly the same completions and only executes the missing
 (problem, sample) rows; the finished file equals an uninterrupted run's, up to row order.
 Settings not given on the command line come from runs/<run>/config.json (written by train.py).
@@ -523,7 +523,7 @@ def collect(run_dir, it, cfg, executor=None, generator=None):
 
         def generate(item):
             k, chunk = item
-            msgs = [O.build_prompt(p["problem"], fam) for p in chunk]
+            msgs = [O.build_prompt(p["problem"], fam, max_calls=cfg["max_calls"]) for p in chunk]
             seed = chunk_seed(cfg["seed"], it, k)  # per chunk: a resumed run regenerates the same samples
             if cfg["generator_url"]:
                 samples = sample_remote(cfg["generator_url"], served, msgs, cfg["m"], cfg["max_new_tokens"],

@@ -1,4 +1,4 @@
-"""Rollouts -> groups with advantages (SPOGW data processing, DESIGN §6).
+"""Rollouts -> groups with advantages (SPOGW data processing, ARCHITECTURE §6).
 
     python curate.py --run runs/default --iter 0                    # default: group sharpening
     python curate.py --run runs/default --iter 0 --groups all       # ablation: one group of all m

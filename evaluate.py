@@ -31,7 +31,7 @@ BASELINES = {
         "self_refine": ('def solve(problem):\n    draft = answer_generate(problem)\n'
                         '    feedback = review(problem, draft)\n    return revise(problem, draft, feedback)\n'),
     },
-    "qa": {  # no programmer operator for QA (DESIGN §3), so no programmer baseline
+    "qa": {  # no programmer operator for QA (ARCHITECTURE §3), so no programmer baseline
         "io": 'def solve(problem):\n    return custom(problem, "Answer with a short phrase only.")\n',
         "cot": 'def solve(problem):\n    return format(problem, answer_generate(problem))\n',
         "cot_sc": ('def solve(problem):\n    drafts = [answer_generate(problem) for _ in range(3)]\n'
@@ -119,7 +119,7 @@ def eval_generator(mdl, tok, cfg, executor, out, split="test", limit=200):
     problems = benchmarks.load(cfg["bench"], split, cfg["data_dir"], limit=limit, seed=0)
     todo = _pending(out, problems)
     def generate(chunk):
-        msgs = [O.build_prompt(p["problem"], fam) for p in chunk]
+        msgs = [O.build_prompt(p["problem"], fam, max_calls=cfg["max_calls"]) for p in chunk]
         samples = M.sample(mdl, tok, msgs, n=1, max_new_tokens=cfg["max_new_tokens"], temperature=0,
                            prefill=O.PREFILLS[fam])
         return [collect.workflow_row(p, 0, m, O.PREFILLS[fam], s[0]["text"], s[0]["token_ids"], O.OPERATOR_SETS[fam],

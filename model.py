@@ -4,7 +4,7 @@
     python model.py path/to/hf_dir --prompt "Hi" --max-new-tokens 32
 """
 
-# ==== loading (owner: lead) ====
+# ==== loading ====
 
 import contextlib
 import copy
@@ -218,7 +218,7 @@ def scaled_hidden(model, hidden):
     return hidden if s == 1.0 else hidden * s
 
 
-# ==== LoRA (owner: lead) ====
+# ==== LoRA ====
 
 # None = every nn.Linear of the decoder layers, resolved per model (Llama/Qwen2/Gemma: q,k,v,o,gate,
 # up,down; Phi-3: qkv_proj, o_proj, gate_up_proj, down_proj); a tuple = those attribute names
@@ -381,7 +381,7 @@ def load_adapter(model, adapter_dir):
         raise ModelError(f"{w_path}: no weights for {len(missing)} LoRA modules, e.g. {missing[0]}")
     return model
 
-# ==== sampling (owner: lead) ====
+# ==== sampling ====
 
 def system_supported(tokenizer):
     """Whether the chat template renders a system message. Gemma's and older Mistral's raise instead
@@ -555,7 +555,7 @@ def hit_cap(token_ids, max_new_tokens, stops):
     """True when a completion ran into max_new_tokens instead of ending on a stop token."""
     return len(token_ids) >= max_new_tokens and not (token_ids and token_ids[-1] in stops)
 
-# ==== fused log-prob kernel (owner: kernel helper) ====
+# ==== fused log-prob kernel ====
 
 # The LM head is the memory hog of RL fine-tuning: [tokens x vocab] fp32 logits for 4k
 # completion tokens and a 152k vocab are 2.5 GB, and autograd keeps ~3 such arrays alive.
@@ -730,7 +730,7 @@ class FusedGRPOLoss(torch.autograd.Function):
 def fused_grpo_loss(hidden, weight, targets, old_logp, ref_logp, adv, token_weight, kl_mask,
                     beta=0.1, eps=0.2, chunk_size=1024):
     """GRPO + k3-KL loss sum_t w_t [pg_t + beta kl_mask_t kl_t] straight from hidden states (see
-    DESIGN §7, §8). All per-token args are [N]: adv = the token's sequence advantage, token_weight
+    ARCHITECTURE §7, §8). All per-token args are [N]: adv = the token's sequence advantage, token_weight
     = the aggregation weight (train.token_weights), kl_mask = 1 where the KL applies.
     Returns (loss, metrics). Metrics are token_weight-weighted sums like the loss (so they add up
     across micro-batches): pg, kl (k3 over *all* tokens, whatever the mask), clip_frac, ratio_mean."""
@@ -875,7 +875,7 @@ def shared_prompt_hidden(model, prompt, completions):
     return scaled_hidden(model, hidden), model.get_output_embeddings().weight, ids[attn[:, P:].bool()]
 
 
-# ==== CLI (owner: lead) ====
+# ==== CLI ====
 
 def main(argv=None):
     import argparse

@@ -1,7 +1,7 @@
 """Operators that workflows call, the executor client, the static workflow checker and the
-generator prompt (DESIGN §3, §4)."""
+generator prompt (ARCHITECTURE §3, §4)."""
 
-# ==== executor client (owner: sandbox helper) ====
+# ==== executor client ====
 
 import collections
 import contextlib
@@ -483,7 +483,7 @@ class OpContext:
         return text
 
 
-# ==== operator library (owner: sandbox helper) ====
+# ==== operator library ====
 # Each operator runs here in the parent as fn(ctx, *args) -> str; the workflow's sandbox holds only
 # stubs that forward the call (sandbox.py). Prompts are short and concrete: the default executor is
 # a 135M model that follows one plain instruction, rarely two.
@@ -674,14 +674,14 @@ OPERATORS = {
     "ensemble": op_ensemble, "review": op_review, "revise": op_revise, "format": op_format,
     "code_generate": op_code_generate, "test": op_test,
 }
-OPERATOR_SETS = {  # DESIGN §3 "offered for"
+OPERATOR_SETS = {  # ARCHITECTURE §3 "offered for"
     "math": ["custom", "answer_generate", "programmer", "ensemble", "review", "revise", "format"],
     "qa": ["custom", "answer_generate", "ensemble", "review", "revise", "format"],
     "code": ["custom", "code_generate", "test", "ensemble", "review", "revise"],
 }
 
 
-# ==== static checker and generator prompt (owner: benchmarks helper) ====
+# ==== static checker and generator prompt ====
 
 import ast as _ast
 import builtins as _builtins
@@ -824,7 +824,7 @@ def _problem_literals(problem):
 
 
 def check_workflow(code, problem=None, allowed_ops=ALL_OPERATORS, max_calls=10):
-    """Static check of a generated workflow, before any execution (DESIGN §3).
+    """Static check of a generated workflow, before any execution (ARCHITECTURE §3).
     Returns (ok, reason); reason is short and names the line, e.g. "import not allowed (line 3)"."""
     try:
         tree = _ast.parse(code)
@@ -992,7 +992,7 @@ def prefill_for(family):
 
 
 def build_prompt(problem, family, operators=None, max_calls=6):
-    """Chat messages asking the generator for one workflow for `problem` (DESIGN §3): the role and
+    """Chat messages asking the generator for one workflow for `problem` (ARCHITECTURE §3): the role and
     the rules (system), few-shot turns, then the problem. Each user turn repeats the operator
     catalogue, then its problem. The completion is one ```python block; sample it after
     PREFILLS[family]. For a chat template without a system role (Gemma, older Mistral) the sampler

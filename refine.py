@@ -1,4 +1,4 @@
-"""W4S-style multi-turn workflow refinement, trained with reward-weighted regression (DESIGN §7).
+"""W4S-style multi-turn workflow refinement, trained with reward-weighted regression (ARCHITECTURE §7).
 
     python collect.py  --mode refine --run runs/w4s --iter 0                  # iteration 0's episodes
     python train.py    --mode refine --loss rwr --run runs/w4s --iter 2       # (collect -> groups -> RWR) x 2, eval

@@ -1,5 +1,5 @@
 """Run untrusted Python (workflows, executor-written programs, unit tests) in a killable,
-resource-limited subprocess, and broker the workflow's operator calls to the parent (DESIGN §4).
+resource-limited subprocess, and broker the workflow's operator calls to the parent (ARCHITECTURE §4).
 
     python sandbox.py --info                                   # which isolation is in force
     python sandbox.py wf.py --problem "What is 47 * 6?" --executor none

@@ -3,9 +3,9 @@
     python train.py --iter 3
 """
 
-# ==== losses: pure tensor functions (owner: kernel helper) ====
+# ==== losses: pure tensor functions ====
 
-# Pure tensor functions on per-token log-probs (DESIGN §7). The fused kernel in model.py
+# Pure tensor functions on per-token log-probs (ARCHITECTURE §7). The fused kernel in model.py
 # computes the same GRPO loss from hidden states; tests hold the two together.
 import random
 
@@ -49,7 +49,7 @@ def kl_token_mask(adv, seg, kl):
 
 
 def grpo_loss(logp, old_logp, ref_logp, adv, seg, beta=0.1, eps=0.2, kl="masked", agg="token"):
-    """ioGRPO + advantage-masked k3 KL (DESIGN §7) on flat per-token log-probs [N].
+    """ioGRPO + advantage-masked k3 KL (ARCHITECTURE §7) on flat per-token log-probs [N].
     adv [n_seq] per sequence, seg [N] the sequence index of each token.
     Returns (loss, metrics); metrics (floats) are token-weighted like the loss: pg, kl (k3 on all
     tokens, whatever the mask), clip_frac, ratio_mean."""
@@ -100,7 +100,7 @@ def rwr_loss(seq_mean_logp, rewards, tau=0.4):
     return -(w * seq_mean_logp).sum() / w.sum()
 
 
-# ==== update loop and driver (owner: lead) ====
+# ==== update loop and driver ====
 
 import argparse
 import contextlib
@@ -276,7 +276,7 @@ def step_order(units, seed):
 
 
 def prepare_step(seqs, cfg):
-    """Per-token weights / masks / advantages of one optimizer step (DESIGN §7)."""
+    """Per-token weights / masks / advantages of one optimizer step (ARCHITECTURE §7)."""
     n = [len(s["ids"]) - s["n_prompt"] for s in seqs]
     seg = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor(n))
     if cfg["loss"] == "grpo":

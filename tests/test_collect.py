@@ -61,12 +61,12 @@ def executor():
         yield srv
 
 
-def run_collect(tmp_path, run, executor, kill_after=None):
+def run_collect(tmp_path, run, executor, kill_after=None, extra=()):
     script = tmp_path / "runner.py"
     script.write_text(RUNNER.format(root=str(ROOT), tests=str(ROOT / "tests")))
     args = [sys.executable, str(script), "--run", str(run), "--iter", "0", "--model", "tiny",
             "--executor", executor.url, "--executor-model", "stub", "--problems", "6", "--m", "4",
-            "--gen-batch", "2", "--workers", "2", "--timeout", "10", "--threads", "1"]
+            "--gen-batch", "2", "--workers", "2", "--timeout", "10", "--threads", "1", *extra]
     env = dict(os.environ, SPOGW_CACHE=str(tmp_path / "cache"))
     if kill_after is None:
         r = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
@@ -132,3 +132,11 @@ def test_malformed_row_in_the_middle_is_an_error(tmp_path, executor):
     assert r.returncode == 2
     assert "rollouts.jsonl:4" in r.stderr
     assert path.read_bytes() == before  # nothing written over
+
+
+def test_prompt_states_the_max_calls_the_checker_enforces(tmp_path, executor):
+    """The generator is told the operator-call limit that --max-calls sets (it used to say 6 always)."""
+    run_collect(tmp_path, tmp_path / "r", executor, extra=("--max-calls", "3", "--problems", "2"))
+    rows = [json.loads(l) for l in (tmp_path / "r" / "iter_0" / "rollouts.jsonl").read_text().splitlines()]
+    text = "\n".join(m["content"] for m in rows[0]["prompt"])
+    assert "at most 3 operator calls" in text and "at most 6" not in text

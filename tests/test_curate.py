@@ -18,7 +18,7 @@ def rollouts(pid, scores, valid=None):
 
 
 def naive_sharpen(scores, n, t, min_var):
-    """Straight from DESIGN §6, no shortcuts: every n-subset, variance filter, top-t + bottom-t."""
+    """Straight from ARCHITECTURE §6, no shortcuts: every n-subset, variance filter, top-t + bottom-t."""
     out = set()
     for sub in itertools.combinations(range(len(scores)), n):
         if statistics.pvariance([scores[i] for i in sub]) < min_var:

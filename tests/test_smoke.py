@@ -1,5 +1,5 @@
 """The whole loop on the real embedded model, tiny (`train.py --iter 1 --smoke`): every output
-file exists and has the documented schema (DESIGN §11). This is the CI run of the main job."""
+file exists and has the documented schema (ARCHITECTURE §11). This is the CI run of the main job."""
 import json
 import os
 import subprocess
