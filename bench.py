@@ -65,6 +65,94 @@ def _kernel_loss(variant, inp, chunk_size):
     return grpo_loss(logp, old, ref, adv, seg)[0]
 
 
+GRAD_BUCKETS = (0.0, 0.9, 0.99, 0.999, 0.9999, 0.99999)  # edges of the target-probability buckets
+GRAD_VARIANTS = ("plain", "fused_logprobs", "fused_grpo")
+
+
+def _bucket_inputs(H, V, per_bucket, seed=0):
+    """bf16-exact float64 h [n, H], W [V, H], y [n] and p [n] = softmax(h W^T)[y] at those inputs, with
+    about per_bucket tokens in each GRAD_BUCKETS bucket: h = noise + a W[y] / |W[y]|, the scale a found
+    by bisection for a 1 - p drawn log-uniformly inside the bucket (p is then re-measured after rounding)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    W = (torch.randn(V, H, generator=g) * H**-0.5).bfloat16().double()
+    edges = torch.tensor(GRAD_BUCKETS, dtype=torch.float64)
+    nb = len(GRAD_BUCKETS) - 1
+    # 1 - p targets: log-uniform between the bucket's edges (the first bucket: 1 - p in [0.1, 0.99])
+    hi_q = (1 - edges[:-1]).clamp(max=0.99).repeat_interleave(per_bucket)
+    lo_q = (1 - edges[1:]).repeat_interleave(per_bucket)
+    q = torch.exp(torch.log(lo_q) + torch.rand(nb * per_bucket, generator=g, dtype=torch.float64) * (hi_q / lo_q).log())
+    y = torch.randint(0, V, (len(q),), generator=g)
+    noise = torch.randn(len(q), H, generator=g, dtype=torch.float64)
+    u = W[y] / W[y].norm(dim=1, keepdim=True)
+    lo, hi = torch.full_like(q, -50.0), torch.full_like(q, 200.0)
+    for _ in range(60):  # bisection on a: log p_y(a) rises with a (W[y] is the direction)
+        a = (lo + hi) / 2
+        logp = torch.log_softmax((noise + a[:, None] * u) @ W.t(), -1).gather(1, y[:, None]).squeeze(1)
+        up = logp < torch.log1p(-q)
+        lo, hi = torch.where(up, a, lo), torch.where(up, hi, a)
+    h = (noise + ((lo + hi) / 2)[:, None] * u).bfloat16().double()
+    p = torch.softmax(h @ W.t(), -1).gather(1, y[:, None]).squeeze(1)
+    return h, W, y, p
+
+
+def grad_error_buckets(H=64, V=1000, per_bucket=64, chunk_size=16, device="cpu", dtype="bfloat16", seed=0):
+    """Relative error of dh and dW of sum log p in low precision, per bucket of the target's p, for plain
+    autograd (low-precision logits, fp32 log_softmax) and both fused kernels, against float64 autograd at
+    the same (rounded) inputs. fused_grpo runs a loss whose dloss/dlogp is rho ~ 1 (adv -1, old = logp,
+    no KL, nothing clipped) and is compared with float64 autograd of that loss, sum_t exp(logp_t - old_t).
+    Returns one dict per bucket: lo, hi, n, and {variant}_dh, {variant}_dw."""
+    import torch
+    from model import fused_grpo_loss, fused_logprobs
+
+    dt = getattr(torch, dtype)
+    h_all, W64, y_all, p_all = _bucket_inputs(H, V, per_bucket, seed)
+    rows = []
+    for lo, hi in zip(GRAD_BUCKETS[:-1], GRAD_BUCKETS[1:]):
+        sel = (p_all >= lo) & (p_all < hi)
+        n = int(sel.sum())
+        if n == 0:
+            continue
+        y = y_all[sel].to(device)
+        logp64 = lambda h, W: torch.log_softmax(h @ W.t(), -1).gather(1, y[:, None]).squeeze(1)
+        old = logp64(h_all[sel].to(device), W64.to(device)).float()
+        ones = torch.ones(n, device=device)
+        losses = {  # variant: (low-precision loss, float64 reference loss)
+            "plain": (lambda h, W: torch.log_softmax((h @ W.t()).float(), -1).gather(1, y[:, None]).sum(),
+                      lambda h, W: logp64(h, W).sum()),
+            "fused_logprobs": (lambda h, W: fused_logprobs(h, W, y, chunk_size).sum(),
+                               lambda h, W: logp64(h, W).sum()),
+            "fused_grpo": (lambda h, W: fused_grpo_loss(h, W, y, old, old, -ones, ones, 0 * ones, beta=0.0,
+                                                        eps=0.5, chunk_size=chunk_size)[0],
+                           lambda h, W: torch.exp(logp64(h, W) - old.double()).sum()),
+        }
+        row = {"lo": lo, "hi": hi, "n": n}
+        for v, (f, f64) in losses.items():
+            d = []
+            for fn, t in ((f, dt), (f64, torch.float64)):
+                h = h_all[sel].to(device=device, dtype=t, copy=True).requires_grad_()
+                W = W64.to(device=device, dtype=t, copy=True).requires_grad_()
+                fn(h, W).backward()
+                d.append((h.grad.double(), W.grad.double()))
+            (dh, dw), (rdh, rdw) = d
+            row[f"{v}_dh"] = ((dh - rdh).norm() / rdh.norm()).item()
+            row[f"{v}_dw"] = ((dw - rdw).norm() / rdw.norm()).item()
+        rows.append(row)
+    return rows
+
+
+def print_grad_errors(rows, H, V, dtype, chunk_size):
+    print(f"gradient error vs float64 at the same {dtype} inputs, per bucket of p_target (H={H}, V={V}, chunk "
+          f"{chunk_size}); relative error of d(sum log p)/dh and /dW, (x ratio to plain autograd)")
+    for r in rows:
+        for k in ("dh", "dw"):
+            plain = r[f"plain_{k}"]
+            cells = "  ".join(f"{v} {100 * r[f'{v}_{k}']:7.3f}%" + ("" if v == "plain" else f" (x{r[f'{v}_{k}'] / plain:5.2f})")
+                              for v in GRAD_VARIANTS)
+            print(f"  grad [{r['lo']:g},{r['hi']:g}) {r['n']:4d} {k}  {cells}")
+
+
 def _rss_kb(field):
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
