@@ -150,7 +150,8 @@ def print_grad_errors(rows, H, V, dtype, chunk_size):
             plain = r[f"plain_{k}"]
             cells = "  ".join(f"{v} {100 * r[f'{v}_{k}']:7.3f}%" + ("" if v == "plain" else f" (x{r[f'{v}_{k}'] / plain:5.2f})")
                               for v in GRAD_VARIANTS)
-            print(f"  grad [{r['lo']:g},{r['hi']:g}) {r['n']:4d} {k}  {cells}")
+            bucket = f"[{r['lo']:g},{r['hi']:g})"
+            print(f"  grad {bucket:<17} {r['n']:4d} {k}  {cells}")
 
 
 def _rss_kb(field):
@@ -218,19 +219,23 @@ def bench_kernel(args):
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench.py kernel: --device cuda but CUDA is not available", file=sys.stderr)
         sys.exit(2)
-    if args.reps < 1 or args.chunk_size < 1:
-        print(f"bench.py kernel: --reps and --chunk-size must be >= 1, got {args.reps}, {args.chunk_size}", file=sys.stderr)
+    if args.reps < 1 or args.chunk_size < 0 or args.grad_per_bucket < 1 or min(args.grad_shape) < 2:
+        print(f"bench.py kernel: --reps and --grad-per-bucket must be >= 1, --chunk-size >= 0, --grad-shape H V >= 2; "
+              f"got {args.reps}, {args.grad_per_bucket}, {args.chunk_size}, {args.grad_shape}", file=sys.stderr)
         sys.exit(2)
     dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
-    print(f"kernel bench: {args.device} {dtype}, chunk {args.chunk_size}, LM head {'trainable' if args.train_head else 'frozen'}, "
+    print(f"kernel bench: {args.device} {dtype}, chunk {args.chunk_size or 'auto'}, LM head {'trainable' if args.train_head else 'frozen'}, "
           f"median of {args.reps}; fwd+bwd of the GRPO loss; peak = memory above the inputs", file=sys.stderr if args.json else sys.stdout)
     if not args.json:
-        print(f"  {'H':>4} {'V':>6} {'N':>5}  {'variant':<15}{'time':>11} {'peak':>13}   vs naive")
+        print(f"  {'H':>4} {'V':>6} {'N':>5}  {'variant':<15}{'time':>11} {'peak':>13}   vs naive        chunk")
     shapes, ns = (QUICK_SHAPES, QUICK_NS) if args.quick else (KERNEL_SHAPES, KERNEL_NS)
     rows = []
     for H, V in shapes:
         for N in ns:
-            base = {"N": N, "H": H, "V": V, "dtype": dtype, "chunk_size": args.chunk_size, "train_head": args.train_head}
+            if not args.chunk_size:
+                from model import auto_chunk  # only here, so an explicit chunk also benches older kernels
+            chunk = args.chunk_size or auto_chunk(V, args.device, dtype)
+            base = {"N": N, "H": H, "V": V, "dtype": dtype, "chunk_size": chunk, "train_head": args.train_head}
             inp = None
             if args.device == "cuda":
                 inp = _kernel_inputs(N, H, V, "cuda", getattr(torch, dtype), args.train_head)
@@ -251,16 +256,22 @@ def bench_kernel(args):
                              "time_vs_naive": t / naive[0], "mem_vs_naive": m / max(naive[1], 1e-9)})
                 if not args.json:
                     print(f"  {H:>4} {V:>6} {N:>5}  {v:<15}{t:9.3f} s {m:10.1f} MB   x{t / naive[0]:5.2f} time  "
-                          f"x{m / max(naive[1], 1e-9):6.3f} mem", flush=True)
+                          f"x{m / max(naive[1], 1e-9):6.3f} mem" + (f"  {chunk:5d}" if v.startswith("fused") else ""), flush=True)
+    H, V = args.grad_shape
+    grad_chunk = args.chunk_size or 16  # small by default, so each bucket spans several chunks
+    errs = grad_error_buckets(H, V, args.grad_per_bucket, grad_chunk, args.device)
     if args.json:
-        print(json.dumps({"device": args.device, "rows": rows}, indent=1))
+        print(json.dumps({"device": args.device, "rows": rows, "grad_errors": errs}, indent=1))
         return
     big = [r for r in rows if (r["N"], r["V"]) == (4096, 151936)]
-    for r in big:  # DESIGN targets at N = 4096, V = 151936
+    for r in big:  # targets at N = 4096, V = 151936
         if r["variant"] in ("fused_logprobs", "fused_grpo"):
             tmax = 1.3 if r["variant"] == "fused_logprobs" else 1.1
             ok = r["mem_vs_naive"] <= 1 / 8 and r["time_vs_naive"] <= tmax
             print(f"target {r['variant']}: mem <= 1/8 naive, time <= {tmax}x naive: {'PASS' if ok else 'FAIL'}")
+    print_grad_errors(errs, H, V, "bfloat16", grad_chunk)
+    ok = all(r[f"{v}_{k}"] <= 2 * r[f"plain_{k}"] for r in errs for v in GRAD_VARIANTS[1:] for k in ("dh", "dw"))
+    print(f"target: bf16 gradient error <= 2x plain autograd in every bucket: {'PASS' if ok else 'FAIL'}")
 
 
 def kernel_parser(sub):
@@ -269,7 +280,10 @@ def kernel_parser(sub):
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="default: fp32 on cpu, bf16 on cuda")
     p.add_argument("--reps", type=int, default=3, help="median over this many alternating repetitions")
-    p.add_argument("--chunk-size", type=int, default=1024, help="tokens per chunk of the fused kernels")
+    p.add_argument("--chunk-size", type=int, default=0, help="tokens per chunk of the fused kernels (0: model.auto_chunk)")
+    p.add_argument("--grad-shape", type=int, nargs=2, default=(64, 1000), metavar=("H", "V"),
+                   help="LM head of the bf16 gradient-error table")
+    p.add_argument("--grad-per-bucket", type=int, default=64, help="tokens per p bucket of the gradient-error table")
     p.add_argument("--train-head", action="store_true", help="LM head trainable (default: frozen, the LoRA case)")
     p.add_argument("--quick", action="store_true", help="one tiny shape, for smoke tests")
     p.add_argument("--json", action="store_true", help="print rows as JSON instead of a table")

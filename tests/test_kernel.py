@@ -294,5 +294,8 @@ def test_bench_kernel_quick_smoke():
     table = {ln[3]: ln for ln in lines if len(ln) > 4 and ln[3] in ("naive", "rowloop", "fused_logprobs", "fused_grpo")}
     assert set(table) == {"naive", "rowloop", "fused_logprobs", "fused_grpo"}, r.stdout
     assert all(float(ln[4]) > 0 for ln in table.values()) and "x 1.00 time" in " ".join(table["naive"]), r.stdout
+    grad = [ln for ln in lines if ln[:1] == ["grad"]]
+    assert len(grad) == 2 * (len(bench.GRAD_BUCKETS) - 1) and {ln[3] for ln in grad} == {"dh", "dw"}, r.stdout
+    assert "bf16 gradient error <= 2x plain autograd in every bucket: PASS" in r.stdout, r.stdout
     bad = subprocess.run([sys.executable, "bench.py", "kernel", "--reps", "0"], cwd=root, capture_output=True, text=True)
     assert bad.returncode == 2 and "--reps" in bad.stderr
