@@ -1,6 +1,6 @@
 """Speed and memory benchmarks. Ratios against a baseline measured in the same run.
 
-    python bench.py kernel [--device cpu|cuda] [--json]
+    python bench.py kernel [--device cpu|cuda] [--json] [--shape H V N]
     python bench.py sandbox [--n 200] [--workers 2]
     python bench.py executor [--concurrency 1 8]
 """
@@ -219,6 +219,9 @@ def bench_kernel(args):
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench.py kernel: --device cuda but CUDA is not available", file=sys.stderr)
         sys.exit(2)
+    if args.shape and min(args.shape) < 1:
+        print(f"bench.py kernel: --shape H V N must be >= 1, got {args.shape}", file=sys.stderr)
+        sys.exit(2)
     if args.reps < 1 or args.chunk_size < 0 or args.grad_per_bucket < 1 or min(args.grad_shape) < 2:
         print(f"bench.py kernel: --reps and --grad-per-bucket must be >= 1, --chunk-size >= 0, --grad-shape H V >= 2; "
               f"got {args.reps}, {args.grad_per_bucket}, {args.chunk_size}, {args.grad_shape}", file=sys.stderr)
@@ -229,6 +232,8 @@ def bench_kernel(args):
     if not args.json:
         print(f"  {'H':>4} {'V':>6} {'N':>5}  {'variant':<15}{'time':>11} {'peak':>13}   vs naive        chunk")
     shapes, ns = (QUICK_SHAPES, QUICK_NS) if args.quick else (KERNEL_SHAPES, KERNEL_NS)
+    if args.shape:
+        shapes, ns = (tuple(args.shape[:2]),), (args.shape[2],)
     rows = []
     for H, V in shapes:
         for N in ns:
@@ -276,7 +281,7 @@ def bench_kernel(args):
 
 def kernel_parser(sub):
     p = sub.add_parser("kernel", help="fused log-prob kernel vs naive log_softmax and a per-row loop",
-                       description="python bench.py kernel [--device cpu|cuda] [--json] [--reps 3] [--quick]")
+                       description="python bench.py kernel [--device cpu|cuda] [--json] [--reps 3] [--quick | --shape H V N]")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="default: fp32 on cpu, bf16 on cuda")
     p.add_argument("--reps", type=int, default=3, help="median over this many alternating repetitions")
@@ -286,6 +291,7 @@ def kernel_parser(sub):
     p.add_argument("--grad-per-bucket", type=int, default=64, help="tokens per p bucket of the gradient-error table")
     p.add_argument("--train-head", action="store_true", help="LM head trainable (default: frozen, the LoRA case)")
     p.add_argument("--quick", action="store_true", help="one tiny shape, for smoke tests")
+    p.add_argument("--shape", type=int, nargs=3, metavar=("H", "V", "N"), help="bench this one shape instead")
     p.add_argument("--json", action="store_true", help="print rows as JSON instead of a table")
     p.set_defaults(fn=bench_kernel)
 
