@@ -7,7 +7,7 @@
 import argparse
 
 # ==== kernel benchmark (owner: kernel helper) ====
-# Fused log-prob kernel vs the naive LM-head paths (DESIGN §8). Each variant computes the same
+# Fused log-prob kernel (model.py) vs the naive LM-head paths. Each variant computes the same
 # GRPO loss from hidden states h [N, H] and the LM head W [V, H] and backpropagates it:
 #   naive           logits = h W^T, log_softmax, gather, train.grpo_loss
 #   rowloop         full logits, then log-sum-exp row by row in a Python loop, train.grpo_loss
@@ -216,6 +216,8 @@ def _kernel_cuda(cfg, inp):
 def bench_kernel(args):
     import torch
 
+    import model
+
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench.py kernel: --device cuda but CUDA is not available", file=sys.stderr)
         sys.exit(2)
@@ -237,9 +239,7 @@ def bench_kernel(args):
     rows = []
     for H, V in shapes:
         for N in ns:
-            if not args.chunk_size:
-                from model import auto_chunk  # only here, so an explicit chunk also benches older kernels
-            chunk = args.chunk_size or auto_chunk(V, args.device, dtype)
+            chunk = args.chunk_size or model.auto_chunk(V, args.device, dtype)
             base = {"N": N, "H": H, "V": V, "dtype": dtype, "chunk_size": chunk, "train_head": args.train_head}
             inp = None
             if args.device == "cuda":
