@@ -1,6 +1,6 @@
 """Speed and memory benchmarks. Ratios against a baseline measured in the same run.
 
-    python bench.py kernel [--device cpu|cuda] [--json]
+    python bench.py kernel [--device cpu|cuda] [--json] [--shape H V N]
     python bench.py sandbox [--n 200] [--n-import 20] [--workers 2]
     python bench.py executor [--concurrency 1 8]
     python bench.py gpu [--models 135m 1.7b 7b] [--json]   # needs CUDA; see bench_gpu.py
@@ -10,7 +10,7 @@ import argparse
 import bench_gpu
 
 # ==== kernel benchmark ====
-# Fused log-prob kernel vs the naive LM-head paths (ARCHITECTURE §8). Each variant computes the same
+# Fused log-prob kernel (model.py, ARCHITECTURE §8) vs the naive LM-head paths. Each variant computes the same
 # GRPO loss from hidden states h [N, H] and the LM head W [V, H] and backpropagates it:
 #   naive           logits = h W^T, log_softmax, gather, train.grpo_loss
 #   rowloop         full logits, then log-sum-exp row by row in a Python loop, train.grpo_loss
@@ -66,6 +66,95 @@ def _kernel_loss(variant, inp, chunk_size):
     else:
         raise ValueError(f"unknown variant {variant!r}")
     return grpo_loss(logp, old, ref, adv, seg)[0]
+
+
+GRAD_BUCKETS = (0.0, 0.9, 0.99, 0.999, 0.9999, 0.99999)  # edges of the target-probability buckets
+GRAD_VARIANTS = ("plain", "fused_logprobs", "fused_grpo")
+
+
+def _bucket_inputs(H, V, per_bucket, seed=0):
+    """bf16-exact float64 h [n, H], W [V, H], y [n] and p [n] = softmax(h W^T)[y] at those inputs, with
+    about per_bucket tokens in each GRAD_BUCKETS bucket: h = noise + a W[y] / |W[y]|, the scale a found
+    by bisection for a 1 - p drawn log-uniformly inside the bucket (p is then re-measured after rounding)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    W = (torch.randn(V, H, generator=g) * H**-0.5).bfloat16().double()
+    edges = torch.tensor(GRAD_BUCKETS, dtype=torch.float64)
+    nb = len(GRAD_BUCKETS) - 1
+    # 1 - p targets: log-uniform between the bucket's edges (the first bucket: 1 - p in [0.1, 0.99])
+    hi_q = (1 - edges[:-1]).clamp(max=0.99).repeat_interleave(per_bucket)
+    lo_q = (1 - edges[1:]).repeat_interleave(per_bucket)
+    q = torch.exp(torch.log(lo_q) + torch.rand(nb * per_bucket, generator=g, dtype=torch.float64) * (hi_q / lo_q).log())
+    y = torch.randint(0, V, (len(q),), generator=g)
+    noise = torch.randn(len(q), H, generator=g, dtype=torch.float64)
+    u = W[y] / W[y].norm(dim=1, keepdim=True)
+    lo, hi = torch.full_like(q, -50.0), torch.full_like(q, 200.0)
+    for _ in range(60):  # bisection on a: log p_y(a) rises with a (W[y] is the direction)
+        a = (lo + hi) / 2
+        logp = torch.log_softmax((noise + a[:, None] * u) @ W.t(), -1).gather(1, y[:, None]).squeeze(1)
+        up = logp < torch.log1p(-q)
+        lo, hi = torch.where(up, a, lo), torch.where(up, hi, a)
+    h = (noise + ((lo + hi) / 2)[:, None] * u).bfloat16().double()
+    p = torch.softmax(h @ W.t(), -1).gather(1, y[:, None]).squeeze(1)
+    return h, W, y, p
+
+
+def grad_error_buckets(H=64, V=1000, per_bucket=64, chunk_size=16, device="cpu", dtype="bfloat16", seed=0):
+    """Relative error of dh and dW of sum log p in low precision, per bucket of the target's p, for plain
+    autograd (low-precision logits, fp32 log_softmax) and both fused kernels, against float64 autograd at
+    the same (rounded) inputs. fused_grpo runs a loss whose dloss/dlogp is rho ~ 1 (adv -1, old = logp,
+    no KL, nothing clipped) and is compared with float64 autograd of that loss, sum_t exp(logp_t - old_t).
+    Returns one dict per bucket: lo, hi, n, and {variant}_dh, {variant}_dw."""
+    import torch
+    from model import fused_grpo_loss, fused_logprobs
+
+    dt = getattr(torch, dtype)
+    h_all, W64, y_all, p_all = _bucket_inputs(H, V, per_bucket, seed)
+    rows = []
+    for lo, hi in zip(GRAD_BUCKETS[:-1], GRAD_BUCKETS[1:]):
+        sel = (p_all >= lo) & (p_all < hi)
+        n = int(sel.sum())
+        if n == 0:
+            continue
+        y = y_all[sel].to(device)
+        logp64 = lambda h, W: torch.log_softmax(h @ W.t(), -1).gather(1, y[:, None]).squeeze(1)
+        old = logp64(h_all[sel].to(device), W64.to(device)).float()
+        ones = torch.ones(n, device=device)
+        losses = {  # variant: (low-precision loss, float64 reference loss)
+            "plain": (lambda h, W: torch.log_softmax((h @ W.t()).float(), -1).gather(1, y[:, None]).sum(),
+                      lambda h, W: logp64(h, W).sum()),
+            "fused_logprobs": (lambda h, W: fused_logprobs(h, W, y, chunk_size).sum(),
+                               lambda h, W: logp64(h, W).sum()),
+            "fused_grpo": (lambda h, W: fused_grpo_loss(h, W, y, old, old, -ones, ones, 0 * ones, beta=0.0,
+                                                        eps=0.5, chunk_size=chunk_size)[0],
+                           lambda h, W: torch.exp(logp64(h, W) - old.double()).sum()),
+        }
+        row = {"lo": lo, "hi": hi, "n": n}
+        for v, (f, f64) in losses.items():
+            d = []
+            for fn, t in ((f, dt), (f64, torch.float64)):
+                h = h_all[sel].to(device=device, dtype=t, copy=True).requires_grad_()
+                W = W64.to(device=device, dtype=t, copy=True).requires_grad_()
+                fn(h, W).backward()
+                d.append((h.grad.double(), W.grad.double()))
+            (dh, dw), (rdh, rdw) = d
+            row[f"{v}_dh"] = ((dh - rdh).norm() / rdh.norm()).item()
+            row[f"{v}_dw"] = ((dw - rdw).norm() / rdw.norm()).item()
+        rows.append(row)
+    return rows
+
+
+def print_grad_errors(rows, H, V, dtype, chunk_size):
+    print(f"gradient error vs float64 at the same {dtype} inputs, per bucket of p_target (H={H}, V={V}, chunk "
+          f"{chunk_size}); relative error of d(sum log p)/dh and /dW, (x ratio to plain autograd)")
+    for r in rows:
+        for k in ("dh", "dw"):
+            plain = r[f"plain_{k}"]
+            cells = "  ".join(f"{v} {100 * r[f'{v}_{k}']:7.3f}%" + ("" if v == "plain" else f" (x{r[f'{v}_{k}'] / plain:5.2f})")
+                              for v in GRAD_VARIANTS)
+            bucket = f"[{r['lo']:g},{r['hi']:g})"
+            print(f"  grad {bucket:<17} {r['n']:4d} {k}  {cells}")
 
 
 def _rss_kb(field):
@@ -130,22 +219,31 @@ def _kernel_cuda(cfg, inp):
 def bench_kernel(args):
     import torch
 
+    import model
+
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench.py kernel: --device cuda but CUDA is not available", file=sys.stderr)
         sys.exit(2)
-    if args.reps < 1 or args.chunk_size < 1:
-        print(f"bench.py kernel: --reps and --chunk-size must be >= 1, got {args.reps}, {args.chunk_size}", file=sys.stderr)
+    if args.shape and min(args.shape) < 1:
+        print(f"bench.py kernel: --shape H V N must be >= 1, got {args.shape}", file=sys.stderr)
+        sys.exit(2)
+    if args.reps < 1 or args.chunk_size < 0 or args.grad_per_bucket < 1 or min(args.grad_shape) < 2:
+        print(f"bench.py kernel: --reps and --grad-per-bucket must be >= 1, --chunk-size >= 0, --grad-shape H V >= 2; "
+              f"got {args.reps}, {args.grad_per_bucket}, {args.chunk_size}, {args.grad_shape}", file=sys.stderr)
         sys.exit(2)
     dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
-    print(f"kernel bench: {args.device} {dtype}, chunk {args.chunk_size}, LM head {'trainable' if args.train_head else 'frozen'}, "
+    print(f"kernel bench: {args.device} {dtype}, chunk {args.chunk_size or 'auto'}, LM head {'trainable' if args.train_head else 'frozen'}, "
           f"median of {args.reps}; fwd+bwd of the GRPO loss; peak = memory above the inputs", file=sys.stderr if args.json else sys.stdout)
     if not args.json:
-        print(f"  {'H':>4} {'V':>6} {'N':>5}  {'variant':<15}{'time':>11} {'peak':>13}   vs naive")
+        print(f"  {'H':>4} {'V':>6} {'N':>5}  {'variant':<15}{'time':>11} {'peak':>13}   vs naive        chunk")
     shapes, ns = (QUICK_SHAPES, QUICK_NS) if args.quick else (KERNEL_SHAPES, KERNEL_NS)
+    if args.shape:
+        shapes, ns = (tuple(args.shape[:2]),), (args.shape[2],)
     rows = []
     for H, V in shapes:
         for N in ns:
-            base = {"N": N, "H": H, "V": V, "dtype": dtype, "chunk_size": args.chunk_size, "train_head": args.train_head}
+            chunk = args.chunk_size or model.auto_chunk(V, args.device, dtype)
+            base = {"N": N, "H": H, "V": V, "dtype": dtype, "chunk_size": chunk, "train_head": args.train_head}
             inp = None
             if args.device == "cuda":
                 inp = _kernel_inputs(N, H, V, "cuda", getattr(torch, dtype), args.train_head)
@@ -166,9 +264,12 @@ def bench_kernel(args):
                              "time_vs_naive": t / naive[0], "mem_vs_naive": m / max(naive[1], 1e-9)})
                 if not args.json:
                     print(f"  {H:>4} {V:>6} {N:>5}  {v:<15}{t:9.3f} s {m:10.1f} MB   x{t / naive[0]:5.2f} time  "
-                          f"x{m / max(naive[1], 1e-9):6.3f} mem", flush=True)
+                          f"x{m / max(naive[1], 1e-9):6.3f} mem" + (f"  {chunk:5d}" if v.startswith("fused") else ""), flush=True)
+    H, V = args.grad_shape
+    grad_chunk = args.chunk_size or 16  # small by default, so each bucket spans several chunks
+    errs = grad_error_buckets(H, V, args.grad_per_bucket, grad_chunk, args.device)
     if args.json:
-        print(json.dumps({"device": args.device, "rows": rows}, indent=1))
+        print(json.dumps({"device": args.device, "rows": rows, "grad_errors": errs}, indent=1))
         return
     big = [r for r in rows if (r["N"], r["V"]) == (4096, 151936)]
     for r in big:  # the README targets, at N = 4096, V = 151936
@@ -176,17 +277,24 @@ def bench_kernel(args):
             tmax = 1.3 if r["variant"] == "fused_logprobs" else 1.1
             ok = r["mem_vs_naive"] <= 1 / 8 and r["time_vs_naive"] <= tmax
             print(f"target {r['variant']}: mem <= 1/8 naive, time <= {tmax}x naive: {'PASS' if ok else 'FAIL'}")
+    print_grad_errors(errs, H, V, "bfloat16", grad_chunk)
+    ok = all(r[f"{v}_{k}"] <= 2 * r[f"plain_{k}"] for r in errs for v in GRAD_VARIANTS[1:] for k in ("dh", "dw"))
+    print(f"target: bf16 gradient error <= 2x plain autograd in every bucket: {'PASS' if ok else 'FAIL'}")
 
 
 def kernel_parser(sub):
     p = sub.add_parser("kernel", help="fused log-prob kernel vs naive log_softmax and a per-row loop",
-                       description="python bench.py kernel [--device cpu|cuda] [--json] [--reps 3] [--quick]")
+                       description="python bench.py kernel [--device cpu|cuda] [--json] [--reps 3] [--quick | --shape H V N]")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="default: fp32 on cpu, bf16 on cuda")
     p.add_argument("--reps", type=int, default=3, help="median over this many alternating repetitions")
-    p.add_argument("--chunk-size", type=int, default=1024, help="tokens per chunk of the fused kernels")
+    p.add_argument("--chunk-size", type=int, default=0, help="tokens per chunk of the fused kernels (0: model.auto_chunk)")
+    p.add_argument("--grad-shape", type=int, nargs=2, default=(64, 1000), metavar=("H", "V"),
+                   help="LM head of the bf16 gradient-error table")
+    p.add_argument("--grad-per-bucket", type=int, default=64, help="tokens per p bucket of the gradient-error table")
     p.add_argument("--train-head", action="store_true", help="LM head trainable (default: frozen, the LoRA case)")
     p.add_argument("--quick", action="store_true", help="one tiny shape, for smoke tests")
+    p.add_argument("--shape", type=int, nargs=3, metavar=("H", "V", "N"), help="bench this one shape instead")
     p.add_argument("--json", action="store_true", help="print rows as JSON instead of a table")
     p.set_defaults(fn=bench_kernel)
 

@@ -118,7 +118,7 @@ from jsonl import (DataError, append_jsonl, read_json, read_jsonl, truncate_torn
 GROUP_KEYS = ("problem_id", "prompt", "members")
 TRAIN_DEFAULTS = dict(loss="grpo", kl="masked", ref="old", beta=0.1, eps=0.2, agg="token", lr=2e-4,
                       epochs=2, groups_per_step=4, pairs_per_problem=4, tau=0.4, token_budget=4096,
-                      grad_clip=1.0, lora_r=16, lora_alpha=32, weight_decay=0.0, save_every=10, chunk_size=1024,
+                      grad_clip=1.0, lora_r=16, lora_alpha=32, weight_decay=0.0, save_every=10, chunk_size=0,
                       checkpoint="auto")
 
 

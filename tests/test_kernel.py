@@ -9,7 +9,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model import completion_hidden, completion_logprobs, fused_grpo_loss, fused_logprobs  # noqa: E402
+import bench  # noqa: E402
+from model import (CHUNK_BYTES, _ChunkBuffers, auto_chunk, completion_hidden, completion_logprobs,  # noqa: E402
+                   fused_grpo_loss, fused_logprobs)
 from train import grpo_loss, kl_token_mask, token_weights  # noqa: E402
 
 
@@ -87,6 +89,64 @@ def test_bf16_close_to_float64():
     h.grad = W.grad = None
     ref.sum().backward()
     assert rel(dh, h.grad) < 1e-2 and rel(dW, W.grad) < 1e-2
+
+
+def test_bf16_gradients_of_confident_tokens():
+    """Per bucket of the target's p up to 0.99999: each kernel's bf16 dh and dW are within 2x the error
+    of plain bf16 autograd (bf16 logits, fp32 log_softmax), both against float64 at the same inputs."""
+    rows = bench.grad_error_buckets(H=64, V=1000, per_bucket=32, chunk_size=16)
+    assert [(r["lo"], r["hi"]) for r in rows] == list(zip(bench.GRAD_BUCKETS[:-1], bench.GRAD_BUCKETS[1:]))
+    for r in rows:
+        assert r["n"] >= 16, r
+        for k in ("dh", "dw"):
+            assert 0 < r[f"plain_{k}"] < 0.1, r  # bf16 is measurably inexact, and the reference is right
+            for v in ("fused_logprobs", "fused_grpo"):
+                assert r[f"{v}_{k}"] <= 2 * r[f"plain_{k}"], (v, k, r)
+
+
+def test_bucket_inputs_hit_their_buckets():
+    h, W, y, p = bench._bucket_inputs(16, 50, 8, seed=1)
+    assert h.dtype == torch.float64 and torch.equal(h, h.bfloat16().double()) and torch.equal(W, W.bfloat16().double())
+    torch.testing.assert_close(p, naive_logp(h, W, y).exp())
+    counts = torch.histogram(p, torch.tensor(bench.GRAD_BUCKETS, dtype=torch.float64)).hist
+    assert (counts >= 4).all(), counts
+
+
+@pytest.mark.parametrize("V", [32000, 128256, 152064, 256000])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_auto_chunk_fits_budget(V, dtype, device):
+    c = auto_chunk(V, device, dtype)
+    buf = _ChunkBuffers(c, torch.empty(V, 8, dtype=dtype, device="meta"))  # the kernels' real scratch, no memory
+    scratch = buf.acc.nbytes + (0 if buf.low is None else buf.low.nbytes)
+    assert scratch <= CHUNK_BYTES == 256 * 10**6
+    assert c & (c - 1) == 0 and (128 if device == "cuda" else 64) <= c <= 1024
+    assert c == 1024 or 2 * scratch > CHUNK_BYTES  # the largest chunk that fits
+    assert auto_chunk(V, torch.device(device), str(dtype)) == c
+
+
+def test_auto_chunk_examples():
+    assert auto_chunk(152064, "cuda", torch.bfloat16) == 256  # 7B head: 234 MB of scratch, 1.07x naive time on an H200
+    assert auto_chunk(32000, "cuda", torch.bfloat16) == 1024
+    assert auto_chunk(10**6, "cuda", torch.bfloat16) == 128  # floor: the matmuls stay efficient
+    assert auto_chunk(2 * 10**6, "cpu", torch.float32) == 64  # 32 rows would fit, but the CPU floor is 64
+
+
+def test_chunk_zero_or_none_is_auto(monkeypatch):
+    import model
+    monkeypatch.setattr(model, "CHUNK_BYTES", 64 * 1000 * 4)  # fp32 V=1000: 64 rows, so N=300 is 5 chunks
+    rows, init = [], model._ChunkBuffers.__init__
+    monkeypatch.setattr(model._ChunkBuffers, "__init__", lambda self, r, w: rows.append(r) or init(self, r, w))
+    h, W, y = make(300, 1000, 8)
+    assert auto_chunk(1000, "cpu", torch.float32) == 64
+    ref = fused_logprobs(h, W, y, 64)
+    assert torch.equal(fused_logprobs(h, W, y, 0), ref) and torch.equal(fused_logprobs(h, W, y), ref)
+    z = torch.zeros(300)
+    a = fused_grpo_loss(h, W, y, ref, ref, z + 1, z + 1, z, chunk_size=None)[0]
+    assert torch.equal(a, fused_grpo_loss(h, W, y, ref, ref, z + 1, z + 1, z, chunk_size=64)[0])
+    assert rows == [64] * 5
+    fused_logprobs(h, W, y, 100)
+    assert rows[-1] == 100
 
 
 def grpo_case(N=45, n_seq=5, seed=3):
@@ -220,19 +280,22 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="hidden"):
         fused_logprobs(h, W[:, :2], y)
     with pytest.raises(ValueError, match="chunk_size"):
-        fused_logprobs(h, W, y, chunk_size=0)
+        fused_logprobs(h, W, y, chunk_size=-1)
     torch.testing.assert_close(fused_logprobs(h, W, y.int()), fused_logprobs(h, W, y))  # int32 targets work
 
 
 def test_bench_kernel_quick_smoke():
     import subprocess
     root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, "bench.py", "kernel", "--quick", "--reps", "1"], cwd=root,
+    r = subprocess.run([sys.executable, "bench.py", "kernel", "--quick", "--reps", "1", "--grad-per-bucket", "16"], cwd=root,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     lines = [ln.split() for ln in r.stdout.splitlines()]
     table = {ln[3]: ln for ln in lines if len(ln) > 4 and ln[3] in ("naive", "rowloop", "fused_logprobs", "fused_grpo")}
     assert set(table) == {"naive", "rowloop", "fused_logprobs", "fused_grpo"}, r.stdout
     assert all(float(ln[4]) > 0 for ln in table.values()) and "x 1.00 time" in " ".join(table["naive"]), r.stdout
+    grad = [ln for ln in lines if ln[:1] == ["grad"]]
+    assert len(grad) == 2 * (len(bench.GRAD_BUCKETS) - 1) and {ln[3] for ln in grad} == {"dh", "dw"}, r.stdout
+    assert "bf16 gradient error <= 2x plain autograd in every bucket: PASS" in r.stdout, r.stdout
     bad = subprocess.run([sys.executable, "bench.py", "kernel", "--reps", "0"], cwd=root, capture_output=True, text=True)
     assert bad.returncode == 2 and "--reps" in bad.stderr
