@@ -491,6 +491,7 @@ if __name__ == "__main__":
     sandbox_parser(sub)
     executor_parser(sub)
     kernel_parser(sub)
-    bench_gpu.parser(sub)
+    bench_gpu.parser(sub, fn=lambda a: bench_gpu.run(a, kernel_errors=lambda device: grad_error_buckets(
+        per_bucket=8 if a.quick else 64, device=device)))
     args = ap.parse_args()
     args.fn(args)

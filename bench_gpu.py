@@ -136,7 +136,8 @@ def sampling_speed(mdl, vocab, device, prompts=8, n=8, tokens=128, prompt_tokens
     return sum(len(tk) for tk, _ in out) / (time.perf_counter() - t)
 
 
-def run(args):
+def run(args, kernel_errors=None):
+    """The table above. kernel_errors(device) -> rows of bench.grad_error_buckets, or None to skip."""
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         print("bench.py gpu: CUDA is not available on this machine (this check needs a GPU; "
@@ -163,7 +164,7 @@ def run(args):
         tok_s = sampling_speed(mdl, vocab, device, *((2, 2, 8, 20) if args.quick else ()))
         row = dict(model=shape, dtype=args.dtype, weights_gib=weights_gib,
                    step_tokens=sum(len(s["ids"]) - s["n_prompt"] for s in seqs) + p_tok,
-                   first_step_ratio=metrics["ratio_mean"], first_step_kl=metrics["kl"], max_abs_logratio=dev,
+                   first_step_ratio=metrics["ratio_mean"] / metrics["weight"], first_step_kl=metrics["kl"], max_abs_logratio=dev,
                    step_s_no_ckpt=t_off, step_s_ckpt=t_on, ckpt_time_ratio=t_on / t_off,
                    peak_gib_no_ckpt=weights_gib + m_off, peak_gib_ckpt=weights_gib + m_on,
                    sample_tok_s=tok_s, seconds=time.time() - t0)
@@ -176,12 +177,23 @@ def run(args):
         del mdl
         if device == "cuda":
             torch.cuda.empty_cache()
+    errors = kernel_errors(device) if kernel_errors else []
+    worst = {v: max(r[f"{v}_{k}"] / r[f"plain_{k}"] for r in errors for k in ("dh", "dw"))
+             for v in ("fused_logprobs", "fused_grpo")} if errors else {}
     if args.json:
-        print(json.dumps({"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "rows": rows}, indent=1))
+        print(json.dumps({"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "rows": rows,
+                          "kernel_errors": errors, "kernel_error_vs_plain_max": worst}, indent=1))
+    elif errors:
+        print(f"bf16 kernel gradient error vs float64 (H=64, V=1000), relative error of dh, per bucket of p_target:")
+        for r in errors:
+            print(f"  [{r['lo']:g}, {r['hi']:g}) n={r['n']:3d}: plain {100 * r['plain_dh']:.2f} %, fused_logprobs "
+                  f"{100 * r['fused_logprobs_dh']:.2f} %, fused_grpo {100 * r['fused_grpo_dh']:.2f} %")
+        print("  worst kernel/plain ratio over buckets, dh and dW (target <= 2): " +
+              ", ".join(f"{v} {x:.2f}" for v, x in worst.items()))
     return rows
 
 
-def parser(sub):
+def parser(sub, fn=run):
     p = sub.add_parser("gpu", help="update step, memory, checkpointing and sampling on real-shaped random models",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
@@ -191,4 +203,4 @@ def parser(sub):
     p.add_argument("--no-gqa", action="store_true", help="transformers' SDPA (repeat_kv) instead of model.gqa_attention")
     p.add_argument("--quick", action="store_true", help="one tiny shape (tests)")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(fn=run)
+    p.set_defaults(fn=fn)

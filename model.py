@@ -722,7 +722,7 @@ class FusedGRPOLoss(torch.autograd.Function):
         old_logp, ref_logp, adv, w, km = map(cast, (old_logp, ref_logp, adv, token_weight, kl_mask))
         dh = torch.empty_like(hidden) if need_h else None
         dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        sums = torch.zeros(5, dtype=acc, device=hidden.device)  # loss, pg, kl, clip_frac, ratio_mean
+        sums = torch.zeros(6, dtype=acc, device=hidden.device)  # loss, pg, kl, clip_frac, ratio_mean, weight
         buf = _ChunkBuffers(min(c, N), weight)
         for s in range(0, N, c):
             sl = slice(s, s + c)
@@ -734,7 +734,7 @@ class FusedGRPOLoss(torch.autograd.Function):
             pg, kl, dpg, dkl, clipped, rho = grpo_token_terms(logp, old_logp[sl], ref_logp[sl], adv[sl], beta, eps)
             wc = w[sl]
             sums += torch.stack([(wc * (pg + beta * km[sl] * kl)).sum(), (wc * pg).sum(), (wc * kl).sum(),
-                                 (wc * clipped).sum(), (wc * rho).sum()])
+                                 (wc * clipped).sum(), (wc * rho).sum(), wc.sum()])
             g = wc * (dpg + beta * km[sl] * dkl)  # dloss/dlogp for this chunk
             dh_c = _chunk_grads_(e, rowsum, g, h, y, weight, buf if need_h else None, dw)
             if need_h:
@@ -759,7 +759,8 @@ def fused_grpo_loss(hidden, weight, targets, old_logp, ref_logp, adv, token_weig
     ARCHITECTURE §7, §8). All per-token args are [N]: adv = the token's sequence advantage, token_weight
     = the aggregation weight (train.token_weights), kl_mask = 1 where the KL applies.
     Returns (loss, metrics). Metrics are token_weight-weighted sums like the loss (so they add up
-    across micro-batches): pg, kl (k3 over *all* tokens, whatever the mask), clip_frac, ratio_mean.
+    across micro-batches): pg, kl (k3 over *all* tokens, whatever the mask), clip_frac, ratio_mean, and
+    weight = sum_t w_t (ratio_mean / weight is the mean ratio, exactly 1 where every rho is 1).
     chunk_size: tokens per chunk; 0 or None = auto_chunk for this head."""
     chunk_size = _check_kernel_inputs(hidden, weight, targets, chunk_size)
     for name, x in (("old_logp", old_logp), ("ref_logp", ref_logp), ("adv", adv),
@@ -768,7 +769,7 @@ def fused_grpo_loss(hidden, weight, targets, old_logp, ref_logp, adv, token_weig
             raise ValueError(f"{name} must have shape [{hidden.shape[0]}], got {tuple(x.shape)}")
     loss, m = FusedGRPOLoss.apply(hidden, weight, targets.long(), old_logp, ref_logp, adv, token_weight, kl_mask,
                                   float(beta), float(eps), chunk_size)
-    return loss, dict(zip(("pg", "kl", "clip_frac", "ratio_mean"), m.tolist()))
+    return loss, dict(zip(("pg", "kl", "clip_frac", "ratio_mean", "weight"), m.tolist()))
 
 
 def completion_hidden(model, input_ids, attention_mask, completion_mask):

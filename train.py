@@ -52,7 +52,7 @@ def grpo_loss(logp, old_logp, ref_logp, adv, seg, beta=0.1, eps=0.2, kl="masked"
     """ioGRPO + advantage-masked k3 KL (ARCHITECTURE §7) on flat per-token log-probs [N].
     adv [n_seq] per sequence, seg [N] the sequence index of each token.
     Returns (loss, metrics); metrics (floats) are token-weighted like the loss: pg, kl (k3 on all
-    tokens, whatever the mask), clip_frac, ratio_mean."""
+    tokens, whatever the mask), clip_frac, ratio_mean, weight (sum of the token weights)."""
     adv = torch.as_tensor(adv, dtype=logp.dtype, device=logp.device)
     seg = torch.as_tensor(seg, dtype=torch.long, device=logp.device)
     if not (logp.shape == old_logp.shape == ref_logp.shape == seg.shape):
@@ -69,7 +69,7 @@ def grpo_loss(logp, old_logp, ref_logp, adv, seg, beta=0.1, eps=0.2, kl="masked"
     with torch.no_grad():
         clipped = ((a > 0) & (rho > 1 + eps)) | ((a < 0) & (rho < 1 - eps))
         metrics = {"pg": (w * pg).sum().item(), "kl": (w * k3).sum().item(),
-                   "clip_frac": (w * clipped).sum().item(), "ratio_mean": (w * rho).sum().item()}
+                   "clip_frac": (w * clipped).sum().item(), "ratio_mean": (w * rho).sum().item(), "weight": w.sum().item()}
     return loss, metrics
 
 
@@ -365,7 +365,8 @@ def update(run_dir, it, cfg, mdl, tok):
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"]).item()
             opt.step()
             row = {"step": step + 1, "epoch": epoch, "loss": loss, "pg": metrics.get("pg"), "kl": metrics.get("kl"),
-                   "clip_frac": metrics.get("clip_frac"), "ratio": metrics.get("ratio_mean"), "grad_norm": gnorm, "lr": cfg["lr"],
+                   "clip_frac": metrics.get("clip_frac"), "ratio": metrics["ratio_mean"] / metrics["weight"] if metrics else None,
+                   "grad_norm": gnorm, "lr": cfg["lr"],
                    "tokens_per_s": ntok / max(time.time() - t0, 1e-9)}
             if (step + 1) % cfg["save_every"] == 0 or step + 1 == total:
                 torch.save({"lora": [p.detach().cpu() for p in params], "opt": opt.state_dict(), "step": step + 1},

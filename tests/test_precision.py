@@ -66,7 +66,7 @@ def test_first_step_sees_pi_theta_equal_pi_old_exactly(tmp_path, monkeypatch, dt
         else:  # the adapter is not zero: the base model really differs
             assert d_ref.abs().max() > 0
     log = [json.loads(l) for l in (tmp_path / "iter_0" / "train_log.jsonl").read_text().splitlines()]
-    assert log[0]["clip_frac"] == 0.0
+    assert log[0]["clip_frac"] == 0.0 and log[0]["ratio"] == 1.0
     if ref == "old":
         assert log[0]["kl"] == 0.0
 
@@ -176,7 +176,7 @@ def test_bench_gpu_quick_on_cpu():
     import bench_gpu
     args = argparse.Namespace(device="cpu", dtype="bf16", models=[], reps=1, no_gqa=False, quick=True, json=True)
     (row,) = bench_gpu.run(args)
-    assert row["max_abs_logratio"] == 0.0 and row["first_step_kl"] == 0.0
+    assert row["max_abs_logratio"] == 0.0 and row["first_step_kl"] == 0.0 and row["first_step_ratio"] == 1.0
     assert row["sample_tok_s"] > 0 and row["step_s_ckpt"] > 0
 
 
