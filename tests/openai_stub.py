@@ -23,6 +23,10 @@ ERRORS = {
 }
 
 
+# Bounds of every stub server: loopback only, at most this many requests and this many seconds.
+MAX_REQUESTS, LIFETIME_S = 5000, 600.0
+
+
 class StubServer:
     """`faults`: a list consumed one per chat request: a key of ERRORS, "429:<retry-after>",
     "hang:<s>", "malformed", "refuse" (drop this connection and stop listening: every later
@@ -30,8 +34,12 @@ class StubServer:
     `.requests` holds every chat request body received, `.max_active` the most handled at once.
     GET /v1/models lists `models`. `port`: bind this port (a restarted server on the old URL)."""
 
-    def __init__(self, reply=lambda messages: "hello", faults=(), models=("stub-model",), port=0):
+    def __init__(self, reply=lambda messages: "hello", faults=(), models=("stub-model",), port=0,
+                 max_requests=MAX_REQUESTS, lifetime=LIFETIME_S):
         self.reply, self.faults, self.requests = reply, list(faults), []
+        self.max_requests, self.served = max_requests, 0
+        self.timer = threading.Timer(lifetime, self.close)  # a test that hangs cannot leave a server behind
+        self.timer.daemon = True
         self.times = []
         self.active = self.max_active = 0
         self.lock = threading.Lock()
@@ -52,12 +60,16 @@ class StubServer:
                 self.wfile.write(data)
 
             def do_GET(self):
+                if stub.over_limit(self):
+                    return
                 if self.path.rstrip("/").endswith("/models"):
                     return self.send(200, json.dumps({"object": "list", "data": [
                         {"id": m, "object": "model", "created": 0, "owned_by": "stub"} for m in models]}))
                 self.send(404, '{"error": {"message": "not found"}}')
 
             def do_POST(self):
+                if stub.over_limit(self):
+                    return
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with stub.lock:
                     stub.requests.append(body)
@@ -99,16 +111,29 @@ class StubServer:
         self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True)
         self.closed = False
 
+    def over_limit(self, handler):
+        """True (and a 503 sent) once the stub has answered max_requests requests: a runaway retry loop
+        in the code under test ends here instead of spinning."""
+        with self.lock:
+            self.served += 1
+            over = self.served > self.max_requests
+        if over:
+            handler.send_response(503)
+            handler.end_headers()
+        return over
+
     def close(self):
         with self.lock:
             if self.closed:
                 return
             self.closed = True
+        self.timer.cancel()
         self.httpd.shutdown()
         self.httpd.server_close()
 
     def __enter__(self):
         self.thread.start()
+        self.timer.start()
         return self
 
     def __exit__(self, *exc):

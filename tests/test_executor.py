@@ -325,3 +325,18 @@ def test_generator_preflight_lists_models():
     with pytest.raises(DataError, match="--max-fail-frac must be between 0 and 1, got 1.5"):
         with collect.open_executor(dict(collect.DEFAULTS, executor="none", max_fail_frac=1.5)):
             pass
+
+
+def test_stub_servers_are_bounded_in_requests_and_time():
+    """Every test server answers a bounded number of requests and closes itself after its lifetime."""
+    import time
+    import urllib.error
+    import urllib.request
+    with StubServer(max_requests=2, lifetime=1.0) as srv:
+        for _ in range(2):
+            urllib.request.urlopen(srv.url + "/models", timeout=5).read()
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(srv.url + "/models", timeout=5)
+        assert e.value.code == 503
+        time.sleep(1.5)
+        assert srv.closed

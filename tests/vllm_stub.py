@@ -10,6 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import torch
 
 import model as M
+from openai_stub import LIFETIME_S, MAX_REQUESTS
 
 
 class VLLMStub:
@@ -40,6 +41,8 @@ class VLLMStub:
                 self.wfile.write(data)
 
             def do_GET(self):
+                if stub.over_limit(self):
+                    return
                 with stub.lock:
                     stub.requests.append(("GET", self.path, None))
                 if self.path != "/v1/models":
@@ -49,6 +52,8 @@ class VLLMStub:
                 self.send(200, {"object": "list", "data": cards})
 
             def do_POST(self):
+                if stub.over_limit(self):
+                    return
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with stub.lock:
                     stub.requests.append(("POST", self.path, body))
@@ -64,12 +69,31 @@ class VLLMStub:
         self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True)
 
     def __enter__(self):
+        self.served, self.closed = 0, False
+        self.timer = threading.Timer(LIFETIME_S, self.__exit__)  # a hung test cannot leave it running
+        self.timer.daemon = True
         self.thread.start()
+        self.timer.start()
         return self
 
     def __exit__(self, *exc):
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+        self.timer.cancel()
         self.httpd.shutdown()
         self.httpd.server_close()
+
+    def over_limit(self, handler):
+        """True (and a 503 sent) past MAX_REQUESTS requests: a runaway loop under test ends here."""
+        with self.lock:
+            self.served += 1
+            over = self.served > MAX_REQUESTS
+        if over:
+            handler.send_response(503)
+            handler.end_headers()
+        return over
 
     @staticmethod
     def error(code, message):
