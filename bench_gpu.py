@@ -14,8 +14,11 @@ like the default run's (one ~1000-token prompt, 8 distinct completions, 4 groups
 Exits 2 when CUDA is missing (unless --device cpu).
 """
 import argparse
+import gc
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -124,6 +127,42 @@ def step_cost(mdl, seqs, cfg, ckpt, device, reps):
     return statistics.median(times), peak
 
 
+def _rss_kb(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _cpu_peak_child(spec):
+    """In a fresh process: one GRPO step of `shape` on the CPU; prints the peak RSS above what the
+    model and inputs already held (MiB). A process of its own, so the peak is this setting's alone."""
+    c = json.loads(spec)
+    torch.set_num_threads(1)
+    mdl = build(c["shape"], "cpu", M.DTYPES[c["dtype"]])
+    cfg = dict(T.TRAIN_DEFAULTS, seed=0, checkpoint="on" if c["ckpt"] else "off")
+    seqs = step_sequences(mdl.config.vocab_size, c["prompt_tokens"], c["completion_tokens"])
+    for s in seqs:
+        s["old"] = s["ref"] = [0.0] * (len(s["ids"]) - s["n_prompt"])
+    T.prepare_step(seqs, cfg)
+    gc.collect()
+    base = _rss_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:  # reset the high-water mark to the current RSS
+        f.write("5")
+    for mb in T.micro_batches(seqs, cfg["token_budget"]):
+        T.step_loss(mdl, mb, cfg)
+    print(json.dumps({"peak_mib": (_rss_kb("VmHWM") - base) / 1024}))
+
+
+def cpu_step_peak(shape, dtype, ckpt, prompt_tokens, completion_tokens):
+    spec = json.dumps(dict(shape=shape, dtype=dtype, ckpt=ckpt, prompt_tokens=prompt_tokens,
+                           completion_tokens=completion_tokens))
+    here = os.path.dirname(os.path.abspath(__file__))
+    r = subprocess.run([sys.executable, "-c", "import sys, bench_gpu; bench_gpu._cpu_peak_child(sys.argv[1])", spec],
+                       cwd=here, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"bench gpu: CPU memory child failed (exit {r.returncode}):\n{r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])["peak_mib"] / 1024
+
+
 def sampling_speed(mdl, vocab, device, prompts=8, n=8, tokens=128, prompt_tokens=200):
     g = torch.Generator().manual_seed(2)
     ids = [torch.randint(3, vocab, (prompt_tokens,), generator=g).tolist() for _ in range(prompts)]
@@ -161,6 +200,8 @@ def run(args, kernel_errors=None):
         reps = 1 if args.quick else args.reps
         t_off, m_off = step_cost(mdl, seqs, cfg, False, device, reps)
         t_on, m_on = step_cost(mdl, seqs, cfg, True, device, reps)
+        if device == "cpu":  # the CPU has no allocator statistics: a fresh process per setting, its RSS peak
+            m_off, m_on = (cpu_step_peak(shape, args.dtype, ck, p_tok, c_tok) for ck in (False, True))
         tok_s = sampling_speed(mdl, vocab, device, *((2, 2, 8, 20) if args.quick else ()))
         row = dict(model=shape, dtype=args.dtype, weights_gib=weights_gib,
                    step_tokens=sum(len(s["ids"]) - s["n_prompt"] for s in seqs) + p_tok,
@@ -171,8 +212,8 @@ def run(args, kernel_errors=None):
         rows.append(row)
         if not args.json:
             print(f"{shape:>5} {args.dtype}: first step rho {row['first_step_ratio']:.6f} (max |log rho| {dev:.1e}), "
-                  f"KL {row['first_step_kl']:.1e} | step {t_off:.2f} s, peak {row['peak_gib_no_ckpt']:.1f} GiB -> "
-                  f"checkpointed {t_on:.2f} s ({t_on / t_off:.2f}x), {row['peak_gib_ckpt']:.1f} GiB | "
+                  f"KL {row['first_step_kl']:.1e} | step {t_off:.2f} s, peak {row['peak_gib_no_ckpt']:.2f} GiB -> "
+                  f"checkpointed {t_on:.2f} s ({t_on / t_off:.2f}x), {row['peak_gib_ckpt']:.2f} GiB | "
                   f"sampling {tok_s:.0f} tok/s | {row['seconds']:.0f} s", flush=True)
         del mdl
         if device == "cuda":
