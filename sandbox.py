@@ -73,19 +73,24 @@ def main():
         MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND = 1, 2, 4, 32, 4096
         opts = ("size=%dk,mode=1777" % cfg["tmpfs_kb"]).encode()
         site = cfg["site_dir"]
+        # hold each package dir open first: a venv under /tmp (a CI runner's, a newcomer's) is hidden
+        # by the tmpfs below, and the bind then reads it through the descriptor instead of the path
+        held = [(name, os.open(src, os.O_PATH | os.O_DIRECTORY)) for name, src in cfg["site"]] if site else []
         if mount(b"tmpfs", b"/tmp", b"tmpfs", MS_NOSUID | MS_NODEV, opts) and site:
             # the importable packages (see _site()): each dir a read-only bind in a tmpfs that is
             # itself remounted read-only, so neither a fresh uid nor a userns root (whose uid may own
             # the files) can change them, and `..` from a bind ends in this tmpfs, not site-packages
             os.mkdir(site, 0o755)
             if mount(b"tmpfs", site.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, b"size=64k,mode=755"):
-                for name, src in cfg["site"]:
+                for name, fd in held:
                     dst = (site + "/" + name).encode()
                     os.mkdir(dst)
-                    if mount(src.encode(), dst, None, MS_BIND, None) and not mount(
+                    if mount(b"/proc/self/fd/%d" % fd, dst, None, MS_BIND, None) and not mount(
                             None, dst, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV, None):
                         libc.umount2(dst, 2)  # MNT_DETACH: never leave a writable bind behind
                 mount(None, site.encode(), None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
+        for _, fd in held:
+            os.close(fd)
         if os.path.isdir("/dev/shm"):
             mount(b"tmpfs", b"/dev/shm", b"tmpfs", MS_NOSUID | MS_NODEV, b"size=1024k,mode=1777")
         mount(None, b"/", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV, None)

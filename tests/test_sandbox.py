@@ -643,3 +643,27 @@ def test_bench_sandbox_smoke():
     assert 0 < out["numpy_sympy_vmpeak_mb"] < 256 and out["plain_with_vs_without_packages"] > 0
     bad = subprocess.run([sys.executable, "bench.py", "sandbox", "--n", "0"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "--n" in bad.stderr
+
+
+def test_packages_under_tmp_are_importable(monkeypatch):
+    """A venv under /tmp (CI's, a newcomer's mktemp) holds the packages in the very directory the
+    sandbox covers with its own tmpfs: they must still be bound in (through a descriptor opened
+    before the tmpfs is mounted), not appear as empty namespace packages."""
+    if os.geteuid() != 0:
+        pytest.skip("the ns mode needs root")
+    name = f"spogwtmp_{secrets.token_hex(4)}"
+    base = Path(tempfile.mkdtemp(dir="/tmp"))
+    try:
+        base.chmod(0o755)
+        (base / name).mkdir()
+        (base / name / "__init__.py").write_text("VALUE = 42\n")
+        monkeypatch.syspath_prepend(str(base))
+        monkeypatch.setenv("SPOGW_SANDBOX_ISOLATION", "ns")
+        monkeypatch.setattr(sandbox, "PACKAGES", (name,))
+        for k, v in (("_MODE", None), ("ISOLATION", "unprobed"), ("_SITE", (None, []))):
+            monkeypatch.setattr(sandbox, k, v)
+        assert f"read-only packages: {name}" in sandbox.isolation()
+        r = sandbox.run_program(f"import {name}\nprint({name}.VALUE)", timeout=30)
+        assert r["error"] is None and r["stdout"].strip() == "42", r
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
