@@ -27,7 +27,47 @@ ERRORS = {
 MAX_REQUESTS, LIFETIME_S = 5000, 600.0
 
 
-class StubServer:
+def over_limit(stub, handler):
+    """True (and a 503 sent) once `stub` has answered stub.max_requests requests: a runaway retry
+    loop in the code under test ends here instead of spinning."""
+    with stub.lock:
+        stub.served += 1
+        over = stub.served > stub.max_requests
+    if over:
+        handler.send_response(503)
+        handler.end_headers()
+    return over
+
+
+class Bounded:
+    """Start and stop of a loopback test server (self.httpd, self.thread, self.lock) that answers at
+    most max_requests requests and closes itself after `lifetime` seconds: a test that hangs cannot
+    leave it behind."""
+
+    def bound(self, max_requests=MAX_REQUESTS, lifetime=LIFETIME_S):
+        self.served, self.max_requests, self.closed = 0, max_requests, False
+        self.timer = threading.Timer(lifetime, self.close)
+        self.timer.daemon = True
+
+    def close(self):
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+        self.timer.cancel()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def __enter__(self):
+        self.thread.start()
+        self.timer.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class StubServer(Bounded):
     """`faults`: a list consumed one per chat request: a key of ERRORS, "429:<retry-after>",
     "hang:<s>", "malformed", "refuse" (drop this connection and stop listening: every later
     connection is refused), or None (answer normally). `reply(messages) -> str` makes the answer.
@@ -37,9 +77,6 @@ class StubServer:
     def __init__(self, reply=lambda messages: "hello", faults=(), models=("stub-model",), port=0,
                  max_requests=MAX_REQUESTS, lifetime=LIFETIME_S):
         self.reply, self.faults, self.requests = reply, list(faults), []
-        self.max_requests, self.served = max_requests, 0
-        self.timer = threading.Timer(lifetime, self.close)  # a test that hangs cannot leave a server behind
-        self.timer.daemon = True
         self.times = []
         self.active = self.max_active = 0
         self.lock = threading.Lock()
@@ -60,7 +97,7 @@ class StubServer:
                 self.wfile.write(data)
 
             def do_GET(self):
-                if stub.over_limit(self):
+                if over_limit(stub, self):
                     return
                 if self.path.rstrip("/").endswith("/models"):
                     return self.send(200, json.dumps({"object": "list", "data": [
@@ -68,7 +105,7 @@ class StubServer:
                 self.send(404, '{"error": {"message": "not found"}}')
 
             def do_POST(self):
-                if stub.over_limit(self):
+                if over_limit(stub, self):
                     return
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with stub.lock:
@@ -109,32 +146,4 @@ class StubServer:
         self.port = self.httpd.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True)
-        self.closed = False
-
-    def over_limit(self, handler):
-        """True (and a 503 sent) once the stub has answered max_requests requests: a runaway retry loop
-        in the code under test ends here instead of spinning."""
-        with self.lock:
-            self.served += 1
-            over = self.served > self.max_requests
-        if over:
-            handler.send_response(503)
-            handler.end_headers()
-        return over
-
-    def close(self):
-        with self.lock:
-            if self.closed:
-                return
-            self.closed = True
-        self.timer.cancel()
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-    def __enter__(self):
-        self.thread.start()
-        self.timer.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+        self.bound(max_requests, lifetime)

@@ -10,10 +10,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import torch
 
 import model as M
-from openai_stub import LIFETIME_S, MAX_REQUESTS
+from openai_stub import Bounded, over_limit
 
 
-class VLLMStub:
+class VLLMStub(Bounded):
     """`make_base()` -> a fresh base model; `tok` decodes the text fields. Knobs: `lora=False` serves
     no /v1/load_lora_adapter (vLLM without VLLM_ALLOW_RUNTIME_LORA_UPDATING), `refuse` answers every
     load with that HTTP 400 message, `token_ids=False` leaves out return_token_ids' fields (older
@@ -41,7 +41,7 @@ class VLLMStub:
                 self.wfile.write(data)
 
             def do_GET(self):
-                if stub.over_limit(self):
+                if over_limit(stub, self):
                     return
                 with stub.lock:
                     stub.requests.append(("GET", self.path, None))
@@ -52,7 +52,7 @@ class VLLMStub:
                 self.send(200, {"object": "list", "data": cards})
 
             def do_POST(self):
-                if stub.over_limit(self):
+                if over_limit(stub, self):
                     return
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with stub.lock:
@@ -67,33 +67,7 @@ class VLLMStub:
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
         self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True)
-
-    def __enter__(self):
-        self.served, self.closed = 0, False
-        self.timer = threading.Timer(LIFETIME_S, self.__exit__)  # a hung test cannot leave it running
-        self.timer.daemon = True
-        self.thread.start()
-        self.timer.start()
-        return self
-
-    def __exit__(self, *exc):
-        with self.lock:
-            if self.closed:
-                return
-            self.closed = True
-        self.timer.cancel()
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-    def over_limit(self, handler):
-        """True (and a 503 sent) past MAX_REQUESTS requests: a runaway loop under test ends here."""
-        with self.lock:
-            self.served += 1
-            over = self.served > MAX_REQUESTS
-        if over:
-            handler.send_response(503)
-            handler.end_headers()
-        return over
+        self.bound()
 
     @staticmethod
     def error(code, message):
