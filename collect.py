@@ -28,7 +28,7 @@ import urllib.request
 from pathlib import Path
 
 from jsonl import DataError, append_jsonl, read_json, read_jsonl, truncate_torn_tail, update_json
-from operators import ExecutorError, InfraError, server_text
+from operators import ExecutorError, InfraError
 
 CAP_WARN = 0.10  # warn when more than this fraction of completions ran into the token cap
 DEFAULTS = dict(model="smollm2-135m", bench="arith", data_dir=None, problems=10, m=8, runs=1,
@@ -99,14 +99,10 @@ def preflight_generator(cfg):
     url, name = cfg.get("generator_url"), cfg.get("generator_name") or cfg.get("model")
     if not url:
         return
-    import openai
-    try:  # the same key sample_remote sends
-        ids = [m.id for m in openai.OpenAI(base_url=url, api_key="EMPTY", max_retries=0, timeout=30.0).models.list()]
-    except openai.APIStatusError as e:
-        raise InfraError(f"generator at {url}: GET /models: HTTP {e.status_code}: {server_text(e)}", fatal=True) from None
-    except Exception as e:
-        cause = f" ({type(e.__cause__).__name__}: {e.__cause__})" if e.__cause__ else ""
-        raise InfraError(f"generator at {url}: GET /models: {type(e).__name__}: {e}{cause}", fatal=True) from None
+    try:
+        ids = served_models(url)
+    except GeneratorError as e:  # before any work: the run cannot start, like a failed executor preflight
+        raise InfraError(str(e), fatal=True) from None
     if name not in ids:
         raise InfraError(f"generator at {url} does not serve {name!r} (it serves {', '.join(map(repr, ids)) or 'nothing'}); "
                          f"set --generator-name", fatal=True)
@@ -193,26 +189,11 @@ def load_generator(cfg, run_dir, it):
     only the tokenizer is loaded (the full model in fp32 would be ~30 GB for a 7B one)."""
     import model as M
     if cfg["generator_url"]:
-        return None, load_tokenizer(cfg["model"])
+        return None, M.load_tokenizer(cfg["model"])
     mdl, tok = M.load_model(cfg["model"], device=cfg["device"], dtype=cfg["dtype"])
     if it > 0:
         M.load_adapter(mdl, adapter_dir(run_dir, it))
     return mdl, tok
-
-
-def load_tokenizer(name):
-    """The tokenizer of a model name/dir/.gguf as load_model sets it up, without the weights."""
-    import model as M
-    from transformers import AutoTokenizer
-    path = M.resolve_model_dir(name)
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-    except OSError as e:
-        raise M.ModelError(f"cannot load the tokenizer of {name!r}: {e}") from e
-    tok.padding_side = "left"
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
 
 
 def adapter_dir(run_dir, it):

@@ -134,22 +134,33 @@ def precision(model):
     return torch.autocast(next(model.parameters()).device.type, dtype=dtype)
 
 
+def load_tokenizer(name_or_path=DEFAULT_MODEL):
+    """The tokenizer alone (what a remote sampler needs), padding on the left for batched generation."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(resolve_model_dir(name_or_path))
+    except OSError as e:  # hub id while offline, or a broken dir
+        raise ModelError(f"cannot load the tokenizer of {name_or_path!r}: {e}") from e
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 def load_model(name_or_path=DEFAULT_MODEL, device="cpu", dtype=None):
     """(model, tokenizer) for an HF dir/hub id, a .gguf file, or an embedded name. dtype (a torch
     dtype or auto/fp32/bf16/fp16) defaults to fp32 on CPU and bf16 on CUDA. The tokenizer pads on
     the left (batched generation)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = resolve_model_dir(name_or_path)
     dtype = resolve_dtype(dtype, device)
+    tok = load_tokenizer(name_or_path)
     try:
-        tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except OSError as e:  # hub id while offline, or a broken dir
         raise ModelError(f"cannot load model {name_or_path!r}: {e}") from e
-    tok.padding_side = "left"
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
     model.name_or_path = str(name_or_path)  # what save_adapter records as the base model
     if torch.device(device).type == "cuda":  # where attention memory bounds the step; CPU numerics stay as they were
         use_gqa_attention(model)
