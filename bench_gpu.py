@@ -225,7 +225,7 @@ def run(args, kernel_errors=None):
         print(json.dumps({"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "rows": rows,
                           "kernel_errors": errors, "kernel_error_vs_plain_max": worst}, indent=1))
     elif errors:
-        print(f"bf16 kernel gradient error vs float64 (H=64, V=1000), relative error of dh, per bucket of p_target:")
+        print("bf16 kernel gradient error vs float64 (H=64, V=1000), relative error of dh, per bucket of p_target:")
         for r in errors:
             print(f"  [{r['lo']:g}, {r['hi']:g}) n={r['n']:3d}: plain {100 * r['plain_dh']:.2f} %, fused_logprobs "
                   f"{100 * r['fused_logprobs_dh']:.2f} %, fused_grpo {100 * r['fused_grpo_dh']:.2f} %")

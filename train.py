@@ -103,7 +103,6 @@ def rwr_loss(seq_mean_logp, rewards, tau=0.4):
 # ==== update loop and driver ====
 
 import argparse
-import contextlib
 import json
 import math
 import os

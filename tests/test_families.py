@@ -149,7 +149,7 @@ def test_training_logprobs_equal_the_models_own_logits(family):
 
 
 def test_softcapping_refused_with_the_config_key(tmp_path):
-    from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM
+    from transformers import Gemma2Config, Gemma2ForCausalLM
     m = tiny(Gemma2Config, Gemma2ForCausalLM, head_dim=8, final_logit_softcapping=30.0)
     with pytest.raises(M.ModelError, match="final_logit_softcapping"):
         M.head_scale(m)
