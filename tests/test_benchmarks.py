@@ -1,4 +1,4 @@
-"""benchmarks.py: loaders (generated, package, data dir), error paths, scorers on real rows and
+"""benchmarks.py, scorers.py, download.py: loaders (generated, package, data dir), error paths, scorers on real rows and
 hand-made tricky cases. The code scorer runs the real sandbox on a seeded subset of rows."""
 import ast
 import hashlib
@@ -9,6 +9,9 @@ import re
 import pytest
 
 import benchmarks as B
+import download
+import scorers
+from jsonl import DataError
 from conftest import SHARED_DATA
 
 needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="reference data dir ../shared/data absent")
@@ -82,9 +85,9 @@ def test_limit_is_seeded_nested_subset():
 
 def test_family_and_unknown_names():
     assert B.family("arith") == "math" and B.family("drop") == "qa" and B.family("mbpp") == "code"
-    with pytest.raises(B.BenchmarkError, match="unknown benchmark"):
+    with pytest.raises(DataError, match="unknown benchmark"):
         B.load("nope", "test")
-    with pytest.raises(B.BenchmarkError, match="unknown split"):
+    with pytest.raises(DataError, match="unknown split"):
         B.load("arith", "dev")
 
 
@@ -105,7 +108,7 @@ def test_humaneval_package_matches_shared_split_ids():
     assert (len(val), len(test)) == (33, 131)
     assert {int(r["id"].split("/")[1]) for r in val} == B.HUMANEVAL_VALIDATE
     if SHARED_DATA.is_dir():
-        shared = {B._humaneval_id(json.loads(l)["task_id"]) for l in open(SHARED_DATA / "humaneval_validate.jsonl")}
+        shared = {B.humaneval_id(json.loads(l)["task_id"]) for l in open(SHARED_DATA / "humaneval_validate.jsonl")}
         assert shared == {r["id"] for r in val}
 
 
@@ -160,24 +163,24 @@ def test_data_dir_env_and_package_fallback(tmp_path, monkeypatch):
     (tmp_path / "gsm8k_test.jsonl").write_text(json.dumps({"question": "q?", "answer": "1,234", "id": "x"}) + "\n")
     assert B.load("gsm8k", "test") == [{"id": "x", "problem": "q?", "answer": "1234"}]
     assert len(B.load("gsm8k", "validate")) == 264  # env dir lacks it: the package
-    with pytest.raises(B.BenchmarkError, match="gsm8k_validate.jsonl"):
+    with pytest.raises(DataError, match="gsm8k_validate.jsonl"):
         B.load("gsm8k", "validate", data_dir=tmp_path)  # an explicit dir must hold the file
 
 
 def test_missing_and_malformed_files_name_path_and_line(tmp_path):
-    with pytest.raises(B.BenchmarkError, match=re.escape(str(tmp_path / "math_test.jsonl")) + ".*not found"):
+    with pytest.raises(DataError, match=re.escape(str(tmp_path / "math_test.jsonl")) + ".*not found"):
         B.load("math", "test", data_dir=tmp_path)
     good = json.dumps({"problem": "p", "solution": "so \\boxed{2}"})
     (tmp_path / "math_test.jsonl").write_text(good + "\n" + good + "\n{not json\n")
-    with pytest.raises(B.BenchmarkError, match=r"math_test\.jsonl:3: malformed JSON"):
+    with pytest.raises(DataError, match=r"math_test\.jsonl:3: malformed JSON"):
         B.load("math", "test", data_dir=tmp_path)
     (tmp_path / "math_test.jsonl").write_text(good + "\n" + json.dumps({"problem": "p"}) + "\n")
-    with pytest.raises(B.BenchmarkError, match=r"math_test\.jsonl:2: missing field 'solution'"):
+    with pytest.raises(DataError, match=r"math_test\.jsonl:2: missing field 'solution'"):
         B.load("math", "test", data_dir=tmp_path)
     (tmp_path / "math_test.jsonl").write_text(json.dumps({"problem": "p", "solution": "no box"}) + "\n")
-    with pytest.raises(B.BenchmarkError, match=r"math_test\.jsonl:1: .*boxed"):
+    with pytest.raises(DataError, match=r"math_test\.jsonl:1: .*boxed"):
         B.load("math", "test", data_dir=tmp_path)
-    assert issubclass(B.BenchmarkError, ValueError)
+    assert issubclass(DataError, ValueError)
 
 
 def test_cli_show_and_exit_2(tmp_path, capsys):
@@ -190,7 +193,7 @@ def test_cli_show_and_exit_2(tmp_path, capsys):
 
 def test_download_offline_fails_cleanly(tmp_path, capsys):
     # port 9 (discard) on loopback: refused at once, no network needed
-    assert B.main(["download", "gsm8k", "--to", str(tmp_path), "--url", "http://127.0.0.1:9/test.jsonl"]) == 2
+    assert download.main(["gsm8k", "--to", str(tmp_path), "--url", "http://127.0.0.1:9/test.jsonl"]) == 2
     assert "cannot download http://127.0.0.1:9/test.jsonl" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
 
@@ -201,8 +204,8 @@ def test_download_converts_to_the_data_dir_layout(tmp_path, monkeypatch):
                         "test_imports": [], "test_list": [f"assert f{i}(1) == 1"]} for i in range(10)])
     payload = {"gsm8k": gsm.encode(), "mbpp": mbpp.encode()}
     for name in payload:
-        monkeypatch.setattr(B, "_fetch", lambda url, name=name: payload[name])
-        B.download(name, tmp_path)
+        monkeypatch.setattr(download, "_fetch", lambda url, name=name: payload[name])
+        download.download(name, tmp_path)
         val, test = B.load(name, "validate", data_dir=tmp_path), B.load(name, "test", data_dir=tmp_path)
         assert (len(val), len(test)) == (2, 8) and not {r["id"] for r in val} & {r["id"] for r in test}
     r = B.load("gsm8k", "test", data_dir=tmp_path)[0]
@@ -267,11 +270,11 @@ def test_code_scorer_runs_hidden_tests_in_sandbox():
 def test_code_program_check_call():
     he = {"entry_point": "f", "prompt": "def f(x):\n    '''doc'''\n", "test": "def check(candidate):\n    assert candidate(1) == 2\n"}
     mb = {"entry_point": "f", "test_imports": ["import math"], "test": "def check():\n    assert f(1) == 2\n"}
-    assert B.code_program(he, "def f(x):\n    return x + 1").rstrip().endswith("check(f)")
-    prog = B.code_program(mb, "```python\ndef f(x):\n    return x + 1\n```")
+    assert scorers.code_program(he, "def f(x):\n    return x + 1").rstrip().endswith("check(f)")
+    prog = scorers.code_program(mb, "```python\ndef f(x):\n    return x + 1\n```")
     assert prog.startswith("import math") and prog.rstrip().endswith("check()") and "```" not in prog
     ns = {}
-    exec(B.code_program(he, "    return x + 1\n"), ns)  # a bare body completes the prompt's def
+    exec(scorers.code_program(he, "    return x + 1\n"), ns)  # a bare body completes the prompt's def
 
 
 # ---------------------------------------------------------------------------- scorers: tricky cases
@@ -302,16 +305,16 @@ def test_math_scorer(answer, gold, want):
 
 
 def test_last_boxed_nested():
-    assert B.last_boxed("a \\boxed{1} b \\boxed{\\frac{a}{\\sqrt{b}}} c") == "\\frac{a}{\\sqrt{b}}"
-    assert B.last_boxed("\\fbox{7}") == "7" and B.last_boxed("\\boxed 5$") == "5"
-    assert B.last_boxed("\\boxed{unclosed") is None and B.last_boxed("none") is None
+    assert scorers.last_boxed("a \\boxed{1} b \\boxed{\\frac{a}{\\sqrt{b}}} c") == "\\frac{a}{\\sqrt{b}}"
+    assert scorers.last_boxed("\\fbox{7}") == "7" and scorers.last_boxed("\\boxed 5$") == "5"
+    assert scorers.last_boxed("\\boxed{unclosed") is None and scorers.last_boxed("none") is None
 
 
 def test_f1_squad_normalisation_and_partial_credit():
-    assert B.f1("The Eiffel Tower!", "eiffel tower") == 1.0
-    assert B.f1("Eiffel", "Eiffel Tower") == pytest.approx(2 / 3)
-    assert B.f1("paris france", "paris") == pytest.approx(2 * 0.5 * 1 / 1.5)
-    assert B.f1("", "x") == 0.0 and B.f1("the", "a") == 1.0  # both empty after normalisation
+    assert scorers.f1("The Eiffel Tower!", "eiffel tower") == 1.0
+    assert scorers.f1("Eiffel", "Eiffel Tower") == pytest.approx(2 / 3)
+    assert scorers.f1("paris france", "paris") == pytest.approx(2 * 0.5 * 1 / 1.5)
+    assert scorers.f1("", "x") == 0.0 and scorers.f1("the", "a") == 1.0  # both empty after normalisation
     row = {"answer": "Hernán Peraza The Elder|Hernán Peraza"}
     assert B.score("drop", row, "Hernán Peraza") == 1.0
     assert B.score("drop", row, "Peraza") == pytest.approx(2 / 3)
