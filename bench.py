@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+import executor
 
 KERNEL_VARIANTS = ("naive", "rowloop", "fused_logprobs", "fused_grpo")
 KERNEL_SHAPES = ((576, 49152), (896, 151936))  # (H, V): SmolLM2-135M head, Qwen2.5-0.5B head
@@ -444,9 +445,8 @@ def bench_executor(args):
     import time
     from concurrent.futures import ThreadPoolExecutor
 
-    import operators
 
-    with operators.local_executor(args.model, servers=args.servers, threads=args.threads) as ex:
+    with executor.local_executor(args.model, servers=args.servers, threads=args.threads) as ex:
         def one(i):
             t = time.perf_counter()
             _, u = ex.chat([{"role": "user", "content": f"Count from {i} to {i + 60}."}],

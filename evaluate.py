@@ -20,41 +20,6 @@ from pathlib import Path
 import collect
 from jsonl import DataError, read_jsonl, truncate_torn_tail
 
-# Fixed hand-written workflows: the baseline rows every trained generator is compared with.
-BASELINES = {
-    "math": {
-        "io": 'def solve(problem):\n    return custom(problem, "Give only the final answer.")\n',
-        "cot": 'def solve(problem):\n    return answer_generate(problem)\n',
-        "cot_sc": ('def solve(problem):\n    drafts = [answer_generate(problem) for _ in range(3)]\n'
-                   '    return ensemble(problem, drafts)\n'),
-        "programmer": 'def solve(problem):\n    return programmer(problem)\n',
-        "self_refine": ('def solve(problem):\n    draft = answer_generate(problem)\n'
-                        '    feedback = review(problem, draft)\n    return revise(problem, draft, feedback)\n'),
-    },
-    "qa": {  # no programmer operator for QA (ARCHITECTURE §3), so no programmer baseline
-        "io": 'def solve(problem):\n    return custom(problem, "Answer with a short phrase only.")\n',
-        "cot": 'def solve(problem):\n    return format(problem, answer_generate(problem))\n',
-        "cot_sc": ('def solve(problem):\n    drafts = [answer_generate(problem) for _ in range(3)]\n'
-                   '    return format(problem, ensemble(problem, drafts))\n'),
-        "self_refine": ('def solve(problem):\n    draft = answer_generate(problem)\n'
-                        '    feedback = review(problem, draft)\n    return format(problem, revise(problem, draft, feedback))\n'),
-    },
-    "code": {  # the entry point is the last `def name(` of the prompt, as in the generator's example
-        "io": ('def solve(problem):\n    name = problem.split("def ")[-1].split("(")[0].strip()\n'
-               '    return code_generate(problem, name, "Write the function.")\n'),
-        "cot": ('def solve(problem):\n    name = problem.split("def ")[-1].split("(")[0].strip()\n'
-                '    return code_generate(problem, name, "Think step by step, then write the function.")\n'),
-        "cot_sc": ('def solve(problem):\n    name = problem.split("def ")[-1].split("(")[0].strip()\n'
-                   '    drafts = [code_generate(problem, name, "Write the function.") for _ in range(3)]\n'
-                   '    return ensemble(problem, drafts)\n'),
-        "programmer": ('def solve(problem):\n    name = problem.split("def ")[-1].split("(")[0].strip()\n'
-                       '    code = code_generate(problem, name, "Write the function.")\n'
-                       '    return test(problem, code, name)\n'),
-        "self_refine": ('def solve(problem):\n    name = problem.split("def ")[-1].split("(")[0].strip()\n'
-                        '    code = code_generate(problem, name, "Write the function.")\n'
-                        '    feedback = review(problem, code)\n    return revise(problem, code, feedback)\n'),
-    },}
-
 
 def bootstrap_ci(scores, reps=2000, seed=0):
     """95 % percentile bootstrap CI of the mean over problems."""

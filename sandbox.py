@@ -1,10 +1,9 @@
 """Run untrusted Python (workflows, executor-written programs, unit tests) in a killable,
-resource-limited subprocess, and broker the workflow's operator calls to the parent (ARCHITECTURE §4).
+resource-limited subprocess, and pass the workflow's stub calls to a handler in the parent (ARCHITECTURE §4).
 
     python sandbox.py --info                                   # which isolation is in force
-    python sandbox.py wf.py --problem "What is 47 * 6?" --executor none
-    python sandbox.py wf.py --problem "What is 47 * 6?" --executor local
-    python sandbox.py wf.py --problem "2+2?" --executor http://127.0.0.1:8000/v1 --model NAME
+    python sandbox.py prog.py --timeout 5                      # a program as __main__: {ok, stdout, ...}
+    python operators.py wf.py --problem "What is 47 * 6?" --executor local     # a workflow, with operators
 
 Every run is a fresh `python -I -S` child in its own session. As root (the normal case here) it
 lives in new network, PID and mount namespaces: no interfaces, only its own processes under a
@@ -13,11 +12,13 @@ drops to a fresh unprivileged uid before running anything untrusted. When its PI
 kernel kills everything left in the namespace, so nothing outlives a run. Besides the stdlib it
 can import PACKAGES (numpy, sympy, mpmath), read-only; nothing else of site-packages is visible.
 The child talks to the parent only through a private pipe pair (JSON lines); the API key and the
-executor client never leave the parent. See `isolation()` for what is in force where namespaces
+executor client never leave the parent. This file knows nothing of operators: run_workflow takes
+the stub names and the handler that answers them. See `isolation()` for what is in force where namespaces
 are not allowed.
 """
 import argparse
 import atexit
+import ctypes
 import importlib.util
 import json
 import os
@@ -30,11 +31,12 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
 
 CAP = 64 * 1024  # bytes kept of stdout / stderr / answer / operator output
 MARK = "\n...[truncated]"
 MAX_MSG = 4 * 1024 * 1024  # one JSON line from the child; longer is a protocol error
-RESULT_KEYS = ("answer", "error", "calls", "prompt_tokens", "completion_tokens", "cost_usd", "seconds", "infra_error")
 # Installed packages that sandboxed code may import (executor-written MATH programs reach for sympy
 # and numpy all the time; mpmath is sympy's one dependency). Only these directories, plus a wheel's
 # bundled `<name>.libs` (numpy's OpenBLAS), become visible and only read-only: torch, openai and the
@@ -42,183 +44,8 @@ RESULT_KEYS = ("answer", "error", "calls", "prompt_tokens", "completion_tokens",
 PACKAGES = ("numpy", "sympy", "mpmath")
 SITE_DIR = "/tmp/.site"  # where they appear inside the child's mount namespace
 
-# ---------------------------------------------------------------------------------------------
-# The child runtime: stdlib only, runs under `python -I -S -c`, so it must stay compatible with
-# any python3 >= 3.8 (as root we may run it on /usr/bin/python3, see _probe). It is trusted code
-# until it calls exec(); after that the workflow shares its process, so nothing the runtime does
-# after exec() is a security boundary: the parent trusts the child only for the answer text and
-# counts calls / tokens / time itself.
-# ---------------------------------------------------------------------------------------------
-_CHILD = r'''
-import os, sys, json, resource
-def main():
-    rf = os.fdopen(int(sys.argv[1]), "rb")
-    wf = os.fdopen(int(sys.argv[2]), "wb", 0)
-    cfg = json.loads(rf.readline())
-    dumps, cap, notes = json.dumps, cfg["cap"], []
-    def send(obj):
-        wf.write(dumps(obj).encode() + b"\n")
-    libc = None
-    if cfg["mounts"] or cfg["uid"] is not None:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-    if cfg["mounts"]:
-        # we are PID 1 of fresh namespaces, still (namespace-)root: give the run a private tmpfs
-        # and make everything else read-only, before dropping privileges
-        def mount(src, dst, fs, flags, data):
-            if libc.mount(src, dst, fs, flags, data) != 0:
-                notes.append("mount %s failed: errno %d" % (dst.decode(), ctypes.get_errno()))
-                return False
-            return True
-        MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND = 1, 2, 4, 32, 4096
-        opts = ("size=%dk,mode=1777" % cfg["tmpfs_kb"]).encode()
-        site = cfg["site_dir"]
-        # hold each package dir open first: a venv under /tmp (a CI runner's, a newcomer's) is hidden
-        # by the tmpfs below, and the bind then reads it through the descriptor instead of the path
-        held = [(name, os.open(src, os.O_PATH | os.O_DIRECTORY)) for name, src in cfg["site"]] if site else []
-        if mount(b"tmpfs", b"/tmp", b"tmpfs", MS_NOSUID | MS_NODEV, opts) and site:
-            # the importable packages (see _site()): each dir a read-only bind in a tmpfs that is
-            # itself remounted read-only, so neither a fresh uid nor a userns root (whose uid may own
-            # the files) can change them, and `..` from a bind ends in this tmpfs, not site-packages
-            os.mkdir(site, 0o755)
-            if mount(b"tmpfs", site.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, b"size=64k,mode=755"):
-                for name, fd in held:
-                    dst = (site + "/" + name).encode()
-                    os.mkdir(dst)
-                    if mount(b"/proc/self/fd/%d" % fd, dst, None, MS_BIND, None) and not mount(
-                            None, dst, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV, None):
-                        libc.umount2(dst, 2)  # MNT_DETACH: never leave a writable bind behind
-                mount(None, site.encode(), None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
-        for _, fd in held:
-            os.close(fd)
-        if os.path.isdir("/dev/shm"):
-            mount(b"tmpfs", b"/dev/shm", b"tmpfs", MS_NOSUID | MS_NODEV, b"size=1024k,mode=1777")
-        mount(None, b"/", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
-        os.makedirs(cfg["workdir"], 0o700, exist_ok=True)
-    uid = cfg["uid"]
-    if uid is not None and cfg["mounts"]:
-        os.chown(cfg["workdir"], uid, uid)
-    os.chdir(cfg["workdir"])
-    R = resource
-    lim = [(R.RLIMIT_CORE, 0), (R.RLIMIT_FSIZE, cfg["fsize"]), (R.RLIMIT_NOFILE, cfg["nofile"]),
-           (R.RLIMIT_AS, cfg["mem"])]
-    if uid is not None:  # NPROC counts per uid; our uid is fresh, so this is per run
-        lim.append((R.RLIMIT_NPROC, cfg["nproc"]))
-    for what, n in lim:
-        try:
-            R.setrlimit(what, (n, n))
-        except (ValueError, OSError) as e:
-            notes.append("rlimit %d: %s" % (what, e))
-    R.setrlimit(R.RLIMIT_CPU, (cfg["cpu"], cfg["cpu"] + 1))
-    if libc is not None:
-        libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: setuid binaries cannot give root back
-    if cfg["mounts"] and uid is None:
-        # namespace root with no uid to drop to (userns mode): give up every capability, or the
-        # workflow could simply remount / read-write. The bounding set first, so that exec'ing a
-        # program as uid 0 cannot hand them back.
-        for cap in range(64):
-            libc.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP
-        class Hdr(ctypes.Structure):
-            _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-        empty = (ctypes.c_uint32 * 6)()
-        if libc.capset(ctypes.byref(Hdr(0x20080522, 0)), empty) != 0:
-            notes.append("capset failed: errno %d" % ctypes.get_errno())
-    if uid is not None:
-        os.setgroups([])
-        os.setgid(uid)
-        os.setuid(uid)
-        libc.prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG=SIGKILL again: setuid() cleared it
-    if cfg["block_net"]:
-        # no network namespace: refuse sockets (and the usual ways around the hook) in Python
-        def hook(event, args):
-            if event == "socket.__new__" and args[1] != 1 or event in (
-                    "ctypes.dlopen", "subprocess.Popen", "os.system", "os.exec", "os.posix_spawn",
-                    "os.spawn", "os.fork", "os.forkpty", "pty.spawn"):
-                raise PermissionError("sandbox: %s blocked" % event)
-        sys.addaudithook(hook)
-    if cfg.get("stdin") is not None:
-        fd = os.memfd_create("stdin") if hasattr(os, "memfd_create") else os.open(".stdin", os.O_RDWR | os.O_CREAT, 0o600)
-        os.write(fd, cfg["stdin"].encode())
-        os.lseek(fd, 0, 0)
-        os.dup2(fd, 0)
-        os.close(fd)
-    if cfg["site_dir"]:
-        sys.path.append(cfg["site_dir"])  # after the stdlib: a package cannot shadow a stdlib module
-    import builtins
-    code = cfg["code"]
-    if cfg["mode"] == "program":
-        sys.argv = ["program"]
-        status = 0
-        try:
-            exec(compile(code, "<program>", "exec"), {"__name__": "__main__", "__builtins__": builtins})
-        except SystemExit as e:
-            status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-            if not isinstance(e.code, int) and e.code is not None:
-                sys.stderr.write(str(e.code) + "\n")
-        except BaseException:
-            import traceback
-            et, ev, tb = sys.exc_info()
-            traceback.print_exception(et, ev, tb.tb_next)  # the program's frames, not ours
-            status = 1
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        except BaseException:
-            pass
-        os._exit(status & 255)
-    import _thread
-    lock = _thread.allocate_lock()
-
-    class OperatorError(Exception):
-        pass
-
-    def stub(name):
-        def op(*args, **kwargs):
-            with lock:
-                send({"op": name, "args": list(args), "kwargs": kwargs})
-                line = rf.readline()
-            if not line:
-                raise OperatorError("broker closed")
-            msg = json.loads(line)
-            if "ok" in msg:
-                return msg["ok"]
-            raise OperatorError(msg.get("error", "operator failed"))
-        op.__name__ = name
-        return op
-
-    def clip(s):
-        return s if len(s) <= cap else s[:cap] + "\n...[truncated]"
-
-    def describe(e):
-        try:
-            msg = clip("%s: %s" % (type(e).__name__, e))
-        except BaseException:
-            msg = type(e).__name__
-        return msg[:2000]
-
-    g = {"__name__": "workflow", "__builtins__": dict(builtins.__dict__), "OperatorError": OperatorError}
-    for name in cfg["ops"]:
-        g[name] = stub(name)
-    out = {"notes": notes}
-    try:
-        exec(compile(code, "<workflow>", "exec"), g)
-        solve = g.get("solve")
-        if not callable(solve):
-            out["error"] = "no solve()"
-        else:
-            ans = solve(cfg["problem"])
-            if ans is None:
-                out["error"] = "bad output: solve() returned None"
-            else:
-                out["answer"] = clip(ans if type(ans) is str else str(ans))
-    except SyntaxError as e:
-        out["error"] = "syntax: " + describe(e)
-    except BaseException as e:  # SystemExit, KeyboardInterrupt and MemoryError included
-        out["error"] = "exception: " + describe(e)
-    send(out)
-    os._exit(0)  # do not wait for threads the workflow left running
-main()
-'''
+# The child runtime is sandbox_child.py, run from source (never imported here or there).
+CHILD = (Path(__file__).resolve().parent / "sandbox_child.py").read_text(encoding="utf-8")
 
 
 class SandboxError(RuntimeError):
@@ -254,7 +81,6 @@ def _pythons():
 def _set_non_dumpable():
     # our environment holds the API key: make /proc/<us>/environ and ptrace root-only
     try:
-        import ctypes
         ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE
     except Exception:
         pass
@@ -394,7 +220,8 @@ def _env(home):
     return env
 
 
-def _clip(s):
+def clip(s):
+    """At most CAP characters of s, marked where cut: what the parent keeps of any child output."""
     return s if len(s) <= CAP else s[:CAP] + MARK
 
 
@@ -441,7 +268,7 @@ def _spawn(mode, code, problem, ops, handler, timeout, mem_mb, stdin=None, keep_
     c_out_r, c_out_w = os.pipe()  # child -> parent
     try:
         proc = subprocess.Popen(
-            prefix + [py, "-I", "-S", "-c", _CHILD, str(c_in_r), str(c_out_w)],
+            prefix + [py, "-I", "-S", "-c", CHILD, str(c_in_r), str(c_out_w)],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE if keep_stdout else subprocess.DEVNULL,
             stderr=subprocess.PIPE, pass_fds=(c_in_r, c_out_w), start_new_session=True,
             env=_env(workdir), cwd="/" if mounts else workdir)
@@ -565,57 +392,19 @@ def _death(rc, stderr):
 
 # ---- public API ---------------------------------------------------------------------------------
 
-def run_workflow(code, problem, *, executor=None, operators=None, context=None, timeout=60.0,
-                 mem_mb=1024, max_calls=20, max_tokens_budget=None):
-    """Run `solve(problem)` from `code` in a fresh sandbox; operators are stubs that call
-    `operators[name](ctx, *args, **kwargs)` here in the parent. Never raises for anything the
-    workflow does. `timeout` is the child's own wall time (operator calls do not count).
-    `infra_error` is set (the first message) when an operator call met an InfraError: the result
-    then says nothing about the workflow and must not be scored."""
-    import operators as ops_mod  # lazy: operators imports us for run_program
-
+def run_workflow(code, problem, names, handler, *, timeout=60.0, mem_mb=1024):
+    """Run `solve(problem)` from `code` in a fresh sandbox. The child holds one stub per name in
+    `names`; a stub's call reaches `handler(msg) -> reply` here in the parent ({"op", "args",
+    "kwargs"} -> {"ok": str} or {"error": str}; operators.run_workflow serves the operator library).
+    Never raises for anything the workflow does: {answer, error, seconds}. `timeout` is the child's
+    own wall time (time inside the handler does not count)."""
     isolation()
-    if operators is None:
-        operators = ops_mod.OPERATORS
-    ctx = ops_mod.OpContext(executor, context or {}, max_calls=max_calls, max_tokens_budget=max_tokens_budget)
-
-    def handle(msg):
-        name, args, kwargs = msg.get("op"), msg.get("args", []), msg.get("kwargs", {})
-        fn = operators.get(name) if isinstance(name, str) else None
-        if fn is None:
-            return {"error": f"unknown operator {name!r}"}
-        if not isinstance(args, list) or not isinstance(kwargs, dict):
-            return {"error": f"{name}: malformed call"}
-        if ctx.infra_error:  # the run is void already: spend nothing more on it
-            return {"error": f"{name}: executor unavailable"}
-        # operator time is not charged to `timeout`, so operators that need no executor call
-        # (a unanimous ensemble, test() on passing code) must be bounded too
-        ctx.ops += 1
-        if ctx.ops > ctx.max_calls:
-            ctx.budget_error = ctx.budget_error or f"more than {ctx.max_calls} operator calls"
-            return {"error": f"budget: more than {ctx.max_calls} operator calls"}
-        try:
-            out = fn(ctx, *args, **kwargs)
-            return {"ok": _clip(out if isinstance(out, str) else str(out))}
-        except ops_mod.BudgetError as e:
-            ctx.budget_error = ctx.budget_error or str(e)
-            return {"error": f"budget: {e}"}
-        except ops_mod.InfraError as e:
-            # the endpoint's fault, not the workflow's: reported beside the result whatever the
-            # workflow then does with the exception (it may catch it and answer anyway)
-            ctx.infra_error = ctx.infra_error or str(e)[:2000]
-            return {"error": f"{name}: executor unavailable"}
-        except TypeError as e:  # wrong arguments from the workflow
-            return {"error": f"{name}: {e}"}
-        except Exception as e:  # ExecutorError and anything else: the workflow sees an exception
-            return {"error": f"{name}: {type(e).__name__}: {e}"[:2000]}
-
-    r = _spawn("workflow", code, str(problem), list(operators), handle, timeout, mem_mb)
+    r = _spawn("workflow", code, str(problem), list(names), handler, timeout, mem_mb)
     answer, error = None, None
     fin = r["final"]
     if fin is not None:
         a = fin.get("answer")
-        answer = _clip(a) if isinstance(a, str) else None
+        answer = clip(a) if isinstance(a, str) else None
         error = fin.get("error") if isinstance(fin.get("error"), str) else None
         if answer is None and error is None:
             error = "bad output: no answer"
@@ -625,11 +414,7 @@ def run_workflow(code, problem, *, executor=None, operators=None, context=None, 
         error = f"timeout: no result after {timeout:g} s"
     else:
         error = _death(r["rc"], r["stderr"])
-    if ctx.budget_error:  # a caught budget error still marks the run
-        error = "budget: " + ctx.budget_error
-    return dict(answer=answer, error=error, calls=ctx.calls, prompt_tokens=ctx.prompt_tokens,
-                completion_tokens=ctx.completion_tokens, cost_usd=round(ctx.cost_usd, 8),
-                seconds=round(r["seconds"], 4), infra_error=ctx.infra_error)
+    return dict(answer=answer, error=error, seconds=round(r["seconds"], 4))
 
 
 def run_program(code, *, stdin=None, timeout=10.0, mem_mb=512):
@@ -651,12 +436,10 @@ def run_program(code, *, stdin=None, timeout=10.0, mem_mb=512):
 
 
 def run_many(jobs, workers=2, progress=None):
-    """Run many sandboxes concurrently; yields (index, result) as each finishes. A job is a dict
-    of run_workflow keyword arguments (code, problem, ...), or {"program": code, ...} for
-    run_program, or a zero-argument callable. `progress`: a tqdm-like object (.update(1)) or a
+    """Run many sandboxes concurrently; yields (index, result) as each finishes. A job is a
+    zero-argument callable (e.g. functools.partial(operators.run_workflow, code, problem, ...)) or
+    {"program": code, ...}: run_program's arguments. `progress`: a tqdm-like object (.update(1)) or a
     callable(done, total). Closing the generator early cancels the jobs not yet started."""
-    from concurrent.futures import ThreadPoolExecutor, as_completed
-
     jobs = list(jobs)
     isolation()  # probe once, before the threads race to do it
 
@@ -664,9 +447,7 @@ def run_many(jobs, workers=2, progress=None):
         if callable(job):
             return job()
         job = dict(job)
-        if "program" in job:
-            return run_program(job.pop("program"), **job)
-        return run_workflow(job.pop("code"), job.pop("problem"), **job)
+        return run_program(job.pop("program"), **job)
 
     pool = ThreadPoolExecutor(max_workers=max(1, int(workers)))
     try:
@@ -684,43 +465,25 @@ def run_many(jobs, workers=2, progress=None):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("workflow", nargs="?", help="Python file defining solve(problem)")
-    ap.add_argument("--problem", help="the problem text passed to solve()")
-    ap.add_argument("--executor", default="none", help="none | local | an OpenAI-compatible base URL")
-    ap.add_argument("--model", default=None, help="executor model name (URL executors)")
-    ap.add_argument("--context", default=None, help="JSON object of per-problem data (e.g. public_tests)")
-    ap.add_argument("--timeout", type=float, default=60.0)
-    ap.add_argument("--mem-mb", type=int, default=1024)
-    ap.add_argument("--max-calls", type=int, default=20)
+    ap.add_argument("program", nargs="?", help="a Python file to run as __main__ in the sandbox")
+    ap.add_argument("--stdin", default=None, help="text given to the program on stdin")
+    ap.add_argument("--timeout", type=float, default=10.0)
+    ap.add_argument("--mem-mb", type=int, default=512)
     ap.add_argument("--info", action="store_true", help="print the isolation in force and exit")
     args = ap.parse_args(argv)
     if args.info:
         print(json.dumps({"isolation": isolation(), "mode": _MODE[0], "python": _MODE[2]}))
         return 0
-    if args.workflow is None or args.problem is None:
-        ap.error("WORKFLOW and --problem are required (or --info)")
-    if args.executor not in ("none", "local") and not args.executor.startswith(("http://", "https://")):
-        ap.error(f"--executor must be none, local or an http(s) URL, got {args.executor!r}")
-    if args.timeout <= 0 or args.mem_mb < 64 or args.max_calls < 0:
-        ap.error("--timeout must be > 0, --mem-mb >= 64, --max-calls >= 0")
+    if args.program is None:
+        ap.error("PROGRAM is required (or --info)")
+    if args.timeout <= 0 or args.mem_mb < 64:
+        ap.error("--timeout must be > 0 and --mem-mb >= 64")
     try:
-        with open(args.workflow, encoding="utf-8") as f:
+        with open(args.program, encoding="utf-8") as f:
             code = f.read()
     except (OSError, UnicodeDecodeError) as e:
-        ap.error(f"cannot read workflow file {args.workflow}: {e}")
-    context = None
-    if args.context:
-        try:
-            context = json.loads(args.context)
-            assert isinstance(context, dict)
-        except Exception:
-            ap.error("--context must be a JSON object")
-    import operators
-
-    with operators.make_executor(args.executor, model=args.model) as ex:
-        res = run_workflow(code, args.problem, executor=ex, context=context, timeout=args.timeout,
-                           mem_mb=args.mem_mb, max_calls=args.max_calls)
-    print(json.dumps(res))
+        ap.error(f"cannot read program file {args.program}: {e}")
+    print(json.dumps(run_program(code, stdin=args.stdin, timeout=args.timeout, mem_mb=args.mem_mb)))
     return 0
 
 

@@ -273,3 +273,14 @@ def score_code(row, answer, timeout=10):
         return 0.0
     res = sandbox.run_program(code_program(row, answer), timeout=timeout)
     return float(bool(res.get("ok")))
+
+
+def extract_code(completion):
+    """Code of the first ```python (or ```py) block, else of the first ``` block of any kind; a
+    missing closing fence is fine (generation stopped). None when there is no fence. With a
+    prefill, pass prefill + completion."""
+    for pat in (r"```[ \t]*(?:python|py)[ \t]*\r?\n(.*?)(?:```|\Z)", r"```[^\n`]*\r?\n(.*?)(?:```|\Z)"):
+        m = _re.search(pat, completion, flags=_re.S | _re.I)
+        if m:
+            return m.group(1)
+    return None

@@ -3,25 +3,27 @@ No model and no sandbox: the static call count is compared with a naive referenc
 (trusted, test-written) workflow with counting stub operators."""
 import pytest
 
-import operators as O
+import operators
+import scorers
+import workflow
 
 P = "Tom has 23 apples and buys 19 more. How many apples does he have now?"
-MATH = O.FAMILY_OPERATORS["math"]
+MATH = operators.OPERATOR_SETS["math"]
 
 
 def ok(code, problem=P, **kw):
-    return O.check_workflow(code, problem, allowed_ops=kw.pop("ops", MATH), **kw)
+    return workflow.check_workflow(code, problem, allowed_ops=kw.pop("ops", MATH), **kw)
 
 
 def test_few_shot_examples_and_prefills_pass_the_checker():
-    for fam, shots in O.FEWSHOT.items():
-        assert shots[-1][1] == O.EXAMPLE_WORKFLOWS[fam]
-        body_start = O.PREFILLS[fam][len("```python\n"):]
+    for fam, shots in workflow.FEWSHOT.items():
+        assert shots[-1][1] == workflow.EXAMPLE_WORKFLOWS[fam]
+        body_start = workflow.PREFILLS[fam][len("```python\n"):]
         for problem, code in shots:
-            assert ok(code, problem, ops=O.FAMILY_OPERATORS[fam], max_calls=6) == (True, "ok"), code
+            assert ok(code, problem, ops=operators.OPERATOR_SETS[fam], max_calls=6) == (True, "ok"), code
             assert code.startswith(body_start)  # the examples begin the way a prefilled completion does
-        assert O.extract_code(O.PREFILLS[fam] + "x)]\n    return drafts[0]\n```") is not None
-    assert O.PREFILL == O.PREFILLS["math"]
+        assert scorers.extract_code(workflow.PREFILLS[fam] + "x)]\n    return drafts[0]\n```") is not None
+    assert workflow.PREFILLS["math"] == workflow.PREFILLS["math"]
 
 
 @pytest.mark.parametrize("code,reason", [
@@ -77,7 +79,7 @@ def test_literal_rule_details():
     assert ok(good) == (True, "ok")
     assert ok("def solve(problem):\n    return custom(problem, 'x') + str(230)") == (True, "ok")
     copied = "def solve(problem):\n    return custom(problem, 'x') + str(23)"
-    assert O.check_workflow(copied, None, MATH) == (True, "ok")
+    assert workflow.check_workflow(copied, None, MATH) == (True, "ok")
     assert ok("def solve(problem):\n    return custom(problem, str(1000))", "What is 1,000 + 5?")[1].startswith("literal 1000")
     assert ok("def solve(problem):\n    return custom(problem, str(19.0))")[1].startswith("literal 19.0")
     assert ok('"""A docstring."""\ndef solve(problem):\n    return custom(problem, "x")') == (True, "ok")
@@ -99,11 +101,11 @@ def test_names_and_arity_accept_valid_code():
     ]
     for code in good:
         assert ok(code) == (True, "ok"), code
-    code = O.FEWSHOT["code"][-1][1]  # code_generate's instruction has a default
-    assert O.check_workflow(code.replace(', "Write the function.")', ")"), None, O.FAMILY_OPERATORS["code"]) == (True, "ok")
+    code = workflow.FEWSHOT["code"][-1][1]  # code_generate's instruction has a default
+    assert workflow.check_workflow(code.replace(', "Write the function.")', ")"), None, operators.OPERATOR_SETS["code"]) == (True, "ok")
     # the arity comes from the operator functions themselves
-    assert O.OP_PARAMS["programmer"] == [("problem", True), ("analysis", False)]
-    assert set(O.OP_PARAMS) == set(O.ALL_OPERATORS)
+    assert workflow.OP_PARAMS["programmer"] == [("problem", True), ("analysis", False)]
+    assert set(workflow.OP_PARAMS) == set(workflow.ALL_OPERATORS)
 
 
 def _run_count(code):
@@ -113,7 +115,7 @@ def _run_count(code):
     def stub(*a, **k):
         n[0] += 1
         return "s"
-    ns = {op: stub for op in O.ALL_OPERATORS}
+    ns = {op: stub for op in workflow.ALL_OPERATORS}
     exec(code, ns)
     ns["solve"]("problem text")
     return n[0]
@@ -149,26 +151,26 @@ def test_if_counts_the_larger_branch():
 
 
 def test_extract_code():
-    assert O.extract_code("hi\n```python\ndef solve(problem):\n    return 1\n```\nbye") == "def solve(problem):\n    return 1\n"
-    assert O.extract_code("```\nx = 1\n```") == "x = 1\n"
-    assert O.extract_code("```Python\nx = 1") == "x = 1"  # generation stopped before the closing fence
-    assert O.extract_code("```text\nnot it\n```\n```python\nx = 2\n```") == "x = 2\n"  # a python block wins
-    assert O.extract_code("```python\na\n```\n```python\nb\n```") == "a\n"
-    assert O.extract_code("no fence here") is None
+    assert scorers.extract_code("hi\n```python\ndef solve(problem):\n    return 1\n```\nbye") == "def solve(problem):\n    return 1\n"
+    assert scorers.extract_code("```\nx = 1\n```") == "x = 1\n"
+    assert scorers.extract_code("```Python\nx = 1") == "x = 1"  # generation stopped before the closing fence
+    assert scorers.extract_code("```text\nnot it\n```\n```python\nx = 2\n```") == "x = 2\n"  # a python block wins
+    assert scorers.extract_code("```python\na\n```\n```python\nb\n```") == "a\n"
+    assert scorers.extract_code("no fence here") is None
 
 
 def test_build_prompt_structure_and_catalogue():
-    msgs = O.build_prompt("What is 47 * 6?", "math")
+    msgs = workflow.build_prompt("What is 47 * 6?", "math")
     assert msgs[0]["role"] == "system" and msgs[-1]["role"] == "user"
-    assert [m["role"] for m in msgs[1:]] == ["user", "assistant"] * len(O.FEWSHOT["math"]) + ["user"]
+    assert [m["role"] for m in msgs[1:]] == ["user", "assistant"] * len(workflow.FEWSHOT["math"]) + ["user"]
     last = msgs[-1]["content"]
     assert last.startswith("Operators:\n") and "Problem: What is 47 * 6?\n" in last
-    assert all(O.OPERATOR_DOCS[o][0] in last for o in MATH) and "code_generate" not in last
+    assert all(workflow.OPERATOR_DOCS[o][0] in last for o in MATH) and "code_generate" not in last
     assert "at most 6 operator calls" in msgs[0]["content"]
     assert all(m["content"].startswith("```python\n") for m in msgs if m["role"] == "assistant")
-    qa = O.build_prompt("Question: who?", "qa")[-1]["content"]
+    qa = workflow.build_prompt("Question: who?", "qa")[-1]["content"]
     assert "answer_generate(" in qa and "programmer(" not in qa
-    code = O.build_prompt("def f(x):\n    pass", "code", operators=["code_generate", "test"])[-1]["content"]
+    code = workflow.build_prompt("def f(x):\n    pass", "code", operators=["code_generate", "test"])[-1]["content"]
     assert "code_generate(" in code and "custom(" not in code
     with pytest.raises(ValueError, match="unknown family"):
-        O.build_prompt("x", "vision")
+        workflow.build_prompt("x", "vision")

@@ -19,7 +19,7 @@ sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
 import model as M
 from conftest import tiny_llama, tiny_tokenizer
 
-# continuations of operators.PREFILLS["math"] ("```python\ndef solve(problem):\n    drafts = [")
+# continuations of workflow.PREFILLS["math"] ("```python\ndef solve(problem):\n    drafts = [")
 WORKFLOWS = [
     "programmer(problem)]\n    return drafts[0]\n```",
     "custom(problem, 'Give only the final answer.')]\n    return drafts[0]\n```",

@@ -9,13 +9,14 @@ import pytest
 import operators
 import sandbox
 from openai_stub import StubServer
+import executor
 
 FAST = dict(base_delay=0.01, max_delay=0.05)
 MSG = [{"role": "user", "content": "What is 2 + 2?"}]
 
 
 def make(url, **kw):
-    return operators.Executor(url, "stub-model", **{**FAST, **kw})
+    return executor.Executor(url, "stub-model", **{**FAST, **kw})
 
 
 @pytest.mark.parametrize("faults", [["500"], ["500", "500", "500"], ["malformed"], ["hang:3"], ["429:0.3"]])
@@ -32,14 +33,14 @@ def test_transient_faults_recover(faults):
 def test_permanent_failure_raises_executor_error():
     with StubServer(faults=["500"] * 10) as srv:
         ex = make(srv.url, max_retries=3)
-        with pytest.raises(operators.ExecutorError, match="HTTP 500"):
+        with pytest.raises(executor.ExecutorError, match="HTTP 500"):
             ex.chat(MSG)
     assert len(srv.requests) == 4 and ex.failures == 1
 
 
 def test_client_error_is_not_retried():
     with StubServer(faults=["404"]) as srv:
-        with pytest.raises(operators.ExecutorError, match="HTTP 404"):
+        with pytest.raises(executor.ExecutorError, match="HTTP 404"):
             make(srv.url).chat(MSG)
     assert len(srv.requests) == 1
 
@@ -54,7 +55,7 @@ def test_permanent_failure_is_reported_beside_the_result_not_as_a_crash():
         ex = make(srv.url, max_retries=1)
         res = [r for _, r in sandbox.run_many([dict(code=wf, problem=str(i), executor=ex, timeout=10) for i in range(3)])]
         assert len(srv.requests) == 6 and not ex.tripped  # 3 of 20 recent calls failed: under --max-fail-frac
-        caught = sandbox.run_workflow(catcher, "q", executor=ex, timeout=10)
+        caught = operators.run_workflow(catcher, "q", executor=ex, timeout=10)
         assert len(srv.requests) == 8  # the second custom() sent nothing
     assert all(r["answer"] is None and "HTTP 500" in r["infra_error"] and r["calls"] == 1 for r in res), res
     assert caught["answer"] == "7" and "HTTP 500" in caught["infra_error"] and caught["calls"] == 1
@@ -67,17 +68,17 @@ def test_fatal_errors_stop_at_once_and_trip_the_executor():
     for fault, text in (("401", "invalid_api_key"), ("400", "unsupported_parameter"), ("quota", "insufficient_quota")):
         with StubServer(faults=[fault] * 10) as srv:
             ex = make(srv.url)
-            with pytest.raises(operators.InfraError, match=text) as e:
+            with pytest.raises(executor.InfraError, match=text) as e:
                 ex.chat(MSG)
             assert e.value.fatal and srv.url in str(e.value) and "stub-model" in str(e.value)
-            with pytest.raises(operators.InfraError, match=text):
+            with pytest.raises(executor.InfraError, match=text):
                 ex.chat(MSG, sample_index=1)
             assert len(srv.requests) == 1 and ex.tripped
     with StubServer(faults=["context"], reply=lambda m: "fine") as srv:
         ex = make(srv.url)
-        with pytest.raises(operators.ExecutorError, match="context_length_exceeded") as e:
+        with pytest.raises(executor.ExecutorError, match="context_length_exceeded") as e:
             ex.chat(MSG)
-        assert not isinstance(e.value, operators.InfraError) and not ex.tripped
+        assert not isinstance(e.value, executor.InfraError) and not ex.tripped
         assert ex.chat(MSG, sample_index=1)[0] == "fine"
 
 
@@ -94,12 +95,12 @@ def test_failure_window_trips_like_a_naive_sliding_count():
         ex = make(srv.url, max_retries=0, max_fail_frac=0.5, fail_window=4)
         for k, o in enumerate(outcomes[:trip_at + 1]):
             if o:
-                with pytest.raises(operators.InfraError) as e:
+                with pytest.raises(executor.InfraError) as e:
                     ex.chat(MSG, sample_index=k)
                 assert e.value.fatal == (k == trip_at) and bool(ex.tripped) == (k == trip_at)
             else:
                 assert ex.chat(MSG, sample_index=k)[0] == "hello"
-        with pytest.raises(operators.InfraError, match="3 of the last 4 executor calls failed"):
+        with pytest.raises(executor.InfraError, match="3 of the last 4 executor calls failed"):
             ex.chat(MSG, sample_index=99)
     assert len(srv.requests) == trip_at + 1
 
@@ -125,13 +126,13 @@ def test_prices_and_key_from_env(monkeypatch):
     monkeypatch.setenv("SPOGW_TEST_KEY", "sk-test-123")
     seen = {}
     with StubServer() as srv:
-        ex = operators.Executor(srv.url, "gpt-4o-mini", api_key_env="SPOGW_TEST_KEY")
+        ex = executor.Executor(srv.url, "gpt-4o-mini", api_key_env="SPOGW_TEST_KEY")
         assert ex.price == (0.0, 0.0)  # loopback: a local server costs nothing
-        remote = operators.Executor("https://api.example.invalid/v1", "gpt-4o-mini")
-        assert remote.price == operators.PRICES["gpt-4o-mini"]
+        remote = executor.Executor("https://api.example.invalid/v1", "gpt-4o-mini")
+        assert remote.price == executor.PRICES["gpt-4o-mini"]
         assert ex.clients[0].api_key == "sk-test-123"
         monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-        assert operators.Executor(srv.url, "m").clients[0].api_key == "EMPTY"
+        assert executor.Executor(srv.url, "m").clients[0].api_key == "EMPTY"
 
 
 def test_thread_safe_counters():
@@ -148,7 +149,7 @@ def test_workflow_accounting_through_sandbox():
     wf = "def solve(p):\n    a = custom(p, 'x')\n    b = custom(p, 'x')\n    return a + '|' + b\n"
     with StubServer(reply=lambda m: "r") as srv:
         ex = make(srv.url, prices={"stub-model": (1.0, 1.0)})
-        r = sandbox.run_workflow(wf, "q", executor=ex, timeout=10)
+        r = operators.run_workflow(wf, "q", executor=ex, timeout=10)
     assert r["answer"] == "r|r" and r["error"] is None and r["calls"] == 2
     assert r["prompt_tokens"] == 20 and r["completion_tokens"] == 10 and r["cost_usd"] == pytest.approx(30 / 1e6)
     # the repeated identical call was sampled, not a copy of the greedy one
@@ -158,17 +159,17 @@ def test_workflow_accounting_through_sandbox():
 def test_token_budget():
     wf = "def solve(p):\n    return custom(p, 'x') + custom(p, 'y')\n"
     with StubServer() as srv:
-        r = sandbox.run_workflow(wf, "q", executor=make(srv.url), timeout=10, max_tokens_budget=10)
+        r = operators.run_workflow(wf, "q", executor=make(srv.url), timeout=10, max_tokens_budget=10)
     assert r["error"].startswith("budget: token budget") and r["calls"] == 1
 
 
 def test_make_executor_specs():
-    with operators.make_executor("none") as ex:
+    with executor.make_executor("none") as ex:
         assert ex is None
-    with operators.make_executor("http://127.0.0.1:9/v1", model="m") as ex:
+    with executor.make_executor("http://127.0.0.1:9/v1", model="m") as ex:
         assert ex.model == "m" and ex.base_url == "http://127.0.0.1:9/v1"
     with pytest.raises(ValueError):
-        with operators.make_executor("ftp://x"):
+        with executor.make_executor("ftp://x"):
             pass
 
 
@@ -177,11 +178,11 @@ def test_end_to_end_local_executor(tmp_path):
     """The real embedded model behind `transformers serve`, called from a sandboxed workflow."""
     wf = "def solve(p):\n    return custom(p, 'Reply with one word.')\n"
     t = time.monotonic()
-    with operators.local_executor(cache_dir=tmp_path) as ex:
-        r = sandbox.run_workflow(wf, "Say hello.", executor=ex, timeout=30, context={"max_tokens": 8})
+    with executor.local_executor(cache_dir=tmp_path) as ex:
+        r = operators.run_workflow(wf, "Say hello.", executor=ex, timeout=30, context={"max_tokens": 8})
         port = ex.base_url.split(":")[2].split("/")[0]
         sent = ex.requests
-        again = sandbox.run_workflow(wf, "Say hello.", executor=ex, timeout=30, context={"max_tokens": 8})
+        again = operators.run_workflow(wf, "Say hello.", executor=ex, timeout=30, context={"max_tokens": 8})
         assert again == dict(again, answer=r["answer"], calls=1) and ex.requests == sent  # from the cache
     assert r["error"] is None and isinstance(r["answer"], str) and r["answer"].strip(), r
     assert r["calls"] == 1 and r["completion_tokens"] > 0 and r["cost_usd"] == 0
@@ -196,7 +197,7 @@ def test_serve_view_adds_missing_architectures(tmp_path):
     src.mkdir()
     (src / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
     (src / "model.safetensors").write_bytes(b"weights")
-    view = operators._with_architectures(str(src))
+    view = executor._with_architectures(str(src))
     try:
         cfg = json.loads(open(f"{view}/config.json").read())
         assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["hidden_size"] == 8
@@ -206,7 +207,7 @@ def test_serve_view_adds_missing_architectures(tmp_path):
         import shutil
         shutil.rmtree(view)
     (src / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
-    assert operators._with_architectures(str(src)) is None
+    assert executor._with_architectures(str(src)) is None
 
 
 def test_replicas_share_the_load_and_a_retry_moves_on():
@@ -218,13 +219,13 @@ def test_replicas_share_the_load_and_a_retry_moves_on():
         time.sleep(0.3)
         return "ok"
     with StubServer(reply=slow) as a, StubServer(reply=slow) as b:
-        ex = operators.Executor([a.url, b.url], "stub-model", **FAST)
+        ex = executor.Executor([a.url, b.url], "stub-model", **FAST)
         with ThreadPoolExecutor(6) as pool:
             texts = list(pool.map(lambda i: ex.chat(MSG, sample_index=i)[0], range(6)))
         assert texts == ["ok"] * 6 and len(a.requests) == 3 and len(b.requests) == 3
         assert ex.in_flight == [0, 0]
     with StubServer(faults=["500"] * 10) as down, StubServer(reply=lambda m: "up") as up:
-        ex = operators.Executor([down.url, up.url], "stub-model", max_retries=1, **FAST)
+        ex = executor.Executor([down.url, up.url], "stub-model", max_retries=1, **FAST)
         assert [ex.chat(MSG, sample_index=i)[0] for i in range(2)] == ["up", "up"]  # one retried, none lost
         assert len(down.requests) == 1 and len(up.requests) == 2 and ex.failures == 0
 
@@ -234,9 +235,9 @@ def test_reasoning_models_get_max_completion_tokens_and_no_temperature():
     body the server receives is checked against the params each family accepts."""
     with StubServer() as srv:
         for model in ("o3-mini", "o1", "o4-mini-2025-04-16", "gpt-5", "gpt-5-mini", "openai/o3"):
-            operators.Executor(srv.url, model, reasoning_tokens=1000, **FAST).chat(MSG, temperature=0.7, max_tokens=64)
-        operators.Executor(srv.url, "gpt-4o-mini", **FAST).chat(MSG, temperature=0.7, max_tokens=64)
-        operators.Executor(srv.url, "omni-7b", **FAST).chat(MSG, temperature=0.7, max_tokens=64)  # not o<digit>
+            executor.Executor(srv.url, model, reasoning_tokens=1000, **FAST).chat(MSG, temperature=0.7, max_tokens=64)
+        executor.Executor(srv.url, "gpt-4o-mini", **FAST).chat(MSG, temperature=0.7, max_tokens=64)
+        executor.Executor(srv.url, "omni-7b", **FAST).chat(MSG, temperature=0.7, max_tokens=64)  # not o<digit>
     want_reasoning = {"messages": MSG, "max_completion_tokens": 1064}
     assert [{k: v for k, v in r.items() if k != "model"} for r in srv.requests[:6]] == [want_reasoning] * 6
     assert [r["model"] for r in srv.requests[:6]] == ["o3-mini", "o1", "o4-mini-2025-04-16", "gpt-5", "gpt-5-mini", "openai/o3"]
@@ -245,23 +246,23 @@ def test_reasoning_models_get_max_completion_tokens_and_no_temperature():
 
 
 def test_prices_by_longest_model_name_prefix(capsys):
-    P = operators.PRICES
+    P = executor.PRICES
     for model, key in (("gpt-4o-mini-2024-07-18", "gpt-4o-mini"), ("gpt-4o-2024-08-06", "gpt-4o"),
                        ("gpt-4o-2024-05-13", "gpt-4o-2024-05-13"), ("openai/gpt-4.1-mini", "gpt-4.1-mini"),
                        ("gpt-4.1-2025-04-14", "gpt-4.1"), ("o3-mini-2025-01-31", "o3-mini"), ("o3", "o3"),
                        ("gpt-5-nano", "gpt-5-nano")):
-        assert operators.price_of(model) == P[key], model
+        assert executor.price_of(model) == P[key], model
     for model in ("gpt-4", "gpt-4omni", "o", "my-model"):  # a prefix must end at a "-"
-        assert operators.price_of(model) is None, model
+        assert executor.price_of(model) is None, model
     remote = "https://api.example.invalid/v1"
-    assert operators.Executor(remote, "gpt-4o-mini-2024-07-18").price == P["gpt-4o-mini"]
+    assert executor.Executor(remote, "gpt-4o-mini-2024-07-18").price == P["gpt-4o-mini"]
     capsys.readouterr()
     for _ in range(2):
-        assert operators.Executor(remote, "mystery-model-x").price == (0.0, 0.0)
+        assert executor.Executor(remote, "mystery-model-x").price == (0.0, 0.0)
     err = capsys.readouterr().err
     assert err.count("mystery-model-x") == 1 and "warning" in err  # warned once
-    operators.Executor(remote, "mystery-model-y", prices={})  # explicit prices: no warning
-    operators.Executor("http://127.0.0.1:9/v1", "mystery-model-z")  # loopback: costs nothing, no warning
+    executor.Executor(remote, "mystery-model-y", prices={})  # explicit prices: no warning
+    executor.Executor("http://127.0.0.1:9/v1", "mystery-model-z")  # loopback: costs nothing, no warning
     assert capsys.readouterr().err == ""
 
 
@@ -298,7 +299,7 @@ def test_max_in_flight_bounds_concurrent_requests():
 
 def test_preflight_names_endpoint_model_and_server_text():
     with StubServer(faults=["401"]) as srv:
-        with pytest.raises(operators.InfraError) as e:
+        with pytest.raises(executor.InfraError) as e:
             make(srv.url).preflight()
     msg = str(e.value)
     assert srv.url in msg and "stub-model" in msg and "Incorrect API key provided" in msg and "HTTP 401" in msg
@@ -307,7 +308,7 @@ def test_preflight_names_endpoint_model_and_server_text():
         assert len(srv.requests) == 1
         url = srv.url
     t = time.monotonic()
-    with pytest.raises(operators.InfraError, match="Connection refused|ConnectError"):
+    with pytest.raises(executor.InfraError, match="Connection refused|ConnectError"):
         make(url).preflight()  # nothing listens there any more: no retries, no backoff
     assert time.monotonic() - t < 10
 
@@ -317,10 +318,10 @@ def test_generator_preflight_lists_models():
     from jsonl import DataError
     with StubServer(models=("iter0", "base")) as srv:
         collect.preflight_generator({"generator_url": srv.url, "generator_name": "iter0", "model": "x"})
-        with pytest.raises(operators.InfraError, match="does not serve 'iter1'.*'iter0', 'base'"):
+        with pytest.raises(executor.InfraError, match="does not serve 'iter1'.*'iter0', 'base'"):
             collect.preflight_generator({"generator_url": srv.url, "generator_name": "iter1", "model": "x"})
         url = srv.url
-    with pytest.raises(operators.InfraError, match=f"generator at {url}: GET /models"):
+    with pytest.raises(executor.InfraError, match=f"generator at {url}: GET /models"):
         collect.preflight_generator({"generator_url": url, "generator_name": "iter0", "model": "x"})
     with pytest.raises(DataError, match="--max-fail-frac must be between 0 and 1, got 1.5"):
         with collect.open_executor(dict(collect.DEFAULTS, executor="none", max_fail_frac=1.5)):

@@ -9,10 +9,11 @@ import torch
 import collect
 import curate
 import model as M
-import operators as O
 import refine as R
 import train as T
 from conftest import tiny_llama, tiny_tokenizer
+import operators
+import workflow
 
 SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -46,7 +47,7 @@ def test_system_folded_into_first_user_turn_when_template_refuses_it(template):
     assert M.prompt_text(tok, CONV, prefill="x") == want + "x"
     assert M.prompt_ids(tok, CONV) == tok(want, add_special_tokens=False)["input_ids"]
     # the generator's real prompt (system + few-shot turns) renders too
-    assert M.prompt_ids(tok, O.build_prompt("What is 2 + 3?", "math"), O.PREFILLS["math"])
+    assert M.prompt_ids(tok, workflow.build_prompt("What is 2 + 3?", "math"), workflow.PREFILLS["math"])
 
 
 def test_system_kept_when_template_accepts_it():
@@ -242,7 +243,7 @@ def test_training_uses_the_sampled_prompt_ids():
     for p, mm, per in zip(problems, msgs, samples):
         for j, s in enumerate(per):
             assert s["prompt_ids"] == M.prompt_ids(tok, mm, "x")
-            row = collect.workflow_row(p, j, mm, "x", s["text"], s["token_ids"], O.OPERATOR_SETS["math"], 6,
+            row = collect.workflow_row(p, j, mm, "x", s["text"], s["token_ids"], operators.OPERATOR_SETS["math"], 6,
                                        prompt_ids=s["prompt_ids"], hit_cap=M.hit_cap(s["token_ids"], 6, {2}))
             rows.append(dict(row, score=float(j % 2)))
     groups, _ = curate.curate(rows, mode="all")

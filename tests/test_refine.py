@@ -10,7 +10,9 @@ import sys
 import pytest
 
 import benchmarks
-import operators as O
+import executor
+import operators
+import workflow
 import refine as R
 from conftest import ROOT
 from openai_stub import StubServer
@@ -126,8 +128,8 @@ def test_first_solve_drops_what_follows_the_workflow():
              'def custom(p):\n    return 1\n# Example workflow:\ndef solve(problem):\n    return 2\n')
     wf = R.first_solve(block)
     assert wf == 'def solve(problem):\n    # why\n    x = custom(problem, "a")\n\n    return x\n'
-    assert O.check_workflow(wf, "What is 47 * 6?", O.OPERATOR_SETS["math"], 6) == (True, "ok")
-    assert O.check_workflow(block, "What is 47 * 6?", O.OPERATOR_SETS["math"], 6)[0] is False
+    assert workflow.check_workflow(wf, "What is 47 * 6?", operators.OPERATOR_SETS["math"], 6) == (True, "ok")
+    assert workflow.check_workflow(block, "What is 47 * 6?", operators.OPERATOR_SETS["math"], 6)[0] is False
     assert R.first_solve("x = 1\n") == "x = 1\n"  # no solve: left to the checker to reject
 
 
@@ -150,7 +152,7 @@ def test_repair_loop_reprompts_with_the_error_then_skips():
     samples = [{"text": RAISES, "token_ids": [5]}, {"text": INVALID, "token_ids": [6]}, {"text": GOOD["beta"], "token_ids": [7]}]
     msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "state"}]
     with StubServer(stub_reply) as srv:
-        ex = O.Executor(srv.url, "stub", max_retries=0)
+        ex = executor.Executor(srv.url, "stub", max_retries=0)
         st = R.self_check_and_repair(msgs, samples, [0, 1, 2], problems[0], cfg(max_repairs=3), ex, pool_draw, 7)
     # candidate 0 raises every time: 3 repairs, then skipped with the error
     assert st[0]["valid"] is False and len(st[0]["attempts"]) == 3
@@ -177,7 +179,7 @@ def test_repair_loop_reprompts_with_the_error_then_skips():
 SCRIPT = r'''
 import json, os, signal, sys
 sys.path[:0] = [{root!r}, {tests!r}]
-import collect, operators as O, refine as R, test_refine as TR
+import collect, executor, refine as R, test_refine as TR
 from openai_stub import StubServer
 # KILL_AT=k: SIGKILL this process at its k-th appended row (candidate or validation row), after
 # writing the first bytes of that row when TORN=1 (a kill in the middle of a write)
@@ -195,7 +197,7 @@ pool = [TR.GOOD["alpha"], TR.GOOD["beta"], TR.GOOD["gamma"], TR.RAISES, TR.INVAL
 propose = TR.canned(pool, repair=lambda m: TR.GOOD["alpha"] if "index" in m[-2]["content"] else TR.INVALID)
 cfg = TR.cfg(turns=2, candidates=3, val_problems=3, episodes=1, max_repairs=1)
 with StubServer(TR.stub_reply) as srv:
-    ex = O.Executor(srv.url, "stub", max_retries=0)
+    ex = executor.Executor(srv.url, "stub", max_retries=0)
     print(json.dumps(R.collect_refine(sys.argv[1], 0, cfg, ex, propose=propose)))
 '''
 
@@ -307,7 +309,7 @@ def test_evaluate_refine_scores_the_best_validation_workflow_on_test(tmp_path):
     c = cfg(turns=1, eval_candidates=3, val_problems=4, max_repairs=0)
     propose = canned([GOOD["alpha"], GOOD["beta"]])  # seeded draws of 3
     with StubServer(stub_reply) as srv:
-        ex = O.Executor(srv.url, "stub", max_retries=0)
+        ex = executor.Executor(srv.url, "stub", max_retries=0)
         s = R.evaluate_refine(None, None, c, ex, 1, tmp_path, "refine_iter_0", test_problems=12, propose=propose)
     rows = [json.loads(l) for l in (tmp_path / "refine_iter_0.jsonl").read_text().splitlines()]
     best = R.best_workflow(rows)

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import sandbox
+import operators
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 1.5
@@ -398,7 +399,7 @@ def corpus():
 
         def run():
             t = time.monotonic()
-            r = sandbox.run_workflow(code, "What is 2 + 2?", executor=None, timeout=TIMEOUT, max_calls=max_calls,
+            r = operators.run_workflow(code, "What is 2 + 2?", executor=None, timeout=TIMEOUT, max_calls=max_calls,
                                      mem_mb=256 if name == "memory_bomb" else 512)  # fewer pages to touch
             return r, time.monotonic() - t
         return run
@@ -434,7 +435,7 @@ def test_corpus_size():
 @pytest.mark.parametrize("name", list(CASES))
 def test_hostile(corpus, name):
     r, wall = corpus["results"][name]
-    assert set(r) == set(sandbox.RESULT_KEYS)
+    assert set(r) == set(operators.RESULT_KEYS)
     assert wall < TIMEOUT + 2, (name, wall)
     CASES[name][1](r)
     assert CANARY.read_text() == "canary" and not PWNED.exists()
@@ -474,9 +475,9 @@ def test_fallback_mode_without_namespaces(monkeypatch):
                  f"              lambda: open('{canary}', 'w'), lambda: os.kill(1, 9)):\n"
                  f"        try:\n            f()\n            out.append('did')\n"
                  f"        except Exception as e:\n            out.append(type(e).__name__)\n    return ' '.join(out)\n")
-        r = sandbox.run_workflow(leave, "p", timeout=2)
+        r = operators.run_workflow(leave, "p", timeout=2)
         assert r["answer"] == "PermissionError PermissionError PermissionError PermissionError", r
-        r = sandbox.run_workflow("def solve(p):\n    while True:\n        pass\n", "p", timeout=1)
+        r = operators.run_workflow("def solve(p):\n    while True:\n        pass\n", "p", timeout=1)
         assert r["error"].startswith(("timeout", "killed")), r
         assert sandbox.run_program("print(6 * 7)")["stdout"] == "42\n"
         assert canary.read_text() == "canary" and _procs_with(mark) == []
@@ -534,7 +535,7 @@ def test_programmer_imports_numpy_and_sympy(monkeypatch):
     import operators
 
     monkeypatch.setattr(operators, "PROGRAM_TIMEOUT", 60.0)  # a loaded test machine, not a timed test
-    r = sandbox.run_workflow("def solve(p):\n    return programmer(p)\n", "Roots of x^3 - 6x^2 + 11x - 6?",
+    r = operators.run_workflow("def solve(p):\n    return programmer(p)\n", "Roots of x^3 - 6x^2 + 11x - 6?",
                              executor=_ProgramExecutor(), timeout=10)
     assert r["error"] is None and r["answer"] == _sci_reference().strip() and r["calls"] == 1, r
 
@@ -621,7 +622,7 @@ def test_cli(tmp_path):
     p = _cli(str(wf), "--problem", "hi there", "--executor", "none", "--timeout", "5")
     assert p.returncode == 0 and len(p.stdout.splitlines()) == 1, p
     r = json.loads(p.stdout)
-    assert list(r) == list(sandbox.RESULT_KEYS) and r["answer"] == "HI THERE" and r["error"] is None
+    assert list(r) == list(operators.RESULT_KEYS) and r["answer"] == "HI THERE" and r["error"] is None
     wf.write_text("def solve(p):\n    raise KeyError(p)\n")
     r = json.loads(_cli(str(wf), "--problem", "k").stdout)
     assert r["error"] == "exception: KeyError: 'k'"

@@ -4,11 +4,11 @@ import os
 import subprocess
 import sys
 
-import operators
+import executor
 
 
 def test_transformers_cli_runs_with_this_interpreter(tmp_path):
-    cmd = operators._transformers_cli()
+    cmd = executor._transformers_cli()
     # sys.executable, not its realpath: in a venv the realpath is the base interpreter, whose
     # site-packages may not hold transformers at all (the bug a newcomer hit)
     assert cmd[0] == sys.executable

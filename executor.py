@@ -1,0 +1,445 @@
+"""The executor: an OpenAI-compatible chat client, and the local server that stands in for one (ARCHITECTURE §4).
+
+    python -c "import executor; print(executor.price_of('gpt-4o-mini-2024-07-18'))"     # (0.15, 0.6)
+    python bench.py executor --servers 2                                                 # local server throughput
+
+Executor.chat is the one way operators reach a language model: retries with backoff on 429 / 5xx /
+timeouts, an on-disk cache keyed by endpoint, model and request, token and dollar accounting, and a
+failure breaker. What the endpoint caused (auth, unreachable, too many failures) is InfraError and
+stops the run; what the request caused (a prompt over the context) is the workflow's error.
+local_executor serves the embedded model with `transformers serve` on loopback ports.
+"""
+import atexit
+import collections
+import contextlib
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+import openai
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+import model
+
+# USD per 1M tokens (prompt, completion), list prices of 2025; override with Executor(prices=...).
+# A model is priced by the longest key that is its name or a prefix of it followed by "-", so dated
+# snapshots (gpt-4o-mini-2024-07-18) cost what their family costs; a snapshot with its own price
+# gets its own key. Loopback servers cost 0; an unknown model costs 0 with a warning.
+PRICES = {
+    "gpt-4o-mini": (0.15, 0.60), "gpt-4o": (2.50, 10.00), "gpt-4o-2024-05-13": (5.00, 15.00),
+    "gpt-4.1": (2.00, 8.00), "gpt-4.1-mini": (0.40, 1.60), "gpt-4.1-nano": (0.10, 0.40),
+    "gpt-3.5-turbo": (0.50, 1.50), "o1": (15.00, 60.00), "o1-mini": (1.10, 4.40), "o3": (2.00, 8.00),
+    "o3-mini": (1.10, 4.40), "o4-mini": (1.10, 4.40), "gpt-5": (1.25, 10.00), "gpt-5-mini": (0.25, 2.00),
+    "gpt-5-nano": (0.05, 0.40),
+}
+
+
+DEFAULT_API_MODEL = os.environ.get("SPOGW_EXECUTOR_MODEL", "gpt-4o-mini")
+
+
+_PRICE_WARNED = set()  # models already warned about, once per process
+# A 4xx that this request's content caused (a prompt over the context window, a content filter, a
+# 413 body too large): the workflow's fault. Asking again -- or resuming -- would fail the same way,
+# so stopping the run for it would stop every rerun at the same workflow.
+_WORKFLOW_4XX = re.compile(r"context_length_exceeded|maximum context length|context length|prompt is too long|"
+                           r"reduce the length|max_new_tokens` must be|content_filter|content_policy|"
+                           r"content management policy", re.I)
+
+
+class ExecutorError(RuntimeError):
+    """The executor could not answer a workflow's call. Operators let it through; the sandbox turns
+    it into an exception inside the workflow, so a run gets an error, never a crash."""
+
+
+class BudgetError(ExecutorError):
+    """The workflow used up its call or token budget."""
+
+
+class InfraError(ExecutorError):
+    """The executor endpoint failed, not the workflow: bad key, a rejected request, no quota, an
+    unreachable server, retries used up. Never a score: the broker reports it beside the result
+    (`infra_error`) and the collecting step leaves the row out or stops (exit 2). `fatal`: asking
+    again cannot help (401, 400, insufficient_quota) or too many recent calls failed; the Executor
+    then fails every later request at once, so the run stops within seconds."""
+
+    def __init__(self, msg, fatal=False):
+        super().__init__(msg)
+        self.fatal = fatal
+
+
+def price_of(model, table=PRICES):
+    """(prompt, completion) USD per 1M tokens of `model` by longest prefix in `table` (a provider
+    prefix such as "openai/" is ignored), or None when no key matches."""
+    name = str(model).rsplit("/", 1)[-1]
+    keys = [k for k in table if name == k or name.startswith(k + "-")]
+    return tuple(table[max(keys, key=len)]) if keys else None
+
+
+def is_reasoning_model(model):
+    """OpenAI o-series and gpt-5: they reject `max_tokens` and any non-default temperature (400)."""
+    return re.match(r"(o\d+(-|$)|gpt-5)", str(model).rsplit("/", 1)[-1]) is not None
+
+
+def server_text(e):
+    """The server's own words from an openai.APIStatusError: error.code and error.message of the
+    JSON body when there is one, else the raw text."""
+    body = getattr(e, "body", None)
+    err = body.get("error", body) if isinstance(body, dict) else None
+    if isinstance(err, dict) and err.get("message"):
+        code = err.get("code") or err.get("type")
+        return (f"{code}: " if code else "") + str(err["message"])[:300]
+    return str(e)[:300]
+
+
+class Executor:
+    """Chat client for any OpenAI-compatible endpoint, with our own retries (429 honouring
+    Retry-After, 5xx, timeouts, connection errors, malformed replies), an on-disk response cache and
+    token/dollar counters. Thread-safe: one instance serves all sandboxes of a collection run.
+    The counters are what was really spent: cache hits add to `cache_hits` only.
+
+    Failures of the endpoint raise InfraError (see there), a request the workflow's content broke
+    (context length, content filter) a plain ExecutorError. `max_in_flight` bounds concurrent
+    requests across all sandboxes (API rate tiers; 0 = unbounded). More than `max_fail_frac` of the
+    last `fail_window` calls failing after their retries trips the executor like a fatal error.
+    Reasoning models get `max_completion_tokens` = max_tokens + `reasoning_tokens` (their hidden
+    reasoning counts against that cap: without room for it a 400-token reply is often empty) and no
+    temperature."""
+
+    def __init__(self, base_url, model, api_key_env="OPENAI_API_KEY", cache_dir=None, timeout=60.0,
+                 max_retries=5, prices=None, base_delay=1.0, max_delay=30.0, cache_name=None,
+                 max_in_flight=0, max_fail_frac=0.5, fail_window=20, reasoning_tokens=4096):
+
+        self.urls = [base_url] if isinstance(base_url, str) or base_url is None else list(base_url)
+        self.base_url, self.model, self.timeout = ", ".join(map(str, self.urls)), model, timeout
+        # the cache key names the endpoint too: one model name at two servers is two executors.
+        # The local executor passes a stable name instead (its ports change every run).
+        self.cache_name = cache_name or f"{self.base_url} {model}"
+        self.max_retries, self.base_delay, self.max_delay = max_retries, base_delay, max_delay
+        # max_retries=0: ours are the only retries, so the bound and the backoff are ours to state.
+        # Several URLs = replicas of one model (e.g. one local server per core): each request goes
+        # to the one with the fewest requests in flight.
+        self.clients = [openai.OpenAI(base_url=u, api_key=os.environ.get(api_key_env) or "EMPTY",
+                                      timeout=timeout, max_retries=0) for u in self.urls]
+        self.in_flight = [0] * len(self.urls)
+        self.local = all(re.match(r"https?://(localhost|127\.|\[::1\])", u or "") for u in self.urls)
+        price = price_of(model, PRICES if prices is None else prices)
+        if price is None and prices is None and not self.local and model not in _PRICE_WARNED:
+            _PRICE_WARNED.add(model)
+            print(f"warning: no price known for executor model {model!r}; its cost is reported as $0 "
+                  f"(known: {', '.join(sorted(PRICES))})", file=sys.stderr)
+        self.price = (0.0, 0.0) if (self.local and prices is None) or price is None else price
+        self.reasoning, self.reasoning_tokens = is_reasoning_model(model), reasoning_tokens
+        self.slots = threading.BoundedSemaphore(max_in_flight) if max_in_flight else contextlib.nullcontext()
+        self.max_fail_frac, self.recent = max_fail_frac, collections.deque(maxlen=max(1, fail_window))
+        self.tripped = None  # the message of the fatal failure that stops every later request
+        self.cache_dir = None if cache_dir is None else os.path.abspath(cache_dir)
+        self.lock = threading.Lock()
+        self.requests = self.cache_hits = self.failures = 0
+        self.prompt_tokens = self.completion_tokens = 0
+        self.cost_usd = 0.0
+
+    def _cost(self, prompt_tokens, completion_tokens):
+        return (prompt_tokens * self.price[0] + completion_tokens * self.price[1]) / 1e6
+
+    def _cache_path(self, key):
+        return os.path.join(self.cache_dir, key[:2], key + ".json")
+
+    def _params(self, messages, temperature, max_tokens):
+        if self.reasoning:
+            return dict(model=self.model, messages=messages, max_completion_tokens=max_tokens + self.reasoning_tokens)
+        return dict(model=self.model, messages=messages, temperature=temperature, max_tokens=max_tokens)
+
+    def chat(self, messages, temperature=0.0, max_tokens=512, sample_index=0):
+        """(text, usage) with usage = {prompt_tokens, completion_tokens, cost_usd, cached}. A cache
+        hit reports the tokens and the notional cost of the original call (so a workflow's cost
+        does not depend on what happened to be cached) and sends nothing."""
+        key = hashlib.sha256(json.dumps([self.cache_name, messages, temperature, max_tokens, sample_index],
+                                        sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+        if self.cache_dir:
+            try:
+                with open(self._cache_path(key), encoding="utf-8") as f:
+                    hit = json.load(f)
+                with self.lock:
+                    self.cache_hits += 1
+                return hit["text"], dict(hit["usage"], cached=True)
+            except (OSError, ValueError, KeyError, TypeError):
+                pass  # missing or torn entry: ask again
+        text, usage = self._request(messages, temperature, max_tokens)
+        if self.cache_dir:  # one file per key, written atomically: concurrent writers both win
+            path = self._cache_path(key)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump({"model": self.model, "text": text, "usage": usage}, f)
+            os.replace(tmp, path)
+        return text, dict(usage, cached=False)
+
+    def _send(self, i, messages, temperature, max_tokens, timeout=None):
+        """One request to replica i -> (text, usage); counts what it spent."""
+        client = self.clients[i] if timeout is None else self.clients[i].with_options(timeout=timeout)
+        resp = client.chat.completions.create(**self._params(messages, temperature, max_tokens))
+        text = resp.choices[0].message.content
+        if not isinstance(text, str):
+            raise ValueError("reply has no message content")
+        u = getattr(resp, "usage", None)
+        pt, ct = int(getattr(u, "prompt_tokens", 0) or 0), int(getattr(u, "completion_tokens", 0) or 0)
+        usage = {"prompt_tokens": pt, "completion_tokens": ct, "cost_usd": self._cost(pt, ct)}
+        with self.lock:
+            self.prompt_tokens += pt
+            self.completion_tokens += ct
+            self.cost_usd += usage["cost_usd"]
+        return text, usage
+
+    def _trip(self, msg):
+        with self.lock:
+            self.tripped = self.tripped or msg
+        return InfraError(msg, fatal=True)
+
+    def _outcome(self, failed, msg=""):
+        """Record one call's outcome in the window; True when that trips the executor (more than
+        max_fail_frac of the last fail_window calls failed)."""
+        with self.lock:
+            self.recent.append(failed)
+            n, w = sum(self.recent), self.recent.maxlen
+        if failed and n > self.max_fail_frac * w:
+            self._trip(f"{n} of the last {w} executor calls failed (--max-fail-frac {self.max_fail_frac:g}); "
+                       f"the last: {msg}")
+            return True
+        return False
+
+    def _request(self, messages, temperature, max_tokens):
+
+        last = None
+        for attempt in range(self.max_retries + 1):
+            if self.tripped:
+                raise InfraError(self.tripped, fatal=True)
+            wait = None
+            with self.slots:
+                with self.lock:
+                    self.requests += 1
+                    n = len(self.clients)  # fewest in flight; ties rotate, so a retry tries the next replica
+                    i = min(range(n), key=lambda j: (self.in_flight[j], (j - self.requests) % n))
+                    self.in_flight[i] += 1
+                where = f"executor {self.model} at {self.urls[i]}"
+                try:
+                    out = self._send(i, messages, temperature, max_tokens)
+                    self._outcome(False)
+                    return out
+                except openai.APIStatusError as e:
+                    last = f"HTTP {e.status_code}: {server_text(e)}"
+                    if e.status_code == 413 or (400 <= e.status_code < 500 and _WORKFLOW_4XX.search(last)):
+                        raise ExecutorError(f"{where}: {last}") from None  # this prompt's fault
+                    quota = e.status_code == 429 and "insufficient_quota" in last
+                    if quota or (e.status_code not in (408, 409, 429) and e.status_code < 500):
+                        # a bad key, a rejected request, an empty account: asking again cannot help
+                        with self.lock:
+                            self.failures += 1
+                        raise self._trip(f"{where}: {last}") from None
+                    ra = e.response.headers.get("retry-after") if e.response is not None else None
+                    try:
+                        wait = min(float(ra), 120.0) if ra is not None else None
+                    except ValueError:
+                        wait = None
+                except (openai.APIConnectionError, openai.APITimeoutError) as e:
+                    cause = f" ({type(e.__cause__).__name__}: {e.__cause__})" if e.__cause__ else ""
+                    last = f"{type(e).__name__}: {e}{cause}"
+                except Exception as e:  # malformed body, missing fields: the server had a bad moment
+                    last = f"malformed reply: {type(e).__name__}: {e}"
+                finally:
+                    with self.lock:
+                        self.in_flight[i] -= 1
+            if attempt < self.max_retries:
+                if wait is None:  # bounded exponential backoff with full jitter on top
+                    d = min(self.max_delay, self.base_delay * 2 ** attempt)
+                    wait = d + random.uniform(0, d)
+                time.sleep(wait)
+        with self.lock:
+            self.failures += 1
+        msg = f"{where}: {last} (after {self.max_retries + 1} attempts)"
+        if self._outcome(True, msg):
+            raise InfraError(self.tripped, fatal=True)
+        raise InfraError(msg)
+
+    def preflight(self):
+        """One tiny uncached request to every endpoint, no retries, before a run starts: a bad key,
+        a wrong model name or a dead server fails here in seconds with InfraError naming the
+        endpoint, the model and the server's own message, not after the first workflows."""
+
+        msgs = [{"role": "user", "content": "Reply with OK."}]
+        for i, url in enumerate(self.urls):
+            with self.lock:
+                self.requests += 1
+            try:
+                self._send(i, msgs, 0.0, 8, timeout=self.timeout if self.local else min(self.timeout, 30.0))
+            except openai.APIStatusError as e:
+                raise InfraError(f"executor {self.model} at {url} failed its first request: HTTP {e.status_code}: "
+                                 f"{server_text(e)}", fatal=True) from None
+            except Exception as e:
+                cause = f" ({type(e.__cause__).__name__}: {e.__cause__})" if e.__cause__ else ""
+                raise InfraError(f"executor {self.model} at {url} failed its first request: "
+                                 f"{type(e).__name__}: {e}{cause}", fatal=True) from None
+
+    def stats(self):
+        with self.lock:
+            return dict(requests=self.requests, cache_hits=self.cache_hits, failures=self.failures,
+                        prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
+                        cost_usd=self.cost_usd)
+
+
+def _free_port():
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _with_architectures(model_dir):
+    """`transformers serve` picks the model class from config.json "architectures"; a config
+    written from a GGUF load has none. Then serve a temp view of the dir (symlinks + a completed
+    config) rather than edit someone else's cache. Returns the view's path, or None if not needed."""
+
+    cfg_path = os.path.join(model_dir, "config.json")
+    with open(cfg_path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    if cfg.get("architectures"):
+        return None
+
+    arch = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(cfg.get("model_type"))
+    if arch is None:
+        raise ExecutorError(f"{cfg_path} names no architecture and its model_type is not a causal LM")
+    view = tempfile.mkdtemp(prefix="spogw-serve-model-")
+    for name in os.listdir(model_dir):
+        if name != "config.json":
+            os.symlink(os.path.join(model_dir, name), os.path.join(view, name))
+    with open(os.path.join(view, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(dict(cfg, architectures=[arch]), f, indent=2)
+    return view
+
+
+def _transformers_cli():
+    """argv prefix that runs the `transformers` console script with *this* interpreter. Looking for
+    the script file next to sys.executable fails in a venv (realpath leads to the base interpreter's
+    bin/) and PATH may hold another install; the entry point's module, run by sys.executable, is
+    always the transformers this process imports."""
+
+    eps = [e for e in importlib.metadata.entry_points(group="console_scripts") if e.name == "transformers"]
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if not eps or missing:
+        raise ExecutorError(f"the `transformers` CLI with its server is missing ({', '.join(missing) or 'no entry point'}) "
+                            f"in {sys.executable}: pip install 'transformers[serving]'")
+    module, _, func = eps[0].value.partition(":")
+    return [sys.executable, "-c", f"import sys; from {module} import {func}; sys.argv[0] = 'transformers'; sys.exit({func}())"]
+
+
+@contextlib.contextmanager
+def local_executor(name="smollm2-135m", cache_dir=None, servers=1, threads=1, kv_tokens=16384,
+                   startup_timeout=300.0, timeout=300.0, extra_args=(), client=None):
+    """Start `servers` copies of `transformers serve` for a local model on free loopback ports,
+    wait until they answer, yield one Executor that spreads requests over them, and stop them (each
+    whole process group) on exit, Ctrl-C, exception or interpreter exit. The servers are pinned to
+    the model, so requests name the same directory.
+
+    threads=1: on a shared 2-core box two torch threads in one server ran 3x slower than one (they
+    spin against the sandboxes and each other); a second single-threaded server instead uses the
+    core that the generator leaves idle. kv_tokens sizes each paged KV cache explicitly: left to
+    itself continuous batching sizes it from free memory and spent ~25 s allocating it on the first
+    request. 16k tokens = 16 concurrent requests of ~1k tokens (SmolLM2-135M: 46 KB/token).
+    `client`: more Executor arguments (max_in_flight, max_retries, ...)."""
+
+
+    model_dir = model.resolve_model_dir(name)
+    shim = _with_architectures(model_dir)
+    served = shim or model_dir
+    serve = _transformers_cli()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    procs = []  # (process, log file, url)
+
+    def stop():
+        for proc, _, _ in procs:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for proc, _, _ in procs:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    def tail(log):
+        log.flush()
+        log.seek(0)
+        return log.read().decode("utf-8", "replace")[-3000:]
+
+    atexit.register(stop)  # covers a sys.exit() or an uncaught error elsewhere in the program
+    # a plain `kill` would skip atexit and finally: turn SIGTERM into SystemExit while we run
+    old_term = None
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        old_term = signal.signal(signal.SIGTERM, lambda *a: sys.exit(128 + signal.SIGTERM))
+    try:
+        for _ in range(max(1, servers)):
+            port = _free_port()
+            cmd = [*serve, "serve", served, "--device", "cpu", "--continuous-batching", "--host", "127.0.0.1",
+                   "--port", str(port), "--cb-block-size", "64", "--cb-num-blocks", str(max(1, kv_tokens // 64)),
+                   "--cb-max-batch-tokens", "1024", *extra_args]
+            log = tempfile.TemporaryFile(prefix="spogw-serve-")
+            procs.append((subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                           env=env, start_new_session=True), log, f"http://127.0.0.1:{port}"))
+        t0 = time.monotonic()
+        for proc, log, url in procs:  # they load in parallel; wait for each in turn
+            while True:
+                if proc.poll() is not None:
+                    raise ExecutorError(f"transformers serve exited with {proc.returncode}:\n{tail(log)}")
+                try:
+                    with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                if time.monotonic() - t0 > startup_timeout:
+                    raise ExecutorError(f"transformers serve not healthy after {startup_timeout:g} s:\n{tail(log)}")
+                time.sleep(0.5)
+        # cache_name: the model as named here, stable across runs (the ports are not)
+        yield Executor([url + "/v1" for _, _, url in procs], served, cache_dir=cache_dir, timeout=timeout,
+                       **{"max_retries": 2, **(client or {}), "prices": {}, "cache_name": str(name)})
+    finally:
+        stop()
+        atexit.unregister(stop)
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+        for _, log, _ in procs:
+            log.close()
+        if shim:
+            shutil.rmtree(shim, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def make_executor(spec, model=None, cache_dir=None, servers=1, **client):
+    """`with make_executor(spec) as ex:` -- "none" gives None (every operator call fails inside the
+    workflow), "local" the embedded model behind `servers` local servers, a URL an Executor for it.
+    `client`: Executor arguments (max_in_flight, max_retries, base_delay, max_fail_frac, fail_window)."""
+    if spec in (None, "none"):
+        yield None
+    elif spec == "local":
+        with local_executor(model or "smollm2-135m", cache_dir=cache_dir, servers=servers, client=client) as ex:
+            yield ex
+    elif re.match(r"https?://", spec):
+        yield Executor(spec, model or DEFAULT_API_MODEL, cache_dir=cache_dir, **client)
+    else:
+        raise ValueError(f"executor must be none, local or an http(s) URL, got {spec!r}")
