@@ -12,10 +12,10 @@ import bench_gpu
 # ==== kernel benchmark ====
 # Fused log-prob kernel (model.py, ARCHITECTURE §8) vs the naive LM-head paths. Each variant computes the same
 # GRPO loss from hidden states h [N, H] and the LM head W [V, H] and backpropagates it:
-#   naive           logits = h W^T, log_softmax, gather, train.grpo_loss
-#   rowloop         full logits, then log-sum-exp row by row in a Python loop, train.grpo_loss
-#   fused_logprobs  model.fused_logprobs + train.grpo_loss on the N-vector
-#   fused_grpo      model.fused_grpo_loss (gradient formed in the forward chunk loop)
+#   naive           logits = h W^T, log_softmax, gather, losses.grpo_loss
+#   rowloop         full logits, then log-sum-exp row by row in a Python loop, losses.grpo_loss
+#   fused_logprobs  losses.fused_logprobs + losses.grpo_loss on the N-vector
+#   fused_grpo      losses.fused_grpo_loss (gradient formed in the forward chunk loop)
 # CPU: every (variant, rep) runs in a fresh subprocess, so its peak RSS is its own; peak =
 # high-water mark during fwd+bwd minus the RSS once inputs are built. CUDA: in process, peak =
 # max_memory_allocated minus the allocation after inputs. Variants alternate within each rep.
@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 import executor
+import losses
 
 KERNEL_VARIANTS = ("naive", "rowloop", "fused_logprobs", "fused_grpo")
 KERNEL_SHAPES = ((576, 49152), (896, 151936))  # (H, V): SmolLM2-135M head, Qwen2.5-0.5B head
@@ -220,7 +221,6 @@ def _kernel_cuda(cfg, inp):
 def bench_kernel(args):
     import torch
 
-    import model
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench.py kernel: --device cuda but CUDA is not available", file=sys.stderr)
@@ -243,7 +243,7 @@ def bench_kernel(args):
     rows = []
     for H, V in shapes:
         for N in ns:
-            chunk = args.chunk_size or model.auto_chunk(V, args.device, dtype)
+            chunk = args.chunk_size or losses.auto_chunk(V, args.device, dtype)
             base = {"N": N, "H": H, "V": V, "dtype": dtype, "chunk_size": chunk, "train_head": args.train_head}
             inp = None
             if args.device == "cuda":
@@ -289,7 +289,7 @@ def kernel_parser(sub):
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="default: fp32 on cpu, bf16 on cuda")
     p.add_argument("--reps", type=int, default=3, help="median over this many alternating repetitions")
-    p.add_argument("--chunk-size", type=int, default=0, help="tokens per chunk of the fused kernels (0: model.auto_chunk)")
+    p.add_argument("--chunk-size", type=int, default=0, help="tokens per chunk of the fused kernels (0: losses.auto_chunk)")
     p.add_argument("--grad-shape", type=int, nargs=2, default=(64, 1000), metavar=("H", "V"),
                    help="LM head of the bf16 gradient-error table")
     p.add_argument("--grad-per-bucket", type=int, default=64, help="tokens per p bucket of the gradient-error table")

@@ -10,7 +10,7 @@ like the default run's (one ~1000-token prompt, 8 distinct completions, 4 groups
   - the first step's rho and KL (theta == theta_old there, so they must be exactly 1 and 0),
   - the bf16 kernel error buckets (bench.py kernel's measurement, on this device),
   - peak memory and step time with and without activation checkpointing,
-  - sampling tokens/s for 8 prompts x 8 samples x 128 tokens (model.decode).
+  - sampling tokens/s for 8 prompts x 8 samples x 128 tokens (sampling.decode).
 Exits 2 when CUDA is missing (unless --device cpu).
 """
 import argparse
@@ -24,8 +24,11 @@ import time
 
 import torch
 
-import model as M
-import train as T
+import model
+import train
+import lora
+import losses
+import sampling
 
 # Real shapes. SmolLM2-1.7B stands in for "a 1.7B": MHA (32 KV heads), tied head, 49k vocab.
 SHAPES = {
@@ -50,10 +53,10 @@ def build(shape, device, dtype, lora_r=16, gqa=True):
     with torch.device(device):
         mdl = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
     if gqa and torch.device(device).type == "cuda":
-        M.use_gqa_attention(mdl)
-    M.add_lora(mdl, r=lora_r, alpha=2 * lora_r)
+        model.use_gqa_attention(mdl)
+    lora.add_lora(mdl, r=lora_r, alpha=2 * lora_r)
     g = torch.Generator(device="cpu").manual_seed(1)
-    for m in M.lora_modules(mdl).values():  # a trained adapter: pi_old != base, as at iteration >= 1
+    for m in lora.lora_modules(mdl).values():  # a trained adapter: pi_old != base, as at iteration >= 1
         m.lora_B.weight.data.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.01)
     return mdl
 
@@ -77,25 +80,25 @@ def first_step(mdl, seqs, cfg, ckpt):
     """pi_old exactly as train.update scores it, then one step's loss and backward through
     train.step_loss. Returns (the step's metrics, max |log pi_theta - log pi_old| over its tokens)."""
     dev = []
-    terms = M.grpo_token_terms
+    terms = losses.grpo_token_terms
 
     def spy(logp, old_logp, *a):  # the per-token log-ratio inside the fused loss
         dev.append((logp - old_logp).abs().max().item())
         return terms(logp, old_logp, *a)
 
-    olds = T.seq_logprobs(mdl, seqs, cfg["token_budget"], cfg["chunk_size"], 1, ckpt)
+    olds = train.seq_logprobs(mdl, seqs, cfg["token_budget"], cfg["chunk_size"], 1, ckpt)
     for s, o in zip(seqs, olds):
         s["old"] = s["ref"] = o
-    T.prepare_step(seqs, cfg)
-    M.grpo_token_terms = spy
+    train.prepare_step(seqs, cfg)
+    losses.grpo_token_terms = spy
     try:
         metrics = {}
-        for mb in T.micro_batches(seqs, cfg["token_budget"]):
-            _, m = T.step_loss(mdl, mb, cfg)
+        for mb in train.micro_batches(seqs, cfg["token_budget"]):
+            _, m = train.step_loss(mdl, mb, cfg)
             for k, v in m.items():
                 metrics[k] = metrics.get(k, 0.0) + v
     finally:
-        M.grpo_token_terms = terms
+        losses.grpo_token_terms = terms
     return metrics, max(dev)
 
 
@@ -106,7 +109,7 @@ def sync(device):
 
 def step_cost(mdl, seqs, cfg, ckpt, device, reps):
     """Median wall time and peak memory above the model of one full GRPO step (pi_old pass excluded)."""
-    params = M.lora_parameters(mdl)
+    params = lora.lora_parameters(mdl)
     times, peak = [], 0.0
     for r in range(reps + 1):  # the first is a warm-up
         for p in params:
@@ -117,8 +120,8 @@ def step_cost(mdl, seqs, cfg, ckpt, device, reps):
             base = torch.cuda.memory_allocated()
         t = time.perf_counter()
         cfg = dict(cfg, checkpoint="on" if ckpt else "off")
-        for mb in T.micro_batches(seqs, cfg["token_budget"]):
-            T.step_loss(mdl, mb, cfg)
+        for mb in train.micro_batches(seqs, cfg["token_budget"]):
+            train.step_loss(mdl, mb, cfg)
         sync(device)
         if r:
             times.append(time.perf_counter() - t)
@@ -137,18 +140,18 @@ def _cpu_peak_child(spec):
     model and inputs already held (MiB). A process of its own, so the peak is this setting's alone."""
     c = json.loads(spec)
     torch.set_num_threads(1)
-    mdl = build(c["shape"], "cpu", M.DTYPES[c["dtype"]])
-    cfg = dict(T.TRAIN_DEFAULTS, seed=0, checkpoint="on" if c["ckpt"] else "off")
+    mdl = build(c["shape"], "cpu", model.DTYPES[c["dtype"]])
+    cfg = dict(train.TRAIN_DEFAULTS, seed=0, checkpoint="on" if c["ckpt"] else "off")
     seqs = step_sequences(mdl.config.vocab_size, c["prompt_tokens"], c["completion_tokens"])
     for s in seqs:
         s["old"] = s["ref"] = [0.0] * (len(s["ids"]) - s["n_prompt"])
-    T.prepare_step(seqs, cfg)
+    train.prepare_step(seqs, cfg)
     gc.collect()
     base = _rss_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:  # reset the high-water mark to the current RSS
         f.write("5")
-    for mb in T.micro_batches(seqs, cfg["token_budget"]):
-        T.step_loss(mdl, mb, cfg)
+    for mb in train.micro_batches(seqs, cfg["token_budget"]):
+        train.step_loss(mdl, mb, cfg)
     print(json.dumps({"peak_mib": (_rss_kb("VmHWM") - base) / 1024}))
 
 
@@ -167,10 +170,10 @@ def sampling_speed(mdl, vocab, device, prompts=8, n=8, tokens=128, prompt_tokens
     g = torch.Generator().manual_seed(2)
     ids = [torch.randint(3, vocab, (prompt_tokens,), generator=g).tolist() for _ in range(prompts)]
     gen = torch.Generator(device=device).manual_seed(0)
-    M.decode(mdl, ids[:1], n=2, max_new_tokens=4, temperature=1.0, stop=(), gen=gen)  # warm-up
+    sampling.decode(mdl, ids[:1], n=2, max_new_tokens=4, temperature=1.0, stop=(), gen=gen)  # warm-up
     sync(device)
     t = time.perf_counter()
-    out = M.decode(mdl, ids, n=n, max_new_tokens=tokens, temperature=1.0, stop=(), gen=gen)
+    out = sampling.decode(mdl, ids, n=n, max_new_tokens=tokens, temperature=1.0, stop=(), gen=gen)
     sync(device)
     return sum(len(tk) for tk, _ in out) / (time.perf_counter() - t)
 
@@ -182,7 +185,7 @@ def run(args, kernel_errors=None):
         print("bench.py gpu: CUDA is not available on this machine (this check needs a GPU; "
               "`--device cpu --quick` runs the same code on a tiny shape)", file=sys.stderr)
         sys.exit(2)
-    dtype = M.DTYPES[args.dtype]
+    dtype = model.DTYPES[args.dtype]
     shapes = ["tiny"] if args.quick else args.models
     rows = []
     for shape in shapes:
@@ -190,13 +193,13 @@ def run(args, kernel_errors=None):
         mdl = build(shape, device, dtype, gqa=not args.no_gqa)
         vocab = mdl.config.vocab_size
         p_tok, c_tok = (60, 16) if args.quick else (PROMPT_TOKENS, COMPLETION_TOKENS)
-        cfg = dict(T.TRAIN_DEFAULTS, seed=0)
+        cfg = dict(train.TRAIN_DEFAULTS, seed=0)
         seqs = step_sequences(vocab, p_tok, c_tok)
         weights_gib = sum(p.numel() * p.element_size() for p in mdl.parameters()) / 2**30
-        metrics, dev = first_step(mdl, [dict(s) for s in seqs], cfg, ckpt=T.checkpointing(cfg, device))
+        metrics, dev = first_step(mdl, [dict(s) for s in seqs], cfg, ckpt=train.checkpointing(cfg, device))
         for s in seqs:
             s["old"] = s["ref"] = [0.0] * (len(s["ids"]) - s["n_prompt"])
-        T.prepare_step(seqs, cfg)
+        train.prepare_step(seqs, cfg)
         reps = 1 if args.quick else args.reps
         t_off, m_off = step_cost(mdl, seqs, cfg, False, device, reps)
         t_on, m_on = step_cost(mdl, seqs, cfg, True, device, reps)
@@ -238,7 +241,7 @@ def parser(sub, fn=run):
     p = sub.add_parser("gpu", help="update step, memory, checkpointing and sampling on real-shaped random models",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    p.add_argument("--dtype", choices=tuple(M.DTYPES), default="bf16")
+    p.add_argument("--dtype", choices=tuple(model.DTYPES), default="bf16")
     p.add_argument("--models", nargs="+", choices=[s for s in SHAPES if s != "tiny"], default=["135m", "1.7b", "7b"])
     p.add_argument("--reps", type=int, default=3, help="timed steps per setting (median)")
     p.add_argument("--no-gqa", action="store_true", help="transformers' SDPA (repeat_kv) instead of model.gqa_attention")

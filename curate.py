@@ -21,16 +21,6 @@ from jsonl import DataError, read_jsonl, update_json, write_jsonl_atomic
 ROLLOUT_KEYS = ("problem_id", "sample", "prompt", "completion", "completion_ids", "score", "valid")
 
 
-def advantages(scores):
-    """A_i = (s_i - mean) / (std + 1e-6), population std over the group (the group *is* the
-    population being compared, not a sample of one)."""
-    if max(scores) - min(scores) <= 1e-6:  # no signal: exact zeros, not float dust / 1e-6
-        return [0.0] * len(scores)
-    mean = sum(scores) / len(scores)
-    std = statistics.pstdev(scores)
-    return [(s - mean) / (std + 1e-6) for s in scores]
-
-
 def candidate_subsets(m, n, max_combos, rng):
     """All n-subsets of range(m) when there are at most max_combos of them, else max_combos
     random ones (sampled with replacement of subsets; duplicates are harmless, de-dup follows)."""

@@ -16,7 +16,7 @@ from openai_stub import StubServer
 RUNNER = r'''
 import random, sys
 sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
-import model as M
+import model
 from conftest import tiny_llama, tiny_tokenizer
 
 # continuations of workflow.PREFILLS["math"] ("```python\ndef solve(problem):\n    drafts = [")
@@ -41,7 +41,7 @@ def fake_sample(model, tok, messages_list, n=1, seed=0, **kw):
         out.append(per)
     return out
 
-M.load_model, M.sample = fake_load_model, fake_sample
+model.load_model, sampling.sample = fake_load_model, fake_sample
 import collect
 collect.main(sys.argv[1:])
 '''

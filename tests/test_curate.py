@@ -9,6 +9,7 @@ import pytest
 
 import curate
 from conftest import ROOT
+import losses
 
 
 def rollouts(pid, scores, valid=None):
@@ -60,9 +61,9 @@ def test_hand_computed_groups_and_cap_by_variance():
 
 
 def test_advantages_exact():
-    a = curate.advantages([1.0, 0.0, 0.0, 1.0])
+    a = losses.advantages([1.0, 0.0, 0.0, 1.0])
     assert a == pytest.approx([0.5 / (0.5 + 1e-6), -0.5 / (0.5 + 1e-6), -0.5 / (0.5 + 1e-6), 0.5 / (0.5 + 1e-6)])
-    a = curate.advantages([0.9, 0.3, 0.0])
+    a = losses.advantages([0.9, 0.3, 0.0])
     mean, std = 0.4, statistics.pstdev([0.9, 0.3, 0.0])
     assert a == pytest.approx([(s - mean) / (std + 1e-6) for s in [0.9, 0.3, 0.0]])
     assert sum(a) == pytest.approx(0, abs=1e-9)

@@ -8,12 +8,15 @@ import torch
 
 import collect
 import curate
-import model as M
+import model
 import refine as R
-import train as T
+import train
 from conftest import tiny_llama, tiny_tokenizer
 import operators
 import workflow
+import lora
+import losses
+import sampling
 
 SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -44,16 +47,16 @@ def test_system_folded_into_first_user_turn_when_template_refuses_it(template):
     tok.chat_template = template
     folded = [{"role": "user", "content": "be brief.\n\nwhat is 1+2?"}] + CONV[2:]
     want = tok.apply_chat_template(folded, add_generation_prompt=True, tokenize=False)
-    assert M.prompt_text(tok, CONV, prefill="x") == want + "x"
-    assert M.prompt_ids(tok, CONV) == tok(want, add_special_tokens=False)["input_ids"]
+    assert sampling.prompt_text(tok, CONV, prefill="x") == want + "x"
+    assert sampling.prompt_ids(tok, CONV) == tok(want, add_special_tokens=False)["input_ids"]
     # the generator's real prompt (system + few-shot turns) renders too
-    assert M.prompt_ids(tok, workflow.build_prompt("What is 2 + 3?", "math"), workflow.PREFILLS["math"])
+    assert sampling.prompt_ids(tok, workflow.build_prompt("What is 2 + 3?", "math"), workflow.PREFILLS["math"])
 
 
 def test_system_kept_when_template_accepts_it():
     tok = tiny_tokenizer()
-    assert M.prompt_text(tok, CONV) == tok.apply_chat_template(CONV, add_generation_prompt=True, tokenize=False)
-    assert M.prompt_text(tok, CONV).startswith("<s>s:be brief.</s>")
+    assert sampling.prompt_text(tok, CONV) == tok.apply_chat_template(CONV, add_generation_prompt=True, tokenize=False)
+    assert sampling.prompt_text(tok, CONV).startswith("<s>s:be brief.</s>")
 
 
 # ---- stop ids -------------------------------------------------------------------------------------
@@ -73,14 +76,14 @@ def test_sampling_stops_on_every_generation_config_eos():
     for stop in (eot, 2):
         h = forced(m, stop)
         try:
-            res = M.sample(m, tok, msgs, n=2, max_new_tokens=20, temperature=1.0, seed=0)
+            res = sampling.sample(m, tok, msgs, n=2, max_new_tokens=20, temperature=1.0, seed=0)
         finally:
             h.remove()
         for r in (r for per in res for r in per):
             # the stop token stays in token_ids (training learns to stop), the text drops it
             assert r["token_ids"] == [stop] and r["text"] == "" and len(r["logprobs"]) == 1
-            assert not M.hit_cap(r["token_ids"], 20, M.stop_ids(m, tok))
-    assert M.stop_ids(m, tok) == {2, eot}
+            assert not sampling.hit_cap(r["token_ids"], 20, sampling.stop_ids(m, tok))
+    assert sampling.stop_ids(m, tok) == {2, eot}
 
 
 def test_generation_config_eos_int_joins_tokenizer_eos():
@@ -88,22 +91,22 @@ def test_generation_config_eos_int_joins_tokenizer_eos():
     m.generation_config.eos_token_id = 7  # Phi-3: <|end|> in generation_config, <|endoftext|> in the tokenizer
     h = forced(m, 7)
     try:
-        r = M.sample(m, tok, [[{"role": "user", "content": "hi"}]], max_new_tokens=9, temperature=0)[0][0]
+        r = sampling.sample(m, tok, [[{"role": "user", "content": "hi"}]], max_new_tokens=9, temperature=0)[0][0]
     finally:
         h.remove()
     assert r["token_ids"] == [7]
-    assert M.stop_ids(m, tok) == {2, 7}
+    assert sampling.stop_ids(m, tok) == {2, 7}
 
 
 def test_decode_stop_set_cuts_each_row_at_its_first_stop():
     m, tok = tiny_llama(), tiny_tokenizer()
-    p = M.prompt_ids(tok, [{"role": "user", "content": "count: 1 2 3"}])
-    ids, _ = M.decode(m, [p], max_new_tokens=12, temperature=0.0, stop=())[0]
+    p = sampling.prompt_ids(tok, [{"role": "user", "content": "count: 1 2 3"}])
+    ids, _ = sampling.decode(m, [p], max_new_tokens=12, temperature=0.0, stop=())[0]
     assert len(ids) == 12
     stop = {ids[4], ids[7]}  # two ids from the free run: it must end at the first one of either
     cut = min(i for i, x in enumerate(ids) if x in stop) + 1
-    assert M.decode(m, [p], max_new_tokens=12, temperature=0.0, stop=stop)[0][0] == ids[:cut]
-    assert not M.hit_cap(ids[:cut], cut, stop) and M.hit_cap(ids, 12, set())  # a stop at the budget is a stop
+    assert sampling.decode(m, [p], max_new_tokens=12, temperature=0.0, stop=stop)[0][0] == ids[:cut]
+    assert not sampling.hit_cap(ids[:cut], cut, stop) and sampling.hit_cap(ids, 12, set())  # a stop at the budget is a stop
 
 
 # ---- logit scaling ----------------------------------------------------------------------------------
@@ -138,35 +141,36 @@ def test_training_logprobs_equal_the_models_own_logits(family):
         comp = torch.zeros_like(ids)
         for i, c in enumerate(comps):
             comp[i, L - len(c):] = 1
-        a = M.completion_logprobs(m, ids, attn, comp)
-        h, W, y = M.shared_prompt_hidden(m, prompt, comps)
-        b = M.fused_logprobs(h, W, y)
+        h, W, y = model.completion_hidden(m, ids, attn, comp)
+        a = losses.fused_logprobs(h, W.to(h.dtype), y)
+        h, W, y = model.shared_prompt_hidden(m, prompt, comps)
+        b = losses.fused_logprobs(h, W, y)
     assert a.tolist() == pytest.approx(ref, abs=1e-5)
     assert b.tolist() == pytest.approx(ref, abs=1e-5)
-    assert M.head_scale(m) == scale
-    M.check_head(m)
-    unscaled = M.fused_logprobs(h / M.head_scale(m), W, y)
+    assert model.head_scale(m) == scale
+    model.check_head(m)
+    unscaled = losses.fused_logprobs(h / model.head_scale(m), W, y)
     assert (unscaled - torch.tensor(ref)).abs().max() > 1e-3  # the scale matters at this size
 
 
 def test_softcapping_refused_with_the_config_key(tmp_path):
     from transformers import Gemma2Config, Gemma2ForCausalLM
     m = tiny(Gemma2Config, Gemma2ForCausalLM, head_dim=8, final_logit_softcapping=30.0)
-    with pytest.raises(M.ModelError, match="final_logit_softcapping"):
-        M.head_scale(m)
+    with pytest.raises(model.ModelError, match="final_logit_softcapping"):
+        model.head_scale(m)
     m.save_pretrained(tmp_path)
     tiny_tokenizer().save_pretrained(tmp_path)
-    with pytest.raises(M.ModelError, match="final_logit_softcapping"):
-        M.load_model(str(tmp_path))
+    with pytest.raises(model.ModelError, match="final_logit_softcapping"):
+        model.load_model(str(tmp_path))
     m.config.final_logit_softcapping = None  # Gemma 3's default: a plain head
-    M.check_head(m)
+    model.check_head(m)
 
 
 def test_unknown_head_transform_refused():
     m = tiny_llama()
     m.lm_head.register_forward_hook(lambda mod, inp, out: out * 2)  # a family that scales in its forward
-    with pytest.raises(M.ModelError, match="not supported"):
-        M.check_head(m)
+    with pytest.raises(model.ModelError, match="not supported"):
+        model.check_head(m)
 
 
 # ---- LoRA targets ---------------------------------------------------------------------------------
@@ -185,8 +189,8 @@ def family_models():
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma", "phi3"])
 def test_default_lora_wraps_every_decoder_projection(family):
     make, names = family_models()[family]
-    m = M.add_lora(make(), r=4, alpha=8)
-    wrapped = M.lora_modules(m)
+    m = lora.add_lora(make(), r=4, alpha=8)
+    wrapped = lora.lora_modules(m)
     layers = m.config.num_hidden_layers
     assert {n.rpartition(".")[2] for n in wrapped} == names and len(wrapped) == layers * len(names)
     assert m.lora_config["target_modules"] == sorted(names)
@@ -198,9 +202,9 @@ def test_default_lora_wraps_every_decoder_projection(family):
 def test_phi3_adapter_round_trips_and_loads_in_peft(tmp_path):
     peft = pytest.importorskip("peft")
     make, _ = family_models()["phi3"]
-    m = M.add_lora(make(), r=4, alpha=8)
+    m = lora.add_lora(make(), r=4, alpha=8)
     g = torch.Generator().manual_seed(1)
-    for mod in M.lora_modules(m).values():
+    for mod in lora.lora_modules(m).values():
         with torch.no_grad():
             mod.lora_B.weight.copy_(torch.randn(mod.lora_B.weight.shape, generator=g) * 0.1)
     ids = torch.tensor([[5, 9, 13, 7, 22, 31]])
@@ -208,10 +212,10 @@ def test_phi3_adapter_round_trips_and_loads_in_peft(tmp_path):
         want = m(input_ids=ids).logits
         base = make()(input_ids=ids).logits
     assert (want - base).abs().max() > 1e-3
-    M.save_adapter(m, tmp_path / "a", base_model_name="tiny-phi3")
+    lora.save_adapter(m, tmp_path / "a", base_model_name="tiny-phi3")
     cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert cfg["target_modules"] == ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]  # the real names
-    m2 = M.load_adapter(make(), tmp_path / "a")
+    m2 = lora.load_adapter(make(), tmp_path / "a")
     pm = peft.PeftModel.from_pretrained(make(), str(tmp_path / "a"))
     with torch.no_grad():
         assert torch.equal(m2(input_ids=ids).logits, want)
@@ -220,10 +224,10 @@ def test_phi3_adapter_round_trips_and_loads_in_peft(tmp_path):
 
 def test_lora_target_that_matches_nothing_is_an_error():
     make, _ = family_models()["phi3"]
-    with pytest.raises(M.ModelError, match=r"q_proj.*qkv_proj"):
-        M.add_lora(make(), targets=("q_proj", "k_proj", "v_proj", "o_proj"))
-    m = M.add_lora(make(), targets=("qkv_proj",))
-    assert len(M.lora_modules(m)) == 2
+    with pytest.raises(model.ModelError, match=r"q_proj.*qkv_proj"):
+        lora.add_lora(make(), targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+    m = lora.add_lora(make(), targets=("qkv_proj",))
+    assert len(lora.lora_modules(m)) == 2
 
 
 # ---- training sees the sampled prompt ids ---------------------------------------------------------
@@ -238,20 +242,20 @@ def test_training_uses_the_sampled_prompt_ids():
     tok.chat_template = dated("1")
     problems = [{"id": "p0", "problem": "what is 1+2?"}, {"id": "p1", "problem": "what is 2*3?"}]
     msgs = [[{"role": "user", "content": p["problem"]}] for p in problems]
-    samples = M.sample(m, tok, msgs, n=4, max_new_tokens=6, temperature=1.0, seed=0, prefill="x")
+    samples = sampling.sample(m, tok, msgs, n=4, max_new_tokens=6, temperature=1.0, seed=0, prefill="x")
     rows = []
     for p, mm, per in zip(problems, msgs, samples):
         for j, s in enumerate(per):
-            assert s["prompt_ids"] == M.prompt_ids(tok, mm, "x")
+            assert s["prompt_ids"] == sampling.prompt_ids(tok, mm, "x")
             row = collect.workflow_row(p, j, mm, "x", s["text"], s["token_ids"], operators.OPERATOR_SETS["math"], 6,
-                                       prompt_ids=s["prompt_ids"], hit_cap=M.hit_cap(s["token_ids"], 6, {2}))
+                                       prompt_ids=s["prompt_ids"], hit_cap=sampling.hit_cap(s["token_ids"], 6, {2}))
             rows.append(dict(row, score=float(j % 2)))
     groups, _ = curate.curate(rows, mode="all")
     assert len(groups) == 2 and all(g["prompt_ids"] == samples[i][0]["prompt_ids"] for i, g in enumerate(groups))
     tok.chat_template = dated("2")  # the next day: a re-rendered prompt differs
-    assert M.prompt_ids(tok, msgs[0], "x") != samples[0][0]["prompt_ids"]
+    assert sampling.prompt_ids(tok, msgs[0], "x") != samples[0][0]["prompt_ids"]
     for loss in ("grpo", "scoredpo"):
-        seqs = [s for u in T.sequences(groups, tok, loss, 2, 0) for s in u]
+        seqs = [s for u in train.sequences(groups, tok, loss, 2, 0) for s in u]
         assert seqs
         sampled = {tuple(s["prompt_ids"] + s["token_ids"]) for per in samples for s in per}
         for s in seqs:
@@ -265,11 +269,11 @@ def test_old_groups_without_prompt_ids_are_re_rendered_and_mixed_prompts_stay_pe
              "completion_ids": [4, 2], "score": float(j), "valid": True} for j in range(2)]
     (g,), _ = curate.curate(rows, mode="all")
     assert "prompt_ids" not in g
-    assert T.sequences([g], tok, "grpo", 1, 0)[0][0]["ids"] == M.prompt_ids(tok, msgs) + [4, 2]
+    assert train.sequences([g], tok, "grpo", 1, 0)[0][0]["ids"] == sampling.prompt_ids(tok, msgs) + [4, 2]
     rows[0]["prompt_ids"], rows[1]["prompt_ids"] = [1, 5], [1, 6]  # a resumed run re-rendered one of them
     (g,), _ = curate.curate(rows, mode="all")
     assert "prompt_ids" not in g and [x["prompt_ids"] for x in g["members"]] == [[1, 5], [1, 6]]
-    assert [s["ids"] for s in T.sequences([g], tok, "grpo", 1, 0)[0]] == [[1, 5, 4, 2], [1, 6, 4, 2]]
+    assert [s["ids"] for s in train.sequences([g], tok, "grpo", 1, 0)[0]] == [[1, 5, 4, 2], [1, 6, 4, 2]]
 
 
 def test_refine_groups_keep_the_state_prompt_ids(tmp_path):
@@ -284,7 +288,7 @@ def test_refine_groups_keep_the_state_prompt_ids(tmp_path):
     R.write_groups(tmp_path, 0)
     (g,) = jsonl.read_jsonl(d / "groups.jsonl")
     assert g["prompt_ids"] == [1, 9, 9]
-    assert [s["ids"] for s in T.sequences([g], tiny_tokenizer(), "rwr", 1, 0)[0]] == [[1, 9, 9, 4, 2], [1, 9, 9, 5, 2]]
+    assert [s["ids"] for s in train.sequences([g], tiny_tokenizer(), "rwr", 1, 0)[0]] == [[1, 9, 9, 4, 2], [1, 9, 9, 5, 2]]
 
 
 # ---- completions that hit the token cap -----------------------------------------------------------
@@ -299,6 +303,6 @@ def test_cap_warning_names_the_knob():
 
 def test_sampled_completion_at_the_budget_counts_as_hit():
     m, tok = tiny_llama(), tiny_tokenizer()
-    res = M.sample(m, tok, [[{"role": "user", "content": "hi"}]], n=3, max_new_tokens=5, temperature=1.0, seed=1)
+    res = sampling.sample(m, tok, [[{"role": "user", "content": "hi"}]], n=3, max_new_tokens=5, temperature=1.0, seed=1)
     for r in res[0]:
-        assert M.hit_cap(r["token_ids"], 5, M.stop_ids(m, tok)) == (len(r["token_ids"]) == 5 and r["token_ids"][-1] != 2)
+        assert sampling.hit_cap(r["token_ids"], 5, sampling.stop_ids(m, tok)) == (len(r["token_ids"]) == 5 and r["token_ids"][-1] != 2)

@@ -1,4 +1,4 @@
-"""The fused log-prob kernel (model.py) against float64 naive references.
+"""The fused log-prob kernels (losses.py) against float64 naive references.
 
     python -m pytest -x -q tests/test_kernel.py
 """
@@ -10,9 +10,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench  # noqa: E402
-from model import (CHUNK_BYTES, _ChunkBuffers, auto_chunk, completion_hidden, completion_logprobs,  # noqa: E402
-                   fused_grpo_loss, fused_logprobs)
-from train import grpo_loss, kl_token_mask, token_weights  # noqa: E402
+import losses  # noqa: E402
+from losses import (CHUNK_BYTES, _ChunkBuffers, auto_chunk, fused_grpo_loss, fused_logprobs, grpo_loss,  # noqa: E402
+                    kl_token_mask, token_weights)
+from model import completion_hidden  # noqa: E402
+
+
+def completion_logprobs(model, input_ids, attention_mask, completion_mask, chunk_size=None):
+    """Per-token log-probs [N] of the completion tokens through the fused kernel."""
+    hidden, weight, targets = completion_hidden(model, input_ids, attention_mask, completion_mask)
+    return fused_logprobs(hidden, weight.to(hidden.dtype), targets, chunk_size)
 
 
 def make(N, V, H, dtype=torch.float32, seed=0, w_grad=False):
@@ -135,8 +142,8 @@ def test_auto_chunk_examples():
 def test_chunk_zero_or_none_is_auto(monkeypatch):
     import model
     monkeypatch.setattr(model, "CHUNK_BYTES", 64 * 1000 * 4)  # fp32 V=1000: 64 rows, so N=300 is 5 chunks
-    rows, init = [], model._ChunkBuffers.__init__
-    monkeypatch.setattr(model._ChunkBuffers, "__init__", lambda self, r, w: rows.append(r) or init(self, r, w))
+    rows, init = [], losses._ChunkBuffers.__init__
+    monkeypatch.setattr(losses._ChunkBuffers, "__init__", lambda self, r, w: rows.append(r) or init(self, r, w))
     h, W, y = make(300, 1000, 8)
     assert auto_chunk(1000, "cpu", torch.float32) == 64
     ref = fused_logprobs(h, W, y, 64)

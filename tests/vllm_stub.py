@@ -9,8 +9,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
-import model as M
+import model
 from openai_stub import Bounded, over_limit
+import lora
+import sampling
 
 
 class VLLMStub(Bounded):
@@ -82,8 +84,8 @@ class VLLMStub(Bounded):
         if self.refuse:
             return self.error(400, self.refuse)
         try:
-            self.models[name] = M.load_adapter(self.make_base(), path)
-        except (M.ModelError, OSError) as e:
+            self.models[name] = lora.load_adapter(self.make_base(), path)
+        except (model.ModelError, OSError) as e:
             return self.error(404, f"Loading lora {name} failed: {e}")
         self.loras[name] = path
         return 200, f"Success: LoRA adapter '{name}' added successfully."
@@ -106,7 +108,7 @@ class VLLMStub(Bounded):
         for p in prompts:
             for i in range(n):
                 gen = torch.Generator().manual_seed(seed + i) if seed is not None else None
-                ids, lps = M.decode(mdl, [p], 1, body["max_tokens"], body.get("temperature", 1.0),
+                ids, lps = sampling.decode(mdl, [p], 1, body["max_tokens"], body.get("temperature", 1.0),
                                     body.get("top_p", 1.0), eos, 0, gen)[0]
                 ch = {"index": len(choices), "text": self.tok.decode(ids, skip_special_tokens=True),
                       "finish_reason": "stop" if ids and ids[-1] == eos else "length", "stop_reason": None}

@@ -1,0 +1,220 @@
+"""Sampling from a local model: chat prompts with a prefill, batched decoding, stop tokens (ARCHITECTURE §2).
+
+    python sampling.py --prompt "What is 47 * 6?"            # embedded SmolLM2-135M, greedy chat answer
+    python sampling.py path/to/hf_dir --prompt "Hi" --max-new-tokens 32 --adapter runs/default/iter_1/adapter
+
+sample() is what collect.py and evaluate.py call for the local generator; a vLLM server is the
+other source (generator.py). Both return the prompt's token ids with every sample, so training
+scores exactly the tokens that were sampled.
+"""
+import argparse
+import sys
+
+import torch
+from jinja2.exceptions import TemplateError
+from transformers import StaticCache
+
+from lora import load_adapter
+from model import DEFAULT_MODEL, ModelError, load_model  # `model` is an argument name here
+
+def system_supported(tokenizer):
+    """Whether the chat template renders a system message. Gemma's and older Mistral's raise instead
+    ("System role not supported", "roles must alternate"). Not cached: the template may change."""
+    try:
+        tokenizer.apply_chat_template([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
+                                      add_generation_prompt=True, tokenize=False)
+        return True
+    except TemplateError:
+        return False
+
+
+def chat_messages(tokenizer, messages):
+    """`messages` as this template accepts them: a leading system message is folded into the first
+    user turn ("system\n\nuser") when the template refuses the system role."""
+    if not messages or messages[0]["role"] != "system" or system_supported(tokenizer):
+        return list(messages)
+    system, rest = messages[0]["content"], list(messages[1:])
+    if rest and rest[0]["role"] == "user":
+        return [{"role": "user", "content": f"{system}\n\n{rest[0]['content']}"}] + rest[1:]
+    return [{"role": "user", "content": system}] + rest
+
+
+def prompt_text(tokenizer, messages, prefill=None):
+    """The chat-templated prompt, ending where the assistant's text begins (plus `prefill`)."""
+    text = tokenizer.apply_chat_template(chat_messages(tokenizer, messages), add_generation_prompt=True, tokenize=False)
+    return text + (prefill or "")
+
+
+def prompt_ids(tokenizer, messages, prefill=None):
+    """Token ids of the prompt. The samplers return these with every sample and the rollouts keep
+    them, so training sees exactly what sampling saw (a template that inserts today's date renders
+    differently on another day); re-rendering is for rows written before they were stored."""
+    return tokenizer(prompt_text(tokenizer, messages, prefill), add_special_tokens=False)["input_ids"]
+
+
+def _pick(logits, temperature, top_p, gen):
+    """Next token per row. temperature [rows]: 0 = argmax, else a draw from softmax(logits / T)
+    restricted to the smallest set of tokens whose mass reaches top_p (HF's order: T, then top-p)."""
+    greedy = logits.argmax(-1)
+    hot = temperature > 0
+    if not bool(hot.any()):
+        return greedy
+    probs = torch.softmax(logits.float() / torch.where(hot, temperature, 1.0)[:, None], -1)
+    if top_p < 1.0:
+        p, idx = probs.sort(-1, descending=True)
+        keep = (p.cumsum(-1) - p) < top_p  # mass before this token still short of top_p; keeps the top one
+        probs = torch.zeros_like(probs).scatter_(-1, idx, p * keep)
+    return torch.where(hot, torch.multinomial(probs, 1, generator=gen).squeeze(-1), greedy)
+
+
+def _per_prompt(x, k, name):
+    x = list(x) if isinstance(x, (list, tuple)) else [x] * k
+    if len(x) != k:
+        raise ValueError(f"{name}: one value per prompt expected ({k}), got {len(x)}")
+    return x
+
+
+@torch.no_grad()
+def decode(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, stop=(), pad=0, gen=None):
+    """The sampler under `sample`: n continuations of each token-id prompt,
+    as [(token_ids, logprobs)] prompt-major (the n of prompt 0 first). temperature and
+    max_new_tokens: one number or one per prompt. A row stops after any id in `stop` (an int or a
+    collection; the stop token is kept) or at its budget.
+
+    Three things make a 135M model usable on two CPU cores: (1) the prompts' common prefix (the
+    generator's ~900-token few-shot block) runs once at batch 1 and each prompt's own suffix once,
+    never n times; (2) a preallocated KV cache (HF StaticCache) -- a growing one re-copies every
+    layer's keys at every token; (3) rows that stopped are dropped from the batch as they go."""
+    device = next(model.parameters()).device
+    k = len(prompts)
+    if k == 0:
+        return []
+    stop = sorted({stop} if isinstance(stop, int) else set(stop))
+    stop_t = torch.tensor(stop, dtype=torch.long, device=device)
+    temps = torch.tensor(_per_prompt(temperature, k, "temperature"), dtype=torch.float32, device=device)
+    limits = _per_prompt(max_new_tokens, k, "max_new_tokens")
+    budget = torch.tensor(limits, device=device)
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("empty prompt")
+    # shared prefix, leaving every prompt at least one token of its own (its last logits)
+    P = 0
+    while P < min(map(len, prompts)) - 1 and all(p[P] == prompts[0][P] for p in prompts):
+        P += 1
+    S = max(len(p) - P for p in prompts)
+    L = P + S + int(budget.max())
+    cache = StaticCache(config=model.config, max_cache_len=L)
+    mask = torch.zeros(k, L, dtype=torch.long, device=device)
+    if P:
+        first = torch.zeros(1, L, dtype=torch.long, device=device)
+        first[0, :P] = 1
+        model(input_ids=torch.tensor([prompts[0][:P]], device=device), attention_mask=first, past_key_values=cache,
+              use_cache=True, logits_to_keep=1)
+        for layer in cache.layers:  # the prefix's keys/values, once per prompt
+            layer.keys, layer.values = layer.keys.expand(k, -1, -1, -1).clone(), layer.values.expand(k, -1, -1, -1).clone()
+    # each prompt's own tokens, right-aligned after the prefix (the gap is masked; positions skip it)
+    ids = torch.full((k, S), pad, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, S - (len(p) - P):] = torch.tensor(p[P:], device=device)
+        mask[i, :P] = 1
+        mask[i, P + S - (len(p) - P):P + S] = 1
+    pos = (mask[:, :P + S].cumsum(-1) - 1).clamp(min=0)[:, P:]
+    res = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                logits_to_keep=1)
+    # n rows per prompt from here on
+    rep = lambda x: x.repeat_interleave(n, 0)
+    for layer in cache.layers:
+        layer.keys, layer.values = rep(layer.keys), rep(layer.values)
+    logits, mask, temps, budget = rep(res.logits[:, -1]), rep(mask), rep(temps), rep(budget)
+    pos = rep(pos[:, -1:]) + 1
+    rows = torch.arange(k * n, device=device)  # original row of each active row
+    toks = [[] for _ in range(k * n)]
+    lps = [[] for _ in range(k * n)]
+    for t in range(int(budget.max())):
+        nxt = _pick(logits, temps, top_p, gen)
+        lp = logits.float().log_softmax(-1).gather(-1, nxt[:, None]).squeeze(-1)
+        for r, tk, l in zip(rows.tolist(), nxt.tolist(), lp.tolist()):
+            toks[r].append(tk)
+            lps[r].append(l)
+        live = ~torch.isin(nxt, stop_t) & (budget > t + 1)
+        if not bool(live.any()):
+            break
+        if int(live.sum()) <= len(rows) // 2:  # compact: stopped rows cost a full forward each step
+            keep = live.nonzero().squeeze(-1)
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys[keep], layer.values[keep]
+            rows, nxt, mask, temps, budget, pos = rows[keep], nxt[keep], mask[keep], temps[keep], budget[keep], pos[keep]
+        mask[:, P + S + t] = 1
+        res = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+        logits, pos = res.logits[:, -1], pos + 1
+    # stopped rows that were not compacted away decoded on: cut each at its first stop token (kept:
+    # training learns to stop) or its budget
+    stops, out = set(stop), []
+    for r, (tk, lp) in enumerate(zip(toks, lps)):
+        T = min(next((i + 1 for i, x in enumerate(tk) if x in stops), len(tk)), limits[r // n])
+        out.append((tk[:T], lp[:T]))
+    return out
+
+
+def sample(model, tokenizer, messages_list, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0,
+           seed=0, prefill=None, batch_size=32):
+    """n completions per prompt: [[{text, token_ids, logprobs, prompt_ids}] * n] * len(messages_list).
+
+    Temperature 0 = greedy. `logprobs` are of the sampled tokens under the model's *unscaled*
+    distribution (temperature 1, no top-p) -- that is pi_old for GRPO. token_ids end with the stop
+    token when the model stopped (any of stop_ids); `text` is the continuation after the prefill,
+    without it. `prompt_ids` are the prompt's token ids as sampled (template + prefill). The same
+    seed and inputs give the same outputs. Batches hold batch_size rows (prompts x n)."""
+    stops = stop_ids(model, tokenizer)
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else min(stops))
+    device = next(model.parameters()).device
+    per_batch = max(1, batch_size // n)
+    out = []
+    for b0 in range(0, len(messages_list), per_batch):
+        gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b0)  # per batch: resumes match
+        ids = [prompt_ids(tokenizer, m, prefill) for m in messages_list[b0:b0 + per_batch]]
+        res = decode(model, ids, n, max_new_tokens, temperature or 0.0, top_p, stops, pad, gen)
+        for i, (tk, lp) in enumerate(res):
+            text_ids = tk[:-1] if tk and tk[-1] in stops else tk
+            out.append({"text": tokenizer.decode(text_ids, skip_special_tokens=True), "token_ids": tk, "logprobs": lp,
+                        "prompt_ids": list(ids[i // n])})
+    return [out[i * n:(i + 1) * n] for i in range(len(messages_list))]
+
+
+def hit_cap(token_ids, max_new_tokens, stops):
+    """True when a completion ran into max_new_tokens instead of ending on a stop token."""
+    return len(token_ids) >= max_new_tokens and not (token_ids and token_ids[-1] in stops)
+
+
+def stop_ids(model, tokenizer):
+    """Every token id that ends a turn: generation_config.eos_token_id (an int or a list: Gemma adds
+    <end_of_turn>, Phi-3 <|end|>, Llama 3 <|eot_id|>) and the tokenizer's eos. Decoding on the
+    tokenizer's eos alone runs such models to the token limit."""
+    ids = set()
+    for src in (getattr(getattr(model, "generation_config", None), "eos_token_id", None), tokenizer.eos_token_id):
+        ids.update([src] if isinstance(src, int) else (src or []))
+    if not ids:
+        raise ModelError(f"{getattr(model, 'name_or_path', type(model).__name__)}: no eos token id in the "
+                         f"tokenizer or generation_config.json, so sampling would never stop")
+    return frozenset(int(i) for i in ids)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="HF dir / hub id / .gguf / embedded name")
+    ap.add_argument("--prompt", required=True)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--adapter", default=None, help="a PEFT-layout adapter dir to apply")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args(argv)
+    try:
+        model, tok = load_model(args.model, device=args.device)
+        if args.adapter:
+            load_adapter(model, args.adapter)
+    except ModelError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    res = sample(model, tok, [[{"role": "user", "content": args.prompt}]], max_new_tokens=args.max_new_tokens,
+                 temperature=args.temperature)
+    print(res[0][0]["text"])
