@@ -6,8 +6,22 @@
     python bench.py gpu [--models 135m 1.7b 7b] [--json]   # needs CUDA; see bench_gpu.py
 """
 import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
 
 import bench_gpu
+import executor
+import losses
+import operators
+import sandbox
 
 # ==== kernel benchmark ====
 # Fused log-prob kernel (model.py, ARCHITECTURE §8) vs the naive LM-head paths. Each variant computes the same
@@ -19,15 +33,6 @@ import bench_gpu
 # CPU: every (variant, rep) runs in a fresh subprocess, so its peak RSS is its own; peak =
 # high-water mark during fwd+bwd minus the RSS once inputs are built. CUDA: in process, peak =
 # max_memory_allocated minus the allocation after inputs. Variants alternate within each rep.
-import json
-import os
-import statistics
-import subprocess
-import sys
-import time
-import executor
-import losses
-
 KERNEL_VARIANTS = ("naive", "rowloop", "fused_logprobs", "fused_grpo")
 KERNEL_SHAPES = ((576, 49152), (896, 151936))  # (H, V): SmolLM2-135M head, Qwen2.5-0.5B head
 KERNEL_NS = (1024, 4096)
@@ -35,7 +40,6 @@ QUICK_SHAPES, QUICK_NS = ((32, 1000),), (64,)
 
 
 def _kernel_inputs(N, H, V, device, dtype, train_head, n_seq=8):
-    import torch
 
     g = torch.Generator().manual_seed(0)
     h = torch.randn(N, H, generator=g).to(device=device, dtype=dtype).requires_grad_()
@@ -50,9 +54,6 @@ def _kernel_inputs(N, H, V, device, dtype, train_head, n_seq=8):
 
 
 def _kernel_loss(variant, inp, chunk_size):
-    import torch
-    from model import fused_grpo_loss, fused_logprobs
-    from train import grpo_loss, kl_token_mask, token_weights
 
     h, W, y, seg, adv, old, ref = inp
     if variant == "naive":
@@ -61,114 +62,18 @@ def _kernel_loss(variant, inp, chunk_size):
         rows = (h @ W.t()).float().unbind(0)  # unbind: one backward for all rows (select would zero-fill N x V per row)
         logp = torch.stack([r[t] - torch.logsumexp(r, 0) for r, t in zip(rows, y.tolist())])
     elif variant == "fused_logprobs":
-        logp = fused_logprobs(h, W, y, chunk_size)
+        logp = losses.fused_logprobs(h, W, y, chunk_size)
     elif variant == "fused_grpo":
-        tw, km = token_weights(seg, len(adv), "token"), kl_token_mask(adv, seg, "masked")
-        return fused_grpo_loss(h, W, y, old, ref, adv[seg], tw, km, chunk_size=chunk_size)[0]
+        tw, km = losses.token_weights(seg, len(adv), "token"), losses.kl_token_mask(adv, seg, "masked")
+        return losses.fused_grpo_loss(h, W, y, old, ref, adv[seg], tw, km, chunk_size=chunk_size)[0]
     else:
         raise ValueError(f"unknown variant {variant!r}")
-    return grpo_loss(logp, old, ref, adv, seg)[0]
-
-
-GRAD_BUCKETS = (0.0, 0.9, 0.99, 0.999, 0.9999, 0.99999)  # edges of the target-probability buckets
-GRAD_VARIANTS = ("plain", "fused_logprobs", "fused_grpo")
-
-
-def _bucket_inputs(H, V, per_bucket, seed=0):
-    """bf16-exact float64 h [n, H], W [V, H], y [n] and p [n] = softmax(h W^T)[y] at those inputs, with
-    about per_bucket tokens in each GRAD_BUCKETS bucket: h = noise + a W[y] / |W[y]|, the scale a found
-    by bisection for a 1 - p drawn log-uniformly inside the bucket (p is then re-measured after rounding)."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    W = (torch.randn(V, H, generator=g) * H**-0.5).bfloat16().double()
-    edges = torch.tensor(GRAD_BUCKETS, dtype=torch.float64)
-    nb = len(GRAD_BUCKETS) - 1
-    # 1 - p targets: log-uniform between the bucket's edges (the first bucket: 1 - p in [0.1, 0.99])
-    hi_q = (1 - edges[:-1]).clamp(max=0.99).repeat_interleave(per_bucket)
-    lo_q = (1 - edges[1:]).repeat_interleave(per_bucket)
-    q = torch.exp(torch.log(lo_q) + torch.rand(nb * per_bucket, generator=g, dtype=torch.float64) * (hi_q / lo_q).log())
-    y = torch.randint(0, V, (len(q),), generator=g)
-    noise = torch.randn(len(q), H, generator=g, dtype=torch.float64)
-    u = W[y] / W[y].norm(dim=1, keepdim=True)
-    lo, hi = torch.full_like(q, -50.0), torch.full_like(q, 200.0)
-    for _ in range(60):  # bisection on a: log p_y(a) rises with a (W[y] is the direction)
-        a = (lo + hi) / 2
-        logp = torch.log_softmax((noise + a[:, None] * u) @ W.t(), -1).gather(1, y[:, None]).squeeze(1)
-        up = logp < torch.log1p(-q)
-        lo, hi = torch.where(up, a, lo), torch.where(up, hi, a)
-    h = (noise + ((lo + hi) / 2)[:, None] * u).bfloat16().double()
-    p = torch.softmax(h @ W.t(), -1).gather(1, y[:, None]).squeeze(1)
-    return h, W, y, p
-
-
-def grad_error_buckets(H=64, V=1000, per_bucket=64, chunk_size=16, device="cpu", dtype="bfloat16", seed=0):
-    """Relative error of dh and dW of sum log p in low precision, per bucket of the target's p, for plain
-    autograd (low-precision logits, fp32 log_softmax) and both fused kernels, against float64 autograd at
-    the same (rounded) inputs. fused_grpo runs a loss whose dloss/dlogp is rho ~ 1 (adv -1, old = logp,
-    no KL, nothing clipped) and is compared with float64 autograd of that loss, sum_t exp(logp_t - old_t).
-    Returns one dict per bucket: lo, hi, n, and {variant}_dh, {variant}_dw."""
-    import torch
-    from model import fused_grpo_loss, fused_logprobs
-
-    dt = getattr(torch, dtype)
-    h_all, W64, y_all, p_all = _bucket_inputs(H, V, per_bucket, seed)
-    rows = []
-    for lo, hi in zip(GRAD_BUCKETS[:-1], GRAD_BUCKETS[1:]):
-        sel = (p_all >= lo) & (p_all < hi)
-        n = int(sel.sum())
-        if n == 0:
-            continue
-        y = y_all[sel].to(device)
-        logp64 = lambda h, W: torch.log_softmax(h @ W.t(), -1).gather(1, y[:, None]).squeeze(1)
-        old = logp64(h_all[sel].to(device), W64.to(device)).float()
-        ones = torch.ones(n, device=device)
-        losses = {  # variant: (low-precision loss, float64 reference loss)
-            "plain": (lambda h, W: torch.log_softmax((h @ W.t()).float(), -1).gather(1, y[:, None]).sum(),
-                      lambda h, W: logp64(h, W).sum()),
-            "fused_logprobs": (lambda h, W: fused_logprobs(h, W, y, chunk_size).sum(),
-                               lambda h, W: logp64(h, W).sum()),
-            "fused_grpo": (lambda h, W: fused_grpo_loss(h, W, y, old, old, -ones, ones, 0 * ones, beta=0.0,
-                                                        eps=0.5, chunk_size=chunk_size)[0],
-                           lambda h, W: torch.exp(logp64(h, W) - old.double()).sum()),
-        }
-        row = {"lo": lo, "hi": hi, "n": n}
-        for v, (f, f64) in losses.items():
-            d = []
-            for fn, t in ((f, dt), (f64, torch.float64)):
-                h = h_all[sel].to(device=device, dtype=t, copy=True).requires_grad_()
-                W = W64.to(device=device, dtype=t, copy=True).requires_grad_()
-                fn(h, W).backward()
-                d.append((h.grad.double(), W.grad.double()))
-            (dh, dw), (rdh, rdw) = d
-            row[f"{v}_dh"] = ((dh - rdh).norm() / rdh.norm()).item()
-            row[f"{v}_dw"] = ((dw - rdw).norm() / rdw.norm()).item()
-        rows.append(row)
-    return rows
-
-
-def print_grad_errors(rows, H, V, dtype, chunk_size):
-    print(f"gradient error vs float64 at the same {dtype} inputs, per bucket of p_target (H={H}, V={V}, chunk "
-          f"{chunk_size}); relative error of d(sum log p)/dh and /dW, (x ratio to plain autograd)")
-    for r in rows:
-        for k in ("dh", "dw"):
-            plain = r[f"plain_{k}"]
-            cells = "  ".join(f"{v} {100 * r[f'{v}_{k}']:7.3f}%" + ("" if v == "plain" else f" (x{r[f'{v}_{k}'] / plain:5.2f})")
-                              for v in GRAD_VARIANTS)
-            bucket = f"[{r['lo']:g},{r['hi']:g})"
-            print(f"  grad {bucket:<17} {r['n']:4d} {k}  {cells}")
-
-
-def _rss_kb(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+    return losses.grpo_loss(logp, old, ref, adv, seg)[0]
 
 
 def _kernel_child(cfg_json):
     """One CPU measurement in this fresh process; prints {"time_s", "peak_mb"} as JSON."""
-    import gc
 
-    import torch
 
     c = json.loads(cfg_json)
     dtype = getattr(torch, c["dtype"])
@@ -178,7 +83,7 @@ def _kernel_child(cfg_json):
                  c["chunk_size"]).backward()
     inp[0].grad = inp[1].grad = None
     gc.collect()
-    base = _rss_kb("VmRSS")
+    base = bench_gpu.rss_kb("VmRSS")
     try:  # reset the high-water mark to the current RSS (Linux >= 4.0)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -187,7 +92,7 @@ def _kernel_child(cfg_json):
     t0 = time.perf_counter()
     _kernel_loss(c["variant"], inp, c["chunk_size"]).backward()
     dt = time.perf_counter() - t0
-    hwm = _rss_kb("VmHWM")
+    hwm = bench_gpu.rss_kb("VmHWM")
     print(json.dumps({"time_s": dt, "peak_mb": (hwm - base) / 1024}))
 
 
@@ -201,7 +106,6 @@ def _kernel_cpu(cfg):
 
 
 def _kernel_cuda(cfg, inp):
-    import torch
 
     for x in inp[:2]:
         x.grad = None
@@ -219,7 +123,6 @@ def _kernel_cuda(cfg, inp):
 
 
 def bench_kernel(args):
-    import torch
 
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -268,7 +171,7 @@ def bench_kernel(args):
                           f"x{m / max(naive[1], 1e-9):6.3f} mem" + (f"  {chunk:5d}" if v.startswith("fused") else ""), flush=True)
     H, V = args.grad_shape
     grad_chunk = args.chunk_size or 16  # small by default, so each bucket spans several chunks
-    errs = grad_error_buckets(H, V, args.grad_per_bucket, grad_chunk, args.device)
+    errs = bench_gpu.grad_error_buckets(H, V, args.grad_per_bucket, grad_chunk, args.device)
     if args.json:
         print(json.dumps({"device": args.device, "rows": rows, "grad_errors": errs}, indent=1))
         return
@@ -278,8 +181,8 @@ def bench_kernel(args):
             tmax = 1.3 if r["variant"] == "fused_logprobs" else 1.1
             ok = r["mem_vs_naive"] <= 1 / 8 and r["time_vs_naive"] <= tmax
             print(f"target {r['variant']}: mem <= 1/8 naive, time <= {tmax}x naive: {'PASS' if ok else 'FAIL'}")
-    print_grad_errors(errs, H, V, "bfloat16", grad_chunk)
-    ok = all(r[f"{v}_{k}"] <= 2 * r[f"plain_{k}"] for r in errs for v in GRAD_VARIANTS[1:] for k in ("dh", "dw"))
+    bench_gpu.print_grad_errors(errs, H, V, "bfloat16", grad_chunk)
+    ok = all(r[f"{v}_{k}"] <= 2 * r[f"plain_{k}"] for r in errs for v in bench_gpu.GRAD_VARIANTS[1:] for k in ("dh", "dw"))
     print(f"target: bf16 gradient error <= 2x plain autograd in every bucket: {'PASS' if ok else 'FAIL'}")
 
 
@@ -318,8 +221,6 @@ SCI_PROGRAM = ("import numpy, resource, sympy\nx = sympy.Symbol('x')\n"
 
 def _bare_program(py, code, path):
     """`code` in a bare `python -I -S` with `path` on sys.path: no sandbox, the floor of a run."""
-    import subprocess
-    import time
 
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
     t = time.perf_counter()
@@ -352,11 +253,7 @@ def bench_sandbox(args):
     measured in the same run (the floor any subprocess sandbox pays). Programs: a plain one with
     the importable packages mounted (after) and without (before), and one that imports numpy and
     sympy, against the same import in a bare, unsandboxed `python -I -S`."""
-    import statistics
-    import subprocess
-    import time
 
-    import sandbox
 
     if args.n < 1 or args.n_import < 1 or args.rounds < 1:
         print("bench.py sandbox: --n, --n-import and --rounds must be >= 1", file=sys.stderr)
@@ -372,7 +269,7 @@ def bench_sandbox(args):
     noop = "def solve(problem):\n    return problem\n"
     trivial = "def solve(problem):\n    a = custom(problem, 'x')\n    b = answer_generate(problem)\n    return format(problem, a + b)\n"
     for name, code, ex in (("noop", noop, None), ("trivial_3_ops", trivial, _InstantExecutor())):
-        jobs = [dict(code=code, problem="2 + 2", executor=ex, timeout=10) for _ in range(args.n)]
+        jobs = [operators.job(code, "2 + 2", executor=ex, timeout=10) for _ in range(args.n)]
         t = time.perf_counter()
         res = [r for _, r in sandbox.run_many(jobs, workers=args.workers)]
         wall = time.perf_counter() - t
@@ -442,8 +339,6 @@ def sandbox_parser(sub):
 def bench_executor(args):
     """Tokens/s of the local `transformers serve` executor at several concurrency levels: this
     sizes how many sandboxes a collection run can keep busy."""
-    import time
-    from concurrent.futures import ThreadPoolExecutor
 
 
     with executor.local_executor(args.model, servers=args.servers, threads=args.threads) as ex:
@@ -491,7 +386,6 @@ if __name__ == "__main__":
     sandbox_parser(sub)
     executor_parser(sub)
     kernel_parser(sub)
-    bench_gpu.parser(sub, fn=lambda a: bench_gpu.run(a, kernel_errors=lambda device: grad_error_buckets(
-        per_bucket=8 if a.quick else 64, device=device)))
+    bench_gpu.parser(sub)
     args = ap.parse_args()
     args.fn(args)

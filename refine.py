@@ -20,36 +20,34 @@ current workflow, else 0; 0.1 less when its accuracy is below 0.3.
 
 Files of iteration K: iter_K/refine.jsonl (one row per candidate as it finishes, plus one "init" row
 per episode at turn -1), iter_K/refine_val.jsonl (one row per candidate x validation problem),
-iter_K/groups.jsonl (write_groups: one group per turn, score = reward: what train.update(loss="rwr")
+iter_K/groups.jsonl (curate.refine_groups: one group per turn, score = reward: what train.update(loss="rwr")
 reads). Resumable: a turn's candidates come from a seed per (iteration, episode, turn), its repairs
 from one per (candidate, round), and the state of turn t is rebuilt from the rows of turns < t, so a
 restarted run regenerates the same candidates and only runs what is missing.
 """
 import hashlib
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import collect
-import curate
-from jsonl import DataError, append_jsonl, read_json, read_jsonl, truncate_torn_tail, write_atomic, write_json_atomic, write_jsonl_atomic
+from tqdm import tqdm
 
-REFINE_DEFAULTS = dict(turns=3, candidates=5, val_problems=16, episodes=2, max_repairs=3, refine_tokens=160,
-                       eval_candidates=5)
-REFINE_SMOKE = dict(turns=1, candidates=2, val_problems=4, episodes=1, max_repairs=1, refine_tokens=96,
-                    eval_candidates=2)
+import benchmarks
+import executor
+import generator
+import operators
+import report
+import rollout
+import sandbox
+import scorers
+import workflow
+from jsonl import DataError, append_jsonl, read_jsonl, truncate_torn_tail, update_json, write_json_atomic
+
 # The action starts inside the block, at the first operator call, like the SPOGW generator's
-# (operators.PREFILLS): a 135M meta-agent left to open the block itself mostly chats, and one started
+# (workflow.PREFILLS): a 135M meta-agent left to open the block itself mostly chats, and one started
 # at an "# Analysis:" comment wrote prose and solve_recursively() code (0/6 valid candidates). So
 # W4S's analysis comes after the block, as one sentence; the checker never sees it.
-
-
-def prefill_of(bench):
-    import benchmarks
-    import operators as O
-    return O.prefill_for(benchmarks.family(bench))
 
 
 # self-check errors that the code caused and the meta-agent can fix; timeouts and budget errors are
@@ -80,43 +78,10 @@ def w4s_reward(acc, best_so_far, prev):
     return r - 0.1 if acc < 0.3 else r
 
 
-# ---- settings -------------------------------------------------------------------------------------
-
-def add_args(ap):
-    g = ap.add_argument_group("refine (--mode refine)")
-    g.add_argument("--turns", type=int, help="refinement turns per episode")
-    g.add_argument("--candidates", type=int, help="meta-agent actions sampled per turn")
-    g.add_argument("--val-problems", type=int, help="validation problems that score a workflow")
-    g.add_argument("--episodes", type=int, help="episodes per iteration (each on its own validation batch)")
-    g.add_argument("--max-repairs", type=int, help="re-prompts with the error before a candidate is skipped")
-    g.add_argument("--refine-tokens", type=int, help="meta-agent completion length")
-    g.add_argument("--eval-candidates", type=int, help="actions per turn at evaluation (1 = greedy)")
-
-
-def settings(run_dir, args, cfg, smoke=False, save=True):
-    """cfg (collect / train settings) + the refine knobs: REFINE_DEFAULTS < runs/<run>/refine_config.json
-    < --smoke < explicit flags. Saved back, so a resumed run keeps its knobs."""
-    r = dict(REFINE_DEFAULTS)
-    path = Path(run_dir) / "refine_config.json"
-    r.update({k: v for k, v in read_json(path, {}).items() if k in r})
-    if smoke:
-        r.update(REFINE_SMOKE)
-    r.update({k: v for k, v in vars(args).items() if k in r and v is not None})
-    for k, v in r.items():
-        if not isinstance(v, int) or v < (0 if k == "max_repairs" else 1):
-            raise DataError(f"--{k.replace('_', '-')} must be an integer >= {0 if k == 'max_repairs' else 1}, got {v!r}")
-    if save:
-        write_json_atomic(path, r)
-    return {**cfg, **r}
-
-
-def seed_of(*parts):
-    return int(hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:8], 16)
-
-
 # ---- the state prompt -----------------------------------------------------------------------------
 
-def _clip(s, n):
+def shorten(s, n):
+    """At most n characters of s for a prompt, '...' where cut."""
     s = "" if s is None else str(s)
     return s if len(s) <= n else s[:n] + "..."
 
@@ -130,21 +95,18 @@ def failure_cases(val_rows, problems, k=3):
             continue
         p = by_id[v["problem_id"]]
         got = v["answers"][0] if v["answers"][0] is not None else f"(error) {v['errors'][0]}"
-        out.append({"problem": _clip(p["problem"], 300), "expected": _clip(p.get("answer"), 100) or None,
-                    "got": _clip(got, 200)})
+        out.append({"problem": shorten(p["problem"], 300), "expected": shorten(p.get("answer"), 100) or None,
+                    "got": shorten(got, 200)})
     return out
 
 
 def state_prompt(bench, state, max_calls):
     """Chat messages of one state: task, operators, example workflows, the current workflow and its
     feedback, the rules, the request for an analysis plus a new workflow."""
-    import benchmarks
-    import evaluate
-    import operators as O
     fam = benchmarks.family(bench)
-    catalogue = "\n".join(f"- {O.OPERATOR_DOCS[o][0]}: {O.OPERATOR_DOCS[o][1]}" for o in O.FAMILY_OPERATORS[fam])
-    examples = "\n".join(f"{name}:\n```python\n{evaluate.BASELINES[fam][name]}```"
-                         for name in EXAMPLES if name in evaluate.BASELINES[fam])
+    catalogue = "\n".join(f"- {workflow.OPERATOR_DOCS[o][0]}: {workflow.OPERATOR_DOCS[o][1]}" for o in operators.OPERATOR_SETS[fam])
+    examples = "\n".join(f"{name}:\n```python\n{workflow.BASELINES[fam][name]}```"
+                         for name in EXAMPLES if name in workflow.BASELINES[fam])
     h = state["history"]
     change = f"accuracy went from {h[-2]:.2f} to {h[-1]:.2f}" if len(h) > 1 else "the starting workflow"
     fails = "\n".join(f"- problem: {f['problem']}\n  expected: {f['expected']}\n  got: {f['got']}"
@@ -180,7 +142,7 @@ def first_solve(code):
 
 
 def repair_message(error):
-    return (f"Running this workflow on a validation problem failed:\n{_clip(error, 1500)}\n\n"
+    return (f"Running this workflow on a validation problem failed:\n{shorten(error, 1500)}\n\n"
             f"Fix it. Answer with the corrected workflow as one ```python block.")
 
 
@@ -210,18 +172,15 @@ def best_workflow(rows):
 
 # ---- one turn -------------------------------------------------------------------------------------
 
-def self_check_and_repair(msgs, samples, todo, problem, cfg, executor, propose, seed_base):
+def self_check_and_repair(msgs, samples, todo, problem, cfg, ex, propose, seed_base):
     """Static check + one sandbox run on `problem` for each candidate in `todo`; a repairable failure
     is shown to the meta-agent (the conversation grows by the failed action and the error) and the
     new action replaces it, at most cfg['max_repairs'] times. Rounds run the pending candidates'
     sandboxes together; each candidate's repairs have their own seeds, so a resumed run that redoes
     only some candidates gets the same actions. Returns {c: outcome}."""
-    import benchmarks
-    import operators as O
-    import sandbox
     fam = benchmarks.family(cfg["bench"])
-    prefill = O.prefill_for(fam)
-    ops = {k: O.OPERATORS[k] for k in O.OPERATOR_SETS[fam]}
+    prefill = workflow.PREFILLS[fam]
+    ops = {k: operators.OPERATORS[k] for k in operators.OPERATOR_SETS[fam]}
     # prompt_ids stay those of the turn's state prompt through repairs: RWR trains the final action on it
     st = {c: {"conv": msgs, "completion": samples[c]["text"], "completion_ids": samples[c]["token_ids"],
               "prompt_ids": samples[c].get("prompt_ids"), "hit_cap": samples[c].get("hit_cap"),
@@ -232,20 +191,20 @@ def self_check_and_repair(msgs, samples, todo, problem, cfg, executor, propose, 
         errs, runs = {}, []
         for c in pending:
             s = st[c]
-            code = O.extract_code(prefill + s["completion"])
+            code = scorers.extract_code(prefill + s["completion"])
             s["code"] = None if code is None else first_solve(code)
-            ok, reason = (False, "no python block") if s["code"] is None else O.check_workflow(
-                s["code"], problem["problem"], allowed_ops=O.OPERATOR_SETS[fam], max_calls=cfg["max_calls"])
+            ok, reason = (False, "no python block") if s["code"] is None else workflow.check_workflow(
+                s["code"], problem["problem"], allowed_ops=operators.OPERATOR_SETS[fam], max_calls=cfg["max_calls"])
             if ok:
                 runs.append(c)
             else:
                 errs[c] = f"invalid: {reason}"
-        jobs = [dict(code=st[c]["code"], problem=problem["problem"], executor=executor, operators=ops,
-                     context=collect.run_context(problem, cfg), timeout=cfg["timeout"], max_calls=cfg["max_calls"])
+        jobs = [operators.job(st[c]["code"], problem["problem"], executor=ex, operators=ops,
+                              context=rollout.run_context(problem, cfg), timeout=cfg["timeout"], max_calls=cfg["max_calls"])
                 for c in runs]
         for k, res in sandbox.run_many(jobs, workers=cfg["workers"]):
             if res["infra_error"]:  # the endpoint failed, not the candidate: stop, a rerun redoes this turn
-                raise collect.InfraError(res["infra_error"])
+                raise executor.InfraError(res["infra_error"])
             s = st[runs[k]]
             for key in ("prompt_tokens", "completion_tokens", "cost_usd", "seconds"):
                 s[key] += res[key]
@@ -257,14 +216,14 @@ def self_check_and_repair(msgs, samples, todo, problem, cfg, executor, propose, 
             if e is None or not e.startswith(REPAIRABLE):
                 continue  # runs (or fails in a way that is not the code's fault): scored on the batch
             if rnd == cfg["max_repairs"]:
-                s["valid"], s["reason"] = False, f"skipped after {rnd} repairs: {_clip(e, 300)}"
+                s["valid"], s["reason"] = False, f"skipped after {rnd} repairs: {shorten(e, 300)}"
                 continue
-            s["attempts"].append({"completion": s["completion"], "error": _clip(e, 1500)})
+            s["attempts"].append({"completion": s["completion"], "error": shorten(e, 1500)})
             s["conv"] = s["conv"] + [{"role": "assistant", "content": prefill + s["completion"]},
                                      {"role": "user", "content": repair_message(e)}]
             again.append(c)
         for c in again:
-            new = propose([st[c]["conv"]], 1, seed_of(seed_base, c, rnd))[0][0]
+            new = propose([st[c]["conv"]], 1, rollout.seed_of(seed_base, c, rnd))[0][0]
             st[c]["completion"], st[c]["completion_ids"], st[c]["hit_cap"] = new["text"], new["token_ids"], new.get("hit_cap")
         pending = again
         if not pending:
@@ -272,7 +231,7 @@ def self_check_and_repair(msgs, samples, todo, problem, cfg, executor, propose, 
     return st
 
 
-def score_on_batch(cands, problems, cfg, executor, fv, val_done, on_done):
+def score_on_batch(cands, problems, cfg, ex, fv, val_done, on_done):
     """Score each candidate {key: (episode, turn, candidate), code} on the validation batch through
     collect.execute (same sandbox pool and scorer as SPOGW); per-problem rows are appended to `fv`
     and remembered in `val_done`; on_done(cand, rows in batch order) fires when a candidate is complete."""
@@ -296,19 +255,17 @@ def score_on_batch(cands, problems, cfg, executor, fv, val_done, on_done):
         if left[c["key"]] == 0:
             on_done(c, [val_done[(*c["key"], pid)] for pid in ids])
     if rows:
-        collect.require_scored(collect.execute(rows, problems, cfg, executor, cfg["bench"], fv, progress), fv.name)
+        rollout.require_scored(rollout.execute(rows, problems, cfg, ex, cfg["bench"], fv, progress), fv.name)
 
 
 def _tokens(row, extra):
     return {k: row.get(k, 0) + sum(v[k] for v in extra) for k in ("prompt_tokens", "completion_tokens", "cost_usd")}
 
 
-def run_episodes(out, val_out, episodes, cfg, executor, propose, tag, turns, n, progress=None):
+def run_episodes(out, val_out, episodes, cfg, ex, propose, tag, turns, n, progress=None):
     """Run (or finish) episodes [(episode id, validation problems)] of `turns` turns with `n` actions
     per turn. Candidate rows go to `out`, per-problem rows to `val_out`, each appended as it finishes.
     Returns all rows of `out`."""
-    import evaluate
-    import benchmarks
     fam = benchmarks.family(cfg["bench"])
     out, val_out = Path(out), Path(val_out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -331,8 +288,8 @@ def run_episodes(out, val_out, episodes, cfg, executor, propose, tag, turns, n, 
 
         for ep, problems in episodes:
             if (ep, -1, 0) not in done:  # state 0: the io baseline, scored like any candidate
-                code = evaluate.BASELINES[fam]["io"]
-                score_on_batch([{"key": (ep, -1, 0), "code": code}], problems, cfg, executor, fv, val_done,
+                code = workflow.BASELINES[fam]["io"]
+                score_on_batch([{"key": (ep, -1, 0), "code": code}], problems, cfg, ex, fv, val_done,
                                lambda c, vr: emit({
                                    "kind": "init", "episode": ep, "turn": -1, "candidate": 0, "code": code,
                                    "valid": True, "reason": None, "n_val": len(vr),
@@ -345,15 +302,15 @@ def run_episodes(out, val_out, episodes, cfg, executor, propose, tag, turns, n, 
                     continue
                 state = episode_state([r for k, r in done.items() if k[0] == ep], t)
                 msgs = state_prompt(cfg["bench"], state, cfg["max_calls"])
-                seed = seed_of(cfg["seed"], tag, ep, t)
+                seed = rollout.seed_of(cfg["seed"], tag, ep, t)
                 samples = propose([msgs], n, seed)[0]
-                st = self_check_and_repair(msgs, samples, todo, problems[0], cfg, executor, propose, seed)
+                st = self_check_and_repair(msgs, samples, todo, problems[0], cfg, ex, propose, seed)
 
                 def row_of(c, vr):
                     s = st[c]
                     acc = statistics.fmean(v["score"] for v in vr) if vr else 0.0
                     return {"kind": "candidate", "episode": ep, "turn": t, "candidate": c, "candidates": n,
-                            "seed": seed, "prompt": msgs, "prefill": prefill_of(cfg["bench"]), "completion": s["completion"],
+                            "seed": seed, "prompt": msgs, "prefill": workflow.PREFILLS[fam], "completion": s["completion"],
                             "completion_ids": s["completion_ids"],
                             **({"prompt_ids": s["prompt_ids"]} if s["prompt_ids"] is not None else {}),
                             "hit_cap": s["hit_cap"], "code": s["code"], "valid": s["valid"],
@@ -368,37 +325,17 @@ def run_episodes(out, val_out, episodes, cfg, executor, propose, tag, turns, n, 
                     if not st[c]["valid"]:
                         emit(row_of(c, []))
                 score_on_batch([{"key": (ep, t, c), "code": st[c]["code"]} for c in todo if st[c]["valid"]],
-                               problems, cfg, executor, fv, val_done, lambda c, vr: emit(row_of(c["key"][2], vr)))
+                               problems, cfg, ex, fv, val_done, lambda c, vr: emit(row_of(c["key"][2], vr)))
     return read_jsonl(out, required=ROW_KEYS)
 
 
-def make_proposer(cfg, generator=None, loader=None, greedy=False, served=None):
-    """propose(messages_list, n, seed) -> [[{text, token_ids, prompt_ids, hit_cap}] * n]: the meta-agent,
-    from a local (model, tokenizer) or --generator-url. The model is loaded on first use (`loader`), so a
-    finished run resumes without one. greedy: temperature 0 (evaluation with one candidate). hit_cap:
-    the action ran into --refine-tokens. served: with --generator-url, a function giving the name to
-    sample under (collect.serve_generator of the meta-agent's iteration), called on first use like `loader`."""
-    held, prefill = {}, prefill_of(cfg["bench"])
-
-    def propose(messages_list, n, seed):
-        import model as M
-        if "g" not in held:
-            held["g"] = generator or loader()
-        mdl, tok = held["g"]
-        temp = 0.0 if greedy else cfg["temperature"]
-        if cfg["generator_url"]:
-            if served is None:  # sampling under a default name is how iterations used to sample the base model
-                raise ValueError("make_proposer: --generator-url needs `served` (the iteration's served name)")
-            if "name" not in held:
-                held["name"] = served()
-            out = collect.sample_remote(cfg["generator_url"], held["name"], messages_list,
-                                        n, cfg["refine_tokens"], temp, cfg["top_p"], seed, prefill, tok)
-        else:
-            out = M.sample(mdl, tok, messages_list, n=n, max_new_tokens=cfg["refine_tokens"], temperature=temp,
-                           top_p=cfg["top_p"], seed=seed, prefill=prefill)
-        stops = M.stop_ids(mdl, tok)
-        return [[dict(s, hit_cap=collect.capped(s, cfg["refine_tokens"], stops)) for s in per] for per in out]
-    return propose
+def proposer(cfg, sample, greedy=False):
+    """propose(messages_list, n, seed) -> [[{text, token_ids, prompt_ids, hit_cap}] * n]: the
+    meta-agent's actions, drawn with `sample` (generator.sampler at --refine-tokens) after the
+    family's prefill. greedy: temperature 0 (evaluation with one candidate)."""
+    prefill = workflow.PREFILLS[benchmarks.family(cfg["bench"])]
+    temperature = 0.0 if greedy else cfg["temperature"]
+    return lambda messages_list, n, seed: sample(messages_list, n, temperature, seed, prefill)
 
 
 # ---- collection, groups, evaluation ----------------------------------------------------------------
@@ -406,9 +343,8 @@ def make_proposer(cfg, generator=None, loader=None, greedy=False, served=None):
 def episode_problems(cfg, it, ep):
     """Validation batch of training episode `ep`: the train split (for arith disjoint from the
     validate split the evaluation refines on), a fresh seeded subset per iteration and episode."""
-    import benchmarks
     return benchmarks.load(cfg["bench"], "train", cfg["data_dir"], limit=cfg["val_problems"],
-                           seed=seed_of(cfg["seed"], "episode", it, ep))
+                           seed=rollout.seed_of(cfg["seed"], "episode", it, ep))
 
 
 def episode_summary(rows, turns):
@@ -425,14 +361,13 @@ def episode_summary(rows, turns):
     return {"init_accuracy": init["accuracy"], "per_turn": out}
 
 
-def collect_refine(run_dir, it, cfg, executor=None, generator=None, propose=None):
-    """Fill iter_<it>/refine.jsonl with cfg['episodes'] episodes; returns (and saves) the stats."""
-    from tqdm import tqdm
+def collect_refine(run_dir, it, cfg, ex=None, loaded=None, propose=None):
+    """Fill iter_<it>/refine.jsonl with cfg['episodes'] episodes; returns (and saves) the stats.
+    `loaded` = (model, tokenizer) to reuse a loaded generator, else it is loaded on first use."""
     d = Path(run_dir) / f"iter_{it}"
     eps = [(e, episode_problems(cfg, it, e)) for e in range(cfg["episodes"])]
     if propose is None:
-        propose = make_proposer(cfg, generator, loader=lambda: collect.load_generator(cfg, run_dir, it),
-                                served=lambda: collect.serve_generator(cfg, run_dir, it))
+        propose = proposer(cfg, generator.sampler(cfg, run_dir, it, loaded, max_new_tokens=cfg["refine_tokens"]))
     total = cfg["episodes"] * (1 + cfg["turns"] * cfg["candidates"])
     t0 = time.time()
     bar = tqdm(total=total, desc=f"refine iter {it}", unit="cand", dynamic_ncols=True)
@@ -442,7 +377,7 @@ def collect_refine(run_dir, it, cfg, executor=None, generator=None, propose=None
         bar.update(1)
         bar.set_postfix(turn=row["turn"], acc=f"{row['accuracy']:.2f}", reward=row.get("reward"))
 
-    rows = run_episodes(d / "refine.jsonl", d / "refine_val.jsonl", eps, cfg, executor, propose, f"iter{it}",
+    rows = run_episodes(d / "refine.jsonl", d / "refine_val.jsonl", eps, cfg, ex, propose, f"iter{it}",
                         cfg["turns"], cfg["candidates"], progress)
     bar.close()
     if len(rows) != total or len({(r["episode"], r["turn"], r["candidate"]) for r in rows}) != total:
@@ -455,79 +390,31 @@ def collect_refine(run_dir, it, cfg, executor=None, generator=None, propose=None
              "episodes": [episode_summary([r for r in rows if r["episode"] == e], cfg["turns"]) for e, _ in eps],
              "executor_tokens": sum(r["prompt_tokens"] + r["completion_tokens"] for r in rows),
              "cost_usd": sum(r["cost_usd"] for r in rows), "seconds": time.time() - t0}
-    stats["hit_cap_fraction"], warning = collect.cap_warning(cands, "--refine-tokens", cfg["refine_tokens"])
+    stats["hit_cap_fraction"], warning = rollout.cap_warning(cands, "--refine-tokens", cfg["refine_tokens"])
     if warning:
         print(warning, file=sys.stderr)
-    path = d / "stats.json"
-    old = json.loads(path.read_text()) if path.is_file() else {}
-    old["refine"] = stats
-    write_json_atomic(path, old)
+    update_json(d / "stats.json", "refine", stats)
     return stats
 
 
-def write_groups(run_dir, it):
-    """iter_<it>/refine.jsonl -> iter_<it>/groups.jsonl: one group per (episode, turn), members = its
-    valid candidates (a repaired one with its final action, under the turn's state prompt: RWR learns
-    to write the working version directly), score = W4S reward, advantage 0 (unused by rwr).
-    Candidates skipped after their repairs are not members: exp(r/0.4) weights every member, and with
-    rewards 0 and -0.1 a broken action kept ~17 % of a group's weight -- one RWR update on such groups
-    taught the meta-agent invented operator names (0/6 valid actions). A turn with fewer than two
-    members or equal rewards is dropped: RWR would only imitate it as it is."""
-    d = Path(run_dir) / f"iter_{it}"
-    rows = read_jsonl(d / "refine.jsonl", required=ROW_KEYS)
-    by_turn = {}
-    for r in rows:
-        if r["kind"] == "candidate":
-            by_turn.setdefault((r["episode"], r["turn"]), []).append(r)
-    groups, dropped = [], 0
-    for (e, t), rs in sorted(by_turn.items()):
-        rs = sorted((r for r in rs if r["valid"]), key=lambda r: r["candidate"])
-        rewards = [r["reward"] for r in rs]
-        if len(rs) < 2 or max(rewards) - min(rewards) <= 1e-6:
-            dropped += 1
-            continue
-        top = sorted(rewards, reverse=True)
-        members = [{"sample": r["candidate"], "completion": r["completion"], "completion_ids": r["completion_ids"],
-                    "score": r["reward"], "advantage": 0.0, "accuracy": r["accuracy"], "repairs": r["repairs"]} for r in rs]
-        groups.append({"problem_id": f"refine-e{e}-t{t}", "prompt": rs[0]["prompt"], "prefill": rs[0]["prefill"],
-                       **curate.shared_prompt_ids(rs, members), "members": members,
-                       "std": statistics.pstdev(rewards), "mil": top[0] - top[1]})
-    write_jsonl_atomic(d / "groups.jsonl", groups)
-    return {"groups": len(groups), "dropped_equal_rewards": dropped, "members": sum(len(g["members"]) for g in groups)}
-
-
-def score_workflow(code, problems, cfg, executor, out):
-    """Every problem once through collect.execute (rows appended to `out`, resumable); evaluate.summarize."""
-    import evaluate
-    todo = evaluate._pending(Path(out), problems)
-    rows = [{"problem_id": p["id"], "sample": 0, "prompt": None, "prefill": "", "completion": code,
-             "completion_ids": [], "code": code, "valid": True, "reason": None} for p in todo]
-    with open(out, "a", encoding="utf-8") as f:
-        lost = collect.execute(rows, todo, cfg, executor, cfg["bench"], f)
-    collect.require_scored(lost, out)
-    return evaluate.summarize(evaluate._finish(Path(out), problems))
-
-
-def evaluate_refine(mdl, tok, cfg, executor, turns, out_dir, name, test_problems=200, propose=None, served=None):
-    """T turns of one episode with the meta-agent `mdl` on a fixed batch of the validate split, then the
+def evaluate_refine(sample, cfg, ex, turns, out_dir, name, test_problems=200, propose=None):
+    """T turns of one episode with the meta-agent behind `sample` (generator.sampler) on a fixed batch of the validate split, then the
     episode's best workflow (by validation accuracy) on `test_problems` of the test split.
     cfg['eval_candidates'] actions per turn, sampled at cfg['temperature'] from a fixed seed (the
     same search as in training); 1 = one greedy action per turn. Rows: <out_dir>/<name>.jsonl and
-    _val.jsonl (the episode), <name>_test_<code hash>.jsonl; the summary: <name>_T<turns>.json.
-    With --generator-url the server samples under `served()` (make_proposer) and `mdl` may be None."""
-    import benchmarks
+    _val.jsonl (the episode), <name>_test_<code hash>.jsonl; the summary: <name>_T<turns>.json."""
     out_dir = Path(out_dir)
     n = cfg["eval_candidates"]
     if propose is None:
-        propose = make_proposer(cfg, (mdl, tok), greedy=(n == 1), served=served)
+        propose = proposer(cfg, sample, greedy=(n == 1))
     val = benchmarks.load(cfg["bench"], "validate", cfg["data_dir"], limit=cfg["val_problems"], seed=cfg["seed"])
-    rows = run_episodes(out_dir / f"{name}.jsonl", out_dir / f"{name}_val.jsonl", [(0, val)], cfg, executor,
+    rows = run_episodes(out_dir / f"{name}.jsonl", out_dir / f"{name}_val.jsonl", [(0, val)], cfg, ex,
                         propose, "eval", turns, n)
     rows = [r for r in rows if r["turn"] < turns]
     final = best_workflow(rows)
     test = benchmarks.load(cfg["bench"], "test", cfg["data_dir"], limit=test_problems, seed=0)
     sha = hashlib.sha256(final["code"].encode()).hexdigest()[:10]
-    s = score_workflow(final["code"], test, cfg, executor, out_dir / f"{name}_test_{sha}.jsonl")
+    s = report.summarize(rollout.score_workflow(final["code"], test, cfg, ex, out_dir / f"{name}_test_{sha}.jsonl"))
     summary = {"name": name, "turns": turns, "candidates": n, **episode_summary(rows, turns),
                "final": {"turn": final["turn"], "candidate": final["candidate"], "val_accuracy": final["accuracy"],
                          "code": final["code"]},
@@ -535,139 +422,3 @@ def evaluate_refine(mdl, tok, cfg, executor, turns, out_dir, name, test_problems
                                               "test": s["executor_tokens"]}}
     write_json_atomic(out_dir / f"{name}_T{turns}.json", summary)
     return summary
-
-
-def format_eval(s):
-    t = s["test"]
-    turns = " → ".join(["%.2f" % s["init_accuracy"]] + ["–" if x["best_of_turn"] is None else "%.2f" % x["best_of_turn"]
-                                                       for x in s["per_turn"]])
-    return (f"| {s['name']} | {s['turns']} | {s['candidates']} | {turns} | {s['final']['val_accuracy']:.2f} "
-            f"(turn {s['final']['turn']}) | {100 * t['accuracy']:.1f} ({100 * t['ci_low']:.1f}–{100 * t['ci_high']:.1f}), "
-            f"n={t['n']} | {s['executor_tokens']['refine']} + {s['executor_tokens']['test']} |")
-
-
-EVAL_HEADER = ["| meta-agent | turns | actions/turn | validation accuracy: init → best of each turn | final workflow "
-               "(val) | test accuracy % (95 % CI) | executor tokens (refine + test) |", "|---|---|---|---|---|---|---|"]
-
-
-def write_report(run_dir, cfg, iters, evals):
-    """The refine section of runs/<run>/report.md (replaced in place if the file has one)."""
-    lines = ["<!-- refine:begin -->", "## W4S refinement (RWR)", "",
-             f"meta-agent `{cfg['model']}`, executor `{cfg['executor']}`, benchmark `{cfg['bench']}`; "
-             f"{cfg['episodes']} episodes x {cfg['turns']} turns x {cfg['candidates']} actions per iteration, "
-             f"{cfg['val_problems']} validation problems, up to {cfg['max_repairs']} repairs; RWR tau {cfg['tau']}, "
-             f"lr {cfg['lr']}, {cfg['epochs']} epochs.", ""] + EVAL_HEADER + [format_eval(s) for s in evals]
-    lines += ["", "| iteration | actions | valid % | mean repairs | mean reward | mean val accuracy | groups kept | executor tokens |",
-              "|---|---|---|---|---|---|---|---|"]
-    for k in range(iters):
-        p = Path(run_dir) / f"iter_{k}" / "stats.json"
-        st = json.loads(p.read_text()) if p.is_file() else {}
-        r, g = st.get("refine"), st.get("groups", {})
-        if r:
-            lines.append(f"| {k} | {r['candidates']} | {100 * r['valid_fraction']:.0f} | {r['mean_repairs']:.2f} | "
-                         f"{r['mean_reward']:.3f} | {r['mean_accuracy']:.3f} | {g.get('groups', '–')} | {r['executor_tokens']} |")
-    lines.append("<!-- refine:end -->")
-    path = Path(run_dir) / "report.md"
-    old = path.read_text() if path.is_file() else ""
-    if "<!-- refine:begin -->" in old and "<!-- refine:end -->" in old:
-        a, b = old.index("<!-- refine:begin -->"), old.index("<!-- refine:end -->") + len("<!-- refine:end -->")
-        text = old[:a] + "\n".join(lines) + old[b:]
-    else:
-        text = (old.rstrip() + "\n\n" if old.strip() else "") + "\n".join(lines) + "\n"
-    write_atomic(path, text)
-    return path
-
-
-# ---- entry points of collect.py / train.py / evaluate.py --mode refine ------------------------------
-
-def collect_main(args):
-    try:
-        cfg = settings(args.run, args, collect.settings(args.run, args))
-        collect.set_threads(cfg)
-        with collect.open_executor(cfg) as ex:
-            stats = collect_refine(args.run, args.iter, cfg, executor=ex)
-    except (DataError, ValueError, collect.ExecutorError) as e:  # here: the endpoint's, never a workflow's
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(json.dumps(stats))
-
-
-def evaluate_main(args):
-    try:
-        if not args.run or args.iter is None:
-            raise DataError("--mode refine needs --run DIR --iter K")
-        cfg = settings(args.run, args, collect.settings(args.run, args), save=False)
-        collect.set_threads(cfg)
-        with collect.open_executor(cfg) as ex:
-            # the meta-agent of iteration K: base + iter_K/adapter, here or (--generator-url) in the server
-            mdl, tok = collect.load_generator(cfg, args.run, args.iter)
-            s = evaluate_refine(mdl, tok, cfg, ex, cfg["turns"], Path(args.run) / "eval", f"refine_iter_{args.iter}",
-                                test_problems=args.limit,
-                                served=lambda: collect.serve_generator(cfg, args.run, args.iter))
-    except (DataError, ValueError, collect.ExecutorError) as e:  # here: the endpoint's, never a workflow's
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print("\n".join(EVAL_HEADER + [format_eval(s)]))
-
-
-def train_main(args):
-    """train.py --mode refine: per iteration collect episodes -> write_groups -> train.update (rwr),
-    resumable step by step like the SPOGW driver; then evaluate_refine at iteration 0 and N."""
-    import torch
-    import model as M
-    import train as T
-    run_dir = Path(args.run)
-    try:
-        if args.iter < 0:
-            raise DataError(f"--iter must be >= 0, got {args.iter}")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if args.loss is None:
-            args.loss = "rwr"
-        cfg = T.config(run_dir, args)
-        if cfg["loss"] != "rwr":
-            raise DataError(f"--mode refine trains with --loss rwr (W4S rewards are not advantages), got {cfg['loss']!r}")
-        cfg = settings(run_dir, args, cfg, smoke=args.smoke)
-        print(f"[refine] run {run_dir}  config: " + json.dumps(cfg, sort_keys=True))
-        torch.manual_seed(cfg["seed"])
-        collect.set_threads(cfg)
-        with collect.open_executor(cfg) as ex:
-            mdl, tok = M.load_model(cfg["model"], device=cfg["device"], dtype=cfg["dtype"])
-            M.add_lora(mdl, r=cfg["lora_r"], alpha=cfg["lora_alpha"])
-            for k in range(args.iter):
-                d = run_dir / f"iter_{k}"
-                if k > 0:
-                    M.load_adapter(mdl, d / "adapter")  # pi_old of iteration k
-                st = json.loads((d / "stats.json").read_text()) if (d / "stats.json").is_file() else {}
-                if "refine" not in st:
-                    print(f"[refine {k}] " + json.dumps(collect_refine(run_dir, k, cfg, ex, generator=(mdl, tok))))
-                if not (d / "groups.jsonl").is_file():
-                    g = write_groups(run_dir, k)
-                    st = json.loads((d / "stats.json").read_text())
-                    write_json_atomic(d / "stats.json", dict(st, groups=g))
-                    print(f"[groups {k}] " + json.dumps(g))
-                if not (run_dir / f"iter_{k + 1}" / "adapter").is_dir():
-                    t0 = time.time()
-                    s = T.update(run_dir, k, cfg, mdl, tok)
-                    st = json.loads((d / "stats.json").read_text())
-                    write_json_atomic(d / "stats.json", dict(st, train=dict(s, seconds=time.time() - t0)))
-                    print(f"[update {k}] " + json.dumps(s))
-            if args.no_eval:
-                return
-            evals = []
-            for k in sorted({0, args.iter}):
-                name = f"refine_iter_{k}"
-                served = lambda k=k: collect.serve_generator(cfg, run_dir, k)  # --generator-url: k's own model
-                if k == 0:
-                    with M.lora_disabled(mdl):
-                        s = evaluate_refine(mdl, tok, cfg, ex, cfg["turns"], run_dir / "eval", name, cfg["eval_problems"],
-                                            served=served)
-                else:
-                    M.load_adapter(mdl, run_dir / f"iter_{k}" / "adapter")
-                    s = evaluate_refine(mdl, tok, cfg, ex, cfg["turns"], run_dir / "eval", name, cfg["eval_problems"],
-                                        served=served)
-                print(f"[eval refine iter {k}] " + format_eval(s))
-                evals.append(s)
-        print(write_report(run_dir, cfg, args.iter, evals).read_text())
-    except (DataError, ValueError, collect.ExecutorError) as e:  # here: the endpoint's, never a workflow's
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)

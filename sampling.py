@@ -1,4 +1,4 @@
-"""Sampling from a local model: chat prompts with a prefill, batched decoding, stop tokens (ARCHITECTURE §2).
+"""Sampling from a local model: chat prompts with a prefill, batched decoding, stop tokens (ARCHITECTURE §10).
 
     python sampling.py --prompt "What is 47 * 6?"            # embedded SmolLM2-135M, greedy chat answer
     python sampling.py path/to/hf_dir --prompt "Hi" --max-new-tokens 32 --adapter runs/default/iter_1/adapter
@@ -218,3 +218,7 @@ def main(argv=None):
     res = sample(model, tok, [[{"role": "user", "content": args.prompt}]], max_new_tokens=args.max_new_tokens,
                  temperature=args.temperature)
     print(res[0][0]["text"])
+
+
+if __name__ == "__main__":
+    main()

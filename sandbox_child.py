@@ -13,6 +13,7 @@ import json
 import os
 import resource
 import sys
+import traceback
 
 
 def main():
@@ -118,7 +119,6 @@ def main():
             if not isinstance(e.code, int) and e.code is not None:
                 sys.stderr.write(str(e.code) + "\n")
         except BaseException:
-            import traceback
             et, ev, tb = sys.exc_info()
             traceback.print_exception(et, ev, tb.tb_next)  # the program's frames, not ours
             status = 1

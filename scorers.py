@@ -248,17 +248,10 @@ def f1(answer, gold):
     return 2 * p * r / (p + r)
 
 
-def strip_fences(text):
-    """Code inside the first ``` fence (```python or bare; a missing closing fence is fine),
-    else the text itself."""
-    m = re.search(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)(?:```|$)", text, flags=re.S)
-    return m.group(1) if m else text
-
-
 def code_program(row, answer):
     """The program that scores a code answer: (HumanEval prompt, so helper functions and imports
     exist; the answer's own def overrides the stub) + answer + hidden test + the check call."""
-    code = strip_fences(answer)
+    code = extract_code(answer) or answer
     head = "\n".join(row.get("test_imports", []))
     if "prompt" in row and f"def {row['entry_point']}" not in code:
         head += "\n" + row["prompt"]  # the answer is a function body: complete the prompt's def
@@ -269,7 +262,7 @@ def code_program(row, answer):
 
 
 def score_code(row, answer, timeout=10):
-    if not strip_fences(answer).strip():
+    if not (extract_code(answer) or answer).strip():
         return 0.0
     res = sandbox.run_program(code_program(row, answer), timeout=timeout)
     return float(bool(res.get("ok")))
@@ -280,7 +273,7 @@ def extract_code(completion):
     missing closing fence is fine (generation stopped). None when there is no fence. With a
     prefill, pass prefill + completion."""
     for pat in (r"```[ \t]*(?:python|py)[ \t]*\r?\n(.*?)(?:```|\Z)", r"```[^\n`]*\r?\n(.*?)(?:```|\Z)"):
-        m = _re.search(pat, completion, flags=_re.S | _re.I)
+        m = re.search(pat, completion, flags=re.S | re.I)
         if m:
             return m.group(1)
     return None

@@ -319,7 +319,7 @@ _REMIND = {"math": "it must not do the arithmetic itself", "qa": "it must not an
 
 
 
-def build_prompt(problem, family, operators=None, max_calls=6):
+def build_prompt(problem, family, offered=None, max_calls=6):
     """Chat messages asking the generator for one workflow for `problem` (ARCHITECTURE §3): the role and
     the rules (system), few-shot turns, then the problem. Each user turn repeats the operator
     catalogue, then its problem. The completion is one ```python block; sample it after
@@ -327,7 +327,7 @@ def build_prompt(problem, family, operators=None, max_calls=6):
     folds the system text into the first user turn (model.chat_messages)."""
     if family not in operators.OPERATOR_SETS:
         raise ValueError(f"unknown family {family!r}; choose from {', '.join(operators.OPERATOR_SETS)}")
-    ops = list(operators or operators.OPERATOR_SETS[family])
+    ops = list(offered or operators.OPERATOR_SETS[family])
     catalogue = "\n".join(f"- {OPERATOR_DOCS[o][0]}: {OPERATOR_DOCS[o][1]}" for o in ops)
     rules = (f"Rules: define only solve(problem); call only the operators and simple builtins (len, str, int, "
              f"range, ...); no import, no eval; at most {max_calls} operator calls; loops only over range(N); "

@@ -170,7 +170,7 @@ def test_build_prompt_structure_and_catalogue():
     assert all(m["content"].startswith("```python\n") for m in msgs if m["role"] == "assistant")
     qa = workflow.build_prompt("Question: who?", "qa")[-1]["content"]
     assert "answer_generate(" in qa and "programmer(" not in qa
-    code = workflow.build_prompt("def f(x):\n    pass", "code", operators=["code_generate", "test"])[-1]["content"]
+    code = workflow.build_prompt("def f(x):\n    pass", "code", offered=["code_generate", "test"])[-1]["content"]
     assert "code_generate(" in code and "custom(" not in code
     with pytest.raises(ValueError, match="unknown family"):
         workflow.build_prompt("x", "vision")

@@ -17,6 +17,7 @@ RUNNER = r'''
 import random, sys
 sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
 import model
+import sampling
 from conftest import tiny_llama, tiny_tokenizer
 
 # continuations of workflow.PREFILLS["math"] ("```python\ndef solve(problem):\n    drafts = [")

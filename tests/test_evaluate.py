@@ -4,8 +4,9 @@ import random
 
 import pytest
 
-import evaluate as E
 from jsonl import DataError
+import report
+import rollout
 
 
 def row(pid, score):
@@ -14,12 +15,12 @@ def row(pid, score):
 
 
 def test_bootstrap_ci_brackets_the_mean_and_is_exact_on_constants():
-    assert E.bootstrap_ci([1.0] * 50) == (1.0, 1.0)
+    assert report.bootstrap_ci([1.0] * 50) == (1.0, 1.0)
     scores = [1.0] * 39 + [0.0] * 61
-    lo, hi = E.bootstrap_ci(scores)
+    lo, hi = report.bootstrap_ci(scores)
     # normal approximation of the 95 % interval of a proportion: 0.39 +- 1.96 * sqrt(.39 * .61 / 100) = +-0.096
     assert lo < 0.39 < hi and abs((hi - lo) - 0.19) < 0.04
-    assert E.bootstrap_ci(scores) == (lo, hi)  # seeded
+    assert report.bootstrap_ci(scores) == (lo, hi)  # seeded
 
 
 def test_summary_does_not_depend_on_the_order_rows_finished(tmp_path):
@@ -31,13 +32,13 @@ def test_summary_does_not_depend_on_the_order_rows_finished(tmp_path):
         random.Random(seed).shuffle(shuffled)
         f = tmp_path / f"eval{seed}.jsonl"
         f.write_text("".join(json.dumps(r) + "\n" for r in shuffled))
-        got = E._finish(f, problems)
+        got = rollout.finish(f, problems)
         assert [r["problem_id"] for r in got] == [p["id"] for p in problems]  # problem order, "other" left out
-        out.append(E.summarize(got))
+        out.append(report.summarize(got))
         # compare_table summarizes a file's rows as they stand
-        assert E.summarize([r for r in shuffled if r["problem_id"] != "other"]) == out[0]
+        assert report.summarize([r for r in shuffled if r["problem_id"] != "other"]) == out[0]
     assert out[0] == out[1] == out[2] and out[0]["n"] == 40 and out[0]["accuracy"] == pytest.approx(14 / 40)
     f = tmp_path / "short.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in rows[:10]))
     with pytest.raises(DataError, match="short.jsonl: expected 40 problems, found 10"):
-        E._finish(f, problems)
+        rollout.finish(f, problems)

@@ -10,6 +10,9 @@ import operators
 import sandbox
 from openai_stub import StubServer
 import executor
+import config
+import generator
+import rollout
 
 FAST = dict(base_delay=0.01, max_delay=0.05)
 MSG = [{"role": "user", "content": "What is 2 + 2?"}]
@@ -53,7 +56,7 @@ def test_permanent_failure_is_reported_beside_the_result_not_as_a_crash():
                "        pass\n    try:\n        return custom(p, 'b')\n    except Exception:\n        return '7'\n")
     with StubServer(faults=["500"] * 100) as srv:
         ex = make(srv.url, max_retries=1)
-        res = [r for _, r in sandbox.run_many([dict(code=wf, problem=str(i), executor=ex, timeout=10) for i in range(3)])]
+        res = [r for _, r in sandbox.run_many([operators.job(wf, str(i), executor=ex, timeout=10) for i in range(3)])]
         assert len(srv.requests) == 6 and not ex.tripped  # 3 of 20 recent calls failed: under --max-fail-frac
         caught = operators.run_workflow(catcher, "q", executor=ex, timeout=10)
         assert len(srv.requests) == 8  # the second custom() sent nothing
@@ -314,17 +317,16 @@ def test_preflight_names_endpoint_model_and_server_text():
 
 
 def test_generator_preflight_lists_models():
-    import collect
     from jsonl import DataError
     with StubServer(models=("iter0", "base")) as srv:
-        collect.preflight_generator({"generator_url": srv.url, "generator_name": "iter0", "model": "x"})
+        generator.preflight_generator({"generator_url": srv.url, "generator_name": "iter0", "model": "x"})
         with pytest.raises(executor.InfraError, match="does not serve 'iter1'.*'iter0', 'base'"):
-            collect.preflight_generator({"generator_url": srv.url, "generator_name": "iter1", "model": "x"})
+            generator.preflight_generator({"generator_url": srv.url, "generator_name": "iter1", "model": "x"})
         url = srv.url
     with pytest.raises(executor.InfraError, match=f"generator at {url}: GET /models"):
-        collect.preflight_generator({"generator_url": url, "generator_name": "iter0", "model": "x"})
+        generator.preflight_generator({"generator_url": url, "generator_name": "iter0", "model": "x"})
     with pytest.raises(DataError, match="--max-fail-frac must be between 0 and 1, got 1.5"):
-        with collect.open_executor(dict(collect.DEFAULTS, executor="none", max_fail_frac=1.5)):
+        with rollout.open_executor(dict(config.defaults(), executor="none", max_fail_frac=1.5)):
             pass
 
 

@@ -6,10 +6,8 @@ import json
 import pytest
 import torch
 
-import collect
 import curate
 import model
-import refine as R
 import train
 from conftest import tiny_llama, tiny_tokenizer
 import operators
@@ -17,6 +15,7 @@ import workflow
 import lora
 import losses
 import sampling
+import rollout
 
 SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -247,7 +246,7 @@ def test_training_uses_the_sampled_prompt_ids():
     for p, mm, per in zip(problems, msgs, samples):
         for j, s in enumerate(per):
             assert s["prompt_ids"] == sampling.prompt_ids(tok, mm, "x")
-            row = collect.workflow_row(p, j, mm, "x", s["text"], s["token_ids"], operators.OPERATOR_SETS["math"], 6,
+            row = rollout.workflow_row(p, j, mm, "x", s["text"], s["token_ids"], operators.OPERATOR_SETS["math"], 6,
                                        prompt_ids=s["prompt_ids"], hit_cap=sampling.hit_cap(s["token_ids"], 6, {2}))
             rows.append(dict(row, score=float(j % 2)))
     groups, _ = curate.curate(rows, mode="all")
@@ -285,7 +284,7 @@ def test_refine_groups_keep_the_state_prompt_ids(tmp_path):
             for c, (a, r) in enumerate([(0.5, 1.0), (0.0, 0.0)])]
     import jsonl
     jsonl.write_jsonl_atomic(d / "refine.jsonl", rows)
-    R.write_groups(tmp_path, 0)
+    curate.refine_groups(tmp_path, 0)
     (g,) = jsonl.read_jsonl(d / "groups.jsonl")
     assert g["prompt_ids"] == [1, 9, 9]
     assert [s["ids"] for s in train.sequences([g], tiny_tokenizer(), "rwr", 1, 0)[0]] == [[1, 9, 9, 4, 2], [1, 9, 9, 5, 2]]
@@ -295,10 +294,10 @@ def test_refine_groups_keep_the_state_prompt_ids(tmp_path):
 
 def test_cap_warning_names_the_knob():
     rows = [{"hit_cap": x} for x in (True, False, False, False, False, False, False, False, False, False)]
-    assert collect.cap_warning(rows, "--max-new-tokens", 128) == (0.1, None)  # 10 %: not over
-    frac, warning = collect.cap_warning(rows + [{"hit_cap": True}], "--max-new-tokens", 128)
+    assert rollout.cap_warning(rows, "--max-new-tokens", 128) == (0.1, None)  # 10 %: not over
+    frac, warning = rollout.cap_warning(rows + [{"hit_cap": True}], "--max-new-tokens", 128)
     assert frac == pytest.approx(2 / 11) and "--max-new-tokens 128" in warning
-    assert collect.cap_warning([{"valid": True}], "--refine-tokens", 160) == (0.0, None)  # rows of older runs
+    assert rollout.cap_warning([{"valid": True}], "--refine-tokens", 160) == (0.0, None)  # rows of older runs
 
 
 def test_sampled_completion_at_the_budget_counts_as_hit():

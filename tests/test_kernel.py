@@ -9,7 +9,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import bench  # noqa: E402
+import bench_gpu  # noqa: E402
 import losses  # noqa: E402
 from losses import (CHUNK_BYTES, _ChunkBuffers, auto_chunk, fused_grpo_loss, fused_logprobs, grpo_loss,  # noqa: E402
                     kl_token_mask, token_weights)
@@ -101,8 +101,8 @@ def test_bf16_close_to_float64():
 def test_bf16_gradients_of_confident_tokens():
     """Per bucket of the target's p up to 0.99999: each kernel's bf16 dh and dW are within 2x the error
     of plain bf16 autograd (bf16 logits, fp32 log_softmax), both against float64 at the same inputs."""
-    rows = bench.grad_error_buckets(H=64, V=1000, per_bucket=32, chunk_size=16)
-    assert [(r["lo"], r["hi"]) for r in rows] == list(zip(bench.GRAD_BUCKETS[:-1], bench.GRAD_BUCKETS[1:]))
+    rows = bench_gpu.grad_error_buckets(H=64, V=1000, per_bucket=32, chunk_size=16)
+    assert [(r["lo"], r["hi"]) for r in rows] == list(zip(bench_gpu.GRAD_BUCKETS[:-1], bench_gpu.GRAD_BUCKETS[1:]))
     for r in rows:
         assert r["n"] >= 16, r
         for k in ("dh", "dw"):
@@ -112,10 +112,10 @@ def test_bf16_gradients_of_confident_tokens():
 
 
 def test_bucket_inputs_hit_their_buckets():
-    h, W, y, p = bench._bucket_inputs(16, 50, 8, seed=1)
+    h, W, y, p = bench_gpu._bucket_inputs(16, 50, 8, seed=1)
     assert h.dtype == torch.float64 and torch.equal(h, h.bfloat16().double()) and torch.equal(W, W.bfloat16().double())
     torch.testing.assert_close(p, naive_logp(h, W, y).exp())
-    counts = torch.histogram(p, torch.tensor(bench.GRAD_BUCKETS, dtype=torch.float64)).hist
+    counts = torch.histogram(p, torch.tensor(bench_gpu.GRAD_BUCKETS, dtype=torch.float64)).hist
     assert (counts >= 4).all(), counts
 
 
@@ -140,8 +140,7 @@ def test_auto_chunk_examples():
 
 
 def test_chunk_zero_or_none_is_auto(monkeypatch):
-    import model
-    monkeypatch.setattr(model, "CHUNK_BYTES", 64 * 1000 * 4)  # fp32 V=1000: 64 rows, so N=300 is 5 chunks
+    monkeypatch.setattr(losses, "CHUNK_BYTES", 64 * 1000 * 4)  # fp32 V=1000: 64 rows, so N=300 is 5 chunks
     rows, init = [], losses._ChunkBuffers.__init__
     monkeypatch.setattr(losses._ChunkBuffers, "__init__", lambda self, r, w: rows.append(r) or init(self, r, w))
     h, W, y = make(300, 1000, 8)
@@ -302,7 +301,7 @@ def test_bench_kernel_quick_smoke():
     assert set(table) == {"naive", "rowloop", "fused_logprobs", "fused_grpo"}, r.stdout
     assert all(float(ln[4]) > 0 for ln in table.values()) and "x 1.00 time" in " ".join(table["naive"]), r.stdout
     grad = [ln for ln in lines if ln[:1] == ["grad"]]
-    assert len(grad) == 2 * (len(bench.GRAD_BUCKETS) - 1) and {ln[3] for ln in grad} == {"dh", "dw"}, r.stdout
+    assert len(grad) == 2 * (len(bench_gpu.GRAD_BUCKETS) - 1) and {ln[3] for ln in grad} == {"dh", "dw"}, r.stdout
     assert "bf16 gradient error <= 2x plain autograd in every bucket: PASS" in r.stdout, r.stdout
     bad = subprocess.run([sys.executable, "bench.py", "kernel", "--reps", "0"], cwd=root, capture_output=True, text=True)
     assert bad.returncode == 2 and "--reps" in bad.stderr

@@ -146,7 +146,7 @@ def test_load_errors_and_cli_exit_2(tmp_path):
         model.load_model(str(tmp_path / "x.gguf"))
     with pytest.raises(model.ModelError, match="not found"):
         model.load_model("no-such-embedded-name")
-    r = subprocess.run([sys.executable, str(ROOT / "model.py"), str(tmp_path / "nope"), "--prompt", "hi"],
+    r = subprocess.run([sys.executable, str(ROOT / "sampling.py"), str(tmp_path / "nope"), "--prompt", "hi"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "model not found" in r.stderr
 

@@ -11,6 +11,7 @@ from conftest import tiny_llama, tiny_tokenizer
 import lora
 import losses
 import sampling
+import config
 
 PROMPT = [{"role": "user", "content": "what is 2+3?"}]
 COMPLETIONS = ["5", "6 6", "41 + 1", "1 2", "77", "3 * 3 = 9", "x", "2 2 2 2"]
@@ -58,7 +59,7 @@ def test_first_step_sees_pi_theta_equal_pi_old_exactly(tmp_path, monkeypatch, dt
 
     monkeypatch.setattr(losses, "grpo_token_terms", spy)
     # lr 0 keeps theta == theta_old for every step; a budget that cuts steps into several micro-batches
-    c = dict(train.TRAIN_DEFAULTS, seed=0, model="tiny", ref=ref, lr=0.0, epochs=1, groups_per_step=2, token_budget=60)
+    c = dict(config.defaults(), seed=0, model="tiny", ref=ref, lr=0.0, epochs=1, groups_per_step=2, token_budget=60)
     train.update(tmp_path, 0, c, mdl, tok)
     assert len(seen) >= 3
     for d_old, d_ref in seen:
@@ -79,7 +80,7 @@ def test_scoredpo_first_step_loss_is_log2_when_theta_is_ref(tmp_path):
     tok = tiny_tokenizer()
     mdl = lora.add_lora(tiny_llama().to(torch.bfloat16), r=4, alpha=8)
     write_groups(tmp_path / "iter_0", tok, [[1.0, 0.0, 0.5], [0.0, 1.0]])
-    c = dict(train.TRAIN_DEFAULTS, seed=0, model="tiny", loss="scoredpo", lr=0.0, epochs=1, groups_per_step=1,
+    c = dict(config.defaults(), seed=0, model="tiny", loss="scoredpo", lr=0.0, epochs=1, groups_per_step=1,
              token_budget=40, pairs_per_problem=3)
     train.update(tmp_path, 0, c, mdl, tok)
     log = [json.loads(l) for l in (tmp_path / "iter_0" / "train_log.jsonl").read_text().splitlines()]
@@ -193,11 +194,10 @@ def test_bench_gpu_without_cuda_exits_2():
 
 
 def test_run_notes_warn_about_an_idle_gpu_and_estimate_only_what_was_measured(monkeypatch):
-    import collect
-    c = dict(collect.DEFAULTS, **train.TRAIN_DEFAULTS, **train.CURATE_DEFAULTS, **train.EVAL_DEFAULTS)
+    c = dict(config.defaults())
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    notes = train.run_notes(c, 3)
+    notes = config.run_notes(c, 3)
     assert any(n.startswith("warning: CUDA is available") for n in notes)
     assert any(n.startswith("estimated time") for n in notes)
-    notes = train.run_notes(dict(c, device="cuda", model="Qwen/Qwen2.5-7B-Instruct"), 3)
+    notes = config.run_notes(dict(c, device="cuda", model="Qwen/Qwen2.5-7B-Instruct"), 3)
     assert not any(n.startswith(("estimated time", "warning")) for n in notes)

@@ -17,6 +17,9 @@ import refine as R
 from conftest import ROOT
 from openai_stub import StubServer
 import lora
+import config
+import curate
+import rollout
 
 # ---- a fake task: the executor is right on a share of problems set by the instruction word ----
 
@@ -30,7 +33,7 @@ def stub_reply(messages):
     share = SHARE.get(instruction.strip(), 0.0)
     if gold is None:
         return "I do not know."
-    right = int(R.seed_of("stub", problem)) % 1000 < share * 1000
+    right = int(rollout.seed_of("stub", problem)) % 1000 < share * 1000
     return f"The answer is {gold if right else int(gold) + 1}."
 
 
@@ -69,7 +72,7 @@ def canned(pool, repair=None, log=None):
 
 def cfg(**kw):
     c = dict(bench="arith", data_dir=None, max_calls=6, timeout=20.0, workers=2, runs=1, seed=0,
-             **R.REFINE_DEFAULTS)
+             **config.defaults(("refine",)))
     c.update(kw)
     return c
 
@@ -169,7 +172,7 @@ def test_repair_loop_reprompts_with_the_error_then_skips():
     reps0 = [m for m in log if "index" in m[2]["content"]]
     assert [len(m) for m in reps0] == [4, 6, 8]
     for m in reps0:
-        assert m[:2] == msgs and m[-2]["role"] == "assistant" and m[-2]["content"] == R.prefill_of("arith") + RAISES
+        assert m[:2] == msgs and m[-2]["role"] == "assistant" and m[-2]["content"] == workflow.PREFILLS["math"] + RAISES
         assert m[-1]["role"] == "user" and "IndexError" in m[-1]["content"] and "Fix it" in m[-1]["content"]
     assert len(log) == 3 + 2  # three repairs of candidate 0, two of candidate 1, none for 2
     assert st[2]["prompt_tokens"] == 10 and st[0]["prompt_tokens"] == 40  # 1 call per self-check run
@@ -180,7 +183,7 @@ def test_repair_loop_reprompts_with_the_error_then_skips():
 SCRIPT = r'''
 import json, os, signal, sys
 sys.path[:0] = [{root!r}, {tests!r}]
-import collect, executor, refine as R, test_refine as TR
+import executor, refine as R, rollout, test_refine as TR
 from openai_stub import StubServer
 # KILL_AT=k: SIGKILL this process at its k-th appended row (candidate or validation row), after
 # writing the first bytes of that row when TORN=1 (a kill in the middle of a write)
@@ -193,7 +196,7 @@ def append(f, row):
             f.flush()
         os.kill(os.getpid(), signal.SIGKILL)
     real(f, row)
-R.append_jsonl = collect.append_jsonl = append
+R.append_jsonl = rollout.append_jsonl = append
 pool = [TR.GOOD["alpha"], TR.GOOD["beta"], TR.GOOD["gamma"], TR.RAISES, TR.INVALID]
 propose = TR.canned(pool, repair=lambda m: TR.GOOD["alpha"] if "index" in m[-2]["content"] else TR.INVALID)
 cfg = TR.cfg(turns=2, candidates=3, val_problems=3, episodes=1, max_repairs=1)
@@ -247,7 +250,7 @@ def test_collect_resumes_after_sigkill(tmp_path):
         assert comparable(run / "iter_0" / name) == comparable(d / name), (name, k, torn)
 
     # groups for RWR: one per turn with unequal rewards, members = that turn's valid candidates
-    g = R.write_groups(tmp_path / "ref", 0)
+    g = curate.refine_groups(tmp_path / "ref", 0)
     groups = [json.loads(l) for l in (d / "groups.jsonl").read_text().splitlines()]
     assert len(groups) == g["groups"] and g["groups"] + g["dropped_equal_rewards"] == 2
     for grp in groups:
@@ -255,7 +258,7 @@ def test_collect_resumes_after_sigkill(tmp_path):
         mine = sorted((r for r in rows if r["turn"] == t and r["valid"]), key=lambda r: r["candidate"])
         assert [m["score"] for m in grp["members"]] == [r["reward"] for r in mine]
         assert [m["completion"] for m in grp["members"]] == [r["completion"] for r in mine]
-        assert grp["prompt"] == mine[0]["prompt"] and grp["prefill"] == R.prefill_of("arith")
+        assert grp["prompt"] == mine[0]["prompt"] and grp["prefill"] == workflow.PREFILLS["math"]
 
 
 def test_groups_train_with_rwr(tmp_path):
@@ -275,7 +278,7 @@ def test_groups_train_with_rwr(tmp_path):
     d = tmp_path / "iter_0"
     d.mkdir()
     (d / "refine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert R.write_groups(tmp_path, 0)["groups"] == 1
+    assert curate.refine_groups(tmp_path, 0)["groups"] == 1
     mdl = lora.add_lora(tiny_llama(), r=4, alpha=8)
     groups = [json.loads(l) for l in (d / "groups.jsonl").read_text().splitlines()]
     assert [m["sample"] for m in groups[0]["members"]] == [0, 1, 2]
@@ -285,7 +288,7 @@ def test_groups_train_with_rwr(tmp_path):
         return [sum(x) / len(x) for x in train.seq_logprobs(mdl, seqs, 4096, 1024)]
 
     before = mean_logps()
-    c = dict(train.TRAIN_DEFAULTS, seed=0, model="tiny", loss="rwr", lr=1e-2, epochs=2, groups_per_step=1)
+    c = dict(config.defaults(), seed=0, model="tiny", loss="rwr", lr=1e-2, epochs=2, groups_per_step=1)
     train.update(tmp_path, 0, c, mdl, tok)
     after = mean_logps()
     gain = [a - b for a, b in zip(after, before)]
@@ -310,14 +313,14 @@ def test_evaluate_refine_scores_the_best_validation_workflow_on_test(tmp_path):
     propose = canned([GOOD["alpha"], GOOD["beta"]])  # seeded draws of 3
     with StubServer(stub_reply) as srv:
         ex = executor.Executor(srv.url, "stub", max_retries=0)
-        s = R.evaluate_refine(None, None, c, ex, 1, tmp_path, "refine_iter_0", test_problems=12, propose=propose)
+        s = R.evaluate_refine(None, c, ex, 1, tmp_path, "refine_iter_0", test_problems=12, propose=propose)
     rows = [json.loads(l) for l in (tmp_path / "refine_iter_0.jsonl").read_text().splitlines()]
     best = R.best_workflow(rows)
     assert s["final"]["code"] == best["code"] and s["final"]["val_accuracy"] == best["accuracy"]
     word = best["code"].split('"')[1] if best["turn"] >= 0 else None
     test = benchmarks.load("arith", "test", limit=12, seed=0)
     # naive reference: the stub is right on a known subset of problems for each instruction word
-    want = sum(int(R.seed_of("stub", p["problem"])) % 1000 < SHARE.get(word, 0.0) * 1000 for p in test) / 12
+    want = sum(int(rollout.seed_of("stub", p["problem"])) % 1000 < SHARE.get(word, 0.0) * 1000 for p in test) / 12
     assert 0 < want < 1 and s["test"]["n"] == 12 and s["test"]["accuracy"] == pytest.approx(want)
     assert s["executor_tokens"]["test"] == 12 * 15
     assert json.loads((tmp_path / "refine_iter_0_T1.json").read_text())["test"]["accuracy"] == s["test"]["accuracy"]

@@ -16,6 +16,9 @@ from conftest import tiny_llama, tiny_tokenizer
 from vllm_stub import VLLMStub
 import lora
 import sampling
+import config
+import generator
+import rollout
 
 MSGS = [[{"role": "user", "content": "what is 2+3?"}], [{"role": "user", "content": "what is 7*6?"}]]
 PREFILL = "x = ("
@@ -54,7 +57,7 @@ def reference(mdl, prompt, max_new_tokens, temperature, seed, j, top_p=1.0):
 
 
 def cfg_for(url, model_dir):
-    return dict(collect.DEFAULTS, generator_url=url, generator_name="base", model=str(model_dir))
+    return dict(config.defaults(), generator_url=url, generator_name="base", model=str(model_dir))
 
 
 def completion_requests(stub):
@@ -68,7 +71,7 @@ def load_requests(stub):
 @pytest.mark.parametrize("token_ids", [True, False])  # False: an older vLLM, ids only in the logprobs
 def test_sample_remote_sends_token_ids_and_returns_the_sampled_ids(tok, token_ids):
     with VLLMStub(tiny_llama, tok, token_ids=token_ids) as stub:
-        out = collect.sample_remote(stub.url, "base", MSGS, 3, 48, 1.0, 1.0, 7, PREFILL, tok)
+        out = generator.sample_remote(stub.url, "base", MSGS, 3, 48, 1.0, 1.0, 7, PREFILL, tok)
     prompts = [sampling.prompt_ids(tok, m, PREFILL) for m in MSGS]
     (body,) = completion_requests(stub)
     assert body["prompt"] == prompts and body["seed"] == 7 and body["n"] == 3 and body["model"] == "base"
@@ -92,8 +95,8 @@ def test_sample_remote_sends_token_ids_and_returns_the_sampled_ids(tok, token_id
 
 def test_sample_remote_refuses_a_server_without_token_ids(tok):
     with VLLMStub(tiny_llama, tok, token_ids=False, id_tokens=False) as stub:
-        with pytest.raises(collect.GeneratorError, match="return_tokens_as_token_ids"):
-            collect.sample_remote(stub.url, "base", MSGS, 2, 8, 1.0, 1.0, 0, PREFILL, tok)
+        with pytest.raises(generator.GeneratorError, match="return_tokens_as_token_ids"):
+            generator.sample_remote(stub.url, "base", MSGS, 2, 8, 1.0, 1.0, 0, PREFILL, tok)
 
 
 def test_iteration_k_loads_its_adapter_under_a_fresh_name_and_samples_with_it(tmp_path, tok, model_dir):
@@ -102,12 +105,12 @@ def test_iteration_k_loads_its_adapter_under_a_fresh_name_and_samples_with_it(tm
     a2 = make_adapter(run / "iter_2" / "adapter", seed=2)
     with VLLMStub(tiny_llama, tok) as stub:
         cfg = cfg_for(stub.url, model_dir)
-        assert collect.serve_generator(cfg, run, 0) == "base" and not load_requests(stub)
-        n1, n2 = collect.serve_generator(cfg, run, 1), collect.serve_generator(cfg, run, 2)
+        assert generator.serve_generator(cfg, run, 0) == "base" and not load_requests(stub)
+        n1, n2 = generator.serve_generator(cfg, run, 1), generator.serve_generator(cfg, run, 2)
         assert [b["lora_path"] for b in load_requests(stub)] == [str(a1.resolve()), str(a2.resolve())]
         assert [b["lora_name"] for b in load_requests(stub)] == [n1, n2]
         assert n1.startswith("runA-") and n1.endswith("-iter1") and n2.endswith("-iter2") and n1 != n2 != "base"
-        out = collect.sample_remote(stub.url, n1, MSGS[:1], 4, 12, 1.0, 1.0, 3, PREFILL, tok)[0]
+        out = generator.sample_remote(stub.url, n1, MSGS[:1], 4, 12, 1.0, 1.0, 3, PREFILL, tok)[0]
     assert completion_requests(stub)[-1]["model"] == n1
     p = sampling.prompt_ids(tok, MSGS[0], PREFILL)
     with_adapter = [reference(lora.load_adapter(tiny_llama(), a1), p, 12, 1.0, 3, j)[0] for j in range(4)]
@@ -118,11 +121,11 @@ def test_iteration_k_loads_its_adapter_under_a_fresh_name_and_samples_with_it(tm
 def test_names_differ_between_runs_and_adapter_versions(tmp_path):
     a = make_adapter(tmp_path / "runA" / "iter_1" / "adapter", seed=1)
     b = make_adapter(tmp_path / "runB" / "iter_1" / "adapter", seed=1)  # same bytes, another run
-    name = collect.adapter_name(tmp_path / "runA", 1, a)
-    assert name == collect.adapter_name(tmp_path / "runA", 1, a)
-    assert name != collect.adapter_name(tmp_path / "runB", 1, b)
+    name = generator.adapter_name(tmp_path / "runA", 1, a)
+    assert name == generator.adapter_name(tmp_path / "runA", 1, a)
+    assert name != generator.adapter_name(tmp_path / "runB", 1, b)
     make_adapter(a, seed=5)  # retrained in place: another adapter, another name
-    assert name != collect.adapter_name(tmp_path / "runA", 1, a)
+    assert name != generator.adapter_name(tmp_path / "runA", 1, a)
 
 
 def test_restart_reuses_a_name_only_when_the_server_loaded_it_from_our_adapter(tmp_path, tok, model_dir):
@@ -130,13 +133,13 @@ def test_restart_reuses_a_name_only_when_the_server_loaded_it_from_our_adapter(t
     adapter = make_adapter(run / "iter_1" / "adapter", seed=1)
     with VLLMStub(tiny_llama, tok) as stub:
         cfg = cfg_for(stub.url, model_dir)
-        name = collect.serve_generator(cfg, run, 1)
-        assert collect.serve_generator(cfg, run, 1) == name  # "already loaded", from this path: ours
+        name = generator.serve_generator(cfg, run, 1)
+        assert generator.serve_generator(cfg, run, 1) == name  # "already loaded", from this path: ours
         assert stub.loras == {name: str(adapter.resolve())} and len(load_requests(stub)) == 2
     with VLLMStub(tiny_llama, tok) as stub:
         stub.loras[name] = "/elsewhere/adapter"  # the name is taken by something we cannot vouch for
-        with pytest.raises(collect.GeneratorError, match="already has an adapter named"):
-            collect.serve_generator(cfg_for(stub.url, model_dir), run, 1)
+        with pytest.raises(generator.GeneratorError, match="already has an adapter named"):
+            generator.serve_generator(cfg_for(stub.url, model_dir), run, 1)
 
 
 @pytest.mark.parametrize("server", ["no runtime lora", "refuses", "down"])
@@ -148,8 +151,8 @@ def test_adapter_load_failure_is_an_error_naming_the_url(tmp_path, tok, model_di
         url = stub.url
         if server == "down":
             url = f"http://127.0.0.1:{closed_port()}/v1"
-        with pytest.raises(collect.GeneratorError) as e:
-            collect.serve_generator(cfg_for(url, model_dir), run, 1)
+        with pytest.raises(generator.GeneratorError) as e:
+            generator.serve_generator(cfg_for(url, model_dir), run, 1)
     assert url in str(e.value)
     assert {"no runtime lora": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "refuses": "max_lora_rank 2",
             "down": "no answer"}[server] in str(e.value)
@@ -184,7 +187,7 @@ def test_collect_samples_iteration_1_from_its_adapter_and_stores_the_returned_id
     returned = {(i, j): ch["token_ids"] for i, r in enumerate(stub.replies) for j, ch in enumerate(r["choices"])}
     rows = rollouts(run, 1)
     assert len(rows) == 4
-    pids = [p["id"] for p in collect.problems_for(dict(collect.DEFAULTS, problems=2), 1)]
+    pids = [p["id"] for p in rollout.problems_for(dict(config.defaults(), problems=2), 1)]
     mdl = lora.load_adapter(tiny_llama(), adapter)
     for r in rows:
         i = pids.index(r["problem_id"])  # one problem per chunk and request, in order
@@ -231,15 +234,15 @@ def test_refine_meta_agent_samples_under_its_iterations_name(tmp_path, tok, mode
     run = tmp_path / "run"
     make_adapter(run / "iter_1" / "adapter", seed=1)
     with VLLMStub(tiny_llama, tok) as stub:
-        cfg = dict(cfg_for(stub.url, model_dir), **R.REFINE_DEFAULTS)
-        propose = R.make_proposer(cfg, collect.load_generator(cfg, run, 1),
-                                  served=lambda: collect.serve_generator(cfg, run, 1))
+        cfg = dict(cfg_for(stub.url, model_dir), **config.defaults(("refine",)))
+        propose = R.proposer(cfg, generator.sampler(cfg, run, 1, max_new_tokens=cfg["refine_tokens"]))
         out = propose(MSGS[:1], 2, 5)[0]
         (load,) = load_requests(stub)
         assert completion_requests(stub)[-1]["model"] == load["lora_name"]
         assert [s["token_ids"] for s in out] == [ch["token_ids"] for ch in stub.replies[-1]["choices"]]
-        with pytest.raises(ValueError, match="served"):
-            R.make_proposer(cfg, (None, tok))(MSGS[:1], 1, 0)
+        # iteration 0's meta-agent is the base model, under its served name; nothing more is loaded
+        R.proposer(cfg, generator.sampler(cfg, run, 0, max_new_tokens=cfg["refine_tokens"]))(MSGS[:1], 1, 0)
+        assert completion_requests(stub)[-1]["model"] == "base" and len(load_requests(stub)) == 1
 
 
 def test_train_driver_samples_each_iteration_from_its_own_adapter(tmp_path, tok):

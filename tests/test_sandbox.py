@@ -602,7 +602,7 @@ def test_packages_exposed_read_only_in_each_mode(monkeypatch, mode):
 
 
 def test_run_many_yields_all_with_indices():
-    jobs = [dict(code=f"def solve(p):\n    return p * {i}\n", problem="ab", timeout=5) for i in range(6)]
+    jobs = [operators.job(f"def solve(p):\n    return p * {i}\n", "ab", timeout=5) for i in range(6)]
     jobs.append(dict(program="print('prog')"))
     seen = []
     out = dict(sandbox.run_many(jobs, workers=2, progress=lambda done, total: seen.append((done, total))))
@@ -611,27 +611,33 @@ def test_run_many_yields_all_with_indices():
     assert out[6]["stdout"] == "prog\n" and seen[-1] == (7, 7)
 
 
-def _cli(*args, **kw):
-    return subprocess.run([sys.executable, str(ROOT / "sandbox.py"), *args], capture_output=True, text=True,
+def _cli(script, *args, **kw):
+    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True,
                           timeout=60, cwd=ROOT, **kw)
 
 
 def test_cli(tmp_path):
     wf = tmp_path / "wf.py"
     wf.write_text("def solve(p):\n    print('{\"answer\": \"forged\"}')\n    return p.upper()\n")
-    p = _cli(str(wf), "--problem", "hi there", "--executor", "none", "--timeout", "5")
+    p = _cli("operators.py", str(wf), "--problem", "hi there", "--executor", "none", "--timeout", "5")
     assert p.returncode == 0 and len(p.stdout.splitlines()) == 1, p
     r = json.loads(p.stdout)
     assert list(r) == list(operators.RESULT_KEYS) and r["answer"] == "HI THERE" and r["error"] is None
     wf.write_text("def solve(p):\n    raise KeyError(p)\n")
-    r = json.loads(_cli(str(wf), "--problem", "k").stdout)
+    r = json.loads(_cli("operators.py", str(wf), "--problem", "k").stdout)
     assert r["error"] == "exception: KeyError: 'k'"
-    assert _cli(str(tmp_path / "missing.py"), "--problem", "x").returncode == 2
-    assert _cli(str(wf)).returncode == 2  # no --problem
-    assert _cli(str(wf), "--problem", "x", "--timeout", "-1").returncode == 2
-    assert _cli(str(wf), "--problem", "x", "--executor", "ftp://nope").returncode == 2
-    info = json.loads(_cli("--info").stdout)
+    assert _cli("operators.py", str(tmp_path / "missing.py"), "--problem", "x").returncode == 2
+    assert _cli("operators.py", str(wf)).returncode == 2  # no --problem
+    assert _cli("operators.py", str(wf), "--problem", "x", "--timeout", "-1").returncode == 2
+    assert _cli("operators.py", str(wf), "--problem", "x", "--executor", "ftp://nope").returncode == 2
+    info = json.loads(_cli("sandbox.py", "--info").stdout)
     assert info["isolation"] == sandbox.isolation()
+    prog = tmp_path / "prog.py"
+    prog.write_text("import sys\nprint(sys.stdin.read().upper())\n")
+    r = json.loads(_cli("sandbox.py", str(prog), "--stdin", "hey").stdout)
+    assert r["ok"] and r["stdout"] == "HEY\n"
+    assert _cli("sandbox.py", str(tmp_path / "missing.py")).returncode == 2
+    assert _cli("sandbox.py").returncode == 2  # neither a program nor --info
 
 
 def test_bench_sandbox_smoke():

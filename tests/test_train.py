@@ -10,12 +10,13 @@ from conftest import tiny_llama, tiny_tokenizer
 import lora
 import losses
 import sampling
+import config
 
 PROMPT = [{"role": "user", "content": "what is 2+3?"}]
 
 
 def cfg(**kw):
-    c = dict(train.TRAIN_DEFAULTS, seed=0, model="tiny")
+    c = dict(config.defaults(), seed=0, model="tiny")
     c.update(kw)
     return c
 

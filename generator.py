@@ -1,0 +1,243 @@
+"""The generator: where workflows come from. A local model (base + the adapter of the iteration)
+or a vLLM server that loads each iteration's adapter itself (ARCHITECTURE §10, README "vLLM recipe").
+
+    python collect.py --run runs/x --iter 1 --generator-url http://localhost:8000/v1 --generator-name base
+
+sampler() hides which: it returns sample(messages_list, n, temperature, seed, prefill), the same
+rows from both sources (text, token ids, prompt ids, hit_cap), so collect.py, evaluate.py and the
+refine meta-agent need not know. The vLLM path is plain urllib, not the openai client:
+load_lora_adapter is no OpenAI endpoint and answers plain text, the sampled ids come back in fields
+the client's types do not declare, and a failure should stop the step at once (the client retries
+silently) with the server's own message.
+"""
+import hashlib
+import json
+import os
+import re
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import executor
+import lora
+import model
+import sampling
+from jsonl import DataError
+
+def load_generator(cfg, run_dir, it):
+    """(model, tokenizer) of iteration `it`: the base model + the adapter trained at iteration it-1
+    (saved as iter_<it>/adapter). With --generator-url the server samples: (None, tokenizer), and
+    only the tokenizer is loaded (the full model in fp32 would be ~30 GB for a 7B one)."""
+    if cfg["generator_url"]:
+        return None, model.load_tokenizer(cfg["model"])
+    mdl, tok = model.load_model(cfg["model"], device=cfg["device"], dtype=cfg["dtype"])
+    if it > 0:
+        lora.load_adapter(mdl, adapter_dir(run_dir, it))
+    return mdl, tok
+
+
+def adapter_dir(run_dir, it):
+    """iter_<it>/adapter, checked: the generator of iteration it >= 1 is the one trained at it-1."""
+    d = Path(run_dir) / f"iter_{it}" / "adapter"
+    if not (d / "adapter_config.json").is_file() or not (d / "adapter_model.safetensors").is_file():
+        raise DataError(f"{d}: missing or incomplete (iteration {it} needs the adapter trained at iteration {it - 1})")
+    return d
+
+
+GENERATOR_TIMEOUT = 600.0  # seconds per request: one request samples n completions of several prompts
+
+
+class GeneratorError(ValueError):
+    """The --generator-url server failed: unreachable, refused an adapter or a request, or answered
+    something that is not a vLLM reply. An infrastructure fault, never a sample; the CLIs exit 2."""
+
+
+def vllm_request(url, path, body=None, timeout=GENERATOR_TIMEOUT):
+    """(HTTP status, reply text) of GET <url>/<path> (body None) or POST of the JSON `body`. A status
+    >= 400 is returned for the caller to word; no answer at all is a GeneratorError naming the URL."""
+    headers = {"Content-Type": "application/json"}
+    if os.environ.get("VLLM_API_KEY"):  # the key a `vllm serve --api-key` / $VLLM_API_KEY server wants
+        headers["Authorization"] = f"Bearer {os.environ['VLLM_API_KEY']}"
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(f"{url.rstrip('/')}/{path}", data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read().decode("utf-8", errors="replace")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode("utf-8", errors="replace")
+    except (urllib.error.URLError, OSError, ValueError) as e:  # ValueError: not an http(s) URL
+        reason = getattr(e, "reason", None) or e
+        raise GeneratorError(f"generator at {url}: {'GET' if body is None else 'POST'} /{path}: no answer "
+                             f"({type(reason).__name__}: {reason}); is the vLLM server up?") from None
+
+
+def server_message(text):
+    """The error message of a vLLM error body ({"error": {"message"}} or {"message"}), else the text."""
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return text.strip()[:500]
+    err = obj.get("error") if isinstance(obj, dict) else None
+    msg = err.get("message") if isinstance(err, dict) else obj.get("message") if isinstance(obj, dict) else None
+    return str(msg if msg is not None else text.strip())[:500]
+
+
+def adapter_name(run_dir, it, adapter):
+    """The served name of iteration `it`'s adapter: <run dir name>-<12 hex>-iter<it>, the hex from the
+    adapter's absolute path and the bytes of its two files. vLLM refuses to load a second adapter
+    under a name it has, so each run, iteration and adapter version gets its own; and one name
+    always means one path with one content, which is what lets a restart reuse it (serve_generator)."""
+    h = hashlib.sha256(str(Path(adapter).resolve()).encode())
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        h.update(b"\0" + (Path(adapter) / f).read_bytes())
+    run = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(run_dir).resolve().name) or "run"
+    return f"{run}-{h.hexdigest()[:12]}-iter{it}"
+
+
+def served_models(url):
+    """{id: model card} of GET <url>/models (vLLM lists its base model(s) and every loaded adapter,
+    an adapter's card with `root` = the path it was loaded from)."""
+    code, text = vllm_request(url, "models", timeout=60.0)
+    if code != 200:
+        raise GeneratorError(f"generator at {url}: GET /models: HTTP {code}: {server_message(text)}")
+    try:
+        return {m["id"]: m for m in json.loads(text)["data"]}
+    except (ValueError, KeyError, TypeError):
+        raise GeneratorError(f"generator at {url}: GET /models: not a model list: {text[:200]!r}") from None
+
+
+def serve_generator(cfg, run_dir, it):
+    """The name to sample iteration `it` under at --generator-url: the base model (--generator-name,
+    default --model) at it = 0; else iter_<it>/adapter, loaded first (POST /load_lora_adapter, which
+    needs VLLM_ALLOW_RUNTIME_LORA_UPDATING=True on the server) under adapter_name's fresh name.
+    vLLM answers 400 "has already been loaded" when the name exists, e.g. after this run restarted
+    against the same server: that counts as loaded only when the server lists the name with our
+    adapter's path as its root -- the name fixes the path and the bytes, the root confirms it is ours.
+    A refusal (LoRA disabled, rank over --max-lora-rank, a path the server cannot read) is a
+    GeneratorError with the server's message."""
+    url = cfg["generator_url"]
+    if it == 0:
+        return cfg["generator_name"] or cfg["model"]
+    path = adapter_dir(run_dir, it).resolve()
+    name = adapter_name(run_dir, it, path)
+    code, text = vllm_request(url, "load_lora_adapter", {"lora_name": name, "lora_path": str(path)})
+    if code == 200:
+        return name
+    msg = server_message(text)
+    if code == 400 and "already" in msg.lower():
+        card = served_models(url).get(name)
+        if card is not None and card.get("root") == str(path):
+            return name
+        raise GeneratorError(f"generator at {url} already has an adapter named {name!r}, loaded from "
+                             f"{card.get('root') if card else '(not listed)'}, not {path}; restart the server")
+    hint = (" (start the server with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, --max-lora-rank >= "
+            "--lora-r, and let it read the run directory; README: vLLM recipe)")
+    raise GeneratorError(f"generator at {url}: loading adapter {path} as {name!r}: HTTP {code}: {msg}{hint}")
+
+
+def sample_remote(url, name, messages_list, n, max_new_tokens, temperature, top_p, seed, prefill, tokenizer):
+    """n workflows per prompt from a vLLM server serving `name` (serve_generator):
+    [[{text, token_ids, logprobs, prompt_ids, finish_reason}] * n] * len(messages_list), as sampling.sample.
+
+    The prompts are rendered and tokenized here (sampling.prompt_ids: chat template + prefill, what
+    training uses) and sent as token ids to /v1/completions, so the server continues exactly those
+    tokens; a chat endpoint would render its own (a Qwen3 template inserts an empty think block
+    before a continued assistant turn). The reply's sampled ids (return_token_ids, and the logprobs'
+    "token_id:<id>" tokens, which older servers support alone) are stored as they are, the stop
+    token included when the model stopped on one; `logprobs` are the server's (vLLM V1's default
+    --logprobs-mode raw_logprobs: the unscaled distribution, like sampling.sample; training recomputes
+    pi_old itself); `text` is decoded here from the ids. One request
+    carries every prompt with `seed` (vLLM seeds the i-th of the n samples with seed + i), so a
+    resumed run regenerates the same samples where the server honours seeds."""
+    prompts = [sampling.prompt_ids(tokenizer, m, prefill) for m in messages_list]
+    if not prompts:
+        return []
+    # vLLM fills a sampling field the request leaves out from the model's generation_config.json
+    # (Qwen2.5: top_k 20, repetition_penalty 1.05); sampling.sample applies temperature and top-p only
+    body = {"model": name, "prompt": prompts, "n": n, "max_tokens": max_new_tokens, "temperature": temperature,
+            "top_p": top_p, "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
+            "frequency_penalty": 0.0, "seed": seed, "logprobs": 0, "return_tokens_as_token_ids": True,
+            "return_token_ids": True}
+    code, text = vllm_request(url, "completions", body)
+    where = f"generator at {url}: POST /completions (model {name!r})"
+    if code != 200:
+        raise GeneratorError(f"{where}: HTTP {code}: {server_message(text)}")
+    try:
+        choices = json.loads(text)["choices"]
+    except (ValueError, KeyError, TypeError):
+        raise GeneratorError(f"{where}: not a completion: {text[:200]!r}") from None
+    if not isinstance(choices, list) or len(choices) != len(prompts) * n:
+        raise GeneratorError(f"{where}: {len(choices) if isinstance(choices, list) else 'no'} choices for "
+                             f"{len(prompts)} prompts x n={n}")
+    out = []
+    for i, ch in enumerate(choices):  # vLLM orders them prompt-major, the n of prompt 0 first
+        p = prompts[i // n]
+        lp = ch.get("logprobs") if isinstance(ch, dict) else None
+        tokens, logprobs = (lp.get("tokens"), lp.get("token_logprobs")) if isinstance(lp, dict) else (None, None)
+        if (not isinstance(tokens, list) or not isinstance(logprobs, list) or len(tokens) != len(logprobs)
+                or not all(isinstance(x, (int, float)) for x in logprobs)):
+            raise GeneratorError(f"{where}: choice {i} has no per-token logprobs")
+        found = [re.fullmatch(r"token_id:(\d+)", t) if isinstance(t, str) else None for t in tokens]
+        if not all(found):
+            raise GeneratorError(f"{where}: the logprobs name tokens by text, not by id, so the sampled ids are "
+                                 f"unknown; use a vLLM that supports return_tokens_as_token_ids, or start it with "
+                                 f"--return-tokens-as-token-ids")
+        ids = [int(f.group(1)) for f in found]
+        if ch.get("token_ids") is not None and list(ch["token_ids"]) != ids:
+            raise GeneratorError(f"{where}: choice {i}: token_ids and the logprobs' tokens differ")
+        if ch.get("prompt_token_ids") is not None and list(ch["prompt_token_ids"]) != p:
+            raise GeneratorError(f"{where}: choice {i}: the server sampled after other prompt ids than were sent")
+        out.append({"text": tokenizer.decode(ids, skip_special_tokens=True), "token_ids": ids,
+                    "logprobs": [float(x) for x in logprobs], "prompt_ids": list(p),
+                    "finish_reason": ch.get("finish_reason")})
+    return [out[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
+def preflight_generator(cfg):
+    """GET /models of --generator-url before any sampling: an unreachable server or a name it does
+    not serve fails here in seconds (InfraError naming the URL and the server's answer)."""
+    url, name = cfg.get("generator_url"), cfg.get("generator_name") or cfg.get("model")
+    if not url:
+        return
+    try:
+        ids = served_models(url)
+    except GeneratorError as e:  # before any work: the run cannot start, like a failed executor preflight
+        raise executor.InfraError(str(e), fatal=True) from None
+    if name not in ids:
+        raise executor.InfraError(f"generator at {url} does not serve {name!r} (it serves {', '.join(map(repr, ids)) or 'nothing'}); "
+                         f"set --generator-name", fatal=True)
+
+
+def capped(sample, cap, stops):
+    """Did this completion run into the token cap? A server says so itself (finish_reason "length");
+    locally it is a completion at the cap whose last token is no stop id."""
+    if sample.get("finish_reason") is not None:
+        return sample["finish_reason"] == "length"
+    return sampling.hit_cap(sample["token_ids"], cap, stops)
+
+
+
+def sampler(cfg, run_dir, it, loaded=None, max_new_tokens=None, local=False):
+    """sample(messages_list, n, temperature, seed, prefill) -> [[{text, token_ids, logprobs,
+    prompt_ids, hit_cap}] * n] per prompt, from iteration `it`'s generator: --generator-url's server
+    (unless `local`) or `loaded` = (model, tokenizer), else loaded by load_generator on first use
+    (so a finished step resumes without loading anything). hit_cap: the completion ran into
+    max_new_tokens (default cfg["max_new_tokens"])."""
+    held = {}
+    cap = max_new_tokens or cfg["max_new_tokens"]
+    remote = bool(cfg["generator_url"]) and not local
+
+    def sample(messages_list, n, temperature, seed, prefill):
+        if "g" not in held:
+            held["g"] = loaded or load_generator(cfg, run_dir, it)
+            held["name"] = serve_generator(cfg, run_dir, it) if remote else None
+        mdl, tok = held["g"]
+        if remote:
+            out = sample_remote(cfg["generator_url"], held["name"], messages_list, n, cap, temperature, cfg["top_p"],
+                                seed, prefill, tok)
+        else:
+            out = sampling.sample(mdl, tok, messages_list, n=n, max_new_tokens=cap, temperature=temperature,
+                                  top_p=cfg["top_p"], seed=seed, prefill=prefill)
+        stops = sampling.stop_ids(mdl, tok)
+        return [[dict(s, hit_cap=capped(s, cap, stops)) for s in per] for per in out]
+    return sample
