@@ -23,7 +23,7 @@ import losses
 import operators
 import sandbox
 
-# ==== kernel benchmark ====
+# ---- kernel benchmark ----
 # Fused log-prob kernel (model.py, ARCHITECTURE §8) vs the naive LM-head paths. Each variant computes the same
 # GRPO loss from hidden states h [N, H] and the LM head W [V, H] and backpropagates it:
 #   naive           logits = h W^T, log_softmax, gather, losses.grpo_loss
@@ -203,7 +203,7 @@ def kernel_parser(sub):
     p.set_defaults(fn=bench_kernel)
 
 
-# ==== sandbox benchmark ====
+# ---- sandbox benchmark ----
 
 
 class _InstantExecutor:
@@ -377,12 +377,10 @@ def executor_parser(sub):
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=bench_executor)
 
-# ==== CLI ====
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     # each benchmark section registers itself here: sub.add_parser(name) + set_defaults(fn=...)
-    # ---- subcommands ----
     sandbox_parser(sub)
     executor_parser(sub)
     kernel_parser(sub)

@@ -54,7 +54,7 @@ GRAD_BUCKETS = (0.0, 0.9, 0.99, 0.999, 0.9999, 0.99999)  # edges of the target-p
 GRAD_VARIANTS = ("plain", "fused_logprobs", "fused_grpo")
 
 
-def _bucket_inputs(H, V, per_bucket, seed=0):
+def bucket_inputs(H, V, per_bucket, seed=0):
     """bf16-exact float64 h [n, H], W [V, H], y [n] and p [n] = softmax(h W^T)[y] at those inputs, with
     about per_bucket tokens in each GRAD_BUCKETS bucket: h = noise + a W[y] / |W[y]|, the scale a found
     by bisection for a 1 - p drawn log-uniformly inside the bucket (p is then re-measured after rounding)."""
@@ -89,7 +89,7 @@ def grad_error_buckets(H=64, V=1000, per_bucket=64, chunk_size=16, device="cpu",
     Returns one dict per bucket: lo, hi, n, and {variant}_dh, {variant}_dw."""
 
     dt = getattr(torch, dtype)
-    h_all, W64, y_all, p_all = _bucket_inputs(H, V, per_bucket, seed)
+    h_all, W64, y_all, p_all = bucket_inputs(H, V, per_bucket, seed)
     rows = []
     for lo, hi in zip(GRAD_BUCKETS[:-1], GRAD_BUCKETS[1:]):
         sel = (p_all >= lo) & (p_all < hi)

@@ -43,6 +43,7 @@ import sys
 from functools import lru_cache
 from pathlib import Path
 
+import config
 import scorers
 from jsonl import DataError
 
@@ -317,7 +318,7 @@ WORD = {  # one-step word problems: op -> templates over {n} name, {it} item, {a
 }
 
 
-def _arith_split(key):
+def arith_split(key):
     """Which split an expression belongs to: a sha256 bucket of its canonical form ("47*6",
     "(12+35)*4"). A single-op problem and a word problem with the same operands share the key,
     so no arithmetic fact of test is ever seen in train: disjoint by construction."""
@@ -380,7 +381,7 @@ def _arith_cached(split):
         if row is None:
             continue
         key = row["expr"].replace(" ", "")
-        if key in seen or _arith_split(key) != split:
+        if key in seen or arith_split(key) != split:
             continue
         seen.add(key)
         row["id"] = f"arith-{split}-{len(rows):05d}"
@@ -424,15 +425,12 @@ def main(argv=None):
     s.add_argument("--data-dir", default=None)
     s.add_argument("--count", action="store_true", help="print only the number of rows")
     args = ap.parse_args(argv)
-    try:
-        rows = load(args.name, args.split, args.data_dir, limit=None if args.count else args.limit, seed=args.seed)
-        if args.count:
-            print(len(rows))
-        for r in ([] if args.count else rows):
-            print(json.dumps({k: v for k, v in r.items() if k != "test"}, ensure_ascii=False, indent=1))
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    rows = config.cli(lambda: load(args.name, args.split, args.data_dir, limit=None if args.count else args.limit,
+                                   seed=args.seed))
+    if args.count:
+        print(len(rows))
+    for r in ([] if args.count else rows):
+        print(json.dumps({k: v for k, v in r.items() if k != "test"}, ensure_ascii=False, indent=1))
     return 0
 
 

@@ -18,6 +18,7 @@ import zipfile
 from pathlib import Path
 
 import benchmarks
+import config
 from jsonl import DataError
 
 URLS = {
@@ -116,12 +117,8 @@ def main(argv=None):
     ap.add_argument("--to", default="data", help="the data dir to write")
     ap.add_argument("--url", default=None, help="override the upstream URL (mirrors, tests)")
     args = ap.parse_args(argv)
-    try:
-        for p in download(args.name, args.to, args.url):
-            print(f"wrote {p} ({sum(1 for _ in open(p))} rows)")
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    for p in config.cli(lambda: download(args.name, args.to, args.url)):
+        print(f"wrote {p} ({sum(1 for _ in open(p))} rows)")
     return 0
 
 

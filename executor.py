@@ -306,7 +306,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _with_architectures(model_dir):
+def with_architectures(model_dir):
     """`transformers serve` picks the model class from config.json "architectures"; a config
     written from a GGUF load has none. Then serve a temp view of the dir (symlinks + a completed
     config) rather than edit someone else's cache. Returns the view's path, or None if not needed."""
@@ -329,7 +329,7 @@ def _with_architectures(model_dir):
     return view
 
 
-def _transformers_cli():
+def transformers_cli():
     """argv prefix that runs the `transformers` console script with *this* interpreter. Looking for
     the script file next to sys.executable fails in a venv (realpath leads to the base interpreter's
     bin/) and PATH may hold another install; the entry point's module, run by sys.executable, is
@@ -361,9 +361,9 @@ def local_executor(name="smollm2-135m", cache_dir=None, servers=1, threads=1, kv
 
 
     model_dir = model.resolve_model_dir(name)
-    shim = _with_architectures(model_dir)
+    shim = with_architectures(model_dir)
     served = shim or model_dir
-    serve = _transformers_cli()
+    serve = transformers_cli()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))

@@ -101,8 +101,8 @@ def resolve_model_dir(name_or_path):
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelError(f"GGUF file not found: {path}")
-        st = path.stat()
-        out = cache_root() / f"{path.stem}-{st.st_size}-{int(st.st_mtime)}"
+        info = path.stat()
+        out = cache_root() / f"{path.stem}-{info.st_size}-{int(info.st_mtime)}"
         if not (out / "config.json").is_file():
             _convert_gguf(path, out)
         return str(out)
@@ -220,19 +220,7 @@ def scaled_hidden(model, hidden):
     return hidden if s == 1.0 else hidden * s
 
 
-# ==== LoRA ====
-
-
-# ==== sampling ====
-
-
-# ==== fused log-prob kernel ====
-
-# The LM head is the memory hog of RL fine-tuning: [tokens x vocab] fp32 logits for 4k
-# completion tokens and a 152k vocab are 2.5 GB, and autograd keeps ~3 such arrays alive.
-# Here nothing bigger than [chunk x vocab] ever exists. Matmuls run in the input dtype
-# (fast path), the softmax math in fp32 (fp64 for fp64 inputs, which gradcheck needs).
-
+# ---- the training forward ----
 
 def completion_hidden(model, input_ids, attention_mask, completion_mask):
     """(hidden [N, H], weight [V, H], targets [N]) for the completion tokens of a batch: the decoder's

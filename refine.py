@@ -182,7 +182,7 @@ def self_check_and_repair(msgs, samples, todo, problem, cfg, ex, propose, seed_b
     prefill = workflow.PREFILLS[fam]
     ops = {k: operators.OPERATORS[k] for k in operators.OPERATOR_SETS[fam]}
     # prompt_ids stay those of the turn's state prompt through repairs: RWR trains the final action on it
-    st = {c: {"conv": msgs, "completion": samples[c]["text"], "completion_ids": samples[c]["token_ids"],
+    cands = {c: {"conv": msgs, "completion": samples[c]["text"], "completion_ids": samples[c]["token_ids"],
               "prompt_ids": samples[c].get("prompt_ids"), "hit_cap": samples[c].get("hit_cap"),
               "attempts": [], "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0, "seconds": 0.0}
           for c in todo}
@@ -190,7 +190,7 @@ def self_check_and_repair(msgs, samples, todo, problem, cfg, ex, propose, seed_b
     for rnd in range(cfg["max_repairs"] + 1):
         errs, runs = {}, []
         for c in pending:
-            s = st[c]
+            s = cands[c]
             code = scorers.extract_code(prefill + s["completion"])
             s["code"] = None if code is None else first_solve(code)
             ok, reason = (False, "no python block") if s["code"] is None else workflow.check_workflow(
@@ -199,19 +199,19 @@ def self_check_and_repair(msgs, samples, todo, problem, cfg, ex, propose, seed_b
                 runs.append(c)
             else:
                 errs[c] = f"invalid: {reason}"
-        jobs = [operators.job(st[c]["code"], problem["problem"], executor=ex, operators=ops,
+        jobs = [operators.job(cands[c]["code"], problem["problem"], executor=ex, operators=ops,
                               context=rollout.run_context(problem, cfg), timeout=cfg["timeout"], max_calls=cfg["max_calls"])
                 for c in runs]
         for k, res in sandbox.run_many(jobs, workers=cfg["workers"]):
             if res["infra_error"]:  # the endpoint failed, not the candidate: stop, a rerun redoes this turn
                 raise executor.InfraError(res["infra_error"])
-            s = st[runs[k]]
+            s = cands[runs[k]]
             for key in ("prompt_tokens", "completion_tokens", "cost_usd", "seconds"):
                 s[key] += res[key]
             errs[runs[k]] = res["error"]
         again = []
         for c in pending:
-            s, e = st[c], errs.get(c)
+            s, e = cands[c], errs.get(c)
             s["valid"], s["reason"] = True, None
             if e is None or not e.startswith(REPAIRABLE):
                 continue  # runs (or fails in a way that is not the code's fault): scored on the batch
@@ -223,12 +223,12 @@ def self_check_and_repair(msgs, samples, todo, problem, cfg, ex, propose, seed_b
                                      {"role": "user", "content": repair_message(e)}]
             again.append(c)
         for c in again:
-            new = propose([st[c]["conv"]], 1, rollout.seed_of(seed_base, c, rnd))[0][0]
-            st[c]["completion"], st[c]["completion_ids"], st[c]["hit_cap"] = new["text"], new["token_ids"], new.get("hit_cap")
+            new = propose([cands[c]["conv"]], 1, rollout.seed_of(seed_base, c, rnd))[0][0]
+            cands[c]["completion"], cands[c]["completion_ids"], cands[c]["hit_cap"] = new["text"], new["token_ids"], new.get("hit_cap")
         pending = again
         if not pending:
             break
-    return st
+    return cands
 
 
 def score_on_batch(cands, problems, cfg, ex, fv, val_done, on_done):
@@ -304,10 +304,10 @@ def run_episodes(out, val_out, episodes, cfg, ex, propose, tag, turns, n, progre
                 msgs = state_prompt(cfg["bench"], state, cfg["max_calls"])
                 seed = rollout.seed_of(cfg["seed"], tag, ep, t)
                 samples = propose([msgs], n, seed)[0]
-                st = self_check_and_repair(msgs, samples, todo, problems[0], cfg, ex, propose, seed)
+                cands = self_check_and_repair(msgs, samples, todo, problems[0], cfg, ex, propose, seed)
 
                 def row_of(c, vr):
-                    s = st[c]
+                    s = cands[c]
                     acc = statistics.fmean(v["score"] for v in vr) if vr else 0.0
                     return {"kind": "candidate", "episode": ep, "turn": t, "candidate": c, "candidates": n,
                             "seed": seed, "prompt": msgs, "prefill": workflow.PREFILLS[fam], "completion": s["completion"],
@@ -322,9 +322,9 @@ def run_episodes(out, val_out, episodes, cfg, ex, propose, tag, turns, n, progre
                             "seconds": s["seconds"] + sum(v["seconds"] for v in vr)}
 
                 for c in todo:
-                    if not st[c]["valid"]:
+                    if not cands[c]["valid"]:
                         emit(row_of(c, []))
-                score_on_batch([{"key": (ep, t, c), "code": st[c]["code"]} for c in todo if st[c]["valid"]],
+                score_on_batch([{"key": (ep, t, c), "code": cands[c]["code"]} for c in todo if cands[c]["valid"]],
                                problems, cfg, ex, fv, val_done, lambda c, vr: emit(row_of(c["key"][2], vr)))
     return read_jsonl(out, required=ROW_KEYS)
 

@@ -75,14 +75,14 @@ def spogw_section(run_dir, cfg, iters, baseline_rows):
              "| iteration | valid % (train) | mean train score | test accuracy (95 % CI) | test valid % | executor tokens (train+test) | $ | wall (collect+train) |",
              "|---|---|---|---|---|---|---|---|"]
     for k in range(iters + 1):
-        st = read_json(run_dir / f"iter_{k}" / "stats.json", {})
-        c = st.get("collect", {})
+        stats = read_json(run_dir / f"iter_{k}" / "stats.json", {})
+        c = stats.get("collect", {})
         ev = run_dir / "eval" / f"iter_{k}.jsonl"
         s = summarize(read_jsonl(ev)) if ev.is_file() else None
         acc = f"{100 * s['accuracy']:.1f} ({100 * s['ci_low']:.1f}–{100 * s['ci_high']:.1f})" if s else "–"
         toks = c.get("executor_tokens", 0) + (s["executor_tokens"] if s else 0)
         cost = c.get("cost_usd", 0.0) + (s["cost_usd"] if s else 0.0)
-        wall_k = c.get("seconds", 0.0) + st.get("train", {}).get("seconds", 0.0)
+        wall_k = c.get("seconds", 0.0) + stats.get("train", {}).get("seconds", 0.0)
         lines.append(f"| {k} | {100 * c['valid_fraction']:.0f} | {c['mean_score']:.3f} | " if c else f"| {k} | – | – | ")
         lines[-1] += f"{acc} | {100 * s['valid']:.0f} | {toks} | {cost:.4f} | {wall_k / 60:.1f} min |" if s else f"{acc} | – | {toks} | {cost:.4f} | {wall_k / 60:.1f} min |"
     lines += ["", "Fixed baselines (same benchmark, split, problems and executor):", "",
@@ -123,8 +123,8 @@ def refine_section(run_dir, cfg, iters, evals):
               "|---|---|---|---|---|---|---|---|"]
     for k in range(iters):
         p = Path(run_dir) / f"iter_{k}" / "stats.json"
-        st = json.loads(p.read_text()) if p.is_file() else {}
-        r, g = st.get("refine"), st.get("groups", {})
+        stats = json.loads(p.read_text()) if p.is_file() else {}
+        r, g = stats.get("refine"), stats.get("groups", {})
         if r:
             lines.append(f"| {k} | {r['candidates']} | {100 * r['valid_fraction']:.0f} | {r['mean_repairs']:.2f} | "
                          f"{r['mean_reward']:.3f} | {r['mean_accuracy']:.3f} | {g.get('groups', '–')} | {r['executor_tokens']} |")

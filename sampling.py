@@ -8,12 +8,12 @@ other source (generator.py). Both return the prompt's token ids with every sampl
 scores exactly the tokens that were sampled.
 """
 import argparse
-import sys
 
 import torch
 from jinja2.exceptions import TemplateError
 from transformers import StaticCache
 
+import config
 from lora import load_adapter
 from model import DEFAULT_MODEL, ModelError, load_model  # `model` is an argument name here
 
@@ -208,13 +208,13 @@ def main(argv=None):
     ap.add_argument("--adapter", default=None, help="a PEFT-layout adapter dir to apply")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
-    try:
-        model, tok = load_model(args.model, device=args.device)
+
+    def load():
+        loaded = load_model(args.model, device=args.device)
         if args.adapter:
-            load_adapter(model, args.adapter)
-    except ModelError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+            load_adapter(loaded[0], args.adapter)
+        return loaded
+    model, tok = config.cli(load)
     res = sample(model, tok, [[{"role": "user", "content": args.prompt}]], max_new_tokens=args.max_new_tokens,
                  temperature=args.temperature)
     print(res[0][0]["text"])

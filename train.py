@@ -251,12 +251,12 @@ def update(run_dir, it, cfg, mdl, tok):
     state_path, log_path = d / "train_state.pt", d / "train_log.jsonl"
     start = 0
     if state_path.is_file():  # resume between steps: weights, optimizer and step count
-        st = torch.load(state_path, map_location="cpu", weights_only=False)
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
         with torch.no_grad():
-            for p, v in zip(params, st["lora"]):
+            for p, v in zip(params, state["lora"]):
                 p.copy_(v)
-        opt.load_state_dict(st["opt"])
-        start = st["step"]
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
     truncate_torn_tail(log_path)
     if log_path.exists():  # drop log rows of steps after the saved state: they will be redone
         rows = [r for r in read_jsonl(log_path) if r["step"] <= start]

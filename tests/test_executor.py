@@ -200,7 +200,7 @@ def test_serve_view_adds_missing_architectures(tmp_path):
     src.mkdir()
     (src / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
     (src / "model.safetensors").write_bytes(b"weights")
-    view = executor._with_architectures(str(src))
+    view = executor.with_architectures(str(src))
     try:
         cfg = json.loads(open(f"{view}/config.json").read())
         assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["hidden_size"] == 8
@@ -210,7 +210,7 @@ def test_serve_view_adds_missing_architectures(tmp_path):
         import shutil
         shutil.rmtree(view)
     (src / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
-    assert executor._with_architectures(str(src)) is None
+    assert executor.with_architectures(str(src)) is None
 
 
 def test_replicas_share_the_load_and_a_retry_moves_on():

@@ -11,7 +11,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench_gpu  # noqa: E402
 import losses  # noqa: E402
-from losses import (CHUNK_BYTES, _ChunkBuffers, auto_chunk, fused_grpo_loss, fused_logprobs, grpo_loss,  # noqa: E402
+from losses import (CHUNK_BYTES, ChunkBuffers, auto_chunk, fused_grpo_loss, fused_logprobs, grpo_loss,  # noqa: E402
                     kl_token_mask, token_weights)
 from model import completion_hidden  # noqa: E402
 
@@ -112,7 +112,7 @@ def test_bf16_gradients_of_confident_tokens():
 
 
 def test_bucket_inputs_hit_their_buckets():
-    h, W, y, p = bench_gpu._bucket_inputs(16, 50, 8, seed=1)
+    h, W, y, p = bench_gpu.bucket_inputs(16, 50, 8, seed=1)
     assert h.dtype == torch.float64 and torch.equal(h, h.bfloat16().double()) and torch.equal(W, W.bfloat16().double())
     torch.testing.assert_close(p, naive_logp(h, W, y).exp())
     counts = torch.histogram(p, torch.tensor(bench_gpu.GRAD_BUCKETS, dtype=torch.float64)).hist
@@ -124,7 +124,7 @@ def test_bucket_inputs_hit_their_buckets():
 @pytest.mark.parametrize("device", ["cuda", "cpu"])
 def test_auto_chunk_fits_budget(V, dtype, device):
     c = auto_chunk(V, device, dtype)
-    buf = _ChunkBuffers(c, torch.empty(V, 8, dtype=dtype, device="meta"))  # the kernels' real scratch, no memory
+    buf = ChunkBuffers(c, torch.empty(V, 8, dtype=dtype, device="meta"))  # the kernels' real scratch, no memory
     scratch = buf.acc.nbytes + (0 if buf.low is None else buf.low.nbytes)
     assert scratch <= CHUNK_BYTES == 256 * 10**6
     assert c & (c - 1) == 0 and (128 if device == "cuda" else 64) <= c <= 1024
@@ -141,8 +141,8 @@ def test_auto_chunk_examples():
 
 def test_chunk_zero_or_none_is_auto(monkeypatch):
     monkeypatch.setattr(losses, "CHUNK_BYTES", 64 * 1000 * 4)  # fp32 V=1000: 64 rows, so N=300 is 5 chunks
-    rows, init = [], losses._ChunkBuffers.__init__
-    monkeypatch.setattr(losses._ChunkBuffers, "__init__", lambda self, r, w: rows.append(r) or init(self, r, w))
+    rows, init = [], losses.ChunkBuffers.__init__
+    monkeypatch.setattr(losses.ChunkBuffers, "__init__", lambda self, r, w: rows.append(r) or init(self, r, w))
     h, W, y = make(300, 1000, 8)
     assert auto_chunk(1000, "cpu", torch.float32) == 64
     ref = fused_logprobs(h, W, y, 64)

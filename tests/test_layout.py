@@ -5,7 +5,6 @@ and no file over its line budget. Read with `ast`, nothing is imported.
     python -m pytest -q tests/test_layout.py
 """
 import ast
-from pathlib import Path
 
 from conftest import ROOT
 

@@ -8,7 +8,7 @@ import executor
 
 
 def test_transformers_cli_runs_with_this_interpreter(tmp_path):
-    cmd = executor._transformers_cli()
+    cmd = executor.transformers_cli()
     # sys.executable, not its realpath: in a venv the realpath is the base interpreter, whose
     # site-packages may not hold transformers at all (the bug a newcomer hit)
     assert cmd[0] == sys.executable
