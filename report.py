@@ -7,13 +7,19 @@ Every accuracy is the mean score over held-out problems with a 95 % percentile b
 problems (summarize). Baseline rows live under runs/baselines/, shared by every run on the same
 benchmark, split, problems and executor (baseline_path).
 """
+import ast
+import collections
 import json
 import random
 import re
 import statistics
 from pathlib import Path
 
+from matplotlib.figure import Figure
+
+import benchmarks
 import config
+import operators
 from jsonl import read_json, read_jsonl, write_atomic
 
 def bootstrap_ci(scores, reps=2000, seed=0):
@@ -99,6 +105,173 @@ def spogw_section(run_dir, cfg, iters, baseline_rows):
     return lines
 
 
+# ---- per kind: which fixed workflow wins where, and how much of that the generator captures ----
+
+def operator_sequence(code):
+    """The operator calls of a workflow in the order they run (arguments before the call that
+    takes them): "programmer -> format"; "(no operator)" when it calls none."""
+    try:
+        tree = ast.parse(code or "")
+    except SyntaxError:
+        return "(unparsable)"
+
+    def calls(node):
+        for child in ast.iter_child_nodes(node):
+            yield from calls(child)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in operators.OPERATORS:
+            yield node.func.id
+    return " -> ".join(calls(tree)) or "(no operator)"
+
+
+def headroom(scores, kinds):
+    """scores: {fixed workflow: {problem_id: score}}, each scored on every problem of `kinds`
+    ({problem_id: kind}). The best single fixed workflow (overall), the by-kind oracle (each kind's
+    best fixed workflow applied to that kind) and their difference, the headroom a per-problem
+    workflow could win back from fixed ones; CIs bootstrapped over the same problems, the
+    headroom's paired. The oracle picks on the problems it is scored on: an optimistic bound."""
+    pids, names = list(kinds), list(scores)
+    missing = [(b, p) for b in names for p in pids if p not in scores[b]]
+    if missing:
+        raise ValueError(f"fixed workflow {missing[0][0]!r} has no score for problem {missing[0][1]!r}")
+    kind_list = list(dict.fromkeys(kinds.values()))
+    cells = {}
+    for b in names:
+        for k in kind_list + ["overall"]:
+            xs = [scores[b][p] for p in pids if k == "overall" or kinds[p] == k]
+            cells[b, k] = (statistics.fmean(xs), *bootstrap_ci(xs))
+    best = max(names, key=lambda b: cells[b, "overall"][0])  # ties: the first listed
+    choice = {k: max(names, key=lambda b: cells[b, k][0]) for k in kind_list}
+    single = [scores[best][p] for p in pids]
+    oracle = [scores[choice[kinds[p]]][p] for p in pids]
+    s_ci, o_ci = bootstrap_ci(single), bootstrap_ci(oracle)
+    return {"kinds": kind_list, "baselines": names, "cells": cells, "best": best, "choice": choice,
+            "single": (statistics.fmean(single), *s_ci), "oracle": (statistics.fmean(oracle), *o_ci),
+            "headroom": (statistics.fmean(oracle) - statistics.fmean(single),
+                         *bootstrap_ci([o - s for o, s in zip(oracle, single)])),
+            "disjoint": o_ci[0] > s_ci[1] or s_ci[0] > o_ci[1], "n": len(pids),
+            "per_kind": {k: sum(1 for p in pids if kinds[p] == k) for k in kind_list}}
+
+
+def pct(mean, lo, hi):
+    return f"{100 * mean:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def headroom_table(res):
+    """Markdown: fixed workflows x (kinds + overall); then best single, oracle, headroom."""
+    cols = res["kinds"] + ["overall"]
+    head = [f"{k} (n={res['per_kind'][k]})" for k in res["kinds"]] + [f"overall (n={res['n']})"]
+    lines = ["| fixed workflow | " + " | ".join(head) + " |", "|---" * (len(cols) + 1) + "|"]
+    lines += [f"| {b} | " + " | ".join(pct(*res["cells"][b, k]) for k in cols) + " |" for b in res["baselines"]]
+    h = res["headroom"]
+    picks = ", ".join(f"{k}: {b}" for k, b in res["choice"].items())
+    return lines + ["", f"- best single fixed workflow: **{res['best']}**, {pct(*res['single'])} %",
+                    f"- by-kind oracle ({picks}): {pct(*res['oracle'])} %",
+                    f"- headroom (oracle - best single): **{100 * h[0]:+.1f} points** (paired 95 % CI "
+                    f"[{100 * h[1]:+.1f}, {100 * h[2]:+.1f}]); CIs disjoint: **{'yes' if res['disjoint'] else 'no'}**"]
+
+
+def kind_section(iter_rows, baseline_rows, kinds):
+    """The per-kind report from held-out rows: iter_rows {k: rows}, baseline_rows {name: rows},
+    kinds {problem_id: kind}. Accuracy per kind for each iteration and fixed workflow, the workflow
+    each iteration writes most often for each kind, and the share of the headroom it captures:
+    (iteration k - best single fixed) / headroom."""
+    kind_list = list(dict.fromkeys(kinds.values()))
+    scores = {b: {r["problem_id"]: float(r["score"]) for r in rows} for b, rows in baseline_rows.items()}
+    complete = {b: s for b, s in scores.items() if all(p in s for p in kinds)}
+    res = headroom({b: {p: s[p] for p in kinds} for b, s in complete.items()}, kinds) if complete else None
+
+    def accs(rows):
+        by = collections.defaultdict(list)
+        for r in rows:
+            if r["problem_id"] in kinds:
+                by[kinds[r["problem_id"]]].append(float(r["score"]))
+        return [statistics.fmean(by[k]) if by[k] else None for k in kind_list], \
+            statistics.fmean([x for k in kind_list for x in by[k]] or [0.0])
+
+    def cell(x):
+        return "–" if x is None else f"{100 * x:.1f}"
+    lines = ["| workflows | " + " | ".join(kind_list) + " | overall | share of headroom |",
+             "|---" * (len(kind_list) + 3) + "|"]
+    for k, rows in sorted(iter_rows.items()):
+        per, overall = accs(rows)
+        share = "–"
+        if res and res["headroom"][0] > 1e-9:
+            share = f"{(overall - res['single'][0]) / res['headroom'][0]:+.2f}"
+        lines.append(f"| iteration {k} | " + " | ".join(map(cell, per)) + f" | {cell(overall)} | {share} |")
+    for b, rows in baseline_rows.items():
+        per, overall = accs(rows)
+        lines.append(f"| fixed {b} | " + " | ".join(map(cell, per)) + f" | {cell(overall)} | |")
+    if res:
+        lines += ["", f"Best single fixed workflow **{res['best']}** {pct(*res['single'])} %; by-kind oracle "
+                  f"({', '.join(f'{k}: {b}' for k, b in res['choice'].items())}) {pct(*res['oracle'])} %; "
+                  f"headroom **{100 * res['headroom'][0]:+.1f} points**."]
+    lines += ["", "Most common workflow (operator calls in order) per kind and iteration, with its share:", "",
+              "| iteration | " + " | ".join(kind_list) + " |", "|---" * (len(kind_list) + 1) + "|"]
+    for k, rows in sorted(iter_rows.items()):
+        seqs = collections.defaultdict(collections.Counter)
+        for r in rows:
+            if r["problem_id"] in kinds:
+                seqs[kinds[r["problem_id"]]][operator_sequence(r["code"]) if r["valid"] else "(invalid)"] += 1
+        tops = [seqs[kind].most_common(1)[0] if seqs[kind] else None for kind in kind_list]
+        lines.append(f"| {k} | " + " | ".join("–" if t is None else f"{t[0]} ({100 * t[1] / sum(seqs[kind].values()):.0f} %)"
+                                                for kind, t in zip(kind_list, tops)) + " |")
+    return lines
+
+
+# ---- figures ----
+
+def figures(run_dir, iter_rows, baseline_rows, kinds):
+    """accuracy.png (held-out accuracy per iteration with CI bars, fixed workflows as lines),
+    kinds.png (accuracy per kind per iteration, when the problems have kinds) and training.png
+    (loss, KL and clip fraction per optimizer step from train_log.jsonl); the markdown that embeds
+    them."""
+    run_dir, out = Path(run_dir), []
+    ks = sorted(iter_rows)
+    if ks:
+        fig = Figure(figsize=(6, 3.5))
+        ax = fig.add_subplot()
+        s = [summarize(iter_rows[k]) for k in ks]
+        acc = [100 * x["accuracy"] for x in s]
+        err = [[a - 100 * x["ci_low"] for a, x in zip(acc, s)], [100 * x["ci_high"] - a for a, x in zip(acc, s)]]
+        ax.errorbar(ks, acc, yerr=err, marker="o", capsize=4, label="generated workflows")
+        for b, rows in baseline_rows.items():
+            ax.axhline(100 * summarize(rows)["accuracy"], linestyle="--", linewidth=1, color=f"C{1 + len(ax.lines) % 8}",
+                       label=f"fixed {b}")
+        ax.set(xlabel="iteration", ylabel="held-out accuracy (%)", xticks=ks, title="held-out accuracy (95 % CI)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(run_dir / "accuracy.png", dpi=120)
+        out.append("![held-out accuracy per iteration](accuracy.png)")
+    kind_list = list(dict.fromkeys(kinds.values()))
+    if ks and len(kind_list) > 1:
+        fig = Figure(figsize=(6, 3.5))
+        ax = fig.add_subplot()
+        for kind in kind_list:
+            ys = [100 * statistics.fmean([float(r["score"]) for r in iter_rows[k] if kinds.get(r["problem_id"]) == kind] or [0.0])
+                  for k in ks]
+            ax.plot(ks, ys, marker="o", label=kind)
+        ax.set(xlabel="iteration", ylabel="held-out accuracy (%)", xticks=ks, title="accuracy per kind")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(run_dir / "kinds.png", dpi=120)
+        out.append("![accuracy per kind per iteration](kinds.png)")
+    logs = [(k, read_jsonl(p)) for k in range(max(ks, default=0) + 1) if (p := run_dir / f"iter_{k}" / "train_log.jsonl").is_file()]
+    steps = [(k, r) for k, rows in logs for r in rows]
+    if steps:
+        fig = Figure(figsize=(9, 2.8))
+        for i, key in enumerate(("loss", "kl", "clip_frac")):
+            ax = fig.add_subplot(1, 3, i + 1)
+            ax.plot(range(len(steps)), [r.get(key, float("nan")) for _, r in steps], marker=".")
+            for j in range(1, len(steps)):  # where a new iteration's update starts
+                if steps[j][0] != steps[j - 1][0]:
+                    ax.axvline(j - 0.5, color="grey", linewidth=0.5)
+            ax.set(xlabel="optimizer step", title=key)
+        fig.tight_layout()
+        fig.savefig(run_dir / "training.png", dpi=120)
+        out.append("![update curves: loss, KL, clip fraction](training.png)")
+    return out
+
+
 def format_eval(s):
     t = s["test"]
     turns = " → ".join(["%.2f" % s["init_accuracy"]] + ["–" if x["best_of_turn"] is None else "%.2f" % x["best_of_turn"]
@@ -142,5 +315,13 @@ def write(run_dir, cfg, iters, wall, resumed=False, baselines=None, refine_evals
         lines += ["## W4S refinement (RWR)", ""] + refine_section(run_dir, cfg, iters, refine_evals or [])
     else:
         lines += spogw_section(run_dir, cfg, iters, baselines or {})
+        problems = benchmarks.load(cfg["bench"], "test", cfg["data_dir"], limit=cfg["eval_problems"], seed=0)
+        kinds = {p["id"]: p["kind"] for p in problems if "kind" in p}
+        iter_rows = {k: read_jsonl(p) for k in range(iters + 1) if (p := run_dir / "eval" / f"iter_{k}.jsonl").is_file()}
+        base_rows = {b: read_jsonl(p)[:cfg["eval_problems"]] for b in (baselines or {})
+                     if (p := baseline_path(cfg, b, "test", cfg["eval_problems"], run_dir.parent)).is_file()}
+        if len(kinds) == len(problems) and len(set(kinds.values())) > 1:
+            lines += ["", "## Per kind", ""] + kind_section(iter_rows, base_rows, kinds)
+        lines += ["", "## Figures", ""] + figures(run_dir, iter_rows, base_rows, kinds)
     write_atomic(run_dir / "report.md", "\n".join(lines) + "\n")
     return run_dir / "report.md"
