@@ -187,13 +187,17 @@ def test_cli_show_and_exit_2(tmp_path, capsys):
     assert B.main(["show", "arith", "--split", "test", "--limit", "2"]) == 0
     out = capsys.readouterr().out
     assert out.count('"id": "arith-test-') == 2
-    assert B.main(["show", "math", "--split", "test", "--data-dir", str(tmp_path)]) == 2
+    with pytest.raises(SystemExit) as e:
+        B.main(["show", "math", "--split", "test", "--data-dir", str(tmp_path)])
+    assert e.value.code == 2
     assert "math_test.jsonl" in capsys.readouterr().err
 
 
 def test_download_offline_fails_cleanly(tmp_path, capsys):
     # port 9 (discard) on loopback: refused at once, no network needed
-    assert download.main(["gsm8k", "--to", str(tmp_path), "--url", "http://127.0.0.1:9/test.jsonl"]) == 2
+    with pytest.raises(SystemExit) as e:
+        download.main(["gsm8k", "--to", str(tmp_path), "--url", "http://127.0.0.1:9/test.jsonl"])
+    assert e.value.code == 2
     assert "cannot download http://127.0.0.1:9/test.jsonl" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
 
