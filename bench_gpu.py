@@ -106,7 +106,7 @@ def grad_error_buckets(H=64, V=1000, per_bucket=64, chunk_size=16, device="cpu",
             "fused_logprobs": (lambda h, W: losses.fused_logprobs(h, W, y, chunk_size).sum(),
                                lambda h, W: logp64(h, W).sum()),
             "fused_grpo": (lambda h, W: losses.fused_grpo_loss(h, W, y, old, old, -ones, ones, 0 * ones, beta=0.0,
-                                                        eps=0.5, chunk_size=chunk_size)[0],
+                                                               eps=0.5, chunk_size=chunk_size)[0],
                            lambda h, W: torch.exp(logp64(h, W) - old.double()).sum()),
         }
         row = {"lo": lo, "hi": hi, "n": n}

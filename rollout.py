@@ -57,7 +57,7 @@ def open_executor(cfg, generator=True):
                   base_delay=cfg.get("executor_backoff"))
     servers = cfg["servers"] or max(1, min(4, os.cpu_count() or 1))
     with executor.make_executor(cfg["executor"], cfg["executor_model"], executor_cache(cfg), servers=servers,
-                         **{k: v for k, v in client.items() if v is not None}) as ex:
+                                **{k: v for k, v in client.items() if v is not None}) as ex:
         if ex is not None:
             ex.preflight()
         yield ex
@@ -67,8 +67,8 @@ def require_scored(lost, out):
     """After a step: rows left out because the executor failed (`lost`: one message each) stop the
     run with InfraError. The rows written stay; a rerun redoes only the missing ones."""
     if lost:
-        raise executor.InfraError(f"{len(lost)} workflow(s) not scored because the executor failed; the rows scored so far "
-                         f"are kept in {out}, rerun to redo the rest. Last failure: {lost[-1]}")
+        raise executor.InfraError(f"{len(lost)} workflow(s) not scored because the executor failed; the rows scored "
+                                  f"so far are kept in {out}, rerun to redo the rest. Last failure: {lost[-1]}")
 
 
 def set_threads(cfg):
@@ -93,7 +93,8 @@ def seed_of(*parts):
 
 
 def problems_for(cfg, it):
-    # a fresh seeded subset each iteration: the generator sees new problems every round
+    """Iteration `it`'s training problems: a fresh seeded subset of the train split each iteration,
+    so the generator sees new problems every round."""
     return benchmarks.load(cfg["bench"], "train", cfg["data_dir"], limit=cfg["problems"], seed=cfg["seed"] * 1000 + it)
 
 

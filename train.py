@@ -163,7 +163,7 @@ def step_loss(mdl, mb, cfg):
     h, W, y = forward_hidden(mdl, mb, checkpointing(cfg, device))
     if cfg["loss"] == "grpo":
         loss, m = losses.fused_grpo_loss(h, W, y, cat("old"), cat("ref"), cat("adv_t"), cat("w_t"), cat("km_t"),
-                                    cfg["beta"], cfg["eps"], cfg["chunk_size"])
+                                         cfg["beta"], cfg["eps"], cfg["chunk_size"])
         loss.backward()
         return loss.item(), m
     logp = losses.fused_logprobs(h, W, y, cfg["chunk_size"])
