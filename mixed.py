@@ -1,0 +1,218 @@
+"""The `mixed` benchmark: several problem kinds, generated offline, one scorer per kind (ARCHITECTURE §5).
+
+    python mixed.py show --split test --limit 8          # a few rows of every kind
+    python mixed.py stats                                # rows per split and kind, answer balance
+    python evaluate.py --bench mixed --baseline io --limit 200
+    python headroom.py --bench mixed --limit 50          # every fixed baseline on every kind
+
+In code:  rows = mixed.load("test");  s = mixed.score(rows[0], "The answer is 42")
+
+Why: on `arith` every useful workflow of the embedded 135M executor calls `programmer`, so a
+generator can only learn "call programmer". Here the best fixed workflow differs between kinds
+(measured with headroom.py; the kinds were chosen by that measurement, see README), so a workflow
+written per problem has something to gain over any single fixed one:
+  arith      arith's own generated arithmetic (benchmarks.arith rows): `programmer` wins
+  sentiment  a one-sentence review, "positive or negative?": a direct `custom` call wins
+  pick       "which of these four words is a <category>?": a direct `custom` call wins
+  oddone     "which of these four words does not belong?"
+Each row: id, problem, answer, kind, plus `options` (the label words) for the label kinds. Every
+problem says how to answer ("Answer positive or negative.", "Answer with the word only.").
+
+Splits are disjoint by construction: a row's split is a sha256 bucket of its kind and canonical
+key (the arithmetic expression; the review's parts; the sorted option words), as for arith.
+Sizes per kind: train 1250, validate 125, test 250 (arith's totals 5000 / 500 / 1000 over 4 kinds).
+The rows of a split interleave the kinds (arith, sentiment, pick, oddone, arith, ...).
+"""
+import argparse
+import hashlib
+import json
+import random
+import re
+import sys
+from collections import Counter
+from functools import lru_cache
+
+import benchmarks
+
+SPLITS = ("train", "validate", "test")
+KINDS = ("arith", "sentiment", "pick", "oddone")
+SIZES = {"train": 1250, "validate": 125, "test": 250}  # per kind
+MIXED_SEED = 4321  # fixed: everyone gets the same benchmark; load(limit, seed) only picks subsets
+
+SUBJECTS = ["the pizza", "the hotel room", "the movie", "the service", "the new phone", "the concert", "the book",
+            "the coffee", "the flight", "the laptop", "the museum tour", "the soup", "the haircut", "the video game",
+            "the shoes", "the taxi ride", "the cooking class", "the app", "the beach resort", "the burger",
+            "the play", "the headphones", "the train journey", "the bakery", "the camera", "the car rental",
+            "the dentist visit", "the gym", "the restaurant", "the album"]
+POSITIVE = ["wonderful", "excellent", "amazing", "fantastic", "great", "lovely", "perfect", "superb", "delightful",
+            "brilliant", "pleasant", "outstanding", "charming", "impressive", "enjoyable", "terrific", "fabulous",
+            "marvelous", "splendid", "awesome"]
+NEGATIVE = ["terrible", "awful", "horrible", "disappointing", "dreadful", "poor", "bad", "boring", "annoying",
+            "useless", "unpleasant", "lousy", "pathetic", "miserable", "frustrating", "dull", "mediocre",
+            "disgusting", "overpriced", "sloppy"]
+TAILS = {"positive": ["", "I would recommend it to anyone.", "We will definitely come back.", "Worth every penny."],
+         "negative": ["", "I would not recommend it.", "We will never come back.", "What a waste of money."]}
+REVIEW = ["{S} was {adj}. {tail}", "Honestly, {s} was {adj}. {tail}", "We tried {s} last week and it was {adj}. {tail}",
+          "I have to say {s} was really {adj}. {tail}"]
+
+CATEGORIES = {  # singular noun phrase -> members; no word belongs to two categories
+    "fruit": ["apple", "banana", "cherry", "grape", "lemon", "mango", "peach", "pear", "plum", "strawberry",
+              "watermelon", "pineapple", "kiwi", "apricot"],
+    "animal": ["dog", "cat", "horse", "tiger", "lion", "elephant", "rabbit", "monkey", "zebra", "giraffe", "bear",
+               "wolf", "fox", "camel"],
+    "vegetable": ["carrot", "potato", "onion", "cabbage", "lettuce", "broccoli", "spinach", "celery", "garlic",
+                  "radish", "turnip", "cauliflower"],
+    "color": ["red", "blue", "green", "yellow", "purple", "brown", "black", "white", "pink", "gray"],
+    "vehicle": ["car", "bus", "truck", "bicycle", "airplane", "boat", "motorcycle", "scooter", "tractor",
+                "helicopter", "ship", "van"],
+    "tool": ["hammer", "saw", "screwdriver", "wrench", "drill", "shovel", "rake", "chisel", "pliers", "axe"],
+    "musical instrument": ["piano", "guitar", "violin", "drum", "flute", "trumpet", "harp", "cello", "saxophone",
+                           "clarinet", "banjo", "trombone"],
+    "piece of clothing": ["shirt", "jacket", "sock", "hat", "scarf", "glove", "coat", "dress", "skirt", "sweater"],
+    "piece of furniture": ["chair", "table", "sofa", "bed", "desk", "shelf", "dresser", "stool", "cabinet",
+                           "wardrobe"],
+    "country": ["France", "Japan", "Brazil", "Canada", "Egypt", "India", "Mexico", "Spain", "Kenya", "Norway",
+                "Peru", "Italy", "China", "Germany"],
+    "sport": ["soccer", "tennis", "golf", "hockey", "baseball", "cricket", "rugby", "volleyball", "basketball",
+              "boxing"],
+    "body part": ["hand", "nose", "elbow", "knee", "ear", "shoulder", "finger", "ankle", "chin", "toe"],
+}
+
+
+def _sha(text):
+    return int(hashlib.sha256(text.encode()).hexdigest()[:16], 16)
+
+
+def split_of(kind, key):
+    """Which split a row belongs to: a sha256 bucket of its kind and canonical key (2:1:7 of the
+    key space to test : validate : train). Rows with the same key never land in two splits."""
+    b = _sha(f"mixed:{kind}:{key}") % 10
+    return "test" if b < 2 else "validate" if b == 2 else "train"
+
+
+# ------------------------------------------------------------------------------------------
+# generators: rng -> (canonical key, row without id/kind)
+
+def _sentiment(rng):
+    label = rng.choice(["positive", "negative"])
+    s, adj = rng.choice(SUBJECTS), rng.choice(POSITIVE if label == "positive" else NEGATIVE)
+    t, tail = rng.randrange(len(REVIEW)), rng.choice(TAILS[label])
+    text = REVIEW[t].format(S=s[0].upper() + s[1:], s=s, adj=adj, tail=tail).strip()
+    problem = f'Review: "{text}"\nIs this review positive or negative? Answer positive or negative.'
+    return f"{t}|{s}|{adj}|{tail}", {"problem": problem, "answer": label, "options": ["positive", "negative"]}
+
+
+def _pick(rng):
+    cats = rng.sample(sorted(CATEGORIES), 4)  # the asked category and three others
+    words = [rng.choice(CATEGORIES[c]) for c in cats]
+    answer, options = words[0], rng.sample(words, 4)
+    article = "an" if cats[0][0] in "aeiou" else "a"
+    problem = (f"Which of these is {article} {cats[0]}: {', '.join(options[:3])} or {options[3]}? "
+               f"Answer with the word only.")
+    return f"{cats[0]}|{','.join(sorted(words))}", {"problem": problem, "answer": answer, "options": options}
+
+
+def _oddone(rng):
+    same, other = rng.sample(sorted(CATEGORIES), 2)
+    words = rng.sample(CATEGORIES[same], 3) + [rng.choice(CATEGORIES[other])]
+    options = rng.sample(words, 4)
+    problem = (f"Which word does not belong with the others: {', '.join(options)}? "
+               f"Answer with the word only.")
+    return ",".join(sorted(words)), {"problem": problem, "answer": words[3], "options": options}
+
+
+GENERATORS = {"sentiment": _sentiment, "pick": _pick, "oddone": _oddone}
+
+
+@lru_cache(maxsize=None)
+def _kind_rows(kind, split):
+    if kind == "arith":  # arith's rows are already split by a hash of their expression
+        rows = benchmarks.arith(split)[:SIZES[split]]
+        return tuple(json.dumps({"problem": r["problem"], "answer": r["answer"], "form": r["kind"],
+                                 "expr": r["expr"]}) for r in rows)
+    # one random stream per (kind, split); each keeps only draws whose key hashes to its split
+    rng = random.Random(MIXED_SEED * 100 + KINDS.index(kind) * 10 + SPLITS.index(split))
+    rows, seen = [], set()
+    while len(rows) < SIZES[split]:
+        key, row = GENERATORS[kind](rng)
+        if key in seen or split_of(kind, key) != split:
+            continue
+        seen.add(key)
+        row["key"] = key
+        rows.append(json.dumps(row))
+    return tuple(rows)
+
+
+def load(split):
+    """Rows of one split, kinds interleaved; ids mixed-<split>-<kind>-<index within kind>."""
+    if split not in SPLITS:
+        raise benchmarks.BenchmarkError(f"unknown split {split!r} for mixed; choose from {', '.join(SPLITS)}")
+    per_kind = {k: [json.loads(r) for r in _kind_rows(k, split)] for k in KINDS}
+    out = []
+    for i in range(SIZES[split]):
+        for k in KINDS:
+            row = per_kind[k][i]
+            out.append({"id": f"mixed-{split}-{k}-{i:04d}", "kind": k, **row})
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# scoring
+
+_MARK = re.compile(r"(?:final\s+)?answer(?:\s+is)?\s*[:=]?\s*", re.I)
+
+
+def final_segment(text):
+    """What an answer says last: the text after its last "Answer:" / "answer is", else all of it;
+    markdown emphasis and quotes removed."""
+    text = str(text or "")
+    marks = list(_MARK.finditer(text))
+    if marks and text[marks[-1].end():].strip():
+        text = text[marks[-1].end():]
+    return re.sub(r"[*_`\"']", "", text).strip()
+
+
+def score_label(answer, gold, options):
+    """1 when the final segment names the gold option and no other ("Positive.", "**banana**",
+    "Answer: banana"), or starts with it ("Banana, because ..."); 0 otherwise (a list of all the
+    options is no answer)."""
+    seg = final_segment(answer).lower()
+    found = {o for o in options if re.search(rf"\b{re.escape(o.lower())}\b", seg)}
+    if len(found) == 1:
+        return float(found.pop().lower() == gold.lower())
+    first = re.match(r"\W*(\w+(?:\s\w+)?)", seg)
+    return float(bool(first) and re.match(rf"{re.escape(gold.lower())}\b", first.group(1)) is not None)
+
+
+def score(row, answer):
+    """Score in [0, 1] of a workflow's final answer on one mixed row, by the row's kind."""
+    if row["kind"] == "arith":
+        return benchmarks.score_number("" if answer is None else str(answer), row["answer"])
+    if row["kind"] in GENERATORS:
+        return score_label(answer, row["answer"], row["options"])
+    raise benchmarks.BenchmarkError(f"row {row.get('id')!r}: unknown mixed kind {row['kind']!r}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("cmd", choices=["show", "stats"])
+    ap.add_argument("--split", default="test", help="train | validate | test")
+    ap.add_argument("--limit", type=int, default=4, help="show: rows of each kind")
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "show":
+            for k in KINDS:
+                for r in [r for r in load(args.split) if r["kind"] == k][:args.limit]:
+                    print(json.dumps(r))
+        else:
+            for s in SPLITS:
+                rows = load(s)
+                print(s, len(rows), dict(Counter(r["kind"] for r in rows)),
+                      "sentiment answers", dict(Counter(r["answer"] for r in rows if r["kind"] == "sentiment")))
+    except benchmarks.BenchmarkError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
