@@ -174,14 +174,16 @@ def final_segment(text):
 
 def score_label(answer, gold, options):
     """1 when the final segment names the gold option and no other ("Positive.", "**banana**",
-    "Answer: banana"), or starts with it ("Banana, because ..."); 0 otherwise (a list of all the
-    options is no answer)."""
+    "Answer: banana"), or starts with it ("Negative. It is not positive."); 0 otherwise. A list of
+    options ("positive or negative", "hammer, banana, ...") is no answer."""
     seg = final_segment(answer).lower()
-    found = {o for o in options if re.search(rf"\b{re.escape(o.lower())}\b", seg)}
+    opts = [o.lower() for o in options]
+    found = [o for o in opts if re.search(rf"\b{re.escape(o)}\b", seg)]
     if len(found) == 1:
-        return float(found.pop().lower() == gold.lower())
-    first = re.match(r"\W*(\w+(?:\s\w+)?)", seg)
-    return float(bool(first) and re.match(rf"{re.escape(gold.lower())}\b", first.group(1)) is not None)
+        return float(found[0] == gold.lower())
+    alts = "|".join(re.escape(o) for o in opts)
+    lead = [o for o in found if re.match(rf"\W*{re.escape(o)}\b(?!\s*(?:,|or|and|/)\s*(?:{alts})\b)", seg)]
+    return float(lead == [gold.lower()])
 
 
 def score(row, answer):
