@@ -35,7 +35,7 @@ from functools import lru_cache
 import benchmarks
 
 SPLITS = ("train", "validate", "test")
-KINDS = ("arith", "sentiment", "pick", "oddone")
+KINDS = ("arith", "letters", "sentiment", "yesno")
 SIZES = {"train": 1250, "validate": 125, "test": 250}  # per kind
 MIXED_SEED = 4321  # fixed: everyone gets the same benchmark; load(limit, seed) only picks subsets
 
@@ -55,30 +55,19 @@ TAILS = {"positive": ["", "I would recommend it to anyone.", "We will definitely
 REVIEW = ["{S} was {adj}. {tail}", "Honestly, {s} was {adj}. {tail}", "We tried {s} last week and it was {adj}. {tail}",
           "I have to say {s} was really {adj}. {tail}"]
 
-CATEGORIES = {  # singular noun phrase -> members; no word belongs to two categories
-    "fruit": ["apple", "banana", "cherry", "grape", "lemon", "mango", "peach", "pear", "plum", "strawberry",
-              "watermelon", "pineapple", "kiwi", "apricot"],
-    "animal": ["dog", "cat", "horse", "tiger", "lion", "elephant", "rabbit", "monkey", "zebra", "giraffe", "bear",
-               "wolf", "fox", "camel"],
-    "vegetable": ["carrot", "potato", "onion", "cabbage", "lettuce", "broccoli", "spinach", "celery", "garlic",
-                  "radish", "turnip", "cauliflower"],
-    "color": ["red", "blue", "green", "yellow", "purple", "brown", "black", "white", "pink", "gray"],
-    "vehicle": ["car", "bus", "truck", "bicycle", "airplane", "boat", "motorcycle", "scooter", "tractor",
-                "helicopter", "ship", "van"],
-    "tool": ["hammer", "saw", "screwdriver", "wrench", "drill", "shovel", "rake", "chisel", "pliers", "axe"],
-    "musical instrument": ["piano", "guitar", "violin", "drum", "flute", "trumpet", "harp", "cello", "saxophone",
-                           "clarinet", "banjo", "trombone"],
-    "piece of clothing": ["shirt", "jacket", "sock", "hat", "scarf", "glove", "coat", "dress", "skirt", "sweater"],
-    "piece of furniture": ["chair", "table", "sofa", "bed", "desk", "shelf", "dresser", "stool", "cabinet",
-                           "wardrobe"],
-    "country": ["France", "Japan", "Brazil", "Canada", "Egypt", "India", "Mexico", "Spain", "Kenya", "Norway",
-                "Peru", "Italy", "China", "Germany"],
-    "sport": ["soccer", "tennis", "golf", "hockey", "baseball", "cricket", "rugby", "volleyball", "basketball",
-              "boxing"],
-    "body part": ["hand", "nose", "elbow", "knee", "ear", "shoulder", "finger", "ankle", "chin", "toe"],
-}
-
-
+NAMES = ["Tom", "Ana", "Li", "Sam", "Maya", "Omar", "Zoe", "Ivan", "Nina", "Raj", "Eva", "Ben", "Kofi", "Lena",
+         "Yuki", "Carlos"]
+COLORS = ["red", "blue", "green", "yellow", "black", "white", "purple", "brown", "pink", "gray", "orange"]
+THINGS = ["car", "bike", "hat", "house", "dog", "coat", "cat", "umbrella", "boat", "kite", "scarf", "chair", "lamp",
+          "backpack", "phone", "bed"]
+WORDS = ["apple", "banana", "cherry", "grape", "lemon", "mango", "peach", "pear", "plum", "strawberry", "watermelon",
+         "pineapple", "kiwi", "apricot", "dog", "cat", "horse", "tiger", "lion", "elephant", "rabbit", "monkey",
+         "zebra", "giraffe", "bear", "wolf", "fox", "camel", "carrot", "potato", "onion", "cabbage", "lettuce",
+         "broccoli", "spinach", "celery", "garlic", "radish", "turnip", "hammer", "wrench", "shovel", "piano",
+         "guitar", "violin", "drum", "flute", "trumpet", "harp", "saxophone", "shirt", "jacket", "sweater",
+         "chair", "table", "sofa", "blanket", "pillow", "window", "garden", "river", "mountain", "forest",
+         "island", "village", "bridge", "tunnel", "castle", "rocket", "planet", "bottle", "basket", "pencil",
+         "notebook", "letter", "ladder", "kettle", "mirror", "candle", "button", "rainbow", "thunder"]
 def _sha(text):
     return int(hashlib.sha256(text.encode()).hexdigest()[:16], 16)
 
@@ -102,33 +91,37 @@ def _sentiment(rng):
     return f"{t}|{s}|{adj}|{tail}", {"problem": problem, "answer": label, "options": ["positive", "negative"]}
 
 
-def _pick(rng):
-    cats = rng.sample(sorted(CATEGORIES), 4)  # the asked category and three others
-    words = [rng.choice(CATEGORIES[c]) for c in cats]
-    answer, options = words[0], rng.sample(words, 4)
-    article = "an" if cats[0][0] in "aeiou" else "a"
-    problem = (f"Which of these is {article} {cats[0]}: {', '.join(options[:3])} or {options[3]}? "
-               f"Answer with the word only.")
-    return f"{cats[0]}|{','.join(sorted(words))}", {"problem": problem, "answer": answer, "options": options}
+def _a(word):
+    return ("an " if word[0] in "aeiou" else "a ") + word
 
 
-def _oddone(rng):
-    same, other = rng.sample(sorted(CATEGORIES), 2)
-    words = rng.sample(CATEGORIES[same], 3) + [rng.choice(CATEGORIES[other])]
-    options = rng.sample(words, 4)
-    problem = (f"Which word does not belong with the others: {', '.join(options)}? "
-               f"Answer with the word only.")
-    return ",".join(sorted(words)), {"problem": problem, "answer": words[3], "options": options}
+def _yesno(rng):
+    """Two facts about one person's things, a question about one of them."""
+    n, (t1, t2), (c1, c2) = rng.choice(NAMES), rng.sample(THINGS, 2), rng.sample(COLORS, 2)
+    tq, label = rng.choice([t1, t2]), rng.choice(["yes", "no"])
+    true = c1 if tq == t1 else c2
+    asked = true if label == "yes" else rng.choice([c for c in COLORS if c != true])
+    problem = f"{n} has {_a(c1 + ' ' + t1)} and {_a(c2 + ' ' + t2)}. Is {n}'s {tq} {asked}? Answer yes or no."
+    return f"{n}|{c1} {t1}|{c2} {t2}|{tq}|{asked}", {"problem": problem, "answer": label, "options": ["yes", "no"]}
 
 
-GENERATORS = {"sentiment": _sentiment, "pick": _pick, "oddone": _oddone}
+def _letters(rng):
+    """Count one letter in a two-word phrase; the letter is drawn from the phrase's letters, so
+    frequent letters (and counts above 1) come up more often."""
+    phrase = " ".join(rng.sample(WORDS, 2))
+    letter = rng.choice(phrase.replace(" ", ""))
+    problem = f'How many times does the letter "{letter}" appear in "{phrase}"? Answer with a number.'
+    return f"{phrase}|{letter}", {"problem": problem, "answer": str(phrase.count(letter))}
+
+
+GENERATORS = {"sentiment": _sentiment, "yesno": _yesno, "letters": _letters}
 
 
 @lru_cache(maxsize=None)
 def _kind_rows(kind, split):
     if kind == "arith":  # arith's rows are already split by a hash of their expression
         rows = benchmarks.arith(split)[:SIZES[split]]
-        return tuple(json.dumps({"problem": r["problem"], "answer": r["answer"], "form": r["kind"],
+        return tuple(json.dumps({"problem": r["problem"] + " Answer with a number.", "answer": r["answer"], "form": r["kind"],
                                  "expr": r["expr"]}) for r in rows)
     # one random stream per (kind, split); each keeps only draws whose key hashes to its split
     rng = random.Random(MIXED_SEED * 100 + KINDS.index(kind) * 10 + SPLITS.index(split))
@@ -188,9 +181,9 @@ def score_label(answer, gold, options):
 
 def score(row, answer):
     """Score in [0, 1] of a workflow's final answer on one mixed row, by the row's kind."""
-    if row["kind"] == "arith":
+    if row["kind"] in ("arith", "letters"):
         return benchmarks.score_number("" if answer is None else str(answer), row["answer"])
-    if row["kind"] in GENERATORS:
+    if row["kind"] in ("sentiment", "yesno"):
         return score_label(answer, row["answer"], row["options"])
     raise benchmarks.BenchmarkError(f"row {row.get('id')!r}: unknown mixed kind {row['kind']!r}")
 

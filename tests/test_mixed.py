@@ -1,6 +1,7 @@
 """mixed.py: deterministic generation, disjoint splits, per-kind scorers on right and wrong answers;
 headroom.py's computation on hand-made rows against a naive calculation. No executor."""
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -21,12 +22,12 @@ def test_generation_is_deterministic_and_pinned():
     assert mixed.load("test") == first
     # golden: pins the generators (random.Random(int) streams) across machines and Python versions
     assert [(r["id"], r["answer"]) for r in first[:4]] == [
-        ("mixed-test-arith-0000", "58"), ("mixed-test-sentiment-0000", "positive"),
-        ("mixed-test-pick-0000", "finger"), ("mixed-test-oddone-0000", "truck")]
+        ("mixed-test-arith-0000", "58"), ("mixed-test-letters-0000", "1"),
+        ("mixed-test-sentiment-0000", "negative"), ("mixed-test-yesno-0000", "yes")]
     train = mixed.load("train")
     assert [(r["id"], r["answer"]) for r in train[:4]] == [
-        ("mixed-train-arith-0000", "1"), ("mixed-train-sentiment-0000", "positive"),
-        ("mixed-train-pick-0000", "carrot"), ("mixed-train-oddone-0000", "skirt")]
+        ("mixed-train-arith-0000", "1"), ("mixed-train-letters-0000", "2"),
+        ("mixed-train-sentiment-0000", "negative"), ("mixed-train-yesno-0000", "no")]
 
 
 def _key(r):
@@ -51,25 +52,26 @@ def test_rows_are_well_formed_and_balanced():
     rows = mixed.load("train")
     for r in rows:
         assert r["kind"] in mixed.KINDS and r["problem"] and r["answer"]
+        assert "Answer" in r["problem"]  # the problem says how to answer
         if r["kind"] == "arith":
             assert float(r["answer"]) == eval(r["expr"], {"__builtins__": {}})  # an independent check
+        elif r["kind"] == "letters":  # recount by hand from the problem text
+            letter, phrase = re.fullmatch(r'How many times does the letter "(\w)" appear in "([a-z ]+)"\? '
+                                          r"Answer with a number\.", r["problem"]).groups()
+            assert int(r["answer"]) == sum(ch == letter for ch in phrase) >= 1
+        elif r["kind"] == "yesno":  # the asked color is the stated one exactly when the answer is yes
+            n, c1, t1, c2, t2, tq, asked = re.fullmatch(r"(\w+) has an? (\w+) (\w+) and an? (\w+) (\w+)\. "
+                                                        r"Is \1's (\w+) (\w+)\? Answer yes or no\.", r["problem"]).groups()
+            assert tq in (t1, t2) and t1 != t2
+            assert r["answer"] == ("yes" if asked == (c1 if tq == t1 else c2) else "no")
         else:
-            assert r["answer"] in r["options"] and r["answer"].lower() in r["problem"].lower()
-            assert "Answer" in r["problem"]  # the problem says how to answer
-        if r["kind"] in ("pick", "oddone"):
-            assert len(set(r["options"])) == 4
-            cat = {w: c for c, ws in mixed.CATEGORIES.items() for w in ws}
-            cats = [cat[w] for w in r["options"]]
-            odd = [w for w, c in zip(r["options"], cats) if cats.count(c) == 1]
-            if r["kind"] == "pick":  # the asked category names the answer's category
-                assert f" {cat[r['answer']]}:" in r["problem"] and len(set(cats)) == 4
-            else:  # three words share a category, the answer is the only other one
-                assert odd == [r["answer"]]
-    senti = [r["answer"] for r in rows if r["kind"] == "sentiment"]
-    assert 0.45 < senti.count("positive") / len(senti) < 0.55
-    # no word is a member of two categories (else pick / oddone would have two right answers)
-    words = [w.lower() for ws in mixed.CATEGORIES.values() for w in ws]
-    assert len(words) == len(set(words))
+            assert r["answer"] in r["options"] and f"Answer {' or '.join(r['options'])}." in r["problem"]
+            adj = re.search(r"\b(\w+)\.(?: [^\n]*)?\"\n", r["problem"]).group(1)
+            assert adj in (mixed.POSITIVE if r["answer"] == "positive" else mixed.NEGATIVE)
+    for kind, label in (("sentiment", "positive"), ("yesno", "yes")):
+        answers = [r["answer"] for r in rows if r["kind"] == kind]
+        assert 0.45 < answers.count(label) / len(answers) < 0.55
+    assert len(set(mixed.POSITIVE) | set(mixed.NEGATIVE)) == len(mixed.POSITIVE) + len(mixed.NEGATIVE)
 
 
 def test_load_and_score_through_benchmarks():
@@ -86,8 +88,8 @@ def test_load_and_score_through_benchmarks():
 
 ARITH = {"kind": "arith", "answer": "42"}
 SENTI = {"kind": "sentiment", "answer": "positive", "options": ["positive", "negative"]}
-PICK = {"kind": "pick", "answer": "banana", "options": ["hammer", "banana", "tiger", "chair"]}
-ODD = {"kind": "oddone", "answer": "truck", "options": ["apple", "truck", "grape", "pear"]}
+LETTERS = {"kind": "letters", "answer": "3"}
+YESNO = {"kind": "yesno", "answer": "no", "options": ["yes", "no"]}
 
 
 @pytest.mark.parametrize("row, answer, want", [
@@ -101,11 +103,12 @@ ODD = {"kind": "oddone", "answer": "truck", "options": ["apple", "truck", "grape
     (SENTI, "positive or negative", 0), (SENTI, "It could be either.", 0), (SENTI, "", 0), (SENTI, None, 0),
     (SENTI, "The review mentions positive words.\nAnswer: negative", 0),  # the final answer counts
     (SENTI, "positively", 0),  # whole words only
-    (PICK, "banana", 1), (PICK, "Banana.", 1), (PICK, "**banana**", 1), (PICK, "The answer is banana", 1),
-    (PICK, "A banana is a fruit.", 1), (PICK, "Answer: banana", 1),
-    (PICK, "hammer", 0), (PICK, "hammer, banana, tiger or chair", 0), (PICK, "bananas", 0), (PICK, "", 0),
-    (ODD, "truck", 1), (ODD, "Truck", 1), (ODD, "The odd one out is the truck.", 1), (ODD, "Answer: **truck**", 1),
-    (ODD, "apple", 0), (ODD, "apple, truck, grape, pear", 0), (ODD, "car", 0),
+    (LETTERS, "3", 1), (LETTERS, "The letter appears 3 times.", 1), (LETTERS, "**3**", 1), (LETTERS, "2", 0),
+    (LETTERS, "three", 0),
+    (YESNO, "no", 1), (YESNO, "No.", 1), (YESNO, "**no**", 1), (YESNO, "NO", 1), (YESNO, "The answer is no", 1),
+    (YESNO, "No, Raj's lamp is gray.", 1), (YESNO, "Step 1: yes, it is a lamp.\nAnswer: No", 1),
+    (YESNO, "Yes.", 0), (YESNO, "**yes**", 0), (YESNO, "The answer is yes", 0), (YESNO, "yes or no", 0),
+    (YESNO, "nothing", 0), (YESNO, "Yes, no doubt.", 0), (YESNO, "", 0),
 ])
 def test_scorers(row, answer, want):
     assert mixed.score(row, answer) == want
