@@ -21,13 +21,12 @@ def test_generation_is_deterministic_and_pinned():
     mixed._kind_rows.cache_clear()  # regenerate from the seed, not from the cache
     assert mixed.load("test") == first
     # golden: pins the generators (random.Random(int) streams) across machines and Python versions
-    assert [(r["id"], r["answer"]) for r in first[:4]] == [
-        ("mixed-test-arith-0000", "58"), ("mixed-test-letters-0000", "1"),
-        ("mixed-test-sentiment-0000", "negative"), ("mixed-test-yesno-0000", "yes")]
+    assert [(r["id"], r["answer"]) for r in first[:3]] == [
+        ("mixed-test-arith-0000", "58"), ("mixed-test-sentiment-0000", "positive"), ("mixed-test-yesno-0000", "no")]
+    assert first[2]["problem"] == "Raj has a brown house and a black cat. Is Raj's house red? Answer yes or no."
     train = mixed.load("train")
-    assert [(r["id"], r["answer"]) for r in train[:4]] == [
-        ("mixed-train-arith-0000", "1"), ("mixed-train-letters-0000", "2"),
-        ("mixed-train-sentiment-0000", "negative"), ("mixed-train-yesno-0000", "no")]
+    assert [(r["id"], r["answer"]) for r in train[:3]] == [
+        ("mixed-train-arith-0000", "1"), ("mixed-train-sentiment-0000", "negative"), ("mixed-train-yesno-0000", "yes")]
 
 
 def _key(r):
@@ -55,10 +54,6 @@ def test_rows_are_well_formed_and_balanced():
         assert "Answer" in r["problem"]  # the problem says how to answer
         if r["kind"] == "arith":
             assert float(r["answer"]) == eval(r["expr"], {"__builtins__": {}})  # an independent check
-        elif r["kind"] == "letters":  # recount by hand from the problem text
-            letter, phrase = re.fullmatch(r'How many times does the letter "(\w)" appear in "([a-z ]+)"\? '
-                                          r"Answer with a number\.", r["problem"]).groups()
-            assert int(r["answer"]) == sum(ch == letter for ch in phrase) >= 1
         elif r["kind"] == "yesno":  # the asked color is the stated one exactly when the answer is yes
             n, c1, t1, c2, t2, tq, asked = re.fullmatch(r"(\w+) has an? (\w+) (\w+) and an? (\w+) (\w+)\. "
                                                         r"Is \1's (\w+) (\w+)\? Answer yes or no\.", r["problem"]).groups()
@@ -88,7 +83,6 @@ def test_load_and_score_through_benchmarks():
 
 ARITH = {"kind": "arith", "answer": "42"}
 SENTI = {"kind": "sentiment", "answer": "positive", "options": ["positive", "negative"]}
-LETTERS = {"kind": "letters", "answer": "3"}
 YESNO = {"kind": "yesno", "answer": "no", "options": ["yes", "no"]}
 
 
@@ -103,8 +97,6 @@ YESNO = {"kind": "yesno", "answer": "no", "options": ["yes", "no"]}
     (SENTI, "positive or negative", 0), (SENTI, "It could be either.", 0), (SENTI, "", 0), (SENTI, None, 0),
     (SENTI, "The review mentions positive words.\nAnswer: negative", 0),  # the final answer counts
     (SENTI, "positively", 0),  # whole words only
-    (LETTERS, "3", 1), (LETTERS, "The letter appears 3 times.", 1), (LETTERS, "**3**", 1), (LETTERS, "2", 0),
-    (LETTERS, "three", 0),
     (YESNO, "no", 1), (YESNO, "No.", 1), (YESNO, "**no**", 1), (YESNO, "NO", 1), (YESNO, "The answer is no", 1),
     (YESNO, "No, Raj's lamp is gray.", 1), (YESNO, "Step 1: yes, it is a lamp.\nAnswer: No", 1),
     (YESNO, "Yes.", 0), (YESNO, "**yes**", 0), (YESNO, "The answer is yes", 0), (YESNO, "yes or no", 0),
