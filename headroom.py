@@ -107,7 +107,9 @@ def run_baseline(name, code, problems, cfg, executor, out):
 
 def read_scores(path, problems):
     want = {p["id"] for p in problems}
-    return {r["problem_id"]: float(r["score"]) for r in read_jsonl(path) if r["problem_id"] in want} if path.exists() else {}
+    if not path.exists():
+        return {}
+    return {r["problem_id"]: float(r["score"]) for r in read_jsonl(path) if r["problem_id"] in want}
 
 
 def main(argv=None):
@@ -117,7 +119,8 @@ def main(argv=None):
     g.add_argument("--split", default="test", help="train | validate | test")
     g.add_argument("--baselines", help="comma-separated subset of evaluate.BASELINES[family] (default: all)")
     g.add_argument("--out", default="runs/headroom", help="root of the cached rows and table.md")
-    g.add_argument("--table-only", action="store_true", help="no executor: the table of the baselines fully scored so far")
+    g.add_argument("--table-only", action="store_true",
+                   help="no executor: the table of the baselines fully scored so far")
     collect.add_args(ap)
     args = ap.parse_args(argv)
     args.bench = args.bench or "mixed"
@@ -130,6 +133,7 @@ def main(argv=None):
         bad = [b for b in names if b not in evaluate.BASELINES[fam]]
         if bad:
             raise DataError(f"--baselines: {bad[0]!r} is not one of {', '.join(evaluate.BASELINES[fam])}")
+        names = [b for b in evaluate.BASELINES[fam] if b in names]  # table rows and oracle ties in one order
         problems = select(benchmarks.load(cfg["bench"], args.split, cfg["data_dir"]), args.limit)
         root = Path(args.out) / cfg["bench"] / f"{args.split}-{evaluate.executor_tag(cfg)}"
         if not args.table_only:
@@ -145,7 +149,8 @@ def main(argv=None):
     except (DataError, ValueError, collect.ExecutorError) as e:  # BenchmarkError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    text = f"{cfg['bench']} {args.split}, first {args.limit} problems per kind, executor {evaluate.executor_tag(cfg)}\n\n" + table(res)
+    text = (f"{cfg['bench']} {args.split}, first {args.limit} problems per kind, executor "
+            f"{evaluate.executor_tag(cfg)}\n\n" + table(res))
     print(text)
     (root / "table.md").write_text(text + "\n", encoding="utf-8")
 

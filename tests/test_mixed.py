@@ -41,7 +41,8 @@ def test_splits_sizes_and_disjoint():
         assert len({r["id"] for r in rows[s]}) == len(rows[s])
         assert len({_key(r) for r in rows[s]}) == len(rows[s])  # no duplicate problem inside a split
     keys = {s: {_key(r) for r in rows[s]} for s in mixed.SPLITS}
-    assert not keys["train"] & keys["test"] and not keys["train"] & keys["validate"] and not keys["validate"] & keys["test"]
+    for a, b in (("train", "test"), ("train", "validate"), ("validate", "test")):
+        assert not keys[a] & keys[b]
     # the same holds for the problem texts, and for arith's facts beneath its word problems
     texts = {s: {r["problem"] for r in rows[s]} for s in mixed.SPLITS}
     assert not texts["train"] & texts["test"] and not texts["validate"] & texts["test"]
@@ -55,8 +56,8 @@ def test_rows_are_well_formed_and_balanced():
         if r["kind"] == "arith":
             assert float(r["answer"]) == eval(r["expr"], {"__builtins__": {}})  # an independent check
         elif r["kind"] == "yesno":  # the asked color is the stated one exactly when the answer is yes
-            n, c1, t1, c2, t2, tq, asked = re.fullmatch(r"(\w+) has an? (\w+) (\w+) and an? (\w+) (\w+)\. "
-                                                        r"Is \1's (\w+) (\w+)\? Answer yes or no\.", r["problem"]).groups()
+            pattern = r"(\w+) has an? (\w+) (\w+) and an? (\w+) (\w+)\. Is \1's (\w+) (\w+)\? Answer yes or no\."
+            n, c1, t1, c2, t2, tq, asked = re.fullmatch(pattern, r["problem"]).groups()
             assert tq in (t1, t2) and t1 != t2
             assert r["answer"] == ("yes" if asked == (c1 if tq == t1 else c2) else "no")
         else:
