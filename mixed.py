@@ -191,8 +191,8 @@ def main(argv=None):
         else:
             for s in SPLITS:
                 rows = load(s)
-                print(s, len(rows), dict(Counter(r["kind"] for r in rows)),
-                      "sentiment answers", dict(Counter(r["answer"] for r in rows if r["kind"] == "sentiment")))
+                print(s, len(rows), dict(Counter(r["kind"] for r in rows)), "labels",
+                      {k: dict(Counter(r["answer"] for r in rows if r["kind"] == k)) for k in GENERATORS})
     except benchmarks.BenchmarkError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
