@@ -1,5 +1,6 @@
 """mixed.py: deterministic generation, disjoint splits, per-kind scorers on right and wrong answers;
 headroom.py's computation on hand-made rows against a naive calculation. No executor."""
+import json
 import random
 import re
 import statistics
@@ -193,3 +194,25 @@ def test_headroom_cli_bad_input(tmp_path, args, msg):
     r = subprocess.run([sys.executable, str(ROOT / "headroom.py"), "--table-only", "--out", str(tmp_path), *args],
                        capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert r.returncode == 2 and msg in r.stderr
+
+
+def test_headroom_table_only_from_cached_rows(tmp_path, capsys):
+    # rows as run_baseline writes them, for the first 2 problems of each kind; a third baseline
+    # with one problem missing is left out of the table, rows of other problems are ignored
+    problems = headroom.select(mixed.load("test"), 2)
+    root = tmp_path / "mixed" / "test-local-cap160"
+    root.mkdir(parents=True)
+    io = {p["id"]: float(p["kind"] != "arith") for p in problems}
+    prog = {p["id"]: float(p["kind"] == "arith" and p["id"].endswith("0")) for p in problems}
+    for name, scores in (("io", io), ("programmer", prog), ("cot", dict(list(io.items())[1:]))):
+        rows = [{"problem_id": pid, "kind": pid.split("-")[2], "score": s} for pid, s in scores.items()]
+        rows.append({"problem_id": "mixed-test-arith-0099", "kind": "arith", "score": 1.0})
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    headroom.main(["--table-only", "--limit", "2", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert out == (root / "table.md").read_text()
+    assert "| io |" in out and "| programmer |" in out and "| cot |" not in out
+    # io: 4 of 6 right; oracle: programmer's 1 of 2 on arith + io's 4 on the rest = 5 of 6
+    assert "best single fixed workflow: **io**, 66.7 %" in out
+    assert "by-kind oracle (arith: programmer, sentiment: io, yesno: io): 83.3 %" in out
+    assert "**+16.7 points**" in out
