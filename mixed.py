@@ -12,14 +12,16 @@ generator can only learn "call programmer". Here the best fixed workflow differs
 a workflow written per problem has something to gain over any single fixed one. The kinds were
 chosen by measurement (headroom.py pilots; candidates on which every baseline scored near 0 with
 the 135M executor were dropped, see README):
-  arith      arith's generated arithmetic (benchmarks.arith rows): `programmer` wins
+  arith      arith's generated expressions (benchmarks.arith rows, its word problems left out:
+             every baseline scored ~0 on them): `programmer` wins
   sentiment  a one-sentence review, "positive or negative?": `programmer` prints the review back
   yesno      "Raj has a gray lamp and a yellow car. Is Raj's lamp gray?": ditto
-On the last two a direct `custom` call wins, though only at about the rate of its constant
-answer ("Positive", "No"); a stronger executor does better on them, the 135M one on nothing but
-programmer-arithmetic. Each row: id, problem, answer, kind, plus `options` (the label words) for
-the label kinds, `form` and `expr` for arith. Every problem says how to answer ("Answer with a
-number.", "Answer positive or negative.", "Answer yes or no.").
+On the last two a direct `custom` call wins, though only at about the rate of its constant answer
+("Positive", "No"): with the 135M executor the benchmark rewards routing (programmer for
+arithmetic, a direct answer otherwise), not judgement. Each row: id, problem, answer, kind, plus
+`options` (the label words) for the label kinds, `form` ("single" or "paren") and `expr` for
+arith. Every problem says how to answer ("Answer with a number.", "Answer positive or negative.",
+"Answer yes or no.").
 
 Splits are disjoint by construction: arith's rows keep arith's split (a hash of the expression);
 the others go by a sha256 bucket of their kind and canonical key (the review's template, subject,
@@ -109,7 +111,7 @@ GENERATORS = {"sentiment": _sentiment, "yesno": _yesno}
 @lru_cache(maxsize=None)
 def _kind_rows(kind, split):
     if kind == "arith":  # arith's rows are already split by a hash of their expression
-        rows = benchmarks.arith(split)[:SIZES[split]]
+        rows = [r for r in benchmarks.arith(split) if r["kind"] != "word"][:SIZES[split]]
         return tuple(json.dumps({"problem": r["problem"] + " Answer with a number.", "answer": r["answer"],
                                  "form": r["kind"], "expr": r["expr"]}) for r in rows)
     # one random stream per (kind, split); each keeps only draws whose key hashes to its split

@@ -23,7 +23,7 @@ def test_generation_is_deterministic_and_pinned():
     assert mixed.load("test") == first
     # golden: pins the generators (random.Random(int) streams) across machines and Python versions
     assert [(r["id"], r["answer"]) for r in first[:3]] == [
-        ("mixed-test-arith-0000", "58"), ("mixed-test-sentiment-0000", "positive"), ("mixed-test-yesno-0000", "no")]
+        ("mixed-test-arith-0000", "6974"), ("mixed-test-sentiment-0000", "positive"), ("mixed-test-yesno-0000", "no")]
     assert first[2]["problem"] == "Raj has a brown house and a black cat. Is Raj's house red? Answer yes or no."
     train = mixed.load("train")
     assert [(r["id"], r["answer"]) for r in train[:3]] == [
@@ -44,7 +44,7 @@ def test_splits_sizes_and_disjoint():
     keys = {s: {_key(r) for r in rows[s]} for s in mixed.SPLITS}
     for a, b in (("train", "test"), ("train", "validate"), ("validate", "test")):
         assert not keys[a] & keys[b]
-    # the same holds for the problem texts, and for arith's facts beneath its word problems
+    # the same holds for the problem texts
     texts = {s: {r["problem"] for r in rows[s]} for s in mixed.SPLITS}
     assert not texts["train"] & texts["test"] and not texts["validate"] & texts["test"]
 
@@ -56,6 +56,7 @@ def test_rows_are_well_formed_and_balanced():
         assert "Answer" in r["problem"]  # the problem says how to answer
         if r["kind"] == "arith":
             assert float(r["answer"]) == eval(r["expr"], {"__builtins__": {}})  # an independent check
+            assert r["problem"] == f"What is {r['expr']}? Answer with a number." and r["form"] in ("single", "paren")
         elif r["kind"] == "yesno":  # the asked color is the stated one exactly when the answer is yes
             pattern = r"(\w+) has an? (\w+) (\w+) and an? (\w+) (\w+)\. Is \1's (\w+) (\w+)\? Answer yes or no\."
             n, c1, t1, c2, t2, tq, asked = re.fullmatch(pattern, r["problem"]).groups()
