@@ -133,7 +133,6 @@ def main(argv=None):
         bad = [b for b in names if b not in evaluate.BASELINES[fam]]
         if bad:
             raise DataError(f"--baselines: {bad[0]!r} is not one of {', '.join(evaluate.BASELINES[fam])}")
-        names = [b for b in evaluate.BASELINES[fam] if b in names]  # table rows and oracle ties in one order
         problems = select(benchmarks.load(cfg["bench"], args.split, cfg["data_dir"]), args.limit)
         root = Path(args.out) / cfg["bench"] / f"{args.split}-{evaluate.executor_tag(cfg)}"
         if not args.table_only:
@@ -141,7 +140,8 @@ def main(argv=None):
             with collect.open_executor(cfg, generator=False) as ex:
                 for b in names:
                     run_baseline(b, evaluate.BASELINES[fam][b], problems, cfg, ex, root / f"{b}.jsonl")
-        scores = {b: read_scores(root / f"{b}.jsonl", problems) for b in names}
+        # table rows and oracle ties in BASELINES order, whatever order they ran in
+        scores = {b: read_scores(root / f"{b}.jsonl", problems) for b in evaluate.BASELINES[fam] if b in names}
         scores = {b: s for b, s in scores.items() if len(s) == len(problems)}
         if not scores:
             raise DataError(f"no baseline has all {len(problems)} problems scored under {root}")
