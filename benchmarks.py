@@ -44,10 +44,11 @@ from functools import lru_cache
 from pathlib import Path
 
 import config
+import mixed
 import scorers
 from jsonl import DataError
 
-FAMILY = {"arith": "math", "gsm8k": "math", "math": "math",
+FAMILY = {"arith": "math", "mixed": "math", "gsm8k": "math", "math": "math",
           "hotpotqa": "qa", "drop": "qa", "humaneval": "code", "mbpp": "code"}
 SPLITS = ("train", "validate", "test")
 BENCHMARKS = {name: SPLITS for name in FAMILY}  # every name has every split; train = validate except arith
@@ -80,6 +81,8 @@ def load(name, split, data_dir=None, limit=None, seed=0):
         raise DataError(f"unknown split {split!r} for {name}; choose from {', '.join(SPLITS)}")
     if name == "arith":
         rows = arith(split)
+    elif name == "mixed":
+        rows = mixed.load(split, arith(split))
     else:
         split = "validate" if split == "train" else split
         rows = LOADERS[name](split, data_dir)
@@ -402,6 +405,8 @@ def score(name, row, answer):
     answer = "" if answer is None else str(answer)
     if name in ("arith", "gsm8k"):
         return scorers.score_number(answer, row["answer"])
+    if name == "mixed":
+        return mixed.score(row, answer)
     if name == "math":
         return scorers.score_math(answer, row["answer"])
     if name == "drop":

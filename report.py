@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 import benchmarks
 import config
 import operators
-from jsonl import read_json, read_jsonl, write_atomic
+from jsonl import DataError, read_json, read_jsonl, write_atomic
 
 def bootstrap_ci(scores, reps=2000, seed=0):
     """95 % percentile bootstrap CI of the mean over problems."""
@@ -132,7 +132,7 @@ def headroom(scores, kinds):
     pids, names = list(kinds), list(scores)
     missing = [(b, p) for b in names for p in pids if p not in scores[b]]
     if missing:
-        raise ValueError(f"fixed workflow {missing[0][0]!r} has no score for problem {missing[0][1]!r}")
+        raise DataError(f"fixed workflow {missing[0][0]!r} has no score for problem {missing[0][1]!r}")
     kind_list = list(dict.fromkeys(kinds.values()))
     cells = {}
     for b in names:

@@ -6,7 +6,6 @@ the figures, on hand-made held-out rows.
 import json
 import statistics
 
-import pytest
 
 import config
 import report
@@ -29,18 +28,6 @@ def test_operator_sequence_is_execution_order():
     assert report.operator_sequence(code) == "answer_generate -> ensemble"
     assert report.operator_sequence("def solve(p):\n    return len(p)\n") == "(no operator)"
     assert report.operator_sequence("def solve(p:\n") == "(unparsable)"
-
-
-def test_headroom_against_a_hand_calculation():
-    cot = {"a1": 1.0, "a2": 0.0, "s1": 1.0, "s2": 0.0}
-    res = report.headroom({"programmer": PROGRAMMER, "io": IO, "cot": cot}, KINDS)
-    assert res["best"] == "programmer"  # ties at 0.5 overall: the first listed
-    assert res["choice"] == {"arith": "programmer", "sentiment": "io"}
-    assert res["single"][0] == 0.5 and res["oracle"][0] == 1.0 and res["headroom"][0] == 0.5
-    assert res["cells"]["cot", "arith"][0] == 0.5 and res["per_kind"] == {"arith": 2, "sentiment": 2}
-    assert res["oracle"][1] == res["oracle"][2] == 1.0  # every resample of all-ones is 1
-    with pytest.raises(ValueError, match="no score"):
-        report.headroom({"io": {"a1": 1.0}}, KINDS)
 
 
 def test_kind_section_on_hand_made_rows():
