@@ -26,7 +26,7 @@ KNOBS = {
     # ---- the method
     "mode": ("spogw", ("spogw", "refine"), "run", MAIN,
              "spogw: per-problem workflows + GRPO; refine: W4S multi-turn refinement trained with RWR"),
-    "bench": ("arith", str, "collect", MAIN, "arith | gsm8k | math | humaneval | mbpp | hotpotqa | drop"),
+    "bench": ("arith", str, "collect", MAIN, "arith | mixed | gsm8k | math | humaneval | mbpp | hotpotqa | drop"),
     "model": ("smollm2-135m", str, "collect", MAIN, "generator: HF dir / hub id / .gguf / embedded name"),
     "problems": (10, int, "collect", MAIN, "training problems per iteration"),
     "m": (8, int, "collect", MAIN, "workflows sampled per problem"),
