@@ -3,6 +3,8 @@
     python headroom.py --bench mixed --limit 50                          # 5 baselines x 3 kinds x 50
     python headroom.py --bench mixed --limit 10 --baselines io,programmer # a quick pilot
     python headroom.py --bench mixed --limit 50 --table-only              # the table of the rows so far
+    OMP_NUM_THREADS=1 python headroom.py --limit 50 --servers 1 --workers 2 --threads 1 \
+        --baselines io,programmer,cot,self_refine,cot_sc                  # on a shared 2-core box
 
 Runs each fixed workflow of workflow.BASELINES[family] on the first --limit problems of every kind
 of the --split (rows carry a `kind`, e.g. mixed.py's) with the run's executor (the local embedded
