@@ -48,14 +48,14 @@ import mixed
 import scorers
 from jsonl import DataError
 
-FAMILY = {"arith": "math", "mixed": "math", "gsm8k": "math", "math": "math",
+FAMILY = {"arith": "math", "mixed": "mixed", "gsm8k": "math", "math": "math",
           "hotpotqa": "qa", "drop": "qa", "humaneval": "code", "mbpp": "code"}
 SPLITS = ("train", "validate", "test")
 BENCHMARKS = {name: SPLITS for name in FAMILY}  # every name has every split; train = validate except arith
 
 
 def family(name):
-    """'math' | 'qa' | 'code': selects the operator set offered to the generator."""
+    """'math' | 'mixed' | 'qa' | 'code': selects the operator set offered to the generator and its prompt."""
     check_name(name)
     return FAMILY[name]
 

@@ -60,6 +60,8 @@ EXAMPLES = ("io", "cot", "cot_sc", "programmer")
 TASKS = {
     "arith": "Arithmetic questions: one or two operations, sometimes a one-sentence word problem. "
              "The answer is an integer.",
+    "mixed": "Three kinds of question: arithmetic (the answer is a number), is a review positive or negative, "
+             "and yes/no questions about stated facts. Each question says how to answer.",
     "gsm8k": "Grade-school math word problems. The answer is a number.",
     "math": "Competition math problems. The answer is a number or an expression.",
     "hotpotqa": "Questions that need facts from two paragraphs given with the question. The answer is a short phrase.",

@@ -58,6 +58,24 @@ FEWSHOT = {
     return ensemble(problem, drafts)
 '''),
     ],
+    # mixed: the label answer and the arithmetic answer each shown once, and last a draft of each
+    # kind side by side, so iteration 0 writes both programmer- and custom-led workflows for every
+    # kind and its groups have something to rank (ARCHITECTURE §5)
+    "mixed": [
+        ("Is a lemon sour? Answer yes or no.", '''def solve(problem):
+    drafts = [custom(problem, "Reply with one word.")]
+    return drafts[0]
+'''),
+        ("What is (17 + 25) * 3? Answer with a number.", '''def solve(problem):
+    drafts = [programmer(problem)]
+    return format(problem, drafts[0])
+'''),
+        ("Review: \"The tea was cold.\"\nIs this review positive or negative? Answer positive or negative.",
+         '''def solve(problem):
+    drafts = [programmer(problem), custom(problem, "Reply with one word.")]
+    return ensemble(problem, drafts)
+'''),
+    ],
     "qa": [
         ("Passage: The bridge opened in 1932 and was widened in 1958.\nQuestion: How many years after opening was "
          "the bridge widened?", '''def solve(problem):
@@ -303,6 +321,7 @@ def _check_copied(fn, text, numbers):
 # starts; what goes in the list and what follows is the generator's choice.
 PREFILLS = {
     "math": "```python\ndef solve(problem):\n    drafts = [",
+    "mixed": "```python\ndef solve(problem):\n    drafts = [",
     "qa": "```python\ndef solve(problem):\n    drafts = [",
     "code": f"```python\ndef solve(problem):\n    {_CODE_NAME}\n    drafts = [",
 }
@@ -314,7 +333,8 @@ SYSTEM_PROMPT = ("You write workflows. A workflow is a Python function solve(pro
                  "itself: it passes `problem` to operators, which ask a language model and return strings.")
 
 
-_REMIND = {"math": "it must not do the arithmetic itself", "qa": "it must not answer the question itself",
+_REMIND = {"math": "it must not do the arithmetic itself", "mixed": "it must not solve the problem itself",
+           "qa": "it must not answer the question itself",
            "code": "it must not write the function itself"}
 
 
@@ -378,3 +398,4 @@ BASELINES = {
                         '    code = code_generate(problem, name, "Write the function.")\n'
                         '    feedback = review(problem, code)\n    return revise(problem, code, feedback)\n'),
     },}
+BASELINES["mixed"] = BASELINES["math"]  # mixed offers math's operators, so it has math's fixed workflows

@@ -3,6 +3,7 @@ No model and no sandbox: the static call count is compared with a naive referenc
 (trusted, test-written) workflow with counting stub operators."""
 import pytest
 
+import benchmarks
 import operators
 import scorers
 import workflow
@@ -23,7 +24,10 @@ def test_few_shot_examples_and_prefills_pass_the_checker():
             assert ok(code, problem, ops=operators.OPERATOR_SETS[fam], max_calls=6) == (True, "ok"), code
             assert code.startswith(body_start)  # the examples begin the way a prefilled completion does
         assert scorers.extract_code(workflow.PREFILLS[fam] + "x)]\n    return drafts[0]\n```") is not None
-    assert workflow.PREFILLS["math"] == workflow.PREFILLS["math"]
+    for name in benchmarks.FAMILY:  # every benchmark's family has a prompt, a prefill, operators and baselines
+        fam = benchmarks.family(name)
+        assert fam in workflow.FEWSHOT and fam in workflow.PREFILLS and fam in operators.OPERATOR_SETS
+        assert set(workflow.BASELINES[fam]) >= {"io", "cot", "cot_sc", "self_refine"}
 
 
 @pytest.mark.parametrize("code,reason", [

@@ -12,7 +12,9 @@ import pytest
 import benchmarks
 import headroom
 import mixed
+import operators
 import report
+import workflow
 from conftest import ROOT
 from jsonl import DataError
 
@@ -77,7 +79,15 @@ def test_rows_are_well_formed_and_balanced():
 
 
 def test_load_and_score_through_benchmarks():
-    assert benchmarks.family("mixed") == "math"
+    # its own prompt (a label and an arithmetic example), math's operators and fixed workflows
+    assert benchmarks.family("mixed") == "mixed"
+    assert operators.OPERATOR_SETS["mixed"] == operators.OPERATOR_SETS["math"]
+    assert workflow.BASELINES["mixed"] == workflow.BASELINES["math"]
+    shots = [code for _, code in workflow.FEWSHOT["mixed"]]
+    assert any("programmer(" not in c for c in shots) and any("programmer(" in c for c in shots)
+    problem = load("test")[1]["problem"]
+    msgs = workflow.build_prompt(problem, "mixed")
+    assert problem in msgs[-1]["content"] and msgs[-1]["content"].endswith("it must not solve the problem itself.")
     sub = benchmarks.load("mixed", "test", limit=20, seed=0)
     assert len(sub) == 20 and sub == benchmarks.load("mixed", "test", limit=20, seed=0)
     assert {r["id"] for r in sub} <= {r["id"] for r in load("test")}
