@@ -66,7 +66,8 @@ def main(argv=None):
     ap.add_argument("--run", help="run dir (checkpoint mode, --compare; its config.json supplies the knobs not given)")
     ap.add_argument("--iter", type=int, help="evaluate the generator of this iteration of --run")
     ap.add_argument("--adapter", help="evaluate base + this PEFT-layout adapter")
-    ap.add_argument("--baseline", help="io | cot | cot_sc | programmer | self_refine")
+    ap.add_argument("--baseline", help="a fixed workflow: " + " | ".join(workflow.BASELINES["math"]) + " (math, mixed); "
+                    "code has no programmer_format, QA no programmer")
     ap.add_argument("--split", default="test")
     ap.add_argument("--limit", type=int, default=200, help="held-out problems")
     ap.add_argument("--compare", action="store_true", help="print the table of evaluated iterations and baselines")

@@ -133,7 +133,7 @@ def headroom(scores, kinds):
     missing = [(b, p) for b in names for p in pids if p not in scores[b]]
     if missing:
         raise DataError(f"fixed workflow {missing[0][0]!r} has no score for problem {missing[0][1]!r}")
-    kind_list = list(dict.fromkeys(kinds.values()))
+    kind_list = sorted(set(kinds.values()))  # one column order in every run
     cells = {}
     for b in names:
         for k in kind_list + ["overall"]:
@@ -175,7 +175,7 @@ def kind_section(iter_rows, baseline_rows, kinds):
     kinds {problem_id: kind}. Accuracy per kind for each iteration and fixed workflow, the workflow
     each iteration writes most often for each kind, and the share of the headroom it captures:
     (iteration k - best single fixed) / headroom."""
-    kind_list = list(dict.fromkeys(kinds.values()))
+    kind_list = sorted(set(kinds.values()))  # one column order in every run
     scores = {b: {r["problem_id"]: float(r["score"]) for r in rows} for b, rows in baseline_rows.items()}
     complete = {b: s for b, s in scores.items() if all(p in s for p in kinds)}
     res = headroom({b: {p: s[p] for p in kinds} for b, s in complete.items()}, kinds) if complete else None
@@ -242,7 +242,7 @@ def figures(run_dir, iter_rows, baseline_rows, kinds):
         fig.tight_layout()
         fig.savefig(run_dir / "accuracy.png", dpi=120)
         out.append("![held-out accuracy per iteration](accuracy.png)")
-    kind_list = list(dict.fromkeys(kinds.values()))
+    kind_list = sorted(set(kinds.values()))  # one column order in every run
     if ks and len(kind_list) > 1:
         fig = Figure(figsize=(6, 3.5))
         ax = fig.add_subplot()

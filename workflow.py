@@ -372,6 +372,11 @@ BASELINES = {
         "cot_sc": ('def solve(problem):\n    drafts = [answer_generate(problem) for _ in range(3)]\n'
                    '    return ensemble(problem, drafts)\n'),
         "programmer": 'def solve(problem):\n    return programmer(problem)\n',
+        # programmer's output reduced to a final answer: = programmer where it prints a bare number
+        # (format returns that as it is); where it prints the question back (mixed's label kinds),
+        # format answers from the problem it is also given, like io. SPOGW's iteration 3 on mixed
+        # converged to it, so it belongs among the fixed workflows it is compared with.
+        "programmer_format": 'def solve(problem):\n    return format(problem, programmer(problem))\n',
         "self_refine": ('def solve(problem):\n    draft = answer_generate(problem)\n'
                         '    feedback = review(problem, draft)\n    return revise(problem, draft, feedback)\n'),
     },
