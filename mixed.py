@@ -17,7 +17,9 @@ the 135M executor were dropped, see README):
   yesno      "Raj has a gray lamp and a yellow car. Is Raj's lamp gray?": ditto
 On the last two a direct `custom` call wins, though only at about the rate of its constant answer
 ("Positive", "No"): with the 135M executor the benchmark rewards routing (programmer for
-arithmetic, a direct answer otherwise), not judgement. Each row: id, problem, answer, kind, plus
+arithmetic, a direct answer otherwise), not judgement. The fixed
+workflow programmer_format, format(problem, programmer(problem)), routes by itself (format also
+sees the problem): it comes within 7 points of the by-kind oracle (README). Each row: id, problem, answer, kind, plus
 `options` (the label words) for the label kinds, `form` ("single" or "paren") and `expr` for
 arith. Every problem says how to answer ("Answer with a number.", "Answer positive or negative.",
 "Answer yes or no.").
