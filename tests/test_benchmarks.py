@@ -215,7 +215,7 @@ def test_download_converts_to_the_data_dir_layout(tmp_path, monkeypatch):
     r = B.load("gsm8k", "test", data_dir=tmp_path)[0]
     assert r["answer"] == str(int(r["problem"][1:-1])) + "000"
     r = B.load("mbpp", "test", data_dir=tmp_path)[0]
-    assert r["public_tests"] == [f"assert candidate(1) == 1"] and r["problem"].endswith(f"def {r['entry_point']}(x):")
+    assert r["public_tests"] == ["assert candidate(1) == 1"] and r["problem"].endswith(f"def {r['entry_point']}(x):")
 
 
 # ---------------------------------------------------------------------------- scorers: real rows

@@ -127,7 +127,6 @@ def test_cache_hit_sends_nothing(tmp_path):
 
 def test_prices_and_key_from_env(monkeypatch):
     monkeypatch.setenv("SPOGW_TEST_KEY", "sk-test-123")
-    seen = {}
     with StubServer() as srv:
         ex = executor.Executor(srv.url, "gpt-4o-mini", api_key_env="SPOGW_TEST_KEY")
         assert ex.price == (0.0, 0.0)  # loopback: a local server costs nothing

@@ -141,7 +141,6 @@ def test_first_solve_drops_what_follows_the_workflow():
 
 def test_repair_loop_reprompts_with_the_error_then_skips():
     problems = benchmarks.load("arith", "validate", limit=4, seed=0)
-    calls = []
     fixes = {"count": 0}
 
     def repair(m):  # candidate 1 is fixed on its second repair; candidate 0 never

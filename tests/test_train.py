@@ -151,7 +151,6 @@ def test_scoredpo_micro_batches_keep_pairs_whole_and_add_up():
 
 
 def test_rwr_token_weights_equal_rwr_loss():
-    tok = tiny_tokenizer()
     seqs = [{"ids": [1] * 3 + [5] * n, "n_prompt": 3, "score": s} for n, s in ((2, 1.0), (3, 0.0), (1, 0.5))]
     train.prepare_step(seqs, cfg(loss="rwr"))
     logp = [torch.randn(len(s["ids"]) - 3, dtype=torch.float64) for s in seqs]
