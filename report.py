@@ -220,6 +220,38 @@ def kind_section(iter_rows, baseline_rows, kinds):
 
 # ---- figures ----
 
+def groups_section(run_dir, cfg, iters):
+    """What each iteration's groups taught, per kind of training problem: how many problems had
+    score variance (a group), and the workflow (operator sequence) with the highest and the lowest
+    mean advantage over the group members written for that kind: what the update pushes up / down."""
+    kinds = {p["id"]: p["kind"] for p in benchmarks.load(cfg["bench"], "train", cfg["data_dir"]) if "kind" in p}
+    lines = ["| iteration | kind | problems with groups | pushed up (mean advantage, members) | pushed down |",
+             "|---|---|---|---|---|"]
+    for k in range(iters):
+        gp, rp = Path(run_dir) / f"iter_{k}" / "groups.jsonl", Path(run_dir) / f"iter_{k}" / "rollouts.jsonl"
+        if not (gp.is_file() and rp.is_file()):
+            continue
+        rollouts = read_jsonl(rp)
+        seq = {(r["problem_id"], r["sample"]): operator_sequence(r["code"]) if r["valid"] else "(invalid)"
+               for r in rollouts}
+        problems = collections.defaultdict(set)
+        for r in rollouts:
+            problems[kinds.get(r["problem_id"], "?")].add(r["problem_id"])
+        grouped, adv = collections.defaultdict(set), collections.defaultdict(list)
+        for g in read_jsonl(gp):
+            kind = kinds.get(g["problem_id"], "?")
+            grouped[kind].add(g["problem_id"])
+            for m in g["members"]:
+                adv[kind, seq[g["problem_id"], m["sample"]]].append(m["advantage"])
+        for kind in sorted(problems):
+            mean = {sq: (statistics.fmean(a), len(a)) for (kd, sq), a in adv.items() if kd == kind}
+            ranked = sorted(mean, key=lambda sq: mean[sq][0])
+            up, down = (f"{ranked[-1]} ({mean[ranked[-1]][0]:+.2f}, {mean[ranked[-1]][1]})",
+                        f"{ranked[0]} ({mean[ranked[0]][0]:+.2f}, {mean[ranked[0]][1]})") if ranked else ("–", "–")
+            lines.append(f"| {k} | {kind} | {len(grouped[kind])}/{len(problems[kind])} | {up} | {down} |")
+    return lines
+
+
 def figures(run_dir, iter_rows, baseline_rows, kinds):
     """accuracy.png (held-out accuracy per iteration with CI bars, fixed workflows as lines),
     kinds.png (accuracy per kind per iteration, when the problems have kinds) and training.png
@@ -322,6 +354,7 @@ def write(run_dir, cfg, iters, wall, resumed=False, baselines=None, refine_evals
                      if (p := baseline_path(cfg, b, "test", cfg["eval_problems"], run_dir.parent)).is_file()}
         if len(kinds) == len(problems) and len(set(kinds.values())) > 1:
             lines += ["", "## Per kind", ""] + kind_section(iter_rows, base_rows, kinds)
+            lines += ["", "## What the groups taught", ""] + groups_section(run_dir, cfg, iters)
         lines += ["", "## Figures", ""] + figures(run_dir, iter_rows, base_rows, kinds)
     write_atomic(run_dir / "report.md", "\n".join(lines) + "\n")
     return run_dir / "report.md"

@@ -6,7 +6,7 @@ the figures, on hand-made held-out rows.
 import json
 import statistics
 
-
+import benchmarks
 import config
 import report
 
@@ -65,7 +65,6 @@ def test_report_writes_its_figures(tmp_path):
 def test_report_md_has_the_per_kind_section_for_a_benchmark_with_kinds(tmp_path):
     """arith's problems carry a kind (single, paren, word): the report's per-kind section and figures
     come from the rows in the run directory and the baselines beside it."""
-    import benchmarks
     cfg = dict(config.defaults(), eval_problems=6)
     probs = benchmarks.load("arith", "test", limit=6, seed=0)
     run = tmp_path / "runs" / "r"
@@ -80,3 +79,25 @@ def test_report_md_has_the_per_kind_section_for_a_benchmark_with_kinds(tmp_path)
     kinds = sorted({p["kind"] for p in probs})
     assert all(k in text for k in kinds)
     assert f"{100 * statistics.fmean(sc.values()):.1f}" in text
+
+
+def test_groups_section_names_what_each_kind_pushed_up_and_down(tmp_path):
+    """Hand-made iteration: one arith problem with a group (programmer +1, custom -1, an invalid one
+    -0.5), one arith without, one sentiment problem with the opposite group."""
+    train = benchmarks.load("mixed", "train")
+    a1, a2 = [p["id"] for p in train if p["kind"] == "arith"][:2]
+    s1 = next(p["id"] for p in train if p["kind"] == "sentiment")
+    prog, cust = "def solve(p):\n    return programmer(p)\n", "def solve(p):\n    return custom(p, 'x')\n"
+    roll = [(a1, 0, prog, True), (a1, 1, cust, True), (a1, 2, "def solve(p:\n", False), (a2, 0, prog, True),
+            (s1, 0, cust, True), (s1, 1, prog, True)]
+    groups = [{"problem_id": a1, "members": [{"sample": 0, "advantage": 1.0}, {"sample": 1, "advantage": -1.0},
+                                             {"sample": 2, "advantage": -0.5}]},
+              {"problem_id": s1, "members": [{"sample": 0, "advantage": 1.0}, {"sample": 1, "advantage": -1.0}]}]
+    d = tmp_path / "iter_0"
+    d.mkdir()
+    (d / "rollouts.jsonl").write_text("".join(json.dumps({"problem_id": p, "sample": j, "code": c, "valid": v}) + "\n"
+                                              for p, j, c, v in roll))
+    (d / "groups.jsonl").write_text("".join(json.dumps(g) + "\n" for g in groups))
+    lines = report.groups_section(tmp_path, dict(config.defaults(), bench="mixed"), 1)
+    assert lines[2:] == ["| 0 | arith | 1/2 | programmer (+1.00, 1) | custom (-1.00, 1) |",
+                         "| 0 | sentiment | 1/1 | custom (+1.00, 1) | programmer (-1.00, 1) |"]
