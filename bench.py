@@ -40,7 +40,6 @@ QUICK_SHAPES, QUICK_NS = ((32, 1000),), (64,)
 
 
 def _kernel_inputs(N, H, V, device, dtype, train_head, n_seq=8):
-
     g = torch.Generator().manual_seed(0)
     h = torch.randn(N, H, generator=g).to(device=device, dtype=dtype).requires_grad_()
     W = torch.randn(V, H, generator=g).mul_(H**-0.5).to(device=device, dtype=dtype).requires_grad_(train_head)
@@ -54,7 +53,6 @@ def _kernel_inputs(N, H, V, device, dtype, train_head, n_seq=8):
 
 
 def _kernel_loss(variant, inp, chunk_size):
-
     h, W, y, seg, adv, old, ref = inp
     if variant == "naive":
         logp = torch.log_softmax((h @ W.t()).float(), -1).gather(1, y[:, None]).squeeze(1)
@@ -73,8 +71,6 @@ def _kernel_loss(variant, inp, chunk_size):
 
 def _kernel_child(cfg_json):
     """One CPU measurement in this fresh process; prints {"time_s", "peak_mb"} as JSON."""
-
-
     c = json.loads(cfg_json)
     dtype = getattr(torch, c["dtype"])
     inp = _kernel_inputs(c["N"], c["H"], c["V"], "cpu", dtype, c["train_head"])
@@ -106,7 +102,6 @@ def _kernel_cpu(cfg):
 
 
 def _kernel_cuda(cfg, inp):
-
     for x in inp[:2]:
         x.grad = None
     torch.cuda.synchronize()
@@ -123,8 +118,6 @@ def _kernel_cuda(cfg, inp):
 
 
 def bench_kernel(args):
-
-
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench.py kernel: --device cuda but CUDA is not available", file=sys.stderr)
         sys.exit(2)
@@ -253,8 +246,6 @@ def bench_sandbox(args):
     measured in the same run (the floor any subprocess sandbox pays). Programs: a plain one with
     the importable packages mounted (after) and without (before), and one that imports numpy and
     sympy, against the same import in a bare, unsandboxed `python -I -S`."""
-
-
     if args.n < 1 or args.n_import < 1 or args.rounds < 1:
         print("bench.py sandbox: --n, --n-import and --rounds must be >= 1", file=sys.stderr)
         sys.exit(2)
@@ -339,8 +330,6 @@ def sandbox_parser(sub):
 def bench_executor(args):
     """Tokens/s of the local `transformers serve` executor at several concurrency levels: this
     sizes how many sandboxes a collection run can keep busy."""
-
-
     with executor.local_executor(args.model, servers=args.servers, threads=args.threads) as ex:
         def one(i):
             t = time.perf_counter()

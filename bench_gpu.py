@@ -139,7 +139,6 @@ def print_grad_errors(rows, H, V, dtype, chunk_size):
 # ---- the GPU step ----
 
 def build(shape, device, dtype, lora_r=16, gqa=True):
-
     kind, kw = SHAPES[shape]
     cfg = AutoConfig.for_model(kind, max_position_embeddings=4096, **kw)
     torch.manual_seed(0)

@@ -221,7 +221,6 @@ class Executor:
         return False
 
     def _request(self, messages, temperature, max_tokens):
-
         last = None
         for attempt in range(self.max_retries + 1):
             if self.tripped:
@@ -300,7 +299,6 @@ class Executor:
 
 
 def _free_port():
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -358,8 +356,6 @@ def local_executor(name="smollm2-135m", cache_dir=None, servers=1, threads=1, kv
     itself continuous batching sizes it from free memory and spent ~25 s allocating it on the first
     request. 16k tokens = 16 concurrent requests of ~1k tokens (SmolLM2-135M: 46 KB/token).
     `client`: more Executor arguments (max_in_flight, max_retries, ...)."""
-
-
     model_dir = model.resolve_model_dir(name)
     shim = with_architectures(model_dir)
     served = shim or model_dir

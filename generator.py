@@ -216,7 +216,6 @@ def capped(sample, cap, stops):
     return sampling.hit_cap(sample["token_ids"], cap, stops)
 
 
-
 def sampler(cfg, run_dir, it, loaded=None, max_new_tokens=None, local=False):
     """sample(messages_list, n, temperature, seed, prefill) -> [[{text, token_ids, logprobs,
     prompt_ids, hit_cap}] * n] per prompt, from iteration `it`'s generator: --generator-url's server

@@ -327,8 +327,6 @@ PREFILLS = {
 }
 
 
-
-
 SYSTEM_PROMPT = ("You write workflows. A workflow is a Python function solve(problem) that never solves the problem "
                  "itself: it passes `problem` to operators, which ask a language model and return strings.")
 
@@ -336,7 +334,6 @@ SYSTEM_PROMPT = ("You write workflows. A workflow is a Python function solve(pro
 _REMIND = {"math": "it must not do the arithmetic itself", "mixed": "it must not solve the problem itself",
            "qa": "it must not answer the question itself",
            "code": "it must not write the function itself"}
-
 
 
 def build_prompt(problem, family, offered=None, max_calls=6):
