@@ -30,6 +30,8 @@ KNOBS = {
     "model": ("smollm2-135m", str, "collect", MAIN, "generator: HF dir / hub id / .gguf / embedded name"),
     "problems": (10, int, "collect", MAIN, "training problems per iteration"),
     "m": (8, int, "collect", MAIN, "workflows sampled per problem"),
+    "cost_weight": (0.0, float, "curate", MAIN, "lambda: score = correctness - lambda * executor tokens / the "
+                                                "--cost-ref workflow's mean tokens per train problem (0 = accuracy only)"),
     "groups": ("sharpen", ("sharpen", "all", "random"), "curate", MAIN,
                "sharpen: top-t + bottom-t of the most varied subsets; all: every sample; random: random subsets"),
     "loss": ("grpo", ("grpo", "scoredpo", "rwr"), "update", MAIN, "grpo (SPOGW), scoredpo (ScoreFlow), rwr (W4S)"),
@@ -72,6 +74,10 @@ KNOBS = {
     "max_combos": (1000, int, "curate", MORE, "subsets enumerated (or drawn) per problem"),
     "groups_per_problem": (4, int, "curate", MORE, "groups kept per problem"),
     "drop_invalid": (False, bool, "curate", MORE, "remove invalid workflows (default: keep them as 0s)"),
+    "cost_ref": ("programmer_format", str, "curate", MORE, "fixed workflow whose mean executor tokens on the train "
+                                                           "split are one unit of cost (--cost-weight)"),
+    "std_floor": (0.0, float, "curate", MORE, "advantages divide by max(group std, this): 0 = plain std (GRPO), "
+                                              "1 = mean-only for scores in [0, 1]"),
     # ---- update: groups -> the next adapter
     "ref": ("old", ("old", "base"), "update", MORE, "pi_ref: the data's checkpoint or the base model"),
     "beta": (0.1, float, "update", MORE, "KL coefficient (grpo) / DPO temperature (scoredpo)"),
@@ -170,7 +176,7 @@ def check(cfg):
             raise DataError(f"--{k.replace('_', '-')} must be an integer >= 1, got {cfg[k]!r}")
     if "max_repairs" in cfg and (not isinstance(cfg["max_repairs"], int) or cfg["max_repairs"] < 0):
         raise DataError(f"--max-repairs must be an integer >= 0, got {cfg['max_repairs']!r}")
-    for k, lo, hi in (("max_in_flight", 0, None), ("max_fail_frac", 0, 1), ("fail_window", 1, None),
+    for k, lo, hi in (("cost_weight", 0, None), ("std_floor", 0, None), ("max_in_flight", 0, None), ("max_fail_frac", 0, 1), ("fail_window", 1, None),
                       ("executor_retries", 0, None), ("executor_backoff", 0, None)):
         v = cfg.get(k)
         if v is not None and (v < lo or (hi is not None and v > hi)):

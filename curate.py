@@ -3,9 +3,11 @@
     python curate.py --run runs/default --iter 0                    # default: group sharpening
     python curate.py --run runs/default --iter 0 --groups all       # ablation: one group of all m
     python curate.py --run runs/w4s --iter 0 --mode refine          # W4S: one group per refinement turn
+    python curate.py --run runs/mixed --iter 0 --cost-weight 0.3    # score = correct - 0.3 * relative cost
 
-For each problem: drop it when all scores are equal (no signal); draw n-subsets of its m scored
-workflows (all C(m, n) when that is <= --max-combos, else that many random ones); keep subsets
+A rollout's score is its correctness minus --cost-weight times its executor tokens in units of a
+reference fixed workflow's mean (reward; rollout.cost_reference). For each problem: drop it when
+all scores are equal (no signal); draw n-subsets of its m scored workflows (all C(m, n) when that is <= --max-combos, else that many random ones); keep subsets
 whose score variance >= --min-var; sharpen each to its top-t and bottom-t (group size 2t);
 de-duplicate; keep the --groups-per-problem highest-variance groups; advantages inside each group.
 """
@@ -19,6 +21,7 @@ from pathlib import Path
 import config
 import losses
 import refine
+import rollout
 from jsonl import read_jsonl, update_json, write_jsonl_atomic
 
 ROLLOUT_KEYS = ("problem_id", "sample", "prompt", "completion", "completion_ids", "score", "valid")
@@ -84,9 +87,28 @@ def shared_prompt_ids(rows, members):
     return {}
 
 
+def cost(row, ref_tokens):
+    """Executor tokens (prompt + completion) of one run of the row's workflow, in units of
+    `ref_tokens`. An invalid workflow ran nothing, but is charged one unit: at zero cost it would
+    outscore every valid wrong answer, and the update would learn to write broken code."""
+    if not row["valid"]:
+        return 1.0
+    runs = max(1, len(row.get("scores") or [0]))
+    return (row["prompt_tokens"] + row["completion_tokens"]) / runs / ref_tokens
+
+
+def reward(row, cost_weight=0.0, ref_tokens=None):
+    """The score a group compares: correctness (the scorer's, mean over runs) - lambda * cost. The
+    rollout row keeps both parts, so any lambda can be curated again from the same rollouts."""
+    return float(row["score"]) - (cost_weight * cost(row, ref_tokens) if cost_weight else 0.0)
+
+
 def curate(rows, mode="sharpen", n=6, group_size=4, min_var=0.01, max_combos=1000,
-           groups_per_problem=4, drop_invalid=False, seed=0):
-    """rollout rows -> (group rows, stats)."""
+           groups_per_problem=4, drop_invalid=False, seed=0, cost_weight=0.0, ref_tokens=None, std_floor=0.0):
+    """rollout rows -> (group rows, stats). Members' `score` is the reward (correctness - lambda *
+    cost); `correct` and `cost` are its parts."""
+    if cost_weight and not ref_tokens:
+        raise ValueError("a cost weight needs the reference workflow's mean tokens (ref_tokens > 0)")
     by_problem = {}
     for r in rows:
         by_problem.setdefault(r["problem_id"], []).append(r)
@@ -95,12 +117,13 @@ def curate(rows, mode="sharpen", n=6, group_size=4, min_var=0.01, max_combos=100
         rs = sorted(rs, key=lambda r: r["sample"])
         if drop_invalid:
             rs = [r for r in rs if r["valid"]]
-        scores = [float(r["score"]) for r in rs]
+        scores = [reward(r, cost_weight, ref_tokens) for r in rs]
         for g in problem_groups(scores, mode, n, group_size, min_var, max_combos, groups_per_problem, seed + k):
             g_scores = [scores[i] for i in g]
-            adv = losses.advantages(g_scores)
+            adv = losses.advantages(g_scores, std_floor)
             members = [{"sample": rs[i]["sample"], "completion": rs[i]["completion"],
-                        "completion_ids": rs[i]["completion_ids"], "score": s, "advantage": a}
+                        "completion_ids": rs[i]["completion_ids"], "score": s, "advantage": a,
+                        **({"correct": float(rs[i]["score"]), "cost": cost(rs[i], ref_tokens)} if cost_weight else {})}
                        for i, s, a in zip(g, g_scores, adv)]
             group = {"problem_id": pid, "prompt": rs[0]["prompt"], "prefill": rs[0].get("prefill", "")}
             group.update(shared_prompt_ids([rs[i] for i in g], members))
@@ -114,15 +137,20 @@ def curate(rows, mode="sharpen", n=6, group_size=4, min_var=0.01, max_combos=100
         "valid_fraction": sum(bool(r["valid"]) for r in rows) / max(len(rows), 1),
         "mean_score": statistics.fmean([float(r["score"]) for r in rows]) if rows else 0.0,
     }
+    if cost_weight:
+        stats.update(cost_weight=cost_weight, ref_tokens=ref_tokens,
+                     mean_cost=statistics.fmean([cost(r, ref_tokens) for r in rows]) if rows else 0.0)
     return out, stats
 
 
-def run(run_dir, it, cfg):
-    """iter_<it>/rollouts.jsonl -> iter_<it>/groups.jsonl (and the curate stats), with cfg's knobs."""
+def run(run_dir, it, cfg, ref_tokens=None):
+    """iter_<it>/rollouts.jsonl -> iter_<it>/groups.jsonl (and the curate stats), with cfg's knobs.
+    ref_tokens: the cost unit (rollout.cost_reference), needed when cfg["cost_weight"] > 0."""
     d = Path(run_dir) / f"iter_{it}"
     rows = read_jsonl(d / "rollouts.jsonl", required=ROLLOUT_KEYS)
     groups, stats = curate(rows, cfg["groups"], cfg["n"], cfg["group_size"], cfg["min_var"], cfg["max_combos"],
-                           cfg["groups_per_problem"], bool(cfg["drop_invalid"]), seed=it)
+                           cfg["groups_per_problem"], bool(cfg["drop_invalid"]), seed=it,
+                           cost_weight=cfg["cost_weight"], ref_tokens=ref_tokens, std_floor=cfg["std_floor"])
     write_jsonl_atomic(d / "groups.jsonl", groups)
     update_json(d / "stats.json", "curate", stats)
     return stats
@@ -170,7 +198,12 @@ def main(argv=None):
 
     def body():
         cfg = config.merge(args.run, args, ("run", "curate"))
-        return refine_groups(args.run, args.iter) if cfg["mode"] == "refine" else run(args.run, args.iter, cfg)
+        if cfg["mode"] == "refine":
+            return refine_groups(args.run, args.iter)
+        ref = None
+        if cfg["cost_weight"]:  # the cost unit, with the run's executor (measured once, then read back)
+            ref = rollout.cost_reference(args.run, {**config.merge(args.run, argparse.Namespace(), ("collect",)), **cfg})
+        return run(args.run, args.iter, cfg, ref)
     stats = config.cli(body)
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items()))
 

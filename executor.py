@@ -7,19 +7,17 @@ Executor.chat is the one way operators reach a language model: retries with back
 timeouts, an on-disk cache keyed by endpoint, model and request, token and dollar accounting, and a
 failure breaker. What the endpoint caused (auth, unreachable, too many failures) is InfraError and
 stops the run; what the request caused (a prompt over the context) is the workflow's error.
-local_executor serves the embedded model with `transformers serve` on loopback ports.
+local_executor serves the embedded model with serve.py on loopback ports (it samples per request;
+`transformers serve` did not). No torch here: a workflow runner that only calls an executor starts fast.
 """
 import atexit
 import collections
 import contextlib
 import hashlib
-import importlib.metadata
-import importlib.util
 import json
 import os
 import random
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -30,9 +28,6 @@ import time
 import urllib.request
 
 import openai
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-import model
 
 # USD per 1M tokens (prompt, completion), list prices of 2025; override with Executor(prices=...).
 # A model is priced by the longest key that is its name or a prefix of it followed by "-", so dated
@@ -48,6 +43,9 @@ PRICES = {
 
 
 DEFAULT_API_MODEL = os.environ.get("SPOGW_EXECUTOR_MODEL", "gpt-4o-mini")
+# Part of every cache key. 2: requests at temperature > 0 carry a seed and the local server samples;
+# before, `transformers serve` answered them greedily, so an older entry is a copy of the greedy reply.
+CACHE_VERSION = 2
 
 
 _PRICE_WARNED = set()  # models already warned about, once per process
@@ -157,16 +155,19 @@ class Executor:
     def _cache_path(self, key):
         return os.path.join(self.cache_dir, key[:2], key + ".json")
 
-    def _params(self, messages, temperature, max_tokens):
+    def _params(self, messages, temperature, max_tokens, seed=None):
         if self.reasoning:
             return dict(model=self.model, messages=messages, max_completion_tokens=max_tokens + self.reasoning_tokens)
-        return dict(model=self.model, messages=messages, temperature=temperature, max_tokens=max_tokens)
+        extra = {"seed": seed} if temperature > 0 and seed is not None else {}
+        return dict(model=self.model, messages=messages, temperature=temperature, max_tokens=max_tokens, **extra)
 
     def chat(self, messages, temperature=0.0, max_tokens=512, sample_index=0):
         """(text, usage) with usage = {prompt_tokens, completion_tokens, cost_usd, cached}. A cache
         hit reports the tokens and the notional cost of the original call (so a workflow's cost
-        does not depend on what happened to be cached) and sends nothing."""
-        key = hashlib.sha256(json.dumps([self.cache_name, messages, temperature, max_tokens, sample_index],
+        does not depend on what happened to be cached) and sends nothing. At temperature > 0 the
+        request carries a seed from the whole key: sample_index k of a prompt draws the same reply
+        on every rerun, and other indices and other prompts draw independently."""
+        key = hashlib.sha256(json.dumps([CACHE_VERSION, self.cache_name, messages, temperature, max_tokens, sample_index],
                                         sort_keys=True, ensure_ascii=False).encode()).hexdigest()
         if self.cache_dir:
             try:
@@ -177,7 +178,7 @@ class Executor:
                 return hit["text"], dict(hit["usage"], cached=True)
             except (OSError, ValueError, KeyError, TypeError):
                 pass  # missing or torn entry: ask again
-        text, usage = self._request(messages, temperature, max_tokens)
+        text, usage = self._request(messages, temperature, max_tokens, int(key[:8], 16))
         if self.cache_dir:  # one file per key, written atomically: concurrent writers both win
             path = self._cache_path(key)
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -187,10 +188,10 @@ class Executor:
             os.replace(tmp, path)
         return text, dict(usage, cached=False)
 
-    def _send(self, i, messages, temperature, max_tokens, timeout=None):
+    def _send(self, i, messages, temperature, max_tokens, timeout=None, seed=None):
         """One request to replica i -> (text, usage); counts what it spent."""
         client = self.clients[i] if timeout is None else self.clients[i].with_options(timeout=timeout)
-        resp = client.chat.completions.create(**self._params(messages, temperature, max_tokens))
+        resp = client.chat.completions.create(**self._params(messages, temperature, max_tokens, seed))
         text = resp.choices[0].message.content
         if not isinstance(text, str):
             raise ValueError("reply has no message content")
@@ -220,7 +221,7 @@ class Executor:
             return True
         return False
 
-    def _request(self, messages, temperature, max_tokens):
+    def _request(self, messages, temperature, max_tokens, seed=None):
         last = None
         for attempt in range(self.max_retries + 1):
             if self.tripped:
@@ -234,7 +235,7 @@ class Executor:
                     self.in_flight[i] += 1
                 where = f"executor {self.model} at {self.urls[i]}"
                 try:
-                    out = self._send(i, messages, temperature, max_tokens)
+                    out = self._send(i, messages, temperature, max_tokens, seed=seed)
                     self._outcome(False)
                     return out
                 except openai.APIStatusError as e:
@@ -304,62 +305,20 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def with_architectures(model_dir):
-    """`transformers serve` picks the model class from config.json "architectures"; a config
-    written from a GGUF load has none. Then serve a temp view of the dir (symlinks + a completed
-    config) rather than edit someone else's cache. Returns the view's path, or None if not needed."""
-
-    cfg_path = os.path.join(model_dir, "config.json")
-    with open(cfg_path, encoding="utf-8") as f:
-        cfg = json.load(f)
-    if cfg.get("architectures"):
-        return None
-
-    arch = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(cfg.get("model_type"))
-    if arch is None:
-        raise ExecutorError(f"{cfg_path} names no architecture and its model_type is not a causal LM")
-    view = tempfile.mkdtemp(prefix="spogw-serve-model-")
-    for name in os.listdir(model_dir):
-        if name != "config.json":
-            os.symlink(os.path.join(model_dir, name), os.path.join(view, name))
-    with open(os.path.join(view, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(dict(cfg, architectures=[arch]), f, indent=2)
-    return view
-
-
-def transformers_cli():
-    """argv prefix that runs the `transformers` console script with *this* interpreter. Looking for
-    the script file next to sys.executable fails in a venv (realpath leads to the base interpreter's
-    bin/) and PATH may hold another install; the entry point's module, run by sys.executable, is
-    always the transformers this process imports."""
-
-    eps = [e for e in importlib.metadata.entry_points(group="console_scripts") if e.name == "transformers"]
-    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
-    if not eps or missing:
-        raise ExecutorError(f"the `transformers` CLI with its server is missing ({', '.join(missing) or 'no entry point'}) "
-                            f"in {sys.executable}: pip install 'transformers[serving]'")
-    module, _, func = eps[0].value.partition(":")
-    return [sys.executable, "-c", f"import sys; from {module} import {func}; sys.argv[0] = 'transformers'; sys.exit({func}())"]
+SERVE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.py")
 
 
 @contextlib.contextmanager
-def local_executor(name="smollm2-135m", cache_dir=None, servers=1, threads=1, kv_tokens=16384,
+def local_executor(name="smollm2-135m", cache_dir=None, servers=1, threads=1, max_batch=32,
                    startup_timeout=300.0, timeout=300.0, extra_args=(), client=None):
-    """Start `servers` copies of `transformers serve` for a local model on free loopback ports,
-    wait until they answer, yield one Executor that spreads requests over them, and stop them (each
-    whole process group) on exit, Ctrl-C, exception or interpreter exit. The servers are pinned to
-    the model, so requests name the same directory.
+    """Start `servers` copies of serve.py for a local model on free loopback ports, wait until they
+    answer, yield one Executor that spreads requests over them, and stop them (each whole process
+    group) on exit, Ctrl-C, exception or interpreter exit; they also exit by themselves when this
+    process dies (serve.py --orphan-exit), SIGKILL included.
 
     threads=1: on a shared 2-core box two torch threads in one server ran 3x slower than one (they
     spin against the sandboxes and each other); a second single-threaded server instead uses the
-    core that the generator leaves idle. kv_tokens sizes each paged KV cache explicitly: left to
-    itself continuous batching sizes it from free memory and spent ~25 s allocating it on the first
-    request. 16k tokens = 16 concurrent requests of ~1k tokens (SmolLM2-135M: 46 KB/token).
-    `client`: more Executor arguments (max_in_flight, max_retries, ...)."""
-    model_dir = model.resolve_model_dir(name)
-    shim = with_architectures(model_dir)
-    served = shim or model_dir
-    serve = transformers_cli()
+    core that the generator leaves idle. `client`: more Executor arguments (max_in_flight, ...)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
@@ -391,9 +350,8 @@ def local_executor(name="smollm2-135m", cache_dir=None, servers=1, threads=1, kv
     try:
         for _ in range(max(1, servers)):
             port = _free_port()
-            cmd = [*serve, "serve", served, "--device", "cpu", "--continuous-batching", "--host", "127.0.0.1",
-                   "--port", str(port), "--cb-block-size", "64", "--cb-num-blocks", str(max(1, kv_tokens // 64)),
-                   "--cb-max-batch-tokens", "1024", *extra_args]
+            cmd = [sys.executable, SERVE, str(name), "--port", str(port), "--threads", str(max(1, threads or 1)),
+                   "--max-batch", str(max_batch), "--orphan-exit", *extra_args]
             log = tempfile.TemporaryFile(prefix="spogw-serve-")
             procs.append((subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                            env=env, start_new_session=True), log, f"http://127.0.0.1:{port}"))
@@ -401,7 +359,7 @@ def local_executor(name="smollm2-135m", cache_dir=None, servers=1, threads=1, kv
         for proc, log, url in procs:  # they load in parallel; wait for each in turn
             while True:
                 if proc.poll() is not None:
-                    raise ExecutorError(f"transformers serve exited with {proc.returncode}:\n{tail(log)}")
+                    raise ExecutorError(f"the local executor server exited with {proc.returncode}:\n{tail(log)}")
                 try:
                     with urllib.request.urlopen(url + "/health", timeout=2) as r:
                         if r.status == 200:
@@ -409,10 +367,10 @@ def local_executor(name="smollm2-135m", cache_dir=None, servers=1, threads=1, kv
                 except OSError:
                     pass
                 if time.monotonic() - t0 > startup_timeout:
-                    raise ExecutorError(f"transformers serve not healthy after {startup_timeout:g} s:\n{tail(log)}")
-                time.sleep(0.5)
+                    raise ExecutorError(f"the local executor server not healthy after {startup_timeout:g} s:\n{tail(log)}")
+                time.sleep(0.25)
         # cache_name: the model as named here, stable across runs (the ports are not)
-        yield Executor([url + "/v1" for _, _, url in procs], served, cache_dir=cache_dir, timeout=timeout,
+        yield Executor([url + "/v1" for _, _, url in procs], str(name), cache_dir=cache_dir, timeout=timeout,
                        **{"max_retries": 2, **(client or {}), "prices": {}, "cache_name": str(name)})
     finally:
         stop()
@@ -421,8 +379,6 @@ def local_executor(name="smollm2-135m", cache_dir=None, servers=1, threads=1, kv
             signal.signal(signal.SIGTERM, old_term)
         for _, log, _ in procs:
             log.close()
-        if shim:
-            shutil.rmtree(shim, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -233,13 +233,15 @@ def fused_grpo_loss(hidden, weight, targets, old_logp, ref_logp, adv, token_weig
 
 # ---- the naive losses: pure tensor functions of per-token log-probs, the reference ----
 
-def advantages(scores):
-    """A_i = (s_i - mean) / (std + 1e-6), population std over the group (the group *is* the
-    population being compared, not a sample of one)."""
+def advantages(scores, std_floor=0.0):
+    """A_i = (s_i - mean) / (max(std, std_floor) + 1e-6), population std over the group (the group
+    *is* the population being compared, not a sample of one). With a cost in the score, a group
+    whose workflows are all right differs by cost alone: its small std would blow a few hundredths
+    of score up to advantages of +-1, as large as right against wrong; a floor caps that gain."""
     if max(scores) - min(scores) <= 1e-6:  # no signal: exact zeros, not float dust / 1e-6
         return [0.0] * len(scores)
     mean = sum(scores) / len(scores)
-    std = statistics.pstdev(scores)
+    std = max(statistics.pstdev(scores), std_floor)
     return [(s - mean) / (std + 1e-6) for s in scores]
 
 

@@ -23,6 +23,7 @@ import config
 import executor
 import model
 import operators
+import report
 import sandbox
 import scorers
 import workflow
@@ -30,6 +31,7 @@ from generator import preflight_generator
 from jsonl import DataError, append_jsonl, read_jsonl, truncate_torn_tail
 
 CAP_WARN = 0.10  # warn when more than this fraction of completions ran into the token cap
+COST_REF_PROBLEMS = 60  # train problems the cost unit (cost_reference) is measured on: 20 per mixed kind
 
 
 def executor_cache(cfg):
@@ -205,6 +207,27 @@ def finish(out, problems):
     if len(rows) != len(order):
         raise DataError(f"{out}: expected {len(order)} problems, found {len(rows)}")
     return rows
+
+
+def cost_reference(run_dir, cfg, ex=None):
+    """The cost unit of --cost-weight: mean executor tokens per problem of the fixed workflow
+    --cost-ref on the first COST_REF_PROBLEMS train problems, with the run's executor (opened here
+    when `ex` is None and rows are missing). Rows are shared like baseline rows (report.baseline_path
+    beside the run dir), so every seed and every lambda of a study uses one unit. The default unit,
+    programmer_format, is the best fixed workflow on arith and mixed: c = 1 means "as dear as what a
+    per-query workflow must beat", and lambda is the accuracy one would give up not to pay that."""
+    fam = benchmarks.family(cfg["bench"])
+    if cfg["cost_ref"] not in workflow.BASELINES[fam]:
+        raise DataError(f"--cost-ref must be one of {', '.join(workflow.BASELINES[fam])}, got {cfg['cost_ref']!r}")
+    problems = benchmarks.load(cfg["bench"], "train", cfg["data_dir"], limit=COST_REF_PROBLEMS, seed=0)
+    out = report.baseline_path(cfg, cfg["cost_ref"], "train", COST_REF_PROBLEMS, Path(run_dir).parent)
+    if pending(out, problems):
+        with contextlib.nullcontext(ex) if ex is not None else open_executor(cfg, generator=False) as e:
+            score_workflow(workflow.BASELINES[fam][cfg["cost_ref"]], problems, cfg, e, out)
+    tokens = statistics.fmean(r["prompt_tokens"] + r["completion_tokens"] for r in finish(out, problems))
+    if tokens <= 0:
+        raise DataError(f"{out}: the --cost-ref workflow used no executor tokens, so it cannot be the cost unit")
+    return tokens
 
 
 def score_workflow(code, problems, cfg, ex, out):

@@ -54,7 +54,9 @@ def prompt_ids(tokenizer, messages, prefill=None):
 
 def _pick(logits, temperature, top_p, gen):
     """Next token per row. temperature [rows]: 0 = argmax, else a draw from softmax(logits / T)
-    restricted to the smallest set of tokens whose mass reaches top_p (HF's order: T, then top-p)."""
+    restricted to the smallest set of tokens whose mass reaches top_p (HF's order: T, then top-p).
+    gen: one torch.Generator for all rows, or a list with one per row (the executor server: each
+    request's draws then depend on its own seed, not on the requests batched with it)."""
     greedy = logits.argmax(-1)
     hot = temperature > 0
     if not bool(hot.any()):
@@ -64,7 +66,12 @@ def _pick(logits, temperature, top_p, gen):
         p, idx = probs.sort(-1, descending=True)
         keep = (p.cumsum(-1) - p) < top_p  # mass before this token still short of top_p; keeps the top one
         probs = torch.zeros_like(probs).scatter_(-1, idx, p * keep)
-    return torch.where(hot, torch.multinomial(probs, 1, generator=gen).squeeze(-1), greedy)
+    if isinstance(gen, list):
+        drawn = torch.cat([torch.multinomial(probs[i], 1, generator=g) if h else greedy[i:i + 1]
+                           for i, (g, h) in enumerate(zip(gen, hot.tolist()))])
+    else:
+        drawn = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+    return torch.where(hot, drawn, greedy)
 
 
 def _per_prompt(x, k, name):
@@ -75,11 +82,14 @@ def _per_prompt(x, k, name):
 
 
 @torch.no_grad()
-def decode(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, stop=(), pad=0, gen=None):
+def decode(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, stop=(), pad=0, gen=None,
+           on_done=None):
     """The sampler under `sample`: n continuations of each token-id prompt,
     as [(token_ids, logprobs)] prompt-major (the n of prompt 0 first). temperature and
-    max_new_tokens: one number or one per prompt. A row stops after any id in `stop` (an int or a
-    collection; the stop token is kept) or at its budget.
+    max_new_tokens: one number or one per prompt; gen: a generator, or a list of one per row. A
+    row stops after any id in `stop` (an int or a collection; the stop token is kept) or at its
+    budget. on_done(row, token_ids, logprobs) is called as each row ends (the executor server
+    answers that request then, not when the batch's longest reply ends).
 
     Three things make a 135M model usable on two CPU cores: (1) the prompts' common prefix (the
     generator's ~900-token few-shot block) runs once at batch 1 and each prompt's own suffix once,
@@ -129,13 +139,22 @@ def decode(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, 
     rows = torch.arange(k * n, device=device)  # original row of each active row
     toks = [[] for _ in range(k * n)]
     lps = [[] for _ in range(k * n)]
+    stops, done = set(stop), set()
+
+    def cut(r):  # a row that stopped decodes on until it is compacted away: its end is its first stop or budget
+        T = min(next((i + 1 for i, x in enumerate(toks[r]) if x in stops), len(toks[r])), limits[r // n])
+        return toks[r][:T], lps[r][:T]
     for t in range(int(budget.max())):
-        nxt = _pick(logits, temps, top_p, gen)
+        nxt = _pick(logits, temps, top_p, [gen[r] for r in rows.tolist()] if isinstance(gen, list) else gen)
         lp = logits.float().log_softmax(-1).gather(-1, nxt[:, None]).squeeze(-1)
         for r, tk, l in zip(rows.tolist(), nxt.tolist(), lp.tolist()):
             toks[r].append(tk)
             lps[r].append(l)
         live = ~torch.isin(nxt, stop_t) & (budget > t + 1)
+        if on_done is not None:
+            for r in set(rows[~live].tolist()) - done:
+                done.add(r)
+                on_done(r, *cut(r))
         if not bool(live.any()):
             break
         if int(live.sum()) <= len(rows) // 2:  # compact: stopped rows cost a full forward each step
@@ -146,13 +165,7 @@ def decode(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, 
         mask[:, P + S + t] = 1
         res = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
         logits, pos = res.logits[:, -1], pos + 1
-    # stopped rows that were not compacted away decoded on: cut each at its first stop token (kept:
-    # training learns to stop) or its budget
-    stops, out = set(stop), []
-    for r, (tk, lp) in enumerate(zip(toks, lps)):
-        T = min(next((i + 1 for i, x in enumerate(tk) if x in stops), len(tk)), limits[r // n])
-        out.append((tk[:T], lp[:T]))
-    return out
+    return [cut(r) for r in range(k * n)]  # the stop token is kept: training learns to stop
 
 
 def sample(model, tokenizer, messages_list, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0,

