@@ -72,11 +72,13 @@ class StubServer(Bounded):
     "hang:<s>", "malformed", "refuse" (drop this connection and stop listening: every later
     connection is refused), or None (answer normally). `reply(messages) -> str` makes the answer.
     `.requests` holds every chat request body received, `.max_active` the most handled at once.
-    GET /v1/models lists `models`. `port`: bind this port (a restarted server on the old URL)."""
+    GET /v1/models lists `models`. `port`: bind this port (a restarted server on the old URL).
+    `usage(messages, text) -> (prompt_tokens, completion_tokens)` (default 10 and 5)."""
 
     def __init__(self, reply=lambda messages: "hello", faults=(), models=("stub-model",), port=0,
-                 max_requests=MAX_REQUESTS, lifetime=LIFETIME_S):
+                 max_requests=MAX_REQUESTS, lifetime=LIFETIME_S, usage=lambda messages, text: (10, 5)):
         self.reply, self.faults, self.requests = reply, list(faults), []
+        self.usage = usage  # (prompt_tokens, completion_tokens) of an answer
         self.times = []
         self.active = self.max_active = 0
         self.lock = threading.Lock()
@@ -130,11 +132,12 @@ class StubServer(Bounded):
                     if fault and fault.startswith("hang"):
                         time.sleep(float(fault[5:]))
                     text = stub.reply(body["messages"])
+                    pt, ct = stub.usage(body["messages"], text)
                     self.send(200, json.dumps({
                         "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
                         "choices": [{"index": 0, "finish_reason": "stop",
                                      "message": {"role": "assistant", "content": text}}],
-                        "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}))
+                        "usage": {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}}))
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (timeout test)
                 finally:

@@ -116,3 +116,50 @@ def test_malformed_rollouts_exit_2(tmp_path):
     assert r.returncode == 2
     assert "rollouts.jsonl:2" in r.stderr
     assert not (d / "groups.jsonl").exists()
+
+
+def costed(pid, scores, tokens, valid=None, runs=1):
+    rows = rollouts(pid, scores, valid)
+    for r, t in zip(rows, tokens):
+        r.update(prompt_tokens=t - t // 4, completion_tokens=t // 4, scores=[r["score"]] * runs)
+    return rows
+
+
+def test_cost_aware_reward_per_run_and_invalid_charged_one_unit():
+    rows = costed("p", [1, 1, 0, 0], [200, 50, 100, 0], valid=[True, True, True, False], runs=2)
+    # tokens are summed over a row's runs: two runs of 200 tokens is 100 a run, = 1 unit of 100
+    assert [curate.cost(r, 100) for r in rows] == [1.0, 0.25, 0.5, 1.0]
+    assert [curate.reward(r, 0.2, 100) for r in rows] == pytest.approx([0.8, 0.95, -0.1, -0.2])
+    assert [curate.reward(r) for r in rows] == [1, 1, 0, 0]  # lambda 0: correctness, cost not even read
+
+
+def test_cost_alone_sets_the_advantage_when_every_workflow_is_right():
+    rows = costed("p", [1, 1, 1, 1], [100, 300, 100, 300])
+    assert curate.curate(rows, min_var=0.0)[0] == []  # accuracy alone: no signal
+    groups, stats = curate.curate(rows, n=4, group_size=4, min_var=0.0, cost_weight=0.1, ref_tokens=100)
+    (g,) = groups
+    assert [m["correct"] for m in g["members"]] == [1.0] * 4 and [m["cost"] for m in g["members"]] == [1, 3, 1, 3]
+    assert [m["score"] for m in g["members"]] == pytest.approx([0.9, 0.7, 0.9, 0.7])
+    # std-scaled: a 0.2 cost gap becomes advantages of +-1, as large as right against wrong ...
+    assert [m["advantage"] for m in g["members"]] == pytest.approx([1, -1, 1, -1], abs=1e-4)
+    # ... a floor of 1 keeps it at its size (mean-only), a floor below the std changes nothing
+    floored, _ = curate.curate(rows, n=4, group_size=4, min_var=0.0, cost_weight=0.1, ref_tokens=100, std_floor=1.0)
+    assert [m["advantage"] for m in floored[0]["members"]] == pytest.approx([0.1, -0.1, 0.1, -0.1], abs=1e-5)
+    low, _ = curate.curate(rows, n=4, group_size=4, min_var=0.0, cost_weight=0.1, ref_tokens=100, std_floor=0.05)
+    assert [m["advantage"] for m in low[0]["members"]] == [m["advantage"] for m in g["members"]]
+    assert stats["cost_weight"] == 0.1 and stats["mean_cost"] == 2.0
+    with pytest.raises(ValueError, match="ref_tokens"):
+        curate.curate(rows, cost_weight=0.1)
+
+
+def test_any_lambda_recurated_from_the_same_rollouts():
+    rows = costed("p", [1, 0, 1, 0, 1, 1], [400, 100, 100, 300, 200, 100])
+    plain, _ = curate.curate(rows, n=4, group_size=2, min_var=0.0)
+    again, _ = curate.curate(json.loads(json.dumps(rows)), n=4, group_size=2, min_var=0.0, cost_weight=0.0, ref_tokens=1)
+    assert again == plain  # lambda 0 with a unit = the accuracy-only groups, byte for byte
+    for lam in (0.05, 0.3):
+        groups, _ = curate.curate(rows, n=4, group_size=2, min_var=0.0, cost_weight=lam, ref_tokens=200)
+        for g in groups:
+            for m in g["members"]:
+                r = rows[m["sample"]]
+                assert m["score"] == pytest.approx(r["score"] - lam * (r["prompt_tokens"] + r["completion_tokens"]) / 200)

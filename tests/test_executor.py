@@ -159,6 +159,25 @@ def test_workflow_accounting_through_sandbox():
     assert [q["temperature"] for q in srv.requests] == [0.0, operators.OpContext.REPEAT_TEMPERATURE]
 
 
+def test_tokens_are_attributed_to_their_own_workflow_under_concurrency():
+    """Each workflow's tokens are the sum of its own calls' usage, never a difference of the shared
+    counters: two workflows whose calls interleave on one executor get exactly their own counts."""
+    def slow(messages):
+        time.sleep(0.05)  # long enough that the other workflow's calls land in between
+        return messages[0]["content"][:3]
+    wfs = {"A" * 10: "def solve(p):\n    return custom(p, 'x') + custom(p, 'y') + custom(p, 'z')\n",
+           "B" * 50: "def solve(p):\n    return custom(p, 'w')\n"}
+    with StubServer(reply=slow, usage=lambda m, text: (len(m[0]["content"]), len(text))) as srv:
+        ex = make(srv.url)
+        jobs = [operators.job(code, p, executor=ex, timeout=20) for p, code in wfs.items()]
+        res = dict(sandbox.run_many(jobs, workers=2))
+    assert srv.max_active == 2  # the two really ran at once
+    a, b = res[0], res[1]
+    assert (a["calls"], a["prompt_tokens"], a["completion_tokens"]) == (3, 3 * len("x\n\n" + "A" * 10), 9)
+    assert (b["calls"], b["prompt_tokens"], b["completion_tokens"]) == (1, len("w\n\n" + "B" * 50), 3)
+    assert ex.prompt_tokens == a["prompt_tokens"] + b["prompt_tokens"]
+
+
 def test_token_budget():
     wf = "def solve(p):\n    return custom(p, 'x') + custom(p, 'y')\n"
     with StubServer() as srv:
