@@ -328,7 +328,7 @@ def sandbox_parser(sub):
 
 
 def bench_executor(args):
-    """Tokens/s of the local `transformers serve` executor at several concurrency levels: this
+    """Tokens/s of the local executor (serve.py) at several concurrency levels: this
     sizes how many sandboxes a collection run can keep busy."""
     with executor.local_executor(args.model, servers=args.servers, threads=args.threads) as ex:
         def one(i):
@@ -356,7 +356,7 @@ def bench_executor(args):
 
 
 def executor_parser(sub):
-    p = sub.add_parser("executor", help="local transformers-serve executor: tokens/s vs concurrency",
+    p = sub.add_parser("executor", help="local executor (serve.py): tokens/s vs concurrency",
                        description="python bench.py executor [--concurrency 1 8] [--max-tokens 64]")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
