@@ -8,7 +8,9 @@ A run's knobs resolve as: KNOBS defaults < runs/<run>/config.json < --smoke (SMO
 train.py saves the result back to config.json, so every later step (and a resumed run) sees the
 same knobs; collect.py, curate.py and evaluate.py read it.
 """
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -186,9 +188,15 @@ def check(cfg):
 def cli(main):
     """Run an entry point's body: bad input (a file, a flag, a model, an endpoint that refuses)
     prints `error: ...` and exits 2; what was written before stays. Never a workflow's error:
-    those are scores."""
+    those are scores. SIGTERM stops it like Ctrl-C: the running sandboxes and local servers end
+    within seconds, every row written stays, and the same command resumes (exit 143 / 130)."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda *a: sys.exit(128 + signal.SIGTERM))  # unwinds, unlike a plain kill
     try:
         return main()
+    except KeyboardInterrupt:
+        print("stopped: the rows written so far are kept; rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
     except (DataError, ValueError, ExecutorError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -261,11 +261,13 @@ class Executor:
                 finally:
                     with self.lock:
                         self.in_flight[i] -= 1
-            if attempt < self.max_retries:
+            if attempt < self.max_retries and not self.tripped:
                 if wait is None:  # bounded exponential backoff with full jitter on top
                     d = min(self.max_delay, self.base_delay * 2 ** attempt)
                     wait = d + random.uniform(0, d)
                 time.sleep(wait)
+        if self.tripped:
+            raise InfraError(self.tripped, fatal=True)
         with self.lock:
             self.failures += 1
         msg = f"{where}: {last} (after {self.max_retries + 1} attempts)"
@@ -342,11 +344,25 @@ def local_executor(name="smollm2-135m", cache_dir=None, servers=1, threads=1, ma
         log.seek(0)
         return log.read().decode("utf-8", "replace")[-3000:]
 
+    made = []  # the Executor, once made
+
+    def on_signal(signum, frame):
+        # Ctrl-C or SIGTERM: trip the executor and stop the servers first, so that calls in flight
+        # fail at once instead of waiting for their batch; then stop as the program would have
+        for ex in made:
+            ex._trip(f"stopped by {signal.Signals(signum).name}")
+        stop()
+        prev = old.get(signum)
+        if callable(prev):
+            prev(signum, frame)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        sys.exit(128 + signum)  # a plain `kill` would skip atexit and finally
+
     atexit.register(stop)  # covers a sys.exit() or an uncaught error elsewhere in the program
-    # a plain `kill` would skip atexit and finally: turn SIGTERM into SystemExit while we run
-    old_term = None
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-        old_term = signal.signal(signal.SIGTERM, lambda *a: sys.exit(128 + signal.SIGTERM))
+    old = {}
+    if threading.current_thread() is threading.main_thread():
+        old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         for _ in range(max(1, servers)):
             port = _free_port()
@@ -370,13 +386,14 @@ def local_executor(name="smollm2-135m", cache_dir=None, servers=1, threads=1, ma
                     raise ExecutorError(f"the local executor server not healthy after {startup_timeout:g} s:\n{tail(log)}")
                 time.sleep(0.25)
         # cache_name: the model as named here, stable across runs (the ports are not)
-        yield Executor([url + "/v1" for _, _, url in procs], str(name), cache_dir=cache_dir, timeout=timeout,
-                       **{"max_retries": 2, **(client or {}), "prices": {}, "cache_name": str(name)})
+        made.append(Executor([url + "/v1" for _, _, url in procs], str(name), cache_dir=cache_dir, timeout=timeout,
+                             **{"max_retries": 2, **(client or {}), "prices": {}, "cache_name": str(name)}))
+        yield made[0]
     finally:
         stop()
         atexit.unregister(stop)
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
         for _, log, _ in procs:
             log.close()
 

@@ -13,7 +13,7 @@ import hashlib
 import os
 import statistics
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import torch
@@ -181,15 +181,21 @@ def pipelined(chunks, generate, run):
     cores, so neither waits for the other. An error in either surfaces here."""
     with ThreadPoolExecutor(1) as pool:
         fut = None
-        for chunk in chunks:
-            if fut and fut.done():
-                fut.result()  # a failed run stops us before the next (slow) sampling
-            rows = generate(chunk)
+        try:
+            for chunk in chunks:
+                if fut and fut.done():
+                    fut.result()  # a failed run stops us before the next (slow) sampling
+                rows = generate(chunk)
+                if fut:
+                    fut.result()
+                fut = pool.submit(run, rows, chunk)
             if fut:
                 fut.result()
-            fut = pool.submit(run, rows, chunk)
-        if fut:
-            fut.result()
+        except BaseException:
+            if fut is not None:  # Ctrl-C, SIGTERM or an error here: the other thread's sandboxes end now
+                with sandbox.stopping():
+                    wait([fut])
+            raise
 
 
 def pending(out, problems):

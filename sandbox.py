@@ -18,6 +18,7 @@ are not allowed.
 """
 import argparse
 import atexit
+import contextlib
 import ctypes
 import importlib.util
 import json
@@ -58,6 +59,9 @@ ISOLATION = "unprobed"  # set by isolation(); the bench and `--info` print it
 _MODE = None  # (name, argv prefix, python, uid_drop, mounts, block_net)
 _SITE = (None, [])  # (the child's sys.path entry for PACKAGES, [(name, host dir)]); set by _probe
 _PROBE_LOCK = threading.Lock()
+# Set while a step is being stopped (Ctrl-C, SIGTERM, a failed consumer): every running sandbox is
+# killed within one poll (0.25 s) and none starts, so a stop does not wait out workflow timeouts.
+_STOP = threading.Event()
 _DESCRIBE = {
     "ns": "netns+pidns+mountns (ro root, tmpfs /tmp) + fresh uid + rlimits",
     "userns": "userns+netns+pidns+mountns (ro root, tmpfs /tmp) + rlimits; no uid drop (not root)",
@@ -250,6 +254,8 @@ def _spawn(mode, code, problem, ops, handler, timeout, mem_mb, stdin=None, keep_
     """Run one child. `handler(msg) -> reply dict` serves operator calls; time spent inside it is
     not charged to the child's `timeout` (the executor has its own timeouts and the call budget
     bounds how many). Returns {final, stdout, stderr, rc, timed_out, protocol, seconds}."""
+    if _STOP.is_set():
+        raise Stopped("the step is stopping: no new sandbox")
     name, prefix, py, uid_drop, mounts, block_net = _MODE
     t0 = time.monotonic()
     uid = random.SystemRandom().randrange(1 << 28) + (1 << 30) if uid_drop else None
@@ -294,7 +300,7 @@ def _spawn(mode, code, problem, ops, handler, timeout, mem_mb, stdin=None, keep_
     deadline = t0 + timeout
     last_check = t0
     readers = 3 if keep_stdout else 2
-    while readers and not protocol:
+    while readers and not protocol and not _STOP.is_set():
         now = time.monotonic()
         if now >= deadline:
             timed_out = not exited
@@ -453,12 +459,34 @@ def run_many(jobs, workers=2, progress=None):
     try:
         futs = {pool.submit(one, job): i for i, job in enumerate(jobs)}
         for done, fut in enumerate(as_completed(futs), 1):
+            if _STOP.is_set():  # a result now may be a sandbox the stop killed: never hand it out
+                raise Stopped("the step was stopped")
             if progress is not None:
                 progress.update(1) if hasattr(progress, "update") else progress(done, len(jobs))
             yield futs[fut], fut.result()
+    except BaseException:
+        # the consumer failed or was stopped (a tripped executor, Ctrl-C, SIGTERM): the sandboxes
+        # still running are not wanted, so end them now instead of waiting out their timeouts
+        with stopping():
+            pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+
+class Stopped(Exception):
+    """A sandbox asked to start, or run_many to hand out a result, while a step is stopping."""
+
+
+@contextlib.contextmanager
+def stopping():
+    """Within: every running sandbox is killed within one poll (0.25 s) and none starts, so the
+    unwinding of a stopped step never waits out workflow timeouts; cleared on leaving, so the
+    process can run sandboxes again."""
+    _STOP.set()
+    try:
+        yield
     finally:
-        # a consumer that stops early (a failed executor) must not wait for every queued job
-        pool.shutdown(wait=True, cancel_futures=True)
+        _STOP.clear()
 
 
 # ---- CLI ----------------------------------------------------------------------------------------
