@@ -136,7 +136,9 @@ def cost_table(res, methods=None):
                   f"{res['single_tokens']:.0f} tokens/problem",
               f"- cost oracle ({picks}): "
               f"{pct(*res['oracle'])} %, {res['oracle_tokens']:.0f} tokens/problem",
-              f"- S* (share of the best single workflow's tokens the cost oracle saves): **{100 * res['saving']:.1f} %**"]
+              f"- S* (share of the best single workflow's tokens the cost oracle saves): **{100 * res['saving']:.1f} %**"
+              + (" (below 0: the cost oracle's accuracy costs more tokens than the best single spends)"
+                 if res["saving"] < 0 else "")]
     if methods:
         lines += ["", "| workflows | accuracy % (95 % CI) | calls/problem | tokens/problem | share of S* |",
                   "|---|---|---|---|---|"]
@@ -145,6 +147,9 @@ def cost_table(res, methods=None):
             share = share_of_saving(res, t)
             lines.append(f"| {label} | {pct(a, lo, hi)} | {calls:.2f} | {t:.0f} | "
                          f"{'–' if share is None else f'{share:+.2f}'} |")
+        lines += ["", "Share of S*: (best single's tokens - the method's) / (best single's - the cost oracle's); "
+                  "1 spends like the cost oracle. Read it beside the accuracy: a cheap, less accurate workflow "
+                  "also scores high."]
     return lines
 
 
