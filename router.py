@@ -4,7 +4,9 @@ problem. Per-problem workflow generation must beat it to matter (ARCHITECTURE §
     python headroom.py --bench mixed --limit 50                       # the fixed workflows' test rows
     python router.py --bench mixed --train-limit 40 --limit 50        # their train rows, fit, route the test rows
     python router.py --bench mixed --train-limit 40 --limit 50 --table-only   # no executor: train rows so far
-    python router.py --run runs/mixed-s0 --train-limit 40             # route a run's held-out problems
+    python router.py --run runs/mixed-s0 --train-limit 40 --baselines io,programmer,programmer_format
+                                                   # route a run's held-out problems among its baselines
+    OMP_NUM_THREADS=1 python router.py --bench mixed --train-limit 40 --limit 50 --servers 1 --workers 2 --threads 1
 
 Runs every fixed workflow of workflow.BASELINES[family] (or --baselines) on the first --train-limit
 train problems of every kind (rows in runs/headroom/<bench>/train-<executor>/<workflow>.jsonl,
@@ -157,20 +159,23 @@ def held_out(args, cfg, names):
         n = cfg["eval_problems"]
         problems = benchmarks.load(cfg["bench"], "test", cfg["data_dir"], limit=n, seed=0)
         paths = {b: report.baseline_path(cfg, b, "test", n, args.run.parent) for b in names}
-        todo = [f"python evaluate.py --bench {cfg['bench']} --baseline {b} --limit {n}" for b in names]
         what = f"the {n} held-out problems of {args.run}"
     else:
         problems = mixed.select(benchmarks.load(cfg["bench"], args.split, cfg["data_dir"]), args.limit)
         root = report.headroom_dir(cfg, args.split, args.out)
         paths = {b: root / f"{b}.jsonl" for b in names}
-        todo = [f"python headroom.py --bench {cfg['bench']} --split {args.split} --limit {args.limit} --baselines {b}"
-                for b in names]
         what = f"the first {args.limit} {args.split} problems per kind"
     rows = {b: rows_of(paths[b], problems) for b in names}
-    missing = [cmd for b, cmd in zip(names, todo) if rows[b] is None]
+    missing = [b for b in names if rows[b] is None]
+    if missing and args.run:
+        todo = "; ".join(f"python evaluate.py --bench {cfg['bench']} --baseline {b} --limit {cfg['eval_problems']}"
+                         for b in missing)
+    elif missing:
+        todo = (f"python headroom.py --bench {cfg['bench']} --split {args.split} --limit {args.limit} "
+                f"--baselines {','.join(missing)}")
     if missing:
-        raise DataError(f"the router picks among fixed workflows' held-out rows, and some are missing for {what}; "
-                        f"run (with this executor's flags) " + "; ".join(missing))
+        raise DataError(f"the router picks among the fixed workflows' held-out rows; {', '.join(missing)} have none "
+                        f"for {what}: run (with this executor's flags) {todo}, or pick --baselines among the others")
     return problems, rows, next(iter(paths.values())).with_name("router.jsonl"), what
 
 

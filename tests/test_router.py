@@ -101,7 +101,7 @@ def test_cli_without_executor(tmp_path, capsys):
     args = ["--table-only", "--train-limit", "6", "--limit", "3", "--out", str(tmp_path), "--baselines", "io,programmer"]
     with pytest.raises(SystemExit) as e:  # the held-out rows are checked first, naming what to run
         router.main(args)
-    assert e.value.code == 2 and "python headroom.py --bench mixed --split test --limit 3 --baselines io" in capsys.readouterr().err
+    assert e.value.code == 2 and "python headroom.py --bench mixed --split test --limit 3 --baselines io,programmer" in capsys.readouterr().err
     for b in ("io", "programmer"):
         write_rows(tmp_path / "mixed" / f"test-{tag}" / f"{b}.jsonl", test, b)
     router.main(args)
