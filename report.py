@@ -5,7 +5,9 @@
 
 Every accuracy is the mean score over held-out problems with a 95 % percentile bootstrap CI over
 problems (summarize). Baseline rows live under runs/baselines/, shared by every run on the same
-benchmark, split, problems and executor (baseline_path).
+benchmark, split, problems and executor (baseline_path). On a benchmark with kinds report.md adds
+the per-kind tables (kind_section), accuracy against executor tokens (cost_section: costs.py's cost
+oracle and S*; cost.png) and the router's row where router.py has routed the run's problems.
 """
 import ast
 import collections
@@ -209,7 +211,7 @@ def kind_section(iter_rows, baseline_rows, kinds, router=None):
                   f"headroom **{100 * res['headroom'][0]:+.1f} points**."]
     entries = {str(k): rows for k, rows in sorted(iter_rows.items())} | ({"router": router} if router else {})
     return lines + ["", "Workflows (operator calls in order) written per kind and iteration, the three most "
-                    "common with their share (the router: the fixed workflows it picks):", ""] + \
+                    "common with their share" + (" (the router: the fixed workflows it picks):" if router else ":"), ""] + \
         workflow_shares(entries, kinds)
 
 
