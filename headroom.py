@@ -17,33 +17,44 @@ the by-kind oracle (each kind's best fixed workflow applied to that kind), their
 headroom a per-problem workflow could at most win back from fixed ones, on these problems) and
 whether the two CIs are disjoint. The oracle picks its workflows on the same problems it is scored
 on, so it is an optimistic bound; with disjoint CIs the gap is not an artefact of the draw.
+Then the cost oracle (costs.py: per kind the cheapest fixed workflow within 1 point of the kind's
+best; S*, the share of the best single workflow's executor tokens it saves) with calls and tokens
+per problem of every fixed workflow. When router.py has written router.jsonl beside the rows, the
+router's row is in both tables (never a candidate of the oracles).
 """
 import argparse
 import time
-from pathlib import Path
 
 import benchmarks
 import config
+import costs
 import report
 import rollout
 import workflow
 from jsonl import DataError, read_jsonl
+from mixed import select  # headroom.select: the first --limit problems of every kind
 
 
-def select(rows, limit):
-    """The first `limit` rows of every kind, kinds in order of first appearance."""
-    by_kind = {}
-    for r in rows:
-        if "kind" not in r:
-            raise DataError(f"problem {r.get('id')!r} has no 'kind': --bench must be a benchmark with kinds (mixed)")
-        by_kind.setdefault(r["kind"], []).append(r)
-    return [r for rs in by_kind.values() for r in rs[:limit]]
-
-
-def read_scores(path, problems):
-    """{problem_id: score} of the rows in `path` for `problems` ({} when there is no file)."""
+def read_rows(path, problems):
+    """{problem_id: row} of the rows in `path` for `problems` ({} when there is no file)."""
     want = {p["id"] for p in problems}
-    return {r["problem_id"]: float(r["score"]) for r in read_jsonl(path) if r["problem_id"] in want} if path.exists() else {}
+    return {r["problem_id"]: r for r in read_jsonl(path) if r["problem_id"] in want} if path.exists() else {}
+
+
+def tables(rows, problems, router):
+    """The headroom table of the fixed workflows' rows ({name: {problem_id: row}}, each complete),
+    the router's row in it when `router` (its rows) covers every problem; then, when every row
+    carries its token counts, the cost oracle (costs.cost_table) with the router beside it."""
+    kinds = {p["id"]: p["kind"] for p in problems}
+    scores = {b: {p: float(r["score"]) for p, r in rs.items()} for b, rs in rows.items()}
+    router = router if len(router) == len(problems) else {}
+    others = {"router": report.kind_cells({p: float(r["score"]) for p, r in router.items()}, kinds)} if router else None
+    lines = report.headroom_table(report.headroom(scores, kinds), others)
+    if all("prompt_tokens" in r for rs in [*rows.values(), router] for r in rs.values()):
+        res = costs.cost_oracle(scores, {b: {p: costs.tokens(r) for p, r in rs.items()} for b, rs in rows.items()}, kinds)
+        methods = {b: list(rs.values()) for b, rs in rows.items()} | ({"router": list(router.values())} if router else {})
+        lines += ["", "Accuracy against executor tokens (the cost oracle, costs.py):", ""] + costs.cost_table(res, methods)
+    return lines
 
 
 def measure(args):
@@ -57,7 +68,7 @@ def measure(args):
         raise DataError(f"--baselines: {bad[0]!r} is not one of {', '.join(workflow.BASELINES[fam])}")
     names = [b for b in workflow.BASELINES[fam] if b in names]  # table rows and oracle ties in one order
     problems = select(benchmarks.load(cfg["bench"], args.split, cfg["data_dir"]), args.limit)
-    root = Path(args.out) / cfg["bench"] / f"{args.split}-{report.executor_tag(cfg)}"
+    root = report.headroom_dir(cfg, args.split, args.out)
     root.mkdir(parents=True, exist_ok=True)
     if not args.table_only:
         rollout.set_threads(cfg)
@@ -66,13 +77,12 @@ def measure(args):
                 t0 = time.time()
                 rollout.score_workflow(workflow.BASELINES[fam][b], problems, cfg, ex, root / f"{b}.jsonl")
                 print(f"[headroom] {b}: {len(problems)} problems scored ({time.time() - t0:.0f} s)")
-    scores = {b: read_scores(root / f"{b}.jsonl", problems) for b in names}
-    scores = {b: s for b, s in scores.items() if len(s) == len(problems)}
-    if not scores:
+    rows = {b: read_rows(root / f"{b}.jsonl", problems) for b in names}
+    rows = {b: rs for b, rs in rows.items() if len(rs) == len(problems)}
+    if not rows:
         raise DataError(f"no baseline has all {len(problems)} problems scored under {root}")
-    res = report.headroom(scores, {p["id"]: p["kind"] for p in problems})
     text = "\n".join([f"{cfg['bench']} {args.split}, first {args.limit} problems per kind, executor "
-                       f"{report.executor_tag(cfg)}", ""] + report.headroom_table(res))
+                       f"{report.executor_tag(cfg)}", ""] + tables(rows, problems, read_rows(root / "router.jsonl", problems)))
     (root / "table.md").write_text(text + "\n", encoding="utf-8")
     return text
 

@@ -144,6 +144,17 @@ def load(split, arith_rows):
     return out
 
 
+def select(rows, limit):
+    """The first `limit` rows of every kind, kinds in order of first appearance (headroom.py and
+    router.py measure the same problems of each kind whatever the split's size)."""
+    by_kind = {}
+    for r in rows:
+        if "kind" not in r:
+            raise DataError(f"problem {r.get('id')!r} has no 'kind': --bench must be a benchmark with kinds (mixed)")
+        by_kind.setdefault(r["kind"], []).append(r)
+    return [r for rs in by_kind.values() for r in rs[:limit]]
+
+
 # ------------------------------------------------------------------------------------------
 # scoring
 

@@ -5,12 +5,13 @@
 
 Every accuracy is the mean score over held-out problems with a 95 % percentile bootstrap CI over
 problems (summarize). Baseline rows live under runs/baselines/, shared by every run on the same
-benchmark, split, problems and executor (baseline_path).
+benchmark, split, problems and executor (baseline_path). On a benchmark with kinds report.md adds
+the per-kind tables (kind_section), accuracy against executor tokens (cost_section: costs.py's cost
+oracle and S*; cost.png) and the router's row where router.py has routed the run's problems.
 """
 import ast
 import collections
 import json
-import random
 import re
 import statistics
 from pathlib import Path
@@ -19,17 +20,10 @@ from matplotlib.figure import Figure
 
 import benchmarks
 import config
+import costs
 import operators
+from costs import bootstrap_ci, pct  # report.bootstrap_ci: one CI for every accuracy in the reports
 from jsonl import DataError, read_json, read_jsonl, write_atomic
-
-def bootstrap_ci(scores, reps=2000, seed=0):
-    """95 % percentile bootstrap CI of the mean over problems."""
-    if not scores:
-        return 0.0, 0.0
-    rng = random.Random(seed)
-    n = len(scores)
-    means = sorted(sum(rng.choices(scores, k=n)) / n for _ in range(reps))
-    return means[int(0.025 * reps)], means[min(reps - 1, int(0.975 * reps))]
 
 
 def summarize(rows):
@@ -38,8 +32,10 @@ def summarize(rows):
     lo, hi = bootstrap_ci(scores)
     return {"n": len(rows), "accuracy": statistics.fmean(scores) if scores else 0.0, "ci_low": lo, "ci_high": hi,
             "valid": statistics.fmean([bool(r["valid"]) for r in rows]) if rows else 0.0,
-            "executor_tokens": sum(r["prompt_tokens"] + r["completion_tokens"] for r in rows),
-            "cost_usd": sum(r["cost_usd"] for r in rows), "seconds": sum(r["seconds"] for r in rows)}
+            "executor_tokens": sum(map(costs.tokens, rows)), "cost_usd": sum(r["cost_usd"] for r in rows),
+            "seconds": sum(r["seconds"] for r in rows),
+            "calls_per_problem": statistics.fmean(r["calls"] for r in rows) if rows else 0.0,
+            "tokens_per_problem": statistics.fmean(map(costs.tokens, rows)) if rows else 0.0}
 
 
 def executor_tag(cfg):
@@ -52,6 +48,12 @@ def executor_tag(cfg):
 def baseline_path(cfg, name, split, limit, root="runs"):
     """Baseline rows are shared by every run on the same benchmark, split, problems and executor."""
     return Path(root) / "baselines" / f"{cfg['bench']}-{split}-{limit}-{executor_tag(cfg)}" / f"{name}.jsonl"
+
+
+def headroom_dir(cfg, split, root="runs/headroom"):
+    """Where headroom.py and router.py keep the rows of the first problems per kind of a split: one
+    <workflow>.jsonl each (a larger --limit keeps a smaller one's rows), router.jsonl, table.md."""
+    return Path(root) / cfg["bench"] / f"{split}-{executor_tag(cfg)}"
 
 
 def compare_table(run_dir, cfg=None, split="test", limit=None):
@@ -123,6 +125,13 @@ def operator_sequence(code):
     return " -> ".join(calls(tree)) or "(no operator)"
 
 
+def kind_cells(scores, kinds):
+    """{kind or "overall": (accuracy, CI low, CI high)} of one workflow's {problem_id: score}."""
+    pids = list(kinds)
+    return {k: costs.mean_ci([scores[p] for p in pids if k == "overall" or kinds[p] == k])
+            for k in sorted(set(kinds.values())) + ["overall"]}
+
+
 def headroom(scores, kinds):
     """scores: {fixed workflow: {problem_id: score}}, each scored on every problem of `kinds`
     ({problem_id: kind}). The best single fixed workflow (overall), the by-kind oracle (each kind's
@@ -134,11 +143,7 @@ def headroom(scores, kinds):
     if missing:
         raise DataError(f"fixed workflow {missing[0][0]!r} has no score for problem {missing[0][1]!r}")
     kind_list = sorted(set(kinds.values()))  # one column order in every run
-    cells = {}
-    for b in names:
-        for k in kind_list + ["overall"]:
-            xs = [scores[b][p] for p in pids if k == "overall" or kinds[p] == k]
-            cells[b, k] = (statistics.fmean(xs), *bootstrap_ci(xs))
+    cells = {(b, k): c for b in names for k, c in kind_cells(scores[b], kinds).items()}
     best = max(names, key=lambda b: cells[b, "overall"][0])  # ties: the first listed
     choice = {k: max(names, key=lambda b: cells[b, k][0]) for k in kind_list}
     single = [scores[best][p] for p in pids]
@@ -152,16 +157,14 @@ def headroom(scores, kinds):
             "per_kind": {k: sum(1 for p in pids if kinds[p] == k) for k in kind_list}}
 
 
-def pct(mean, lo, hi):
-    return f"{100 * mean:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
-
-
-def headroom_table(res):
-    """Markdown: fixed workflows x (kinds + overall); then best single, oracle, headroom."""
+def headroom_table(res, others=None):
+    """Markdown: fixed workflows x (kinds + overall), then `others` ({label: kind_cells}, e.g. the
+    router, not candidates of the oracle); then best single, oracle, headroom."""
     cols = res["kinds"] + ["overall"]
     head = [f"{k} (n={res['per_kind'][k]})" for k in res["kinds"]] + [f"overall (n={res['n']})"]
     lines = ["| fixed workflow | " + " | ".join(head) + " |", "|---" * (len(cols) + 1) + "|"]
     lines += [f"| {b} | " + " | ".join(pct(*res["cells"][b, k]) for k in cols) + " |" for b in res["baselines"]]
+    lines += [f"| {b} | " + " | ".join(pct(*c[k]) for k in cols) + " |" for b, c in (others or {}).items()]
     h = res["headroom"]
     picks = ", ".join(f"{k}: {b}" for k, b in res["choice"].items())
     return lines + ["", f"- best single fixed workflow: **{res['best']}**, {pct(*res['single'])} %",
@@ -170,11 +173,11 @@ def headroom_table(res):
                     f"[{100 * h[1]:+.1f}, {100 * h[2]:+.1f}]); CIs disjoint: **{'yes' if res['disjoint'] else 'no'}**"]
 
 
-def kind_section(iter_rows, baseline_rows, kinds):
+def kind_section(iter_rows, baseline_rows, kinds, router=None):
     """The per-kind report from held-out rows: iter_rows {k: rows}, baseline_rows {name: rows},
-    kinds {problem_id: kind}. Accuracy per kind for each iteration and fixed workflow, the workflow
-    each iteration writes most often for each kind, and the share of the headroom it captures:
-    (iteration k - best single fixed) / headroom."""
+    kinds {problem_id: kind}, router: the router's rows (router.py) or None. Accuracy per kind for
+    each iteration, the router and each fixed workflow, and the share of the headroom each captures:
+    (accuracy - best single fixed) / headroom; then the workflows each iteration writes per kind."""
     kind_list = sorted(set(kinds.values()))  # one column order in every run
     scores = {b: {r["problem_id"]: float(r["score"]) for r in rows} for b, rows in baseline_rows.items()}
     complete = {b: s for b, s in scores.items() if all(p in s for p in kinds)}
@@ -192,12 +195,13 @@ def kind_section(iter_rows, baseline_rows, kinds):
         return "–" if x is None else f"{100 * x:.1f}"
     lines = ["| workflows | " + " | ".join(kind_list) + " | overall | share of headroom |",
              "|---" * (len(kind_list) + 3) + "|"]
-    for k, rows in sorted(iter_rows.items()):
+    learned = {f"iteration {k}": rows for k, rows in sorted(iter_rows.items())} | ({"router": router} if router else {})
+    for label, rows in learned.items():
         per, overall = accs(rows)
         share = "–"
         if res and res["headroom"][0] > 1e-9:
             share = f"{(overall - res['single'][0]) / res['headroom'][0]:+.2f}"
-        lines.append(f"| iteration {k} | " + " | ".join(map(cell, per)) + f" | {cell(overall)} | {share} |")
+        lines.append(f"| {label} | " + " | ".join(map(cell, per)) + f" | {cell(overall)} | {share} |")
     for b, rows in baseline_rows.items():
         per, overall = accs(rows)
         lines.append(f"| fixed {b} | " + " | ".join(map(cell, per)) + f" | {cell(overall)} | |")
@@ -205,16 +209,61 @@ def kind_section(iter_rows, baseline_rows, kinds):
         lines += ["", f"Best single fixed workflow **{res['best']}** {pct(*res['single'])} %; by-kind oracle "
                   f"({', '.join(f'{k}: {b}' for k, b in res['choice'].items())}) {pct(*res['oracle'])} %; "
                   f"headroom **{100 * res['headroom'][0]:+.1f} points**."]
-    lines += ["", "Most common workflow (operator calls in order) per kind and iteration, with its share:", "",
-              "| iteration | " + " | ".join(kind_list) + " |", "|---" * (len(kind_list) + 1) + "|"]
-    for k, rows in sorted(iter_rows.items()):
+    entries = {str(k): rows for k, rows in sorted(iter_rows.items())} | ({"router": router} if router else {})
+    return lines + ["", "Workflows (operator calls in order) written per kind and iteration, the three most "
+                    "common with their share" + (" (the router: the fixed workflows it picks):" if router else ":"), ""] + \
+        workflow_shares(entries, kinds)
+
+
+def cost_oracle_of(baseline_rows, kinds):
+    """(the fixed workflows' rows on the problems of `kinds`, costs.cost_oracle of them); only
+    workflows with a row for every problem count; (rows, None) when none has."""
+    on = {b: [r for r in rows if r["problem_id"] in kinds] for b, rows in baseline_rows.items()}
+    fixed = {b: rows for b, rows in on.items() if {r["problem_id"] for r in rows} >= set(kinds)}
+    if not fixed:
+        return on, None
+    return fixed, costs.cost_oracle({b: {r["problem_id"]: float(r["score"]) for r in rows} for b, rows in fixed.items()},
+                                    {b: {r["problem_id"]: costs.tokens(r) for r in rows} for b, rows in fixed.items()},
+                                    kinds)
+
+
+def cost_section(iter_rows, baseline_rows, kinds, router=None):
+    """Accuracy against executor tokens (costs.py): per kind the best fixed workflow and the
+    cheapest within 1 point of it, the cost oracle and S*; then accuracy, calls and tokens per
+    problem of every fixed workflow, the router and each iteration, with the share of S* each
+    captures. [] when no fixed workflow covers every problem."""
+    fixed, res = cost_oracle_of(baseline_rows, kinds)
+    if res is None:
+        return []
+    methods = {f"fixed {b}": rows for b, rows in fixed.items()} | ({"router": router} if router else {})
+    methods |= {f"iteration {k}": [r for r in rows if r["problem_id"] in kinds] for k, rows in sorted(iter_rows.items())}
+    return costs.cost_table(res, methods)
+
+
+def router_rows(cfg, problems, root="runs"):
+    """router.py's held-out rows for `problems` (router.jsonl among the run's baselines, else in the
+    headroom directory), in the problems' order; None when neither covers every problem."""
+    for path in (baseline_path(cfg, "router", "test", cfg["eval_problems"], root),
+                 headroom_dir(cfg, "test", Path(root) / "headroom") / "router.jsonl"):
+        by_id = {r["problem_id"]: r for r in read_jsonl(path)} if path.is_file() else {}
+        if all(p["id"] in by_id for p in problems):
+            return [by_id[p["id"]] for p in problems]
+    return None
+
+
+def workflow_shares(entries, kinds, top=3):
+    """Markdown: for each entry ({label: rows}) and kind, its `top` most common workflows (operator
+    sequences; an invalid one is "(invalid)") with their share of that kind's problems."""
+    kind_list = sorted(set(kinds.values()))
+    lines = ["| iteration | " + " | ".join(kind_list) + " |", "|---" * (len(kind_list) + 1) + "|"]
+    for label, rows in entries.items():
         seqs = collections.defaultdict(collections.Counter)
         for r in rows:
             if r["problem_id"] in kinds:
                 seqs[kinds[r["problem_id"]]][operator_sequence(r["code"]) if r["valid"] else "(invalid)"] += 1
-        tops = [seqs[kind].most_common(1)[0] if seqs[kind] else None for kind in kind_list]
-        lines.append(f"| {k} | " + " | ".join("–" if t is None else f"{t[0]} ({100 * t[1] / sum(seqs[kind].values()):.0f} %)"
-                                                for kind, t in zip(kind_list, tops)) + " |")
+        cells = [", ".join(f"{sq} ({100 * n / sum(seqs[kind].values()):.0f} %)" for sq, n in seqs[kind].most_common(top))
+                 or "–" for kind in kind_list]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -252,9 +301,10 @@ def groups_section(run_dir, cfg, iters):
     return lines
 
 
-def figures(run_dir, iter_rows, baseline_rows, kinds):
+def figures(run_dir, iter_rows, baseline_rows, kinds, router=None):
     """accuracy.png (held-out accuracy per iteration with CI bars, fixed workflows as lines),
-    kinds.png (accuracy per kind per iteration, when the problems have kinds) and training.png
+    kinds.png (accuracy per kind per iteration, when the problems have kinds), cost.png (accuracy
+    against executor tokens per problem: costs.figure; with kinds) and training.png
     (loss, KL and clip fraction per optimizer step from train_log.jsonl); the markdown that embeds
     them."""
     run_dir, out = Path(run_dir), []
@@ -287,6 +337,11 @@ def figures(run_dir, iter_rows, baseline_rows, kinds):
         fig.tight_layout()
         fig.savefig(run_dir / "kinds.png", dpi=120)
         out.append("![accuracy per kind per iteration](kinds.png)")
+    fixed, res = cost_oracle_of(baseline_rows, kinds) if len(kind_list) > 1 else ({}, None)
+    if res is not None:
+        costs.figure(run_dir / "cost.png", res, fixed, router, {k: [r for r in rows if r["problem_id"] in kinds]
+                                                               for k, rows in iter_rows.items()})
+        out.append("![accuracy against executor tokens per problem](cost.png)")
     logs = [(k, read_jsonl(p)) for k in range(max(ks, default=0) + 1) if (p := run_dir / f"iter_{k}" / "train_log.jsonl").is_file()]
     steps = [(k, r) for k, rows in logs for r in rows]
     if steps:
@@ -352,9 +407,12 @@ def write(run_dir, cfg, iters, wall, resumed=False, baselines=None, refine_evals
         iter_rows = {k: read_jsonl(p) for k in range(iters + 1) if (p := run_dir / "eval" / f"iter_{k}.jsonl").is_file()}
         base_rows = {b: read_jsonl(p)[:cfg["eval_problems"]] for b in (baselines or {})
                      if (p := baseline_path(cfg, b, "test", cfg["eval_problems"], run_dir.parent)).is_file()}
+        router = router_rows(cfg, problems, run_dir.parent)
         if len(kinds) == len(problems) and len(set(kinds.values())) > 1:
-            lines += ["", "## Per kind", ""] + kind_section(iter_rows, base_rows, kinds)
+            lines += ["", "## Per kind", ""] + kind_section(iter_rows, base_rows, kinds, router)
+            cost = cost_section(iter_rows, base_rows, kinds, router)
+            lines += ["", "## Accuracy and executor cost", ""] + cost if cost else []
             lines += ["", "## What the groups taught", ""] + groups_section(run_dir, cfg, iters)
-        lines += ["", "## Figures", ""] + figures(run_dir, iter_rows, base_rows, kinds)
+        lines += ["", "## Figures", ""] + figures(run_dir, iter_rows, base_rows, kinds, router)
     write_atomic(run_dir / "report.md", "\n".join(lines) + "\n")
     return run_dir / "report.md"

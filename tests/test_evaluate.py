@@ -10,7 +10,7 @@ import rollout
 
 
 def row(pid, score):
-    return {"problem_id": pid, "score": score, "valid": True, "prompt_tokens": 1, "completion_tokens": 2,
+    return {"problem_id": pid, "score": score, "valid": True, "calls": 1, "prompt_tokens": 1, "completion_tokens": 2,
             "cost_usd": 0.0, "seconds": 0.5}
 
 

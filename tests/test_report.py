@@ -6,14 +6,18 @@ the figures, on hand-made held-out rows.
 import json
 import statistics
 
+import pytest
+
 import benchmarks
 import config
+import costs
 import report
+from jsonl import DataError
 
 
 def rows(scores, code="def solve(problem):\n    return programmer(problem)\n", valid=True):
-    return [{"problem_id": p, "score": s, "valid": valid, "code": code, "prompt_tokens": 0, "completion_tokens": 0,
-             "cost_usd": 0.0, "seconds": 0.0} for p, s in scores.items()]
+    return [{"problem_id": p, "score": s, "valid": valid, "code": code, "calls": 1, "prompt_tokens": 0,
+             "completion_tokens": 0, "cost_usd": 0.0, "seconds": 0.0} for p, s in scores.items()]
 
 
 KINDS = {"a1": "arith", "a2": "arith", "s1": "sentiment", "s2": "sentiment"}
@@ -43,7 +47,7 @@ def test_kind_section_on_hand_made_rows():
     assert "| iteration 1 | 100.0 | 100.0 | 100.0 | +1.00 |" in text
     assert "| fixed io | 0.0 | 100.0 | 50.0 | |" in text
     assert "| 0 | custom (100 %) | custom (100 %) |" in text
-    assert "| 1 | (invalid) (50 %) | custom (100 %) |" in text  # a tie: the first seen
+    assert "| 1 | (invalid) (50 %), programmer (50 %) | custom (100 %) |" in text  # a tie: the first seen first
     assert "headroom **+50.0 points**" in text
 
 
@@ -57,8 +61,9 @@ def test_report_writes_its_figures(tmp_path):
         json.dumps({"step": i, "loss": 1.0 / (i + 1), "kl": 0.01 * i, "clip_frac": 0.0}) + "\n" for i in range(4)))
     out = report.figures(run, {0: rows(IO), 1: rows(PROGRAMMER)}, {"io": rows(IO)}, KINDS)
     assert out == ["![held-out accuracy per iteration](accuracy.png)", "![accuracy per kind per iteration](kinds.png)",
+                   "![accuracy against executor tokens per problem](cost.png)",
                    "![update curves: loss, KL, clip fraction](training.png)"]
-    for name in ("accuracy.png", "kinds.png", "training.png"):
+    for name in ("accuracy.png", "kinds.png", "cost.png", "training.png"):
         assert (run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -74,8 +79,16 @@ def test_report_md_has_the_per_kind_section_for_a_benchmark_with_kinds(tmp_path)
     base = report.baseline_path(cfg, "io", "test", 6, run.parent)
     base.parent.mkdir(parents=True)
     base.write_text("".join(json.dumps(r) + "\n" for r in rows({p: 1.0 for p in sc})))
+    # router.py's rows for these problems beside the baselines: the report shows the router too
+    router = rows({p: 0.0 for p in sc}, code="def solve(p):\n    return format(p, programmer(p))\n")
+    base.with_name("router.jsonl").write_text("".join(json.dumps(r) + "\n" for r in router))
     text = report.write(run, cfg, 0, 60.0, baselines={"io": report.summarize(rows({p: 1.0 for p in sc}))}).read_text()
     assert "## Per kind" in text and "## Figures" in text and (run / "accuracy.png").is_file()
+    assert "## Accuracy and executor cost" in text and "S* (share of the best single" in text
+    assert "| router | 0.0 [0.0, 0.0] | 1.00 | 0 | – |" in text  # nothing to save: every workflow spends 0
+    assert "| router | programmer -> format (100 %)" in text
+    assert "![accuracy against executor tokens per problem](cost.png)" in text
+    assert (run / "cost.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     kinds = sorted({p["kind"] for p in probs})
     assert all(k in text for k in kinds)
     assert f"{100 * statistics.fmean(sc.values()):.1f}" in text
@@ -101,3 +114,55 @@ def test_groups_section_names_what_each_kind_pushed_up_and_down(tmp_path):
     lines = report.groups_section(tmp_path, dict(config.defaults(), bench="mixed"), 1)
     assert lines[2:] == ["| 0 | arith | 1/2 | programmer (+1.00, 1) | custom (-1.00, 1) |",
                          "| 0 | sentiment | 1/1 | custom (+1.00, 1) | programmer (-1.00, 1) |"]
+
+
+# ---- the cost oracle (costs.py) ----
+
+def _two_kinds():
+    """Kind A (200 problems): io right on 100 at 10 tokens each, programmer on 101 at 100 tokens:
+    programmer is A's best by half a point, io the cheapest within one. Kind B (200): io 20 right,
+    programmer 180, same prices: programmer is best and cheapest-near-best."""
+    kinds = {f"a{i}": "A" for i in range(200)} | {f"b{i}": "B" for i in range(200)}
+    scores = {"io": {p: float((p[0] == "a" and int(p[1:]) < 100) or (p[0] == "b" and int(p[1:]) < 20)) for p in kinds},
+              "programmer": {p: float((p[0] == "a" and int(p[1:]) < 101) or (p[0] == "b" and int(p[1:]) < 180))
+                             for p in kinds}}
+    toks = {"io": dict.fromkeys(kinds, 10), "programmer": dict.fromkeys(kinds, 100)}
+    return scores, toks, kinds
+
+
+def test_cost_oracle_on_hand_made_rows():
+    scores, toks, kinds = _two_kinds()
+    res = costs.cost_oracle(scores, toks, kinds)
+    a, b = res["per_kind"]["A"], res["per_kind"]["B"]
+    assert (a["best"], a["cheap"], a["best_acc"], a["cheap_acc"]) == ("programmer", "io", 0.505, 0.5)
+    assert (a["best_tokens"], a["cheap_tokens"]) == (100, 10)
+    assert (b["best"], b["cheap"], b["cheap_acc"]) == ("programmer", "programmer", 0.9)
+    # best single: programmer, 281/400 at 100 tokens; the cost oracle: io on A, programmer on B
+    assert res["single"] == "programmer" and res["single_acc"][0] == pytest.approx(281 / 400)
+    assert res["oracle_tokens"] == pytest.approx(55) and res["oracle"][0] == pytest.approx(280 / 400)
+    oracle = [scores["io" if kinds[p] == "A" else "programmer"][p] for p in kinds]
+    assert res["oracle"][1:] == report.bootstrap_ci(oracle)
+    assert res["acc_oracle"][0] == pytest.approx(281 / 400) and res["acc_oracle_tokens"] == pytest.approx(100)
+    assert res["saving"] == pytest.approx(0.45)  # S* = 1 - 55 / 100
+    assert [costs.share_of_saving(res, t) for t in (55, 100, 77.5, 145)] == pytest.approx([1, 0, 0.5, -1])
+    text = "\n".join(costs.cost_table(res, {"fixed io": rows(scores["io"])}))
+    assert "| A (n=200) | programmer: 50.5, 100 | io: 50.0, 10 |" in text
+    assert "| B (n=200) | programmer: 90.0, 100 | programmer: 90.0, 100 |" in text
+    assert "S* (share of the best single workflow's tokens the cost oracle saves): **45.0 %**" in text
+    # the io rows of the helper spend 0 tokens: more than S* saved, share (100 - 0) / (100 - 55)
+    assert f"| fixed io | {costs.pct(*costs.mean_ci([scores['io'][p] for p in sorted(kinds)]))} | 1.00 | 0 | +2.22 |" in text
+
+
+def test_cost_oracle_ties_and_missing_rows():
+    kinds = {f"p{i}": "K" for i in range(100)}
+    # 51 % against 50 %: exactly one point apart (0.51 - 0.50 > 0.01 in floating point) still counts
+    scores = {"x": {p: float(int(p[1:]) < 51) for p in kinds}, "y": {p: float(int(p[1:]) < 50) for p in kinds},
+              "z": {p: float(int(p[1:]) < 51) for p in kinds}}
+    toks = {"x": dict.fromkeys(kinds, 30), "y": dict.fromkeys(kinds, 20), "z": dict.fromkeys(kinds, 25)}
+    res = costs.cost_oracle(scores, toks, kinds)
+    # x and z tie on accuracy: the cheaper z is best; y is within one point and cheaper still
+    assert res["per_kind"]["K"]["best"] == "z" and res["per_kind"]["K"]["cheap"] == "y" and res["single"] == "z"
+    assert costs.cost_oracle(scores, toks, kinds, within=0.005)["per_kind"]["K"]["cheap"] == "z"
+    del toks["y"]["p3"]
+    with pytest.raises(DataError, match="'y' has no token count for problem 'p3'"):
+        costs.cost_oracle(scores, toks, kinds)
