@@ -1,6 +1,6 @@
 """The model: load a causal LM in a chosen precision, check its family, and run the training forward (ARCHITECTURE §8).
 
-    python -c "import model; m, tok = model.load_model(); print(type(m).__name__, model.stop_ids(m, tok))"
+    python -c "import model, sampling; m, tok = model.load_model(); print(type(m).__name__, sampling.stop_ids(m, tok))"
     python sampling.py --prompt "What is 47 * 6?"          # the embedded model answering (sampling.py)
 
 load_model takes an HF dir, a hub id (offline cache), a .gguf file or the embedded SmolLM2-135M
@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 from transformers import (AttentionInterface, AttentionMaskInterface, AutoModelForCausalLM, AutoTokenizer,
-                          DynamicCache)
+                          DynamicCache, GenerationConfig)
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
@@ -151,6 +151,15 @@ def load_tokenizer(name_or_path=DEFAULT_MODEL):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def load_generation_config(name_or_path=DEFAULT_MODEL):
+    """The model's GenerationConfig, None when it has no generation_config.json: what a remote sampler
+    needs beside the tokenizer, since vLLM stops on every eos id listed there."""
+    try:
+        return GenerationConfig.from_pretrained(resolve_model_dir(name_or_path))
+    except OSError:  # no such file (or a hub id while offline): the tokenizer's eos alone
+        return None
 
 
 def load_model(name_or_path=DEFAULT_MODEL, device="cpu", dtype=None):
