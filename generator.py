@@ -184,7 +184,7 @@ def complete_one(url, name, prompt, max_new_tokens, temperature, top_p, seed, to
     sampling.sample's is."""
     # vLLM fills a sampling field the request leaves out from the model's generation_config.json
     # (Qwen2.5: top_k 20, repetition_penalty 1.05); sampling.sample applies temperature and top-p
-    # only. top_k -1 is "off" in every vLLM (0 is refused before V1, -1 still accepted after).
+    # only. top_k -1 is "off" in every vLLM (older ones refuse 0; current ones take -1 quietly).
     body = {"model": name, "prompt": prompt, "n": 1, "max_tokens": max_new_tokens, "temperature": temperature,
             "top_p": top_p, "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
             "frequency_penalty": 0.0, "seed": seed, "logprobs": 0, "return_tokens_as_token_ids": True,

@@ -391,7 +391,7 @@ def test_a_prompt_past_max_model_len_is_an_error_naming_the_url(tok):
     assert "--max-model-len" in str(e.value) and "--max-new-tokens" in str(e.value)
 
 
-@pytest.mark.parametrize("flat", [False, True])  # vLLM >= 0.10: {"error": {...}}; before: flat
+@pytest.mark.parametrize("flat", [False, True])  # vLLM >= 0.10.1: {"error": {...}}; before: flat
 def test_both_error_body_shapes_give_the_servers_message(tmp_path, tok, model_dir, flat):
     run = tmp_path / "run"
     make_adapter(run / "iter_1" / "adapter", seed=1)

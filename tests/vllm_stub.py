@@ -12,7 +12,7 @@ models was read in vLLM's source, README "vLLM recipe"):
   (ModelConfig.get_diff_sampling_param: repetition_penalty, temperature, top_k, top_p, min_p,
   max_new_tokens), else OpenAI's neutral value, and the stub then really samples with it;
 - refusals: HTTP 400 when prompt + max_tokens exceeds max_model_len, for top_k < -1, and for n > 1
-  at temperature 0; error bodies {"error": {...}} (vLLM >= 0.10) or, with flat_errors, the older
+  at temperature 0; error bodies {"error": {...}} (vLLM >= 0.10.1, PR 22099) or, with flat_errors, the older
   {"object": "error", "message", "type", "param", "code"};
 - log-probs of the unscaled distribution, tokens as "token_id:<id>".
 """
@@ -40,7 +40,7 @@ class VLLMStub(Bounded):
     load with that HTTP 400 message, `token_ids=False` leaves out return_token_ids' fields (older
     vLLM: the ids come only as the logprobs' tokens), `id_tokens=False` ignores return_tokens_as_token_ids
     (a server that names the logprobs' tokens by text only), `model_dir` is where generation_config.json
-    is read from, `max_model_len` the context it refuses past, `flat_errors` the pre-0.10 error body,
+    is read from, `max_model_len` the context it refuses past, `flat_errors` the pre-0.10.1 error body,
     `length_first` the stop check of older vLLM V1 (max_tokens tested before eos, so an eos landing on
     the cap is reported "length"). `.requests` holds (method, path, body), `.replies` every completion
     reply, `.loras` {name: path} (set it to fake earlier loads)."""
