@@ -16,6 +16,7 @@ import torch
 import model
 from executor import ExecutorError
 from jsonl import DataError, read_json, write_json_atomic
+from sandbox import SandboxError
 
 MAIN, MORE = True, False  # listed first in --help, or in its step's group
 
@@ -183,7 +184,7 @@ def cli(main):
     those are scores."""
     try:
         return main()
-    except (DataError, ValueError, ExecutorError) as e:
+    except (DataError, ValueError, ExecutorError, SandboxError) as e:  # SandboxError: no sandbox can start here
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
