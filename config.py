@@ -18,6 +18,7 @@ import torch
 import model
 from executor import ExecutorError
 from jsonl import DataError, read_json, write_json_atomic
+from sandbox import SandboxError
 
 MAIN, MORE = True, False  # listed first in --help, or in its step's group
 
@@ -197,7 +198,7 @@ def cli(main):
     except KeyboardInterrupt:
         print("stopped: the rows written so far are kept; rerun the same command to resume", file=sys.stderr)
         sys.exit(130)
-    except (DataError, ValueError, ExecutorError) as e:
+    except (DataError, ValueError, ExecutorError, SandboxError) as e:  # SandboxError: no sandbox can start here
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -16,6 +16,7 @@ import os
 import re
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import executor
@@ -135,62 +136,111 @@ def serve_generator(cfg, run_dir, it):
     raise GeneratorError(f"generator at {url}: loading adapter {path} as {name!r}: HTTP {code}: {msg}{hint}")
 
 
-def sample_remote(url, name, messages_list, n, max_new_tokens, temperature, top_p, seed, prefill, tokenizer):
+MAX_IN_FLIGHT = 64  # sample requests at once: vLLM batches concurrent requests; more would only queue
+
+
+def sample_seed(seed, prompt, sample):
+    """The seed of sample `sample` of prompt `prompt` (its index in the call) in a call seeded `seed`.
+    vLLM gives every prompt of a request the request's seed and child i of n seed + i
+    (vllm/v1/engine/parallel_sampling.py), so one request per chunk drew sample i of two identical
+    prompts alike. A hash per (seed, prompt, sample), one n=1 request each, makes every sample its
+    own draw, as the local sampler's one random stream does, and the same draw on a resumed run."""
+    return int(hashlib.sha256(f"{seed}:{prompt}:{sample}".encode()).hexdigest()[:8], 16)
+
+
+def sample_remote(url, name, messages_list, n, max_new_tokens, temperature, top_p, seed, prefill, tokenizer,
+                  stops=None):
     """n workflows per prompt from a vLLM server serving `name` (serve_generator):
     [[{text, token_ids, logprobs, prompt_ids, finish_reason}] * n] * len(messages_list), as sampling.sample.
 
     The prompts are rendered and tokenized here (sampling.prompt_ids: chat template + prefill, what
     training uses) and sent as token ids to /v1/completions, so the server continues exactly those
     tokens; a chat endpoint would render its own (a Qwen3 template inserts an empty think block
-    before a continued assistant turn). The reply's sampled ids (return_token_ids, and the logprobs'
-    "token_id:<id>" tokens, which older servers support alone) are stored as they are, the stop
-    token included when the model stopped on one; `logprobs` are the server's (vLLM V1's default
-    --logprobs-mode raw_logprobs: the unscaled distribution, like sampling.sample; training recomputes
-    pi_old itself); `text` is decoded here from the ids. One request
-    carries every prompt with `seed` (vLLM seeds the i-th of the n samples with seed + i), so a
-    resumed run regenerates the same samples where the server honours seeds."""
+    before a continued assistant turn). Each sample is one n=1 request with its own seed
+    (sample_seed), all sent at once; n=1 also keeps temperature 0 legal (vLLM refuses n > 1 there).
+    `stops`: the stop ids of the model spogw reads (tokenizer eos + generation_config eos ids, as
+    vLLM stops on), default the tokenizer's eos; complete_one checks the server stopped exactly there."""
     prompts = [sampling.prompt_ids(tokenizer, m, prefill) for m in messages_list]
     if not prompts:
         return []
+    stops = stops or sampling.stop_ids(None, tokenizer)
+    jobs = [(i, j) for i in range(len(prompts)) for j in range(n)]
+    pool = ThreadPoolExecutor(max_workers=max(1, min(MAX_IN_FLIGHT, len(jobs))))
+    try:
+        futures = [pool.submit(complete_one, url, name, prompts[i], max_new_tokens, temperature, top_p,
+                               sample_seed(seed, i, j), tokenizer, stops) for i, j in jobs]
+        out = [f.result() for f in futures]  # the first failure raises; the rest are cancelled below
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return [out[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
+def complete_one(url, name, prompt, max_new_tokens, temperature, top_p, seed, tokenizer, stops):
+    """One sample of one token-id prompt: POST /completions with n=1 and `seed`. The reply's sampled
+    ids (return_token_ids, and the logprobs' "token_id:<id>" tokens, which older servers support
+    alone) are stored as they are, the stop token included; `logprobs` are the server's (vLLM V1's
+    default --logprobs-mode raw_logprobs: the unscaled distribution, like sampling.sample; training
+    recomputes pi_old itself); `text` is decoded here from the ids, without a final stop token, as
+    sampling.sample's is."""
     # vLLM fills a sampling field the request leaves out from the model's generation_config.json
-    # (Qwen2.5: top_k 20, repetition_penalty 1.05); sampling.sample applies temperature and top-p only
-    body = {"model": name, "prompt": prompts, "n": n, "max_tokens": max_new_tokens, "temperature": temperature,
+    # (Qwen2.5: top_k 20, repetition_penalty 1.05); sampling.sample applies temperature and top-p
+    # only. top_k -1 is "off" in every vLLM (older ones refuse 0; current ones take -1 quietly).
+    body = {"model": name, "prompt": prompt, "n": 1, "max_tokens": max_new_tokens, "temperature": temperature,
             "top_p": top_p, "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
             "frequency_penalty": 0.0, "seed": seed, "logprobs": 0, "return_tokens_as_token_ids": True,
             "return_token_ids": True}
     code, text = vllm_request(url, "completions", body)
     where = f"generator at {url}: POST /completions (model {name!r})"
     if code != 200:
-        raise GeneratorError(f"{where}: HTTP {code}: {server_message(text)}")
+        msg = server_message(text)
+        hint = (" (the prompt plus --max-new-tokens, --refine-tokens for the meta-agent, must fit the server's "
+                "--max-model-len; README: vLLM recipe)") if re.search(r"context length|max_model_len", msg) else ""
+        raise GeneratorError(f"{where}: HTTP {code}: {msg}{hint}")
     try:
         choices = json.loads(text)["choices"]
     except (ValueError, KeyError, TypeError):
         raise GeneratorError(f"{where}: not a completion: {text[:200]!r}") from None
-    if not isinstance(choices, list) or len(choices) != len(prompts) * n:
-        raise GeneratorError(f"{where}: {len(choices) if isinstance(choices, list) else 'no'} choices for "
-                             f"{len(prompts)} prompts x n={n}")
-    out = []
-    for i, ch in enumerate(choices):  # vLLM orders them prompt-major, the n of prompt 0 first
-        p = prompts[i // n]
-        lp = ch.get("logprobs") if isinstance(ch, dict) else None
-        tokens, logprobs = (lp.get("tokens"), lp.get("token_logprobs")) if isinstance(lp, dict) else (None, None)
-        if (not isinstance(tokens, list) or not isinstance(logprobs, list) or len(tokens) != len(logprobs)
-                or not all(isinstance(x, (int, float)) for x in logprobs)):
-            raise GeneratorError(f"{where}: choice {i} has no per-token logprobs")
-        found = [re.fullmatch(r"token_id:(\d+)", t) if isinstance(t, str) else None for t in tokens]
-        if not all(found):
-            raise GeneratorError(f"{where}: the logprobs name tokens by text, not by id, so the sampled ids are "
-                                 f"unknown; use a vLLM that supports return_tokens_as_token_ids, or start it with "
-                                 f"--return-tokens-as-token-ids")
-        ids = [int(f.group(1)) for f in found]
-        if ch.get("token_ids") is not None and list(ch["token_ids"]) != ids:
-            raise GeneratorError(f"{where}: choice {i}: token_ids and the logprobs' tokens differ")
-        if ch.get("prompt_token_ids") is not None and list(ch["prompt_token_ids"]) != p:
-            raise GeneratorError(f"{where}: choice {i}: the server sampled after other prompt ids than were sent")
-        out.append({"text": tokenizer.decode(ids, skip_special_tokens=True), "token_ids": ids,
-                    "logprobs": [float(x) for x in logprobs], "prompt_ids": list(p),
-                    "finish_reason": ch.get("finish_reason")})
-    return [out[i * n:(i + 1) * n] for i in range(len(prompts))]
+    if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
+        raise GeneratorError(f"{where}: {len(choices) if isinstance(choices, list) else 'no'} choices for n=1")
+    ch = choices[0]
+    ids, logprobs = sampled_ids(where, ch, prompt)
+    check_stops(where, ids, max_new_tokens, stops)
+    text_ids = ids[:-1] if ids and ids[-1] in stops else ids
+    return {"text": tokenizer.decode(text_ids, skip_special_tokens=True), "token_ids": ids, "logprobs": logprobs,
+            "prompt_ids": list(prompt), "finish_reason": ch.get("finish_reason")}
+
+
+def sampled_ids(where, ch, prompt):
+    """(token ids, log-probs) of one completion choice, checked against each other and the prompt."""
+    lp = ch.get("logprobs")
+    tokens, logprobs = (lp.get("tokens"), lp.get("token_logprobs")) if isinstance(lp, dict) else (None, None)
+    if (not isinstance(tokens, list) or not isinstance(logprobs, list) or len(tokens) != len(logprobs)
+            or not all(isinstance(x, (int, float)) for x in logprobs)):
+        raise GeneratorError(f"{where}: the choice has no per-token logprobs")
+    found = [re.fullmatch(r"token_id:(\d+)", t) if isinstance(t, str) else None for t in tokens]
+    if not all(found):
+        raise GeneratorError(f"{where}: the logprobs name tokens by text, not by id, so the sampled ids are "
+                             f"unknown; use a vLLM that supports return_tokens_as_token_ids, or start it with "
+                             f"--return-tokens-as-token-ids")
+    ids = [int(f.group(1)) for f in found]
+    if ch.get("token_ids") is not None and list(ch["token_ids"]) != ids:
+        raise GeneratorError(f"{where}: token_ids and the logprobs' tokens differ")
+    if ch.get("prompt_token_ids") is not None and list(ch["prompt_token_ids"]) != list(prompt):
+        raise GeneratorError(f"{where}: the server sampled after other prompt ids than were sent")
+    return ids, [float(x) for x in logprobs]
+
+
+def check_stops(where, ids, cap, stops):
+    """A completion ends on its first stop id or at the cap, as sampling.decode's do. A server that
+    went on past a stop id, or ended early on another token, stops on other ids than spogw (another
+    model or generation_config.json than --model): its samples are another distribution, refused."""
+    early = next((k for k, t in enumerate(ids[:-1]) if t in stops), None)
+    odd = early is not None or (len(ids) < cap and not (ids and ids[-1] in stops))
+    if odd:
+        what = (f"went on past stop token {ids[early]} (position {early})" if early is not None else
+                f"ended after {len(ids)} of {cap} tokens on token {ids[-1] if ids else None}, no stop token")
+        raise GeneratorError(f"{where}: the server {what}; spogw's stop ids are {sorted(stops)} (the tokenizer's "
+                             f"eos and generation_config.json's eos_token_id of --model): serve the same model dir")
 
 
 def preflight_generator(cfg):
@@ -208,12 +258,12 @@ def preflight_generator(cfg):
                          f"set --generator-name", fatal=True)
 
 
-def capped(sample, cap, stops):
-    """Did this completion run into the token cap? A server says so itself (finish_reason "length");
-    locally it is a completion at the cap whose last token is no stop id."""
-    if sample.get("finish_reason") is not None:
-        return sample["finish_reason"] == "length"
-    return sampling.hit_cap(sample["token_ids"], cap, stops)
+def stop_ids_of(cfg, mdl, tok):
+    """The ids that end a completion, for both samplers: the tokenizer's eos and every eos id of the
+    model's generation_config (vLLM stops on all of them too). Without a loaded model (the remote
+    path loads the tokenizer alone) generation_config.json is read from the model dir."""
+    gc = getattr(mdl, "generation_config", None) if mdl is not None else model.load_generation_config(cfg["model"])
+    return sampling.stop_ids(mdl, tok, gc)
 
 
 def sampler(cfg, run_dir, it, loaded=None, max_new_tokens=None, local=False):
@@ -230,13 +280,14 @@ def sampler(cfg, run_dir, it, loaded=None, max_new_tokens=None, local=False):
         if "g" not in held:
             held["g"] = loaded or load_generator(cfg, run_dir, it)
             held["name"] = serve_generator(cfg, run_dir, it) if remote else None
+            held["stops"] = stop_ids_of(cfg, *held["g"])
         mdl, tok = held["g"]
         if remote:
             out = sample_remote(cfg["generator_url"], held["name"], messages_list, n, cap, temperature, cfg["top_p"],
-                                seed, prefill, tok)
+                                seed, prefill, tok, held["stops"])
         else:
             out = sampling.sample(mdl, tok, messages_list, n=n, max_new_tokens=cap, temperature=temperature,
                                   top_p=cfg["top_p"], seed=seed, prefill=prefill)
-        stops = sampling.stop_ids(mdl, tok)
-        return [[dict(s, hit_cap=capped(s, cap, stops)) for s in per] for per in out]
+        # the ids decide, on both paths: older vLLM reports an eos landing exactly on the cap as "length"
+        return [[dict(s, hit_cap=sampling.hit_cap(s["token_ids"], cap, held["stops"])) for s in per] for per in out]
     return sample

@@ -1,6 +1,6 @@
 """The model: load a causal LM in a chosen precision, check its family, and run the training forward (ARCHITECTURE §8).
 
-    python -c "import model; m, tok = model.load_model(); print(type(m).__name__, model.stop_ids(m, tok))"
+    python -c "import model, sampling; m, tok = model.load_model(); print(type(m).__name__, sampling.stop_ids(m, tok))"
     python sampling.py --prompt "What is 47 * 6?"          # the embedded model answering (sampling.py)
 
 load_model takes an HF dir, a hub id (offline cache), a .gguf file or the embedded SmolLM2-135M
@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 from transformers import (AttentionInterface, AttentionMaskInterface, AutoModelForCausalLM, AutoTokenizer,
-                          DynamicCache)
+                          DynamicCache, GenerationConfig)
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
@@ -78,7 +78,8 @@ def _convert_gguf(gguf_path, out_dir):
         model.config.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        (tmp / "spogw_source.json").write_text(json.dumps({"gguf": str(gguf_path)}))
+        readers_compat(tmp)
+        (tmp / "spogw_source.json").write_text(json.dumps({"gguf": str(gguf_path), "format": CONVERTED_FORMAT}))
         try:
             os.rename(tmp, out_dir)
         except OSError:  # another process finished first: theirs is as good as ours
@@ -88,24 +89,71 @@ def _convert_gguf(gguf_path, out_dir):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# spogw_source.json "format" of a converted dir: 2 = readers_compat applied. Dirs converted before
+# (no "format") are brought up to date on their next use, so an old cache gets the fix too.
+CONVERTED_FORMAT = 2
+
+
+def _write_json(path, obj):
+    """Replace a JSON file atomically: a concurrent reader sees the old file or the new, never half."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def readers_compat(d):
+    """Make a saved HF dir read the same under transformers 4.x and 5.x (a vLLM venv often pins 4.x).
+    transformers 5 writes rope_theta only inside rope_parameters, where a 4.x reader does not look:
+    it takes the top-level rope_theta, else 10000 -- silently another RoPE (SmolLM2's is 100000). It
+    also names the generic tokenizer TokenizersBackend, a class 4.x does not have; both know it as
+    PreTrainedTokenizerFast (an alias in 5.x), which loads tokenizer.json as it is. Idempotent."""
+    d = Path(d)
+    cfg = json.loads((d / "config.json").read_text())
+    rope = cfg.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope:
+        cfg["rope_theta"] = rope["rope_theta"]
+        if rope.get("rope_type", "default") != "default":  # 4.x reads scaled RoPE (llama3, yarn) from here
+            cfg["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    if "dtype" in cfg and "torch_dtype" not in cfg:
+        cfg["torch_dtype"] = cfg["dtype"]  # 4.x before 4.56 reads only torch_dtype
+    _write_json(d / "config.json", cfg)
+    tc_path = d / "tokenizer_config.json"
+    if tc_path.is_file():
+        tc = json.loads(tc_path.read_text())
+        if tc.get("tokenizer_class") == "TokenizersBackend":
+            _write_json(tc_path, dict(tc, tokenizer_class="PreTrainedTokenizerFast"))
+
+
+def _converted(out, gguf_path):
+    """`out`, converted from gguf_path once and brought up to CONVERTED_FORMAT if an older spogw made it."""
+    if not (out / "config.json").is_file():
+        _convert_gguf(gguf_path(), out)
+        return str(out)
+    src = out / "spogw_source.json"
+    meta = json.loads(src.read_text()) if src.is_file() else {}
+    if meta.get("format", 1) < CONVERTED_FORMAT:
+        try:
+            readers_compat(out)
+            _write_json(src, dict(meta, format=CONVERTED_FORMAT))
+        except OSError as e:  # a read-only cache: spogw's own (5.x) reader does not need the fix
+            print(f"[model] {out}: cannot update for transformers 4.x readers ({e})", file=sys.stderr)
+    return str(out)
+
+
 def resolve_model_dir(name_or_path):
     """A local HF directory for an embedded name or a .gguf file (converted once into the cache),
     an existing HF directory as is, or else the string itself (a hub id, for online users)."""
     name_or_path = str(name_or_path)
     if name_or_path in EMBEDDED:
-        out = cache_root() / name_or_path
-        if not (out / "config.json").is_file():
-            _convert_gguf(embedded_gguf(name_or_path), out)
-        return str(out)
+        return _converted(cache_root() / name_or_path, lambda: embedded_gguf(name_or_path))
     path = Path(name_or_path).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelError(f"GGUF file not found: {path}")
         info = path.stat()
-        out = cache_root() / f"{path.stem}-{info.st_size}-{int(info.st_mtime)}"
-        if not (out / "config.json").is_file():
-            _convert_gguf(path, out)
-        return str(out)
+        return _converted(cache_root() / f"{path.stem}-{info.st_size}-{int(info.st_mtime)}", lambda: path)
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelError(f"{path} is not a Hugging Face model directory (no config.json)")
@@ -151,6 +199,15 @@ def load_tokenizer(name_or_path=DEFAULT_MODEL):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def load_generation_config(name_or_path=DEFAULT_MODEL):
+    """The model's GenerationConfig, None when it has no generation_config.json: what a remote sampler
+    needs beside the tokenizer, since vLLM stops on every eos id listed there."""
+    try:
+        return GenerationConfig.from_pretrained(resolve_model_dir(name_or_path))
+    except OSError:  # no such file (or a hub id while offline): the tokenizer's eos alone
+        return None
 
 
 def load_model(name_or_path=DEFAULT_MODEL, device="cpu", dtype=None):

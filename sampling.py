@@ -199,12 +199,14 @@ def hit_cap(token_ids, max_new_tokens, stops):
     return len(token_ids) >= max_new_tokens and not (token_ids and token_ids[-1] in stops)
 
 
-def stop_ids(model, tokenizer):
+def stop_ids(model, tokenizer, generation_config=None):
     """Every token id that ends a turn: generation_config.eos_token_id (an int or a list: Gemma adds
     <end_of_turn>, Phi-3 <|end|>, Llama 3 <|eot_id|>) and the tokenizer's eos. Decoding on the
-    tokenizer's eos alone runs such models to the token limit."""
+    tokenizer's eos alone runs such models to the token limit. `generation_config` defaults to the
+    model's; the remote sampler, which loads no model, passes the model dir's (vLLM stops on all)."""
+    gc = generation_config if generation_config is not None else getattr(model, "generation_config", None)
     ids = set()
-    for src in (getattr(getattr(model, "generation_config", None), "eos_token_id", None), tokenizer.eos_token_id):
+    for src in (getattr(gc, "eos_token_id", None), tokenizer.eos_token_id):
         ids.update([src] if isinstance(src, int) else (src or []))
     if not ids:
         raise ModelError(f"{getattr(model, 'name_or_path', type(model).__name__)}: no eos token id in the "

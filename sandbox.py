@@ -7,7 +7,7 @@ resource-limited subprocess, and pass the workflow's stub calls to a handler in 
 
 Every run is a fresh `python -I -S` child in its own session. As root (the normal case here) it
 lives in new network, PID and mount namespaces: no interfaces, only its own processes under a
-fresh /proc, / remounted read-only + nosuid, a size-capped tmpfs on /tmp as its working dir, and it
+fresh /proc, every mount read-only + nosuid but a size-capped tmpfs on /tmp, its working dir, and it
 drops to a fresh unprivileged uid before running anything untrusted. When its PID 1 exits the
 kernel kills everything left in the namespace, so nothing outlives a run. Besides the stdlib it
 can import PACKAGES (numpy, sympy, mpmath), read-only; nothing else of site-packages is visible.
@@ -50,7 +50,7 @@ CHILD = (Path(__file__).resolve().parent / "sandbox_child.py").read_text(encodin
 
 
 class SandboxError(RuntimeError):
-    """The sandbox itself cannot start (never raised for anything the sandboxed code does)."""
+    """The sandbox itself cannot start (never for anything the sandboxed code does); never a score."""
 
 
 # ---- isolation: probed once per process --------------------------------------------------------
@@ -62,9 +62,10 @@ _PROBE_LOCK = threading.Lock()
 # Set while a step is being stopped (Ctrl-C, SIGTERM, a failed consumer): every running sandbox is
 # killed within one poll (0.25 s) and none starts, so a stop does not wait out workflow timeouts.
 _STOP = threading.Event()
+_FAILED = threading.local()  # .error: the SandboxError this thread raised last (see run_workflow)
 _DESCRIBE = {
-    "ns": "netns+pidns+mountns (ro root, tmpfs /tmp) + fresh uid + rlimits",
-    "userns": "userns+netns+pidns+mountns (ro root, tmpfs /tmp) + rlimits; no uid drop (not root)",
+    "ns": "netns+pidns+mountns (ro mounts, tmpfs /tmp) + fresh uid + rlimits",
+    "userns": "userns+netns+pidns+mountns (ro mounts, tmpfs /tmp) + rlimits; no uid drop (not root)",
     "uid": "fresh uid + rlimits + socket/exec audit hook (no namespaces: network blocked only at Python's socket layer)",
     "none": "rlimits + socket/exec audit hook only (no namespaces, not root): weak isolation",
 }
@@ -283,7 +284,8 @@ def _spawn(mode, code, problem, ops, handler, timeout, mem_mb, stdin=None, keep_
             os.close(fd)
         if host_dir:
             shutil.rmtree(host_dir, ignore_errors=True)
-        raise SandboxError(f"cannot start the sandbox child: {e}") from e
+        _FAILED.error = SandboxError(f"cannot start the sandbox child: {e}")
+        raise _FAILED.error from e
     os.close(c_in_r)
     os.close(c_out_w)
     os.set_blocking(c_in_w, False)
@@ -403,9 +405,13 @@ def run_workflow(code, problem, names, handler, *, timeout=60.0, mem_mb=1024):
     `names`; a stub's call reaches `handler(msg) -> reply` here in the parent ({"op", "args",
     "kwargs"} -> {"ok": str} or {"error": str}; operators.run_workflow serves the operator library).
     Never raises for anything the workflow does: {answer, error, seconds}. `timeout` is the child's
-    own wall time (time inside the handler does not count)."""
+    own wall time (time inside the handler does not count). A sandbox the handler starts itself
+    (programmer, test) that cannot start raises SandboxError here, not an operator error (a score)."""
     isolation()
+    _FAILED.error = None
     r = _spawn("workflow", code, str(problem), list(names), handler, timeout, mem_mb)
+    if _FAILED.error is not None:  # a sandbox the handler started could not start (see _FAILED)
+        raise SandboxError(f"{_FAILED.error} (while serving a workflow's operator call)")
     answer, error = None, None
     fin = r["final"]
     if fin is not None:
@@ -516,4 +522,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except SandboxError as e:  # exit 2 with config.cli's wording, without importing the stack above it
+        sys.exit(print(f"error: {e}", file=sys.stderr) or 2)

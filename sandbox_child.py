@@ -11,9 +11,46 @@ import builtins
 import ctypes
 import json
 import os
+import re
 import resource
 import sys
 import traceback
+
+
+# mount(2) flags, and the mountinfo options a remount must repeat: a user namespace may not clear
+# the nosuid / nodev / noexec / atime flags of a mount it inherited (they are locked)
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND = 1, 2, 4, 8, 32, 4096
+KEEP = {b"nosuid": MS_NOSUID, b"nodev": MS_NODEV, b"noexec": MS_NOEXEC, b"noatime": 1024, b"nodiratime": 2048,
+        b"relatime": 1 << 21, b"strictatime": 1 << 24}
+
+
+def seal(libc, notes, scratch):
+    """Make every mount point of this (private) mount namespace read-only but `scratch`, the tmpfs
+    that holds the work dir, and what lies under it (the read-only packages). Remounting "/" alone
+    left every other mount as writable as the host has it: in the userns mode, where no uid is
+    dropped, whatever our uid may write there (a home or data volume, a root-owned cgroup file when
+    run as root). Each remount is MS_REMOUNT | MS_BIND, which changes this namespace's view of one
+    mount, never the filesystem itself (without MS_BIND the host's filesystem would go read-only),
+    and adds nosuid, and nodev outside /dev (whose device nodes, /dev/null among them, stay usable:
+    writing a device node does not count as writing its filesystem). A mount that cannot be made
+    read-only is named in the notes (isolation() shows them)."""
+    with open("/proc/self/mountinfo", "rb") as f:
+        rows = [line.split(b" - ")[0].split() for line in f]
+    done = set()
+    for row in reversed(rows):  # the last mount listed at a path is the one on top
+        point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), row[4])
+        opts = row[5].split(b",")
+        if point in done or point == scratch or point.startswith(scratch + b"/"):
+            continue
+        done.add(point)
+        if b"ro" in opts:
+            continue
+        flags = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID
+        flags |= 0 if point == b"/dev" or point.startswith(b"/dev/") else MS_NODEV
+        for o in opts:
+            flags |= KEEP.get(o, 0)
+        if libc.mount(None, point, None, flags, None) != 0:
+            notes.append("left writable: %s (errno %d)" % (point.decode(errors="replace"), ctypes.get_errno()))
 
 
 def main():
@@ -34,7 +71,6 @@ def main():
                 notes.append("mount %s failed: errno %d" % (dst.decode(), ctypes.get_errno()))
                 return False
             return True
-        MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND = 1, 2, 4, 32, 4096
         opts = ("size=%dk,mode=1777" % cfg["tmpfs_kb"]).encode()
         site = cfg["site_dir"]
         # hold each package dir open first: a venv under /tmp (a CI runner's, a newcomer's) is hidden
@@ -57,8 +93,8 @@ def main():
             os.close(fd)
         if os.path.isdir("/dev/shm"):
             mount(b"tmpfs", b"/dev/shm", b"tmpfs", MS_NOSUID | MS_NODEV, b"size=1024k,mode=1777")
-        mount(None, b"/", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
         os.makedirs(cfg["workdir"], 0o700, exist_ok=True)
+        seal(libc, notes, b"/tmp")
     uid = cfg["uid"]
     if uid is not None and cfg["mounts"]:
         os.chown(cfg["workdir"], uid, uid)
