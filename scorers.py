@@ -11,8 +11,6 @@ import re
 import string
 from collections import Counter
 
-import sympy
-from sympy.parsing.sympy_parser import implicit_multiplication_application, parse_expr, standard_transformations
 
 import sandbox
 
@@ -201,6 +199,11 @@ def _sympy_equal(a, b):
     pa, pb = _latex_to_python(a), _latex_to_python(b)
     if not pa or not pb or pa.count("(") != pa.count(")") or pb.count("(") != pb.count(")"):
         return False
+    # imported here, the one documented exception to imports at the top (tests/test_layout.py):
+    # sympy costs ~0.5-1 s to import, only the MATH scorer needs it, and every workflow runner
+    # (operators.py, through scorers.extract_code) would pay it at start-up
+    import sympy
+    from sympy.parsing.sympy_parser import implicit_multiplication_application, parse_expr, standard_transformations
     try:
         tr = standard_transformations + (implicit_multiplication_application,)
         ea, eb = parse_expr(pa, transformations=tr), parse_expr(pb, transformations=tr)
