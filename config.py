@@ -232,10 +232,11 @@ def run_notes(cfg, iters):
     if cfg["device"] == "cpu" and torch.cuda.is_available():
         notes.append("warning: CUDA is available but --device is cpu: pass --device cuda to train and sample on the GPU")
     if cfg["device"] == "cpu" and cfg["model"] == model.DEFAULT_MODEL and cfg["executor"] == "local" \
-            and cfg["mode"] == "spogw":
+            and cfg["mode"] == "spogw" and cfg["bench"] == "arith":
         notes.append(f"estimated time: ~{estimate_minutes(cfg, iters):.0f} min on 2 CPU cores (measured on the "
                      f"embedded default; more cores or a GPU take less)")
     else:
-        notes.append("no time estimate: the per-unit costs were measured for the embedded model on 2 CPU cores only; "
+        notes.append("no time estimate: the per-unit costs were measured for the embedded model on arith on 2 CPU "
+                     "cores only (other benchmarks' workflows cost differently: mixed took 1.3x the arith estimate); "
                      "the progress bars show the rate once it runs")
     return notes

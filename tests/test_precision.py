@@ -201,3 +201,5 @@ def test_run_notes_warn_about_an_idle_gpu_and_estimate_only_what_was_measured(mo
     assert any(n.startswith("estimated time") for n in notes)
     notes = config.run_notes(dict(c, device="cuda", model="Qwen/Qwen2.5-7B-Instruct"), 3)
     assert not any(n.startswith(("estimated time", "warning")) for n in notes)
+    notes = config.run_notes(dict(c, bench="mixed"), 3)  # arith's per-unit costs say nothing about mixed
+    assert not any(n.startswith("estimated time") for n in notes) and any("no time estimate" in n for n in notes)
