@@ -79,7 +79,9 @@ def spogw_section(run_dir, cfg, iters, baseline_rows):
              f"{' / ' + cfg['executor_model'] if cfg['executor_model'] else ''}, benchmark `{cfg['bench']}`, "
              f"loss `{cfg['loss']}` (kl {cfg['kl']}, ref {cfg['ref']}, beta {cfg['beta']}), groups `{cfg['groups']}` "
              f"(m={cfg['m']}, n={cfg['n']}, 2t={cfg['group_size']}), {cfg['problems']} problems/iteration, "
-             f"lr {cfg['lr']}, {cfg['epochs']} epochs.", "",
+             f"lr {cfg['lr']}, {cfg['epochs']} epochs"
+             + (f"; score = correct - {cfg['cost_weight']:g} x executor tokens / {cfg['cost_ref']}'s mean, "
+                f"std floor {cfg.get('std_floor', 0):g}" if cfg.get("cost_weight") else "") + ".", "",
              "| iteration | valid % (train) | mean train score | test accuracy (95 % CI) | test valid % | executor tokens (train+test) | $ | wall (collect+train) |",
              "|---|---|---|---|---|---|---|---|"]
     for k in range(iters + 1):
