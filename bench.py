@@ -1,6 +1,6 @@
 """Speed and memory benchmarks. Ratios against a baseline measured in the same run.
 
-    python bench.py kernel [--device cpu|cuda] [--json] [--shape H V N]
+    python bench.py kernel [--device cpu|cuda] [--json] [--shape H V N] [--dtype bfloat16] [--reps 2 --stat min]
     python bench.py sandbox [--n 200] [--n-import 20] [--workers 2]
     python bench.py executor [--concurrency 1 8]
     python bench.py gpu [--models 135m 1.7b 7b] [--json]   # needs CUDA; see bench_gpu.py
@@ -24,15 +24,17 @@ import operators
 import sandbox
 
 # ---- kernel benchmark ----
-# Fused log-prob kernel (model.py, ARCHITECTURE §8) vs the naive LM-head paths. Each variant computes the same
+# Fused log-prob kernel (losses.py, ARCHITECTURE §8) vs the naive LM-head paths. Each variant computes the same
 # GRPO loss from hidden states h [N, H] and the LM head W [V, H] and backpropagates it:
 #   naive           logits = h W^T, log_softmax, gather, losses.grpo_loss
 #   rowloop         full logits, then log-sum-exp row by row in a Python loop, losses.grpo_loss
 #   fused_logprobs  losses.fused_logprobs + losses.grpo_loss on the N-vector
 #   fused_grpo      losses.fused_grpo_loss (gradient formed in the forward chunk loop)
 # CPU: every (variant, rep) runs in a fresh subprocess, so its peak RSS is its own; peak =
-# high-water mark during fwd+bwd minus the RSS once inputs are built. CUDA: in process, peak =
-# max_memory_allocated minus the allocation after inputs. Variants alternate within each rep.
+# high-water mark during fwd+bwd minus the RSS once inputs are built; CPU time is reported next to
+# wall time (on a shared machine wall time includes waiting for a core). CUDA: in process, peak =
+# max_memory_allocated minus the allocation after inputs. Variants alternate within each rep;
+# --stat min takes the best rep (the least disturbed one), median is the default.
 KERNEL_VARIANTS = ("naive", "rowloop", "fused_logprobs", "fused_grpo")
 KERNEL_SHAPES = ((576, 49152), (896, 151936))  # (H, V): SmolLM2-135M head, Qwen2.5-0.5B head
 KERNEL_NS = (1024, 4096)
