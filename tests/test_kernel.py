@@ -9,6 +9,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import bench  # noqa: E402
 import bench_gpu  # noqa: E402
 import losses  # noqa: E402
 from losses import (CHUNK_BYTES, ChunkBuffers, auto_chunk, fused_grpo_loss, fused_logprobs, grpo_loss,  # noqa: E402
@@ -79,6 +80,86 @@ def test_gradcheck_double():
     km = (adv > 0).double()
     assert torch.autograd.gradcheck(
         lambda a, b: fused_grpo_loss(a, b, y, old, ref, adv, tw, km, chunk_size=2)[0], (h, W))
+
+
+def test_gradcheck_double_frozen_head():
+    """The frozen-head path (dlogp/dh formed in the forward) against finite differences, several chunks."""
+    h, W, y = make(7, 11, 3, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda a: fused_logprobs(a, W, y, chunk_size=3), (h,))
+
+
+def count_kernel_work(monkeypatch):
+    """Counts of head-sized matmuls by kind: "logits" (h W^T of a chunk) and "dh" ((onehot - p) W)."""
+    n = {"logits": 0, "dh": 0}
+    logits, chunk_grads = losses.ChunkBuffers.logits, losses._chunk_grads_
+
+    def counted_logits(self, *a):
+        n["logits"] += 1
+        return logits(self, *a)
+
+    def counted_chunk_grads(*a):
+        n["dh"] += 1
+        return chunk_grads(*a)
+
+    monkeypatch.setattr(losses.ChunkBuffers, "logits", counted_logits)
+    monkeypatch.setattr(losses, "_chunk_grads_", counted_chunk_grads)
+    return n
+
+
+def test_frozen_head_backward_recomputes_nothing(monkeypatch):
+    """Head frozen: one logits and one dh matmul per chunk, both in the forward; backward only scales
+    [N x H] rows. No_grad (pi_old, pi_ref) skips the dh matmul; a trainable head recomputes the logits."""
+    h, W, y = make(50, 97, 8)
+    n = count_kernel_work(monkeypatch)
+    with torch.no_grad():
+        ref = fused_logprobs(h, W, y, chunk_size=16)
+    assert n == {"logits": 4, "dh": 0}
+    logp = fused_logprobs(h, W, y, chunk_size=16)
+    assert torch.equal(logp, ref) and n == {"logits": 8, "dh": 4}  # forming dh changes no log-prob
+    logp.sum().backward()
+    assert n == {"logits": 8, "dh": 4}
+    W.requires_grad_(True)
+    fused_logprobs(h, W, y, chunk_size=16).sum().backward()
+    assert n == {"logits": 16, "dh": 8}  # 4 forward, 4 recomputed in backward
+
+
+def test_frozen_head_keeps_no_vocab_sized_tensor():
+    """What the frozen-head path keeps for backward is [N x H] (the point of the kernel: O(chunk x V)
+    scratch, nothing [N x V] alive between forward and backward)."""
+    N, V, H = 40, 500, 8
+    h, W, y = make(N, V, H)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        logp = fused_logprobs(h, W, y, chunk_size=16)
+    assert saved == [(N, H)]
+    logp.sum().backward()
+    assert h.grad.shape == (N, H)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_frozen_head_dh_equals_trainable_head_dh(dtype):
+    """Both paths form (onehot - p) W the same way, so with upstream 1 their dh agree bit for bit, and
+    with any upstream g to the rounding of one fp32 product."""
+    h, W, y = make(45, 300, 16, dtype=dtype)
+    up = torch.randn(45, generator=torch.Generator().manual_seed(2))
+    d = {}
+    for w_grad in (False, True):
+        for name, u in (("ones", torch.ones(45)), ("up", up)):
+            W.requires_grad_(w_grad)
+            (fused_logprobs(h, W, y, chunk_size=16) * u).sum().backward()
+            d[w_grad, name], h.grad, W.grad = h.grad.clone(), None, None
+    assert d[False, "ones"].dtype == dtype and torch.equal(d[False, "ones"], d[True, "ones"])
+    assert rel(d[False, "up"], d[True, "up"]) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+def test_bf16_frozen_head_gradients_of_confident_tokens():
+    """The frozen-head path per bucket of the target's p up to 0.99999: its bf16 dh is within 2x the error
+    of plain bf16 autograd, like the trainable-head path in test_bf16_gradients_of_confident_tokens."""
+    rows = bench_gpu.grad_error_buckets(H=64, V=1000, per_bucket=32, chunk_size=16)
+    frozen = bench.frozen_dh_errors(H=64, V=1000, per_bucket=32, chunk_size=16)
+    assert [(f["lo"], f["hi"], f["n"]) for f in frozen] == [(r["lo"], r["hi"], r["n"]) for r in rows]
+    for r, f in zip(rows, frozen):
+        assert 0 < f["frozen_dh"] <= 2 * r["plain_dh"], (f, r)
 
 
 def test_bf16_close_to_float64():
