@@ -8,7 +8,6 @@ A run's knobs resolve as: KNOBS defaults < runs/<run>/config.json < --smoke (SMO
 train.py saves the result back to config.json, so every later step (and a resumed run) sees the
 same knobs; collect.py, curate.py and evaluate.py read it.
 """
-import ctypes
 import signal
 import sys
 import threading
@@ -187,21 +186,6 @@ def check(cfg):
             raise DataError(f"--{k.replace('_', '-')} must be {'between %g and %g' % (lo, hi) if hi else '>= %g' % lo}, got {v}")
 
 
-def return_freed_memory(mmap_threshold=4 << 20, arenas=2):
-    """Make freed tensors go back to the OS (glibc; elsewhere a no-op). glibc raises its mmap
-    threshold each time a large block is freed, up to 32 MB, and from then on serves blocks below it
-    from per-thread heaps that it rarely returns: the decode caches (24 MB per layer) and the
-    update's buffers, freed each iteration, stayed mapped, and the driver sat at 8.5 GB on mixed
-    (a synthetic decode-like loop: 1.8 GB kept after every tensor was freed; with a fixed 4 MB
-    threshold and 2 arenas, 0.3 GB). A fixed threshold also stops the raising."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and bool(libc.mallopt(M_ARENA_MAX, arenas))
-
-
 def cli(main):
     """Run an entry point's body: bad input (a file, a flag, a model, an endpoint that refuses)
     prints `error: ...` and exits 2; what was written before stays. Never a workflow's error:
@@ -209,7 +193,6 @@ def cli(main):
     within seconds, every row written stays, and the same command resumes (exit 143 / 130)."""
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
         signal.signal(signal.SIGTERM, lambda *a: sys.exit(128 + signal.SIGTERM))  # unwinds, unlike a plain kill
-    return_freed_memory()
     try:
         return main()
     except KeyboardInterrupt:

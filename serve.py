@@ -32,7 +32,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
-import config
 import sampling
 from model import DEFAULT_MODEL, load_model
 
@@ -189,7 +188,6 @@ def main(argv=None):
         ap.error("--threads and --max-batch must be >= 1")
     if args.orphan_exit:
         exit_with_parent()
-    config.return_freed_memory()  # a batch's decode cache goes back to the OS when the batch ends
     try:
         engine = Engine(args.model, args.threads, args.max_batch, args.device)
     except ValueError as e:  # ModelError: a name or dir that cannot be loaded
