@@ -345,9 +345,13 @@ def main(argv=None):
             assert isinstance(context, dict)
         except Exception:
             ap.error("--context must be a JSON object")
-    with executor.make_executor(args.executor, model=args.model) as ex:
-        res = run_workflow(code, args.problem, executor=ex, context=context, timeout=args.timeout,
-                           mem_mb=args.mem_mb, max_calls=args.max_calls)
+    try:  # config.cli's exit 2, written out: importing config would bring torch into this runner
+        with executor.make_executor(args.executor, model=args.model) as ex:
+            res = run_workflow(code, args.problem, executor=ex, context=context, timeout=args.timeout,
+                               mem_mb=args.mem_mb, max_calls=args.max_calls)
+    except (executor.ExecutorError, sandbox.SandboxError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(res))
     return 0
 

@@ -22,7 +22,9 @@ def run(script, *args, cwd=ROOT):
 def test_a_sandbox_that_cannot_start_is_exit_2_for_the_clis(tmp_path):
     prog = tmp_path / "prog.py"
     prog.write_text("print(1)\n")
-    for p in (run("sandbox.py", "--info"), run("sandbox.py", str(prog)),
+    wf = tmp_path / "wf.py"
+    wf.write_text("def solve(problem):\n    return '4'\n")
+    for p in (run("sandbox.py", "--info"), run("sandbox.py", str(prog)), run("operators.py", str(wf), "--problem", "2+2?"),
               run("evaluate.py", "--baseline", "io", "--bench", "arith", "--executor", "none", "--limit", "1",
                   cwd=tmp_path)):
         assert p.returncode == 2, p.stderr[-2000:]
