@@ -74,7 +74,7 @@ def _convert_gguf(gguf_path, out_dir):
         safetensors.torch.save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        model.config.architectures = [type(model).__name__]  # `transformers serve` needs it
+        model.config.architectures = [type(model).__name__]  # vLLM and other servers pick the model class from it
         model.config.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
         tok.save_pretrained(tmp)
