@@ -190,7 +190,7 @@ def test_collect_samples_iteration_1_from_its_adapter_and_stores_the_returned_id
     (load,) = load_requests(stub)
     reqs = completion_requests(stub)
     assert len(reqs) == 4 and all(r["model"] == load["lora_name"] for r in reqs)
-    returned = {q["seed"]: r["choices"][0]["token_ids"] for q, r in zip(reqs, stub.replies)}
+    returned = {q["seed"]: r["choices"][0]["token_ids"] for q, r in stub.answered}
     by_seed = {q["seed"]: q for q in reqs}
     rows = rollouts(run, 1)
     assert len(rows) == 4
@@ -247,7 +247,8 @@ def test_refine_meta_agent_samples_under_its_iterations_name(tmp_path, tok, mode
         out = propose(MSGS[:1], 2, 5)[0]
         (load,) = load_requests(stub)
         assert completion_requests(stub)[-1]["model"] == load["lora_name"]
-        assert [s["token_ids"] for s in out] == [r["choices"][0]["token_ids"] for r in stub.replies[-2:]]
+        # the two samples are concurrent n=1 requests, so the stub may answer them in either order
+        assert sorted(s["token_ids"] for s in out) == sorted(r["choices"][0]["token_ids"] for r in stub.replies[-2:])
         # iteration 0's meta-agent is the base model, under its served name; nothing more is loaded
         R.proposer(cfg, generator.sampler(cfg, run, 0, max_new_tokens=cfg["refine_tokens"]))(MSGS[:1], 1, 0)
         assert completion_requests(stub)[-1]["model"] == "base" and len(load_requests(stub)) == 1

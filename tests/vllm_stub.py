@@ -43,7 +43,8 @@ class VLLMStub(Bounded):
     is read from, `max_model_len` the context it refuses past, `flat_errors` the pre-0.10.1 error body,
     `length_first` the stop check of older vLLM V1 (max_tokens tested before eos, so an eos landing on
     the cap is reported "length"). `.requests` holds (method, path, body), `.replies` every completion
-    reply, `.loras` {name: path} (set it to fake earlier loads)."""
+    reply in the order answered, `.answered` (body, reply) pairs, `.loras` {name: path} (set it to fake
+    earlier loads)."""
 
     def __init__(self, make_base, tok, base_name="base", lora=True, refuse=None, token_ids=True, id_tokens=True,
                  model_dir=None, max_model_len=8192, flat_errors=False, length_first=False):
@@ -54,7 +55,7 @@ class VLLMStub(Bounded):
         self.gen_config = json.loads(gc_path.read_text()) if gc_path and gc_path.is_file() else {}
         eos = self.gen_config.get("eos_token_id")
         self.stops = {tok.eos_token_id} | ({eos} if isinstance(eos, int) else set(eos or ()))
-        self.requests, self.replies, self.loras, self.models = [], [], {}, {}
+        self.requests, self.replies, self.answered, self.loras, self.models = [], [], [], {}, {}
         self.lock = threading.Lock()
         stub = self
 
@@ -166,6 +167,7 @@ class VLLMStub(Bounded):
         reply = {"id": "cmpl-stub", "object": "text_completion", "model": body["model"], "choices": choices,
                  "usage": {"prompt_tokens": sum(map(len, prompts)), "completion_tokens": 0, "total_tokens": 0}}
         self.replies.append(reply)
+        self.answered.append((body, reply))  # paired here: concurrent requests are answered in any order
         return 200, reply
 
     def choice(self, index, ids, lps, prompt, p, body):
