@@ -104,6 +104,8 @@ KNOBS = {
     # io and programmer by default: programmer is the strongest fixed workflow on arith and shares most
     # executor calls with generated workflows; others show up once `evaluate.py --baseline` has run them
     "baselines": ("io,programmer", str, "eval", MORE, "comma list of fixed baselines run for the report ('' for none)"),
+    "log": ("none", ("none", "tb", "wandb"), "run", MORE, "mirror the run's numbers to TensorBoard (runs/<run>/tb) or "
+                                                         "Weights & Biases (offline without an API key); tracking.py"),
     # ---- refine (--mode refine)
     "turns": (3, int, "refine", MORE, "refinement turns per episode"),
     "candidates": (5, int, "refine", MORE, "meta-agent actions sampled per turn"),

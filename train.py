@@ -37,6 +37,7 @@ import refine
 import report
 import rollout
 import sampling
+import tracking
 import workflow
 from jsonl import (DataError, append_jsonl, read_json, read_jsonl, truncate_torn_tail, update_json, write_atomic,
                    write_jsonl_atomic)
@@ -363,25 +364,31 @@ def run(args):
     torch.manual_seed(cfg["seed"])
     rollout.set_threads(cfg)
     evals, baseline_rows = [], {}
-    with rollout.open_executor(cfg) as ex:
+    # the tracker opens first: a missing tensorboard / wandb fails now, not after an hour of collecting
+    with contextlib.closing(tracking.open_tracker(run_dir, cfg)) as tracker, rollout.open_executor(cfg) as ex:
         mdl, tok = model.load_model(cfg["model"], device=cfg["device"], dtype=cfg["dtype"])
         lora.add_lora(mdl, r=cfg["lora_r"], alpha=cfg["lora_alpha"])
         ref = rollout.cost_reference(run_dir, cfg, ex) if cfg["cost_weight"] and not refining else None
         for k in range(args.iter):
             d = run_dir / f"iter_{k}"
+            ran = []  # the phases this invocation runs, for the tracker
             if k > 0:
                 lora.load_adapter(mdl, d / "adapter")  # pi_old of iteration k
             if ("refine" if refining else "collect") not in read_json(d / "stats.json", {}) or not (d / data).is_file():
                 step = refine.collect_refine if refining else collect.collect
                 print(f"[collect {k}] " + json.dumps(step(run_dir, k, cfg, ex, loaded=(mdl, tok))))
+                ran.append("refine" if refining else "collect")
             if not (d / "groups.jsonl").is_file():
                 s = curate.refine_groups(run_dir, k) if refining else curate.run(run_dir, k, cfg, ref)
                 print(f"[curate {k}] " + json.dumps(s))
+                ran.append("curate")
             if not (run_dir / f"iter_{k + 1}" / "adapter").is_dir():
                 t0 = time.time()
                 s = update(run_dir, k, cfg, mdl, tok)
                 update_json(d / "stats.json", "train", dict(s, seconds=time.time() - t0))
                 print(f"[update {k}] " + json.dumps(s))
+                ran.append("train")
+            tracker.iteration(run_dir, k, ran)
         if args.no_eval:
             return None
         (run_dir / "eval").mkdir(exist_ok=True)
@@ -396,10 +403,12 @@ def run(args):
                                                cfg["eval_problems"])
                     print(f"[eval refine iter {k}] " + report.format_eval(s))
                     evals.append(s)
+                    tracker.evaluation(k, s)
                 else:
                     s = evaluate.eval_generator(mdl, tok, cfg, ex, run_dir / "eval" / f"iter_{k}.jsonl",
                                                 limit=cfg["eval_problems"])
                     print(f"[eval iter {k}] accuracy {s['accuracy']:.3f} ({s['ci_low']:.3f}-{s['ci_high']:.3f})")
+                    tracker.evaluation(k, s)
         if not refining:
             baseline_rows = baselines(run_dir, cfg, ex)
     return report.write(run_dir, cfg, args.iter, time.time() - t_start, resumed, baseline_rows, evals)
