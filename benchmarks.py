@@ -15,10 +15,12 @@ and `drop` come from a data dir in the layout of ARCHITECTURE §5: one file
 
 Splits are validate : test = 1 : 4 (the AFlow / ScoreFlow convention). There is no separate
 train split for the real benchmarks: as in those papers the generator trains on the validation
-split, so `train` is an alias of `validate`. Only `arith` has a real, disjoint train split.
+split, so `train` is an alias of `validate`. Only the generated `arith` and `mixed` have a real,
+disjoint train split.
 
 `python download.py NAME --to DIR` fetches upstream data (urllib) and writes the data dir layout,
-splitting 1:4 by a hash of each row's id (see hash_split). Upstream sources:
+splitting 1:4 by a hash of each row's id (see hash_split; MATH's problem text; HumanEval by the
+task numbers of HUMANEVAL_VALIDATE, as the package-loaded split). Upstream sources:
   gsm8k     https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/test.jsonl
   humaneval https://raw.githubusercontent.com/openai/human-eval/master/data/HumanEval.jsonl.gz
   math      https://huggingface.co/datasets/HuggingFaceH4/MATH-500/resolve/main/test.jsonl  (MATH-500 subset)
@@ -51,7 +53,7 @@ from jsonl import DataError
 FAMILY = {"arith": "math", "mixed": "mixed", "gsm8k": "math", "math": "math",
           "hotpotqa": "qa", "drop": "qa", "humaneval": "code", "mbpp": "code"}
 SPLITS = ("train", "validate", "test")
-BENCHMARKS = {name: SPLITS for name in FAMILY}  # every name has every split; train = validate except arith
+BENCHMARKS = {name: SPLITS for name in FAMILY}  # every name has every split; train = validate but for arith, mixed
 
 
 def family(name):

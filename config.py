@@ -23,8 +23,9 @@ from sandbox import SandboxError
 MAIN, MORE = True, False  # listed first in --help, or in its step's group
 
 # name: (default, type or choices, step, shown first, one-line help). The step decides which entry
-# points take the knob: collect.py takes "collect", curate.py "curate", evaluate.py "collect" and
-# "eval", train.py all of them.
+# points take the knob: collect.py and evaluate.py take "run", "collect" and "refine", curate.py
+# "run" and "curate", headroom.py and router.py "collect" (router.py reads "eval" from --run's
+# config.json), train.py all of them.
 KNOBS = {
     # ---- the method
     "mode": ("spogw", ("spogw", "refine"), "run", MAIN,
@@ -214,7 +215,7 @@ def call_tokens(cfg):
 
 
 # Per-unit costs on 2 CPU cores with the embedded generator and executor (two executor servers),
-# measured on the default run (runs/default/report.md: 35.6 min in all): collection 2.8 s per sampled
+# measured on the default run `python train.py --iter 3` (README, 35.6 min in all): collection 2.8 s per sampled
 # workflow (sampling + execution), an update ~5.8 s per training problem (1 to 3 in 10 are kept,
 # 2 epochs), 1.1 s per held-out workflow (the executor cache serves calls that earlier checkpoints or
 # baselines already made).

@@ -4,8 +4,9 @@ or a vLLM server that loads each iteration's adapter itself (ARCHITECTURE §10, 
     python collect.py --run runs/x --iter 1 --generator-url http://localhost:8000/v1 --generator-name base
 
 sampler() hides which: it returns sample(messages_list, n, temperature, seed, prefill), the same
-rows from both sources (text, token ids, prompt ids, hit_cap), so collect.py, evaluate.py and the
-refine meta-agent need not know. The vLLM path is plain urllib, not the openai client:
+rows from both sources (text, token ids, prompt ids, hit_cap), so collect.py and the refine
+meta-agent need not know; the held-out evaluation of a SPOGW checkpoint asks for the local model
+(local=True) even with --generator-url. The vLLM path is plain urllib, not the openai client:
 load_lora_adapter is no OpenAI endpoint and answers plain text, the sampled ids come back in fields
 the client's types do not declare, and a failure should stop the step at once (the client retries
 silently) with the server's own message.

@@ -1,6 +1,6 @@
 """Adaptivity headroom of a benchmark with problem kinds: every fixed baseline on every kind.
 
-    python headroom.py --bench mixed --limit 50                          # 5 baselines x 3 kinds x 50
+    python headroom.py --bench mixed --limit 50                          # 6 baselines x 3 kinds x 50
     python headroom.py --bench mixed --limit 10 --baselines io,programmer # a quick pilot
     python headroom.py --bench mixed --limit 50 --table-only              # the table of the rows so far
     OMP_NUM_THREADS=1 python headroom.py --limit 50 --servers 1 --workers 2 --threads 1 \

@@ -1,6 +1,6 @@
-"""JSONL between steps: line-numbered read errors, append-with-flush, atomic whole-file writes.
+"""JSONL between steps: line-numbered read errors, fsynced appends, atomic whole-file writes.
 
-Every step of the loop reads and writes through these four functions, so "a resumed step never
+Every step of the loop reads and writes its rows and JSON files through these functions, so "a resumed step never
 duplicates or loses a row" and "malformed input names the file and line" hold everywhere.
 """
 import json

@@ -54,8 +54,9 @@ from jsonl import DataError, append_jsonl, read_jsonl, truncate_torn_tail, updat
 # scored as they are (a slow workflow is not a broken one)
 REPAIRABLE = ("invalid:", "syntax:", "exception:", "crash:", "bad output:")
 # W4S shows io, cot and cot_sc; where the task family has a programmer operator its fixed baseline is
-# shown too (last: a 135M meta-agent copies the last example). With only the three, every candidate
-# was a cot_sc copy scoring 0 on arith: equal rewards, no RWR groups (runs/w4s2, 10/12 valid).
+# shown too, last, because a 135M meta-agent copies the last example. With only W4S's three, it
+# copies cot_sc, which scores 0 on arith: every candidate of a turn then earns the same reward, and
+# RWR learns nothing from a turn whose rewards are equal (curate.refine_groups drops it).
 EXAMPLES = ("io", "cot", "cot_sc", "programmer")
 TASKS = {
     "arith": "Arithmetic questions: one or two operations, sometimes a one-sentence word problem. "
@@ -235,7 +236,7 @@ def self_check_and_repair(msgs, samples, todo, problem, cfg, ex, propose, seed_b
 
 def score_on_batch(cands, problems, cfg, ex, fv, val_done, on_done):
     """Score each candidate {key: (episode, turn, candidate), code} on the validation batch through
-    collect.execute (same sandbox pool and scorer as SPOGW); per-problem rows are appended to `fv`
+    rollout.execute (same sandbox pool and scorer as SPOGW); per-problem rows are appended to `fv`
     and remembered in `val_done`; on_done(cand, rows in batch order) fires when a candidate is complete."""
     ids = [p["id"] for p in problems]
     left, rows = {}, []

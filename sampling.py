@@ -94,7 +94,8 @@ def decode(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, 
     Three things make a 135M model usable on two CPU cores: (1) the prompts' common prefix (the
     generator's ~900-token few-shot block) runs once at batch 1 and each prompt's own suffix once,
     never n times; (2) a preallocated KV cache (HF StaticCache) -- a growing one re-copies every
-    layer's keys at every token; (3) rows that stopped are dropped from the batch as they go."""
+    layer's keys at every token; (3) rows that stopped are dropped from the batch whenever half of
+    its rows have stopped."""
     device = next(model.parameters()).device
     k = len(prompts)
     if k == 0:

@@ -3,7 +3,7 @@
     python -c "import scorers; print(scorers.score_number('so the answer is 1,000', '1000'))"    # 1.0
     python -c "import scorers; print(scorers.score_math('\\boxed{\\frac{1}{2}}', '0.5'))"          # 1.0
 
-Numbers: the last number of the answer within 1e-6 (relative). MATH: the boxed or last expression,
+Numbers: the last number of the answer within 1e-6 (absolute). MATH: the boxed or last expression,
 numeric then symbolic (sympy) equivalence. QA: SQuAD token F1. Code: the benchmark's hidden tests
 in the sandbox. benchmarks.score picks the scorer of a benchmark.
 """

@@ -16,7 +16,7 @@ from softmax(logits / T) (and top_p, when sent) with a torch.Generator seeded by
 batched with -- up to the float rounding of a batched forward, which moves a draw only when it
 lands within ~1e-6 of a token boundary. Requests queue; one inference thread takes every waiting
 request (up to --max-batch) and decodes them together (sampling.decode: the shared chat-template
-prefix once, rows dropped as they stop). A request over the context window gets a 400 that says
+prefix once, each answered as it stops). A request over the context window gets a 400 that says
 so (the workflow's fault, executor.py). The server exits within a second of its parent's death,
 so a driver killed with SIGKILL leaves no server behind.
 """

@@ -341,7 +341,7 @@ def build_prompt(problem, family, offered=None, max_calls=6):
     the rules (system), few-shot turns, then the problem. Each user turn repeats the operator
     catalogue, then its problem. The completion is one ```python block; sample it after
     PREFILLS[family]. For a chat template without a system role (Gemma, older Mistral) the sampler
-    folds the system text into the first user turn (model.chat_messages)."""
+    folds the system text into the first user turn (sampling.chat_messages)."""
     if family not in operators.OPERATOR_SETS:
         raise ValueError(f"unknown family {family!r}; choose from {', '.join(operators.OPERATOR_SETS)}")
     ops = list(offered or operators.OPERATOR_SETS[family])
