@@ -6,6 +6,9 @@
     python collect.py --run runs/x --iter 1 --generator-url http://localhost:8000/v1 --generator-name base
     python collect.py --run runs/w4s --iter 0 --mode refine                # W4S episodes instead
 
+With --guides fewshot the prompt's few-shot workflows also run on every problem, as samples m, m+1,
+... marked `guide`: off-policy members of its groups, so a group can rank workflows the generator
+rarely writes yet (a 135M generator copies the prompt's last example); the stats count the sampled rows.
 One row per (problem, sample) is appended to runs/<run>/iter_<k>/rollouts.jsonl as soon as that
 workflow is scored (ARCHITECTURE §11). Resumable: problems are sampled in fixed chunks with a seed per
 chunk, so a restarted run regenerates exactly the same completions and only executes the missing
@@ -44,7 +47,9 @@ def collect(run_dir, it, cfg, ex=None, loaded=None):
     fam = benchmarks.family(cfg["bench"])
     truncate_torn_tail(out)  # a kill mid-write leaves half a row: drop it, it will be redone
     done = {(r["problem_id"], r["sample"]) for r in read_jsonl(out)} if out.exists() else set()
-    total = len(problems) * cfg["m"]
+    guides = workflow.guide_completions(fam) if cfg["guides"] == "fewshot" else []
+    per_problem = cfg["m"] + len(guides)  # samples 0..m-1, then the guides (off-policy members, `guide` set)
+    total = len(problems) * per_problem
     t0 = time.time()
     if len(done) < total:
         sample = generator.sampler(cfg, run_dir, it, loaded)
@@ -62,15 +67,17 @@ def collect(run_dir, it, cfg, ex=None, loaded=None):
 
         B = cfg["gen_batch"]
         chunks = [(c // B, problems[c:c + B]) for c in range(0, len(problems), B)]
-        chunks = [(k, ch) for k, ch in chunks if not all((p["id"], j) in done for p in ch for j in range(cfg["m"]))]
+        chunks = [(k, ch) for k, ch in chunks if not all((p["id"], j) in done for p in ch for j in range(per_problem))]
 
         def generate(item):
             k, chunk = item
             msgs = [workflow.build_prompt(p["problem"], fam, max_calls=cfg["max_calls"]) for p in chunk]
             seed = rollout.seed_of(cfg["seed"], it, k)  # per chunk: a resumed run regenerates the same samples
-            samples = sample(msgs, cfg["m"], cfg["temperature"], seed, workflow.PREFILLS[fam])
-            return [rollout.workflow_row(p, j, m, workflow.PREFILLS[fam], s["text"], s["token_ids"], operators.OPERATOR_SETS[fam],
-                                         cfg["max_calls"], prompt_ids=s.get("prompt_ids"), hit_cap=s["hit_cap"])
+            samples = sample(msgs, cfg["m"], cfg["temperature"], seed, workflow.PREFILLS[fam], guides)
+            return [dict(rollout.workflow_row(p, j, m, workflow.PREFILLS[fam], s["text"], s["token_ids"],
+                                              operators.OPERATOR_SETS[fam], cfg["max_calls"],
+                                              prompt_ids=s.get("prompt_ids"), hit_cap=s["hit_cap"]),
+                         **({"guide": True} if s.get("guide") else {}))
                     for p, m, per in zip(chunk, msgs, samples) for j, s in enumerate(per) if (p["id"], j) not in done]
 
         lost = []
@@ -82,12 +89,15 @@ def collect(run_dir, it, cfg, ex=None, loaded=None):
     rows = read_jsonl(out)
     if len(rows) != total or len({(r["problem_id"], r["sample"]) for r in rows}) != total:
         raise DataError(f"{out}: expected {total} distinct (problem, sample) rows, found {len(rows)}")
-    stats = {"rows": total, "valid_fraction": sum(r["valid"] for r in rows) / total,
-             "mean_score": statistics.fmean(r["score"] for r in rows),
-             "mean_score_valid": statistics.fmean([r["score"] for r in rows if r["valid"]] or [0.0]),
+    sampled = [r for r in rows if not r.get("guide")]  # the generator's own workflows; the guides are fixed
+    stats = {"rows": total, "valid_fraction": sum(r["valid"] for r in sampled) / len(sampled),
+             "mean_score": statistics.fmean(r["score"] for r in sampled),
+             "mean_score_valid": statistics.fmean([r["score"] for r in sampled if r["valid"]] or [0.0]),
              "executor_tokens": sum(r["prompt_tokens"] + r["completion_tokens"] for r in rows),
              "cost_usd": sum(r["cost_usd"] for r in rows), "seconds": time.time() - t0}
-    stats["hit_cap_fraction"], warning = rollout.cap_warning(rows, "--max-new-tokens", cfg["max_new_tokens"])
+    if guides:
+        stats["guide_rows"] = total - len(sampled)
+    stats["hit_cap_fraction"], warning = rollout.cap_warning(sampled, "--max-new-tokens", cfg["max_new_tokens"])
     if warning:
         print(warning, file=sys.stderr)
     update_json(d / "stats.json", "collect", stats)

@@ -48,6 +48,8 @@ KNOBS = {
     # ---- collect: sampling workflows and running them
     "data_dir": (None, str, "collect", MORE, "benchmark data dir (default $SPOGW_DATA or ./data)"),
     "runs": (1, int, "collect", MORE, "executions per workflow (score = mean)"),
+    "guides": ("none", ("none", "fewshot"), "collect", MAIN, "fewshot: the prompt's few-shot workflows also run on "
+                                                            "every training problem and join its group as off-policy members"),
     "temperature": (0.8, float, "collect", MORE, "generator sampling temperature"),
     "top_p": (0.95, float, "collect", MORE, "generator nucleus sampling mass"),
     "max_new_tokens": (128, int, "collect", MORE, "generator completion length"),

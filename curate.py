@@ -123,6 +123,7 @@ def curate(rows, mode="sharpen", n=6, group_size=4, min_var=0.01, max_combos=100
             adv = losses.advantages(g_scores, std_floor)
             members = [{"sample": rs[i]["sample"], "completion": rs[i]["completion"],
                         "completion_ids": rs[i]["completion_ids"], "score": s, "advantage": a,
+                        **({"guide": True} if rs[i].get("guide") else {}),
                         **({"correct": float(rs[i]["score"]), "cost": cost(rs[i], ref_tokens)} if cost_weight else {})}
                        for i, s, a in zip(g, g_scores, adv)]
             group = {"problem_id": pid, "prompt": rs[0]["prompt"], "prefill": rs[0].get("prefill", "")}
@@ -130,16 +131,17 @@ def curate(rows, mode="sharpen", n=6, group_size=4, min_var=0.01, max_combos=100
             out.append({**group, "members": members,
                         "std": statistics.pstdev(g_scores), "mil": interval_length(g_scores)})
     kept = len({g["problem_id"] for g in out})
+    sampled = [r for r in rows if not r.get("guide")] or rows  # the generator's own rows (--guides adds fixed ones)
     stats = {
         "problems": len(by_problem), "problems_kept": kept, "groups": len(out),
         "mean_group_std": statistics.fmean([g["std"] for g in out]) if out else 0.0,
         "median_mil": statistics.median([g["mil"] for g in out]) if out else 0.0,
-        "valid_fraction": sum(bool(r["valid"]) for r in rows) / max(len(rows), 1),
-        "mean_score": statistics.fmean([float(r["score"]) for r in rows]) if rows else 0.0,
+        "valid_fraction": sum(bool(r["valid"]) for r in sampled) / max(len(sampled), 1),
+        "mean_score": statistics.fmean([float(r["score"]) for r in sampled]) if sampled else 0.0,
     }
     if cost_weight:
         stats.update(cost_weight=cost_weight, ref_tokens=ref_tokens,
-                     mean_cost=statistics.fmean([cost(r, ref_tokens) for r in rows]) if rows else 0.0)
+                     mean_cost=statistics.fmean([cost(r, ref_tokens) for r in sampled]) if sampled else 0.0)
     return out, stats
 
 

@@ -268,16 +268,16 @@ def stop_ids_of(cfg, mdl, tok):
 
 
 def sampler(cfg, run_dir, it, loaded=None, max_new_tokens=None, local=False):
-    """sample(messages_list, n, temperature, seed, prefill) -> [[{text, token_ids, logprobs,
-    prompt_ids, hit_cap}] * n] per prompt, from iteration `it`'s generator: --generator-url's server
-    (unless `local`) or `loaded` = (model, tokenizer), else loaded by load_generator on first use
+    """sample(messages_list, n, temperature, seed, prefill, guides=()) -> [[{text, token_ids, logprobs,
+    prompt_ids, hit_cap}] * n + one entry per guide text (guide: True)] per prompt, from iteration
+    `it`'s generator: --generator-url's server (unless `local`) or `loaded` = (model, tokenizer), else loaded by load_generator on first use
     (so a finished step resumes without loading anything). hit_cap: the completion ran into
     max_new_tokens (default cfg["max_new_tokens"])."""
     held = {}
     cap = max_new_tokens or cfg["max_new_tokens"]
     remote = bool(cfg["generator_url"]) and not local
 
-    def sample(messages_list, n, temperature, seed, prefill):
+    def sample(messages_list, n, temperature, seed, prefill, guides=()):
         if "g" not in held:
             held["g"] = loaded or load_generator(cfg, run_dir, it)
             held["name"] = serve_generator(cfg, run_dir, it) if remote else None
@@ -290,5 +290,11 @@ def sampler(cfg, run_dir, it, loaded=None, max_new_tokens=None, local=False):
             out = sampling.sample(mdl, tok, messages_list, n=n, max_new_tokens=cap, temperature=temperature,
                                   top_p=cfg["top_p"], seed=seed, prefill=prefill)
         # the ids decide, on both paths: older vLLM reports an eos landing exactly on the cap as "length"
-        return [[dict(s, hit_cap=sampling.hit_cap(s["token_ids"], cap, held["stops"])) for s in per] for per in out]
+        out = [[dict(s, hit_cap=sampling.hit_cap(s["token_ids"], cap, held["stops"])) for s in per] for per in out]
+        # guides: given completions after each prompt's n samples, tokenized as the sampler would end them
+        # (text, then the turn's end), with the prompt ids its samples saw; no log-probs (nothing sampled them)
+        ends = [tok.eos_token_id] if tok.eos_token_id is not None else []
+        return [per + [{"text": g, "token_ids": tok(g, add_special_tokens=False)["input_ids"] + ends, "logprobs": None,
+                        "prompt_ids": per[0].get("prompt_ids") if per else None, "hit_cap": False, "guide": True}
+                       for g in guides] for per in out]
     return sample

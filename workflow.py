@@ -107,6 +107,18 @@ FEWSHOT = {
 EXAMPLE_WORKFLOWS = {fam: shots[-1][1] for fam, shots in FEWSHOT.items()}
 
 
+def guide_completions(family):
+    """The family's few-shot workflows as completions after PREFILLS[family], closed like a sampled
+    one: --guides fewshot runs them on every training problem beside the m samples (collect.py)."""
+    out = []
+    for _, code in FEWSHOT[family]:
+        text = f"```python\n{code}```"
+        if not text.startswith(PREFILLS[family]):
+            raise ValueError(f"few-shot workflow of {family!r} does not start like its prefill: {code!r}")
+        out.append(text[len(PREFILLS[family]):])
+    return out
+
+
 class _Reject(Exception):
     pass
 
