@@ -84,6 +84,9 @@ def run_collect(tmp_path, run, executor, kill_after=None, extra=()):
     p.wait()
 
 
+WORKFLOWS_0 = "programmer(problem)]\n    return drafts[0]\n```"  # RUNNER's first canned workflow
+
+
 def key_rows(path):
     rows = [json.loads(l) for l in path.read_text().splitlines()]
     keep = ("problem_id", "sample", "completion", "completion_ids", "code", "valid", "reason", "scores", "score", "answers")
@@ -141,3 +144,48 @@ def test_prompt_states_the_max_calls_the_checker_enforces(tmp_path, executor):
     rows = [json.loads(l) for l in (tmp_path / "r" / "iter_0" / "rollouts.jsonl").read_text().splitlines()]
     text = "\n".join(m["content"] for m in rows[0]["prompt"])
     assert "at most 3 operator calls" in text and "at most 6" not in text
+
+
+@pytest.mark.parametrize("family", ["math", "mixed", "qa", "code"])
+def test_guide_completions_are_the_fewshot_workflows_after_the_prefill(family):
+    import scorers
+    import workflow
+    guides = workflow.guide_completions(family)
+    assert [scorers.extract_code(workflow.PREFILLS[family] + g) for g in guides] == [c for _, c in workflow.FEWSHOT[family]]
+    for (problem, _), g in zip(workflow.FEWSHOT[family], guides):
+        code = scorers.extract_code(workflow.PREFILLS[family] + g)
+        assert workflow.check_workflow(code, problem)[0], code
+
+
+def test_guides_join_every_problem_after_its_samples(tmp_path, executor):
+    import workflow
+    from conftest import tiny_tokenizer
+    run = tmp_path / "guided"
+    run_collect(tmp_path, run, executor, extra=("--guides", "fewshot"))
+    out = run / "iter_0" / "rollouts.jsonl"
+    rows = [json.loads(l) for l in out.read_text().splitlines()]
+    guides, tok = workflow.guide_completions("math"), tiny_tokenizer()
+    assert len(rows) == 6 * (4 + len(guides))
+    for r in rows:
+        assert bool(r.get("guide")) == (r["sample"] >= 4)
+        if r.get("guide"):
+            text = guides[r["sample"] - 4]
+            assert r["completion"] == text and r["valid"]
+            assert r["completion_ids"] == tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    # each guide ran on its own problem like a sample: programmer -> format answers what the sampled
+    # `programmer(problem)` workflow answers there (the stub's program prints the right number)
+    assert all(r["calls"] >= 1 and r["errors"] == [None] for r in rows if r.get("guide"))
+    (pf,) = [i + 4 for i, g in enumerate(guides) if g.startswith("programmer(problem)]")]
+    by = {(r["problem_id"], r["completion"] if r["sample"] < 4 else r["sample"]): r for r in rows}
+    checked = [(by[pid, pf]["answers"], by[pid, WORKFLOWS_0]["answers"]) for pid, key in by if key == WORKFLOWS_0]
+    assert checked and all(a == b and b[0] not in ("7", None) for a, b in checked)
+    sampled = [r for r in rows if not r.get("guide")]
+    stats = json.loads((run / "iter_0" / "stats.json").read_text())["collect"]
+    assert stats["rows"] == len(rows) and stats["guide_rows"] == 6 * len(guides)
+    assert stats["valid_fraction"] == sum(r["valid"] for r in sampled) / len(sampled)
+    # resume: drop the guide rows of one problem, rerun: the same rows come back
+    before = key_rows(out)
+    pid = rows[0]["problem_id"]
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows if not (r["problem_id"] == pid and r.get("guide"))))
+    run_collect(tmp_path, run, executor, extra=("--guides", "fewshot"))
+    assert key_rows(out) == before

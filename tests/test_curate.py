@@ -163,3 +163,14 @@ def test_any_lambda_recurated_from_the_same_rollouts():
             for m in g["members"]:
                 r = rows[m["sample"]]
                 assert m["score"] == pytest.approx(r["score"] - lam * (r["prompt_tokens"] + r["completion_tokens"]) / 200)
+
+
+def test_guide_rows_join_groups_but_not_the_generator_stats():
+    rows = rollouts("p", [1.0, 0.0, 0.0, 0.0]) + rollouts("p", [1.0, 1.0], valid=[True, True])
+    for j, r in enumerate(rows[4:]):
+        r.update(sample=4 + j, guide=True)
+    groups, stats = curate.curate(rows, "all", n=6, group_size=6, groups_per_problem=1)
+    (g,) = groups
+    assert sorted(m["sample"] for m in g["members"]) == list(range(6))
+    assert [m.get("guide", False) for m in sorted(g["members"], key=lambda m: m["sample"])] == [False] * 4 + [True] * 2
+    assert stats["mean_score"] == 0.25 and stats["valid_fraction"] == 1.0  # the 4 sampled rows only
