@@ -274,7 +274,8 @@ def workflow_shares(entries, kinds, top=3):
 def groups_section(run_dir, cfg, iters):
     """What each iteration's groups taught, per kind of training problem: how many problems had
     score variance (a group), and the workflow (operator sequence) with the highest and the lowest
-    mean advantage over the group members written for that kind: what the update pushes up / down."""
+    mean advantage over the group members written for that kind: what the update pushes up / down.
+    A --guides member is named "(guide)": the generator did not write it."""
     kinds = {p["id"]: p["kind"] for p in benchmarks.load(cfg["bench"], "train", cfg["data_dir"]) if "kind" in p}
     lines = ["| iteration | kind | problems with groups | pushed up (mean advantage, members) | pushed down |",
              "|---|---|---|---|---|"]
@@ -283,8 +284,8 @@ def groups_section(run_dir, cfg, iters):
         if not (gp.is_file() and rp.is_file()):
             continue
         rollouts = read_jsonl(rp)
-        seq = {(r["problem_id"], r["sample"]): operator_sequence(r["code"]) if r["valid"] else "(invalid)"
-               for r in rollouts}
+        seq = {(r["problem_id"], r["sample"]): (operator_sequence(r["code"]) if r["valid"] else "(invalid)")
+               + (" (guide)" if r.get("guide") else "") for r in rollouts}
         problems = collections.defaultdict(set)
         for r in rollouts:
             problems[kinds.get(r["problem_id"], "?")].add(r["problem_id"])
