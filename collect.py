@@ -25,13 +25,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-import benchmarks
 import config
 import generator
-import operators
 import refine
 import rollout
-import workflow
 from jsonl import DataError, read_jsonl, truncate_torn_tail, update_json
 
 def collect(run_dir, it, cfg, ex=None, loaded=None):
@@ -41,7 +38,6 @@ def collect(run_dir, it, cfg, ex=None, loaded=None):
     d.mkdir(parents=True, exist_ok=True)
     out = d / "rollouts.jsonl"
     problems = rollout.problems_for(cfg, it)
-    fam = benchmarks.family(cfg["bench"])
     truncate_torn_tail(out)  # a kill mid-write leaves half a row: drop it, it will be redone
     done = {(r["problem_id"], r["sample"]) for r in read_jsonl(out)} if out.exists() else set()
     total = len(problems) * cfg["m"]
@@ -66,12 +62,8 @@ def collect(run_dir, it, cfg, ex=None, loaded=None):
 
         def generate(item):
             k, chunk = item
-            msgs = [workflow.build_prompt(p["problem"], fam, max_calls=cfg["max_calls"]) for p in chunk]
             seed = rollout.seed_of(cfg["seed"], it, k)  # per chunk: a resumed run regenerates the same samples
-            samples = sample(msgs, cfg["m"], cfg["temperature"], seed, workflow.PREFILLS[fam])
-            return [rollout.workflow_row(p, j, m, workflow.PREFILLS[fam], s["text"], s["token_ids"], operators.OPERATOR_SETS[fam],
-                                         cfg["max_calls"], prompt_ids=s.get("prompt_ids"), hit_cap=s["hit_cap"])
-                    for p, m, per in zip(chunk, msgs, samples) for j, s in enumerate(per) if (p["id"], j) not in done]
+            return rollout.sampled_rows(sample, chunk, cfg, cfg["m"], cfg["temperature"], seed, skip=done)
 
         lost = []
         with open(out, "a", encoding="utf-8") as f:

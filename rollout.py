@@ -119,6 +119,21 @@ def workflow_row(problem, j, prompt, prefill, completion, ids, family_ops, max_c
     return row
 
 
+def sampled_rows(sample, chunk, cfg, n, temperature, seed, skip=(), sampler_fields=True):
+    """The rows, before execution, of `n` workflows per problem of `chunk` drawn in one call of
+    `sample` (generator.sampler) from the generator prompt after its prefill; (problem id, sample)
+    pairs in `skip` are left out (already written). sampler_fields: keep each sample's prompt ids
+    and token-cap flag, which training reads (collect); held-out rows go without them (evaluate)."""
+    fam = benchmarks.family(cfg["bench"])
+    prefill = workflow.PREFILLS[fam]
+    msgs = [workflow.build_prompt(p["problem"], fam, max_calls=cfg["max_calls"]) for p in chunk]
+    samples = sample(msgs, n, temperature, seed, prefill)
+    return [workflow_row(p, j, m, prefill, s["text"], s["token_ids"], operators.OPERATOR_SETS[fam], cfg["max_calls"],
+                         prompt_ids=s.get("prompt_ids") if sampler_fields else None,
+                         hit_cap=s["hit_cap"] if sampler_fields else None)
+            for p, m, per in zip(chunk, msgs, samples) for j, s in enumerate(per) if (p["id"], j) not in skip]
+
+
 def cap_warning(rows, knob, cap):
     """(fraction of rows whose completion hit the token cap, a warning line or None). Defaults sized
     for a 135M model cut a bigger model's workflows off mid-block; the run says so."""
