@@ -19,7 +19,6 @@ With --mode refine the step is W4S's: episodes of a meta-agent refining one work
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import config
 import generator
 import refine
 import rollout
-from jsonl import DataError, read_jsonl, truncate_torn_tail, update_json
+from jsonl import DataError, read_jsonl, truncate_torn_tail
 
 def collect(run_dir, it, cfg, ex=None, loaded=None):
     """Fill iter_<it>/rollouts.jsonl; returns the collect stats. `loaded` = (model, tokenizer)
@@ -76,14 +75,8 @@ def collect(run_dir, it, cfg, ex=None, loaded=None):
         raise DataError(f"{out}: expected {total} distinct (problem, sample) rows, found {len(rows)}")
     stats = {"rows": total, "valid_fraction": sum(r["valid"] for r in rows) / total,
              "mean_score": statistics.fmean(r["score"] for r in rows),
-             "mean_score_valid": statistics.fmean([r["score"] for r in rows if r["valid"]] or [0.0]),
-             "executor_tokens": sum(r["prompt_tokens"] + r["completion_tokens"] for r in rows),
-             "cost_usd": sum(r["cost_usd"] for r in rows), "seconds": time.time() - t0}
-    stats["hit_cap_fraction"], warning = rollout.cap_warning(rows, "--max-new-tokens", cfg["max_new_tokens"])
-    if warning:
-        print(warning, file=sys.stderr)
-    update_json(d / "stats.json", "collect", stats)
-    return stats
+             "mean_score_valid": statistics.fmean([r["score"] for r in rows if r["valid"]] or [0.0])}
+    return rollout.save_stats(d, "collect", stats, rows, t0, rows, "--max-new-tokens", cfg["max_new_tokens"])
 
 
 def main(argv=None):

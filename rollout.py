@@ -13,6 +13,7 @@ import hashlib
 import os
 import statistics
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import sandbox
 import scorers
 import workflow
 from generator import preflight_generator
-from jsonl import DataError, append_jsonl, read_jsonl, truncate_torn_tail
+from jsonl import DataError, append_jsonl, read_jsonl, truncate_torn_tail, update_json
 
 CAP_WARN = 0.10  # warn when more than this fraction of completions ran into the token cap
 COST_REF_PROBLEMS = 60  # train problems the cost unit (cost_reference) is measured on: 20 per mixed kind
@@ -142,6 +143,19 @@ def cap_warning(rows, knob, cap):
         return frac, None
     return frac, (f"warning: {frac:.0%} of the completions hit {knob} {cap} and were cut off; "
                   f"raise {knob} for this model")
+
+
+def save_stats(d, step, stats, rows, t0, sampled, knob, cap):
+    """A sampling step's stats completed and saved under `step` in d/stats.json: the executor tokens
+    and dollars of `rows`, the seconds since `t0`, the share of the `sampled` rows whose completion
+    hit the token cap `knob` (cap_warning, printed when too high)."""
+    stats.update(executor_tokens=sum(r["prompt_tokens"] + r["completion_tokens"] for r in rows),
+                 cost_usd=sum(r["cost_usd"] for r in rows), seconds=time.time() - t0)
+    stats["hit_cap_fraction"], warning = cap_warning(sampled, knob, cap)
+    if warning:
+        print(warning, file=sys.stderr)
+    update_json(d / "stats.json", step, stats)
+    return stats
 
 
 def execute(rows, problems, cfg, ex, bench, f, progress=None):
