@@ -105,7 +105,7 @@ def state_prompt(bench, state, max_calls):
     """Chat messages of one state: task, operators, example workflows, the current workflow and its
     feedback, the rules, the request for an analysis plus a new workflow."""
     fam = benchmarks.family(bench)
-    catalogue = "\n".join(f"- {workflow.OPERATOR_DOCS[o][0]}: {workflow.OPERATOR_DOCS[o][1]}" for o in operators.OPERATOR_SETS[fam])
+    catalogue = workflow.catalogue(operators.OPERATOR_SETS[fam])
     examples = "\n".join(f"{name}:\n```python\n{workflow.BASELINES[fam][name]}```"
                          for name in EXAMPLES if name in workflow.BASELINES[fam])
     h = state["history"]

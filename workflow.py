@@ -33,6 +33,12 @@ OPERATOR_DOCS = {
 ALL_OPERATORS = tuple(OPERATOR_DOCS)
 
 
+def catalogue(ops):
+    """The operators as a prompt lists them (the generator's here, the meta-agent's in refine.py):
+    one line each, its signature and what it does."""
+    return "\n".join(f"- {OPERATOR_DOCS[o][0]}: {OPERATOR_DOCS[o][1]}" for o in ops)
+
+
 SAFE_BUILTINS = frozenset("len range str int float min max sorted enumerate zip list dict set sum abs round "
                           "any all isinstance print".split())
 
@@ -344,8 +350,7 @@ def build_prompt(problem, family, offered=None, max_calls=6):
     folds the system text into the first user turn (model.chat_messages)."""
     if family not in operators.OPERATOR_SETS:
         raise ValueError(f"unknown family {family!r}; choose from {', '.join(operators.OPERATOR_SETS)}")
-    ops = list(offered or operators.OPERATOR_SETS[family])
-    catalogue = "\n".join(f"- {OPERATOR_DOCS[o][0]}: {OPERATOR_DOCS[o][1]}" for o in ops)
+    ops = catalogue(offered or operators.OPERATOR_SETS[family])
     rules = (f"Rules: define only solve(problem); call only the operators and simple builtins (len, str, int, "
              f"range, ...); no import, no eval; at most {max_calls} operator calls; loops only over range(N); "
              f"never copy numbers or text from the problem.")
@@ -353,7 +358,7 @@ def build_prompt(problem, family, offered=None, max_calls=6):
     def turn(p):
         # the catalogue before the problem: it is then part of the prefix every prompt shares, so
         # sampling prefills only the problem (held-out sampling 1.5x faster)
-        return f"Operators:\n{catalogue}\n\nProblem: {p}\n\nWrite solve(problem). It must call the operators; {_REMIND[family]}."
+        return f"Operators:\n{ops}\n\nProblem: {p}\n\nWrite solve(problem). It must call the operators; {_REMIND[family]}."
 
     msgs = [{"role": "system", "content": f"{SYSTEM_PROMPT}\n{rules}"}]
     for p, code in FEWSHOT[family]:
