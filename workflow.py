@@ -391,17 +391,17 @@ BASELINES = {
                         '    feedback = review(problem, draft)\n    return format(problem, revise(problem, draft, feedback))\n'),
     },
     "code": {  # the entry point is the last `def name(` of the prompt, as in the generator's example
-        "io": ('def solve(problem):\n    name = problem.split("def ")[-1].split("(")[0].strip()\n'
+        "io": (f'def solve(problem):\n    {_CODE_NAME}\n'
                '    return code_generate(problem, name, "Write the function.")\n'),
-        "cot": ('def solve(problem):\n    name = problem.split("def ")[-1].split("(")[0].strip()\n'
+        "cot": (f'def solve(problem):\n    {_CODE_NAME}\n'
                 '    return code_generate(problem, name, "Think step by step, then write the function.")\n'),
-        "cot_sc": ('def solve(problem):\n    name = problem.split("def ")[-1].split("(")[0].strip()\n'
+        "cot_sc": (f'def solve(problem):\n    {_CODE_NAME}\n'
                    '    drafts = [code_generate(problem, name, "Write the function.") for _ in range(3)]\n'
                    '    return ensemble(problem, drafts)\n'),
-        "programmer": ('def solve(problem):\n    name = problem.split("def ")[-1].split("(")[0].strip()\n'
+        "programmer": (f'def solve(problem):\n    {_CODE_NAME}\n'
                        '    code = code_generate(problem, name, "Write the function.")\n'
                        '    return test(problem, code, name)\n'),
-        "self_refine": ('def solve(problem):\n    name = problem.split("def ")[-1].split("(")[0].strip()\n'
+        "self_refine": (f'def solve(problem):\n    {_CODE_NAME}\n'
                         '    code = code_generate(problem, name, "Write the function.")\n'
                         '    feedback = review(problem, code)\n    return revise(problem, code, feedback)\n'),
     },}
