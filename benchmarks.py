@@ -47,10 +47,10 @@ import config
 import mixed
 import scorers
 from jsonl import DataError
+from synth import NAMES, SPLITS, bucket, stable_hash
 
 FAMILY = {"arith": "math", "mixed": "mixed", "gsm8k": "math", "math": "math",
           "hotpotqa": "qa", "drop": "qa", "humaneval": "code", "mbpp": "code"}
-SPLITS = ("train", "validate", "test")
 BENCHMARKS = {name: SPLITS for name in FAMILY}  # every name has every split; train = validate except arith
 
 
@@ -63,10 +63,6 @@ def family(name):
 def check_name(name):
     if name not in FAMILY:
         raise DataError(f"unknown benchmark {name!r}; choose from {', '.join(FAMILY)}")
-
-
-def _sha(text):
-    return int(hashlib.sha256(text.encode()).hexdigest()[:16], 16)
 
 
 # ------------------------------------------------------------------------------------------
@@ -87,7 +83,7 @@ def load(name, split, data_dir=None, limit=None, seed=0):
         split = "validate" if split == "train" else split
         rows = LOADERS[name](split, data_dir)
     if limit is not None and limit < len(rows):
-        keep = set(sorted(range(len(rows)), key=lambda i: _sha(f"{seed}:{rows[i]['id']}"))[:max(limit, 0)])
+        keep = set(sorted(range(len(rows)), key=lambda i: stable_hash(f"{seed}:{rows[i]['id']}"))[:max(limit, 0)])
         rows = [r for i, r in enumerate(rows) if i in keep]
     return rows
 
@@ -145,7 +141,7 @@ def _package_file(module, rel):
 def hash_split(ids, split, salt):
     """Deterministic 1:4 validate/test split of a list of ids: rank by sha256(salt:id), the first
     fifth (rounded) is validate. Independent of the row order and of Python's hash()."""
-    ranked = sorted(ids, key=lambda i: _sha(f"{salt}:{i}"))
+    ranked = sorted(ids, key=lambda i: stable_hash(f"{salt}:{i}"))
     n_val = round(len(ids) / 5)
     return set(ranked[:n_val]) if split == "validate" else set(ranked[n_val:])
 
@@ -307,7 +303,6 @@ LOADERS = {"gsm8k": load_gsm8k, "humaneval": load_humaneval, "mbpp": load_mbpp, 
 
 ARITH_SIZES = {"train": 5000, "validate": 500, "test": 1000}
 ARITH_SEED = 1234  # fixed: everyone gets the same benchmark; load(seed=) only picks subsets
-NAMES = ["Tom", "Ana", "Li", "Sam", "Maya", "Omar", "Zoe", "Ivan", "Nina", "Raj", "Eva", "Ben"]
 ITEMS = ["apples", "marbles", "stickers", "books", "coins", "pencils", "cards", "shells", "cookies", "stamps"]
 WORD = {  # one-step word problems: op -> templates over {n} name, {it} item, {a} {b} operands
     "+": ["{n} has {a} {it} and buys {b} more. How many {it} does {n} have now?",
@@ -325,8 +320,7 @@ def arith_split(key):
     """Which split an expression belongs to: a sha256 bucket of its canonical form ("47*6",
     "(12+35)*4"). A single-op problem and a word problem with the same operands share the key,
     so no arithmetic fact of test is ever seen in train: disjoint by construction."""
-    b = _sha("arith:" + key) % 10
-    return "test" if b < 2 else "validate" if b == 2 else "train"
+    return bucket("arith:" + key)
 
 
 def _operands(rng, op, level):
