@@ -150,7 +150,7 @@ def select(rows, limit):
 # ------------------------------------------------------------------------------------------
 # scoring
 
-_MARK = re.compile(r"(?:final\s+)?answer(?:\s+is)?\s*[:=]?\s*", re.I)
+_MARK = re.compile(scorers.ANSWER_MARK, re.I)
 
 
 def final_segment(text):

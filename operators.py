@@ -87,6 +87,8 @@ def extract_answer(text):
     boxed = re.findall(r"\\boxed\{([^{}]*)\}", text)
     if boxed:
         return boxed[-1].strip()
+    # ":" or "=" required, unlike scorers.ANSWER_MARK: a free-text solution also says "answer" in
+    # prose ("to answer this, ..."), and "the answer is 42" is found by the last-number rule below
     tagged = re.findall(r"answer(?:\s+is)?\s*[:=]\s*([^\n]+)", text, flags=re.I)
     if tagged and tagged[-1].strip(" .*$"):
         return tagged[-1].strip(" .*$")
@@ -190,7 +192,7 @@ def op_format(ctx, problem, solution):
         return bare
     reply = ctx.chat(f"Problem: {_s(problem)}\n\nSolution: {_s(solution)}\n\n"
                      "What is the final answer? Reply with the answer only.", max_tokens=32).strip()
-    line = re.sub(r"^(the\s+)?(final\s+)?answer(\s+is)?\s*[:=]?\s*", "", reply.splitlines()[0] if reply else "",
+    line = re.sub(r"^(?:the\s+)?" + scorers.ANSWER_MARK, "", reply.splitlines()[0] if reply else "",
                   flags=re.I).strip().rstrip(".")
     return line if line else extract_answer(solution)
 
