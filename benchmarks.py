@@ -50,7 +50,6 @@ from synth import NAMES, SPLITS, bucket, stable_hash
 
 FAMILY = {"arith": "math", "mixed": "mixed", "gsm8k": "math", "math": "math",
           "hotpotqa": "qa", "drop": "qa", "humaneval": "code", "mbpp": "code"}
-BENCHMARKS = {name: SPLITS for name in FAMILY}  # every name has every split; train = validate except arith
 
 
 def family(name):
