@@ -13,8 +13,6 @@ import sys
 import threading
 from pathlib import Path
 
-import torch
-
 from executor import DEFAULT_MODEL, ExecutorError
 from jsonl import DataError, read_json, write_json_atomic
 from sandbox import SandboxError
@@ -227,6 +225,7 @@ def estimate_minutes(cfg, iters):
 def run_notes(cfg, iters):
     """What to tell the user before a run starts: a time estimate where we have measured one (the
     embedded default on a CPU) and warnings for settings that waste the machine."""
+    import torch  # here, not at the top: only train.py's start asks, and every CLI parses its flags here
     notes = []
     if cfg["device"] == "cpu" and torch.cuda.is_available():
         notes.append("warning: CUDA is available but --device is cpu: pass --device cuda to train and sample on the GPU")

@@ -20,7 +20,8 @@ BUDGET = 450  # lines per project file (the model repos run 110-500)
 BUDGETS = {"sandbox.py": 530}
 TEST_BUDGET = 700  # lines per test file
 # imports allowed inside a function, as (file, module), each with its reason.
-LAZY_ALLOWED = {("scorers.py", "sympy")}  # only the MATH scorer needs it; it would cost every workflow runner ~0.5 s
+LAZY_ALLOWED = {("scorers.py", "sympy"),  # only the MATH scorer needs it; it would cost every workflow runner ~0.5 s
+                ("config.py", "torch")}  # only run_notes (train.py's CUDA check); it would cost every CLI ~1.4 s
 
 
 def imports(path):
