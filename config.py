@@ -13,10 +13,7 @@ import sys
 import threading
 from pathlib import Path
 
-import torch
-
-import model
-from executor import ExecutorError
+from executor import DEFAULT_MODEL, ExecutorError
 from jsonl import DataError, read_json, write_json_atomic
 from sandbox import SandboxError
 
@@ -31,7 +28,7 @@ KNOBS = {
     "mode": ("spogw", ("spogw", "refine"), "run", MAIN,
              "spogw: per-problem workflows + GRPO; refine: W4S multi-turn refinement trained with RWR"),
     "bench": ("arith", str, "collect", MAIN, "arith | mixed | gsm8k | math | humaneval | mbpp | hotpotqa | drop"),
-    "model": ("smollm2-135m", str, "collect", MAIN, "generator: HF dir / hub id / .gguf / embedded name"),
+    "model": (DEFAULT_MODEL, str, "collect", MAIN, "generator: HF dir / hub id / .gguf / embedded name"),
     "problems": (10, int, "collect", MAIN, "training problems per iteration"),
     "m": (8, int, "collect", MAIN, "workflows sampled per problem"),
     "cost_weight": (0.0, float, "curate", MAIN, "lambda: score = correctness - lambda * executor tokens / the "
@@ -233,10 +230,11 @@ def estimate_minutes(cfg, iters):
 def run_notes(cfg, iters):
     """What to tell the user before a run starts: a time estimate where we have measured one (the
     embedded default on a CPU) and warnings for settings that waste the machine."""
+    import torch  # here, not at the top: only train.py's start asks, and every CLI parses its flags here
     notes = []
     if cfg["device"] == "cpu" and torch.cuda.is_available():
         notes.append("warning: CUDA is available but --device is cpu: pass --device cuda to train and sample on the GPU")
-    if cfg["device"] == "cpu" and cfg["model"] == model.DEFAULT_MODEL and cfg["executor"] == "local" \
+    if cfg["device"] == "cpu" and cfg["model"] == DEFAULT_MODEL and cfg["executor"] == "local" \
             and cfg["mode"] == "spogw" and cfg["bench"] == "arith":
         notes.append(f"estimated time: ~{estimate_minutes(cfg, iters):.0f} min on 2 CPU cores (measured on the "
                      f"embedded default; more cores or a GPU take less)")

@@ -20,7 +20,6 @@ import config
 import generator
 import lora
 import model
-import operators
 import refine
 import report
 import rollout
@@ -42,16 +41,12 @@ def eval_baseline(name, cfg, ex, split="test", limit=200, out=None):
 def eval_generator(mdl, tok, cfg, ex, out, split="test", limit=200):
     """One greedy workflow per problem from the generator `mdl` (base + adapter), executed and
     scored like training; the summary."""
-    fam = benchmarks.family(cfg["bench"])
     problems = benchmarks.load(cfg["bench"], split, cfg["data_dir"], limit=limit, seed=0)
     todo = rollout.pending(Path(out), problems)
     sample = generator.sampler(cfg, None, None, (mdl, tok), local=True)
 
     def generate(chunk):
-        msgs = [workflow.build_prompt(p["problem"], fam, max_calls=cfg["max_calls"]) for p in chunk]
-        samples = sample(msgs, 1, 0.0, 0, workflow.PREFILLS[fam])
-        return [rollout.workflow_row(p, 0, m, workflow.PREFILLS[fam], s[0]["text"], s[0]["token_ids"],
-                                     operators.OPERATOR_SETS[fam], cfg["max_calls"]) for p, m, s in zip(chunk, msgs, samples)]
+        return rollout.sampled_rows(sample, chunk, cfg, 1, 0.0, 0, sampler_fields=False)
 
     lost = []
     with open(out, "a", encoding="utf-8") as f:

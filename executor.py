@@ -43,6 +43,9 @@ PRICES = {
 
 
 DEFAULT_API_MODEL = os.environ.get("SPOGW_EXECUTOR_MODEL", "gpt-4o-mini")
+# the embedded model (model.EMBEDDED): the local executor's and the generator's default (config
+# --model); named here, where config.py and model.py both can import it without torch
+DEFAULT_MODEL = "smollm2-135m"
 # Part of every cache key. 2: requests at temperature > 0 carry a seed and the local server samples;
 # before, `transformers serve` answered them greedily, so an older entry is a copy of the greedy reply.
 CACHE_VERSION = 2
@@ -311,7 +314,7 @@ SERVE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.py")
 
 
 @contextlib.contextmanager
-def local_executor(name="smollm2-135m", cache_dir=None, servers=1, threads=1, max_batch=32,
+def local_executor(name=DEFAULT_MODEL, cache_dir=None, servers=1, threads=1, max_batch=32,
                    startup_timeout=300.0, timeout=300.0, extra_args=(), client=None):
     """Start `servers` copies of serve.py for a local model on free loopback ports, wait until they
     answer, yield one Executor that spreads requests over them, and stop them (each whole process
@@ -406,7 +409,7 @@ def make_executor(spec, model=None, cache_dir=None, servers=1, **client):
     if spec in (None, "none"):
         yield None
     elif spec == "local":
-        with local_executor(model or "smollm2-135m", cache_dir=cache_dir, servers=servers, client=client) as ex:
+        with local_executor(model or DEFAULT_MODEL, cache_dir=cache_dir, servers=servers, client=client) as ex:
             yield ex
     elif re.match(r"https?://", spec):
         yield Executor(spec, model or DEFAULT_API_MODEL, cache_dir=cache_dir, **client)

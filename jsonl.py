@@ -3,6 +3,7 @@
 Every step of the loop reads and writes its rows and JSON files through these functions, so "a resumed step never
 duplicates or loses a row" and "malformed input names the file and line" hold everywhere.
 """
+import gzip
 import json
 import os
 import tempfile
@@ -13,16 +14,20 @@ class DataError(ValueError):
     """Bad input file; the message names the file (and line). CLIs exit 2 on it."""
 
 
-def read_jsonl(path, required=(), tolerate_torn_tail=False):
-    """Rows of a JSONL file; a malformed line or a row missing a `required` key raises DataError
-    with file:line. With `tolerate_torn_tail` a last line without its newline (a killed writer's
-    half row) is dropped instead — only the writer resuming its own file should ask for that."""
+def read_jsonl(path, required=(), tolerate_torn_tail=False, line_key=None):
+    """Rows of a JSONL file (a .gz one through gzip); an unreadable file, a malformed line or a row
+    missing a `required` key raises DataError with file:line. With `tolerate_torn_tail` a last line
+    without its newline (a killed writer's half row) is dropped instead — only the writer resuming
+    its own file should ask for that. `line_key`: each row also holds its line number under it."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except (OSError, UnicodeDecodeError, EOFError) as e:  # unreadable / truncated gzip
+        raise DataError(f"{path}: cannot read ({e})") from None
     last = len(lines) - 1  # text after the final "\n" (empty when the file ends cleanly)
     for i, line in enumerate(lines, 1):
         if not line.strip():
@@ -37,7 +42,9 @@ def read_jsonl(path, required=(), tolerate_torn_tail=False):
             raise DataError(f"{path}:{i}: malformed JSON row ({e})") from None
         missing = [k for k in required if k not in row]
         if missing:
-            raise DataError(f"{path}:{i}: row lacks {', '.join(missing)}")
+            raise DataError(f"{path}:{i}: missing field{'s' * (len(missing) > 1)} {', '.join(map(repr, missing))}")
+        if line_key:
+            row[line_key] = i
         rows.append(row)
     return rows
 

@@ -109,19 +109,6 @@ def lora_disabled(model):
             m.enabled = e
 
 
-@torch.no_grad()
-def merge_lora(model):
-    """Fold B@A into the base weights and unwrap: the result is a plain HF model again."""
-    for name, m in lora_modules(model).items():
-        if m.enabled:
-            delta = (m.lora_B.weight @ m.lora_A.weight) * m.scaling
-            m.base.weight += delta.to(m.base.weight.dtype)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, m.base)
-    model.__dict__.pop("lora_config", None)
-    return model
-
-
 def save_adapter(model, out_dir, base_model_name=None):
     """PEFT layout: adapter_model.safetensors (base_model.model.<path>.lora_{A,B}.weight) and
     adapter_config.json; loadable by peft and by vLLM --enable-lora. Written to a temp dir and

@@ -30,16 +30,15 @@ adjective and tail; the yes/no question's facts and asked color). Sizes per kind
 validate 170, test 340 (arith's totals 5000 / 500 / 1000, rounded up to thirds). The rows of a
 split interleave the kinds (arith, sentiment, yesno, arith, ...); ids mixed-<split>-<kind>-<i>.
 """
-import hashlib
 import json
 import random
 import re
 from functools import lru_cache
 
 import scorers
+import synth
 from jsonl import DataError
-
-SPLITS = ("train", "validate", "test")
+from synth import SPLITS
 KINDS = ("arith", "sentiment", "yesno")
 SIZES = {"train": 1700, "validate": 170, "test": 340}  # per kind
 MIXED_SEED = 4321  # fixed: everyone gets the same benchmark; load(limit, seed) only picks subsets
@@ -60,22 +59,15 @@ TAILS = {"positive": ["", "I would recommend it to anyone.", "We will definitely
 REVIEW = ["{S} was {adj}. {tail}", "Honestly, {s} was {adj}. {tail}", "We tried {s} last week and it was {adj}. {tail}",
           "I have to say {s} was really {adj}. {tail}"]
 
-NAMES = ["Tom", "Ana", "Li", "Sam", "Maya", "Omar", "Zoe", "Ivan", "Nina", "Raj", "Eva", "Ben", "Kofi", "Lena",
-         "Yuki", "Carlos"]
+NAMES = synth.NAMES + ["Kofi", "Lena", "Yuki", "Carlos"]
 COLORS = ["red", "blue", "green", "yellow", "black", "white", "purple", "brown", "pink", "gray", "orange"]
 THINGS = ["car", "bike", "hat", "house", "dog", "coat", "cat", "umbrella", "boat", "kite", "scarf", "chair", "lamp",
           "backpack", "phone", "bed"]
 
 
-def _sha(text):
-    return int(hashlib.sha256(text.encode()).hexdigest()[:16], 16)
-
-
 def split_of(kind, key):
-    """Which split a row belongs to: a sha256 bucket of its kind and canonical key (2:1:7 of the
-    key space to test : validate : train). Rows with the same key never land in two splits."""
-    b = _sha(f"mixed:{kind}:{key}") % 10
-    return "test" if b < 2 else "validate" if b == 2 else "train"
+    """Which split a row belongs to: synth.bucket of its kind and canonical key."""
+    return synth.bucket(f"mixed:{kind}:{key}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -117,7 +109,7 @@ def _arith_rows(arith_rows, split):
 @lru_cache(maxsize=None)
 def _kind_rows(kind, split):
     # one random stream per (kind, split); each keeps only draws whose key hashes to its split
-    rng = random.Random(_sha(f"{MIXED_SEED}:{kind}:{split}"))
+    rng = random.Random(synth.stable_hash(f"{MIXED_SEED}:{kind}:{split}"))
     rows, seen = [], set()
     while len(rows) < SIZES[split]:
         key, row = GENERATORS[kind](rng)
@@ -158,7 +150,7 @@ def select(rows, limit):
 # ------------------------------------------------------------------------------------------
 # scoring
 
-_MARK = re.compile(r"(?:final\s+)?answer(?:\s+is)?\s*[:=]?\s*", re.I)
+_MARK = re.compile(scorers.ANSWER_MARK, re.I)
 
 
 def final_segment(text):

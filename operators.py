@@ -25,14 +25,14 @@ RESULT_KEYS = ("answer", "error", "calls", "prompt_tokens", "completion_tokens",
 
 
 class OpContext:
-    """What operators see: the executor, this run's call/token budget and counters, and the
+    """What operators see: the executor, this run's call budget and counters, and the
     per-problem data (context["public_tests"], ...). One per workflow run."""
 
     REPEAT_TEMPERATURE = 0.7
 
-    def __init__(self, executor, context=None, max_calls=20, max_tokens_budget=None):
+    def __init__(self, executor, context=None, max_calls=20):
         self.executor, self.context = executor, dict(context or {})
-        self.max_calls, self.max_tokens_budget = max_calls, max_tokens_budget
+        self.max_calls = max_calls
         self.calls = self.prompt_tokens = self.completion_tokens = 0
         self.ops = 0  # operator invocations, counted by the sandbox broker
         self.cost_usd = 0.0
@@ -48,8 +48,6 @@ class OpContext:
         `[custom(p, i) for _ in range(3)]` would be three copies of one greedy answer."""
         if self.calls >= self.max_calls:
             raise executor.BudgetError(f"more than {self.max_calls} executor calls")
-        if self.max_tokens_budget is not None and self.prompt_tokens + self.completion_tokens >= self.max_tokens_budget:
-            raise executor.BudgetError(f"token budget of {self.max_tokens_budget} used up")
         self.calls += 1
         if "max_tokens" in self.context:  # a per-run cap, e.g. to keep a tiny CPU executor fast
             max_tokens = min(max_tokens, int(self.context["max_tokens"]))
@@ -87,6 +85,8 @@ def extract_answer(text):
     boxed = re.findall(r"\\boxed\{([^{}]*)\}", text)
     if boxed:
         return boxed[-1].strip()
+    # ":" or "=" required, unlike scorers.ANSWER_MARK: a free-text solution also says "answer" in
+    # prose ("to answer this, ..."), and "the answer is 42" is found by the last-number rule below
     tagged = re.findall(r"answer(?:\s+is)?\s*[:=]\s*([^\n]+)", text, flags=re.I)
     if tagged and tagged[-1].strip(" .*$"):
         return tagged[-1].strip(" .*$")
@@ -190,7 +190,7 @@ def op_format(ctx, problem, solution):
         return bare
     reply = ctx.chat(f"Problem: {_s(problem)}\n\nSolution: {_s(solution)}\n\n"
                      "What is the final answer? Reply with the answer only.", max_tokens=32).strip()
-    line = re.sub(r"^(the\s+)?(final\s+)?answer(\s+is)?\s*[:=]?\s*", "", reply.splitlines()[0] if reply else "",
+    line = re.sub(r"^(?:the\s+)?" + scorers.ANSWER_MARK, "", reply.splitlines()[0] if reply else "",
                   flags=re.I).strip().rstrip(".")
     return line if line else extract_answer(solution)
 
@@ -298,14 +298,14 @@ def handler(ctx, ops):
 
 
 def run_workflow(code, problem, *, executor=None, operators=None, context=None, timeout=60.0,
-                 mem_mb=1024, max_calls=20, max_tokens_budget=None):
+                 mem_mb=1024, max_calls=20):
     """Run `solve(problem)` from `code` in a fresh sandbox with the operator library (or the dict
     `operators`) behind its stubs: {RESULT_KEYS}. Never raises for anything the workflow does.
     `timeout` is the child's own wall time (operator calls do not count). `infra_error` is set (the
     first message) when an operator call met an InfraError: the result then says nothing about the
     workflow and must not be scored."""
     ops = OPERATORS if operators is None else operators
-    ctx = OpContext(executor, context or {}, max_calls=max_calls, max_tokens_budget=max_tokens_budget)
+    ctx = OpContext(executor, context or {}, max_calls=max_calls)
     r = sandbox.run_workflow(code, problem, list(ops), handler(ctx, ops), timeout=timeout, mem_mb=mem_mb)
     error = "budget: " + ctx.budget_error if ctx.budget_error else r["error"]  # a caught budget error still marks the run
     return dict(answer=r["answer"], error=error, calls=ctx.calls, prompt_tokens=ctx.prompt_tokens,

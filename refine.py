@@ -27,7 +27,6 @@ restarted run regenerates the same candidates and only runs what is missing.
 """
 import hashlib
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -42,7 +41,7 @@ import rollout
 import sandbox
 import scorers
 import workflow
-from jsonl import DataError, append_jsonl, read_jsonl, truncate_torn_tail, update_json, write_json_atomic
+from jsonl import DataError, append_jsonl, read_jsonl, truncate_torn_tail, write_json_atomic
 
 # The action starts inside the block, at the first operator call, like the SPOGW generator's
 # (workflow.PREFILLS): a 135M meta-agent left to open the block itself mostly chats, and one started
@@ -107,7 +106,7 @@ def state_prompt(bench, state, max_calls):
     """Chat messages of one state: task, operators, example workflows, the current workflow and its
     feedback, the rules, the request for an analysis plus a new workflow."""
     fam = benchmarks.family(bench)
-    catalogue = "\n".join(f"- {workflow.OPERATOR_DOCS[o][0]}: {workflow.OPERATOR_DOCS[o][1]}" for o in operators.OPERATOR_SETS[fam])
+    catalogue = workflow.catalogue(operators.OPERATOR_SETS[fam])
     examples = "\n".join(f"{name}:\n```python\n{workflow.BASELINES[fam][name]}```"
                          for name in EXAMPLES if name in workflow.BASELINES[fam])
     h = state["history"]
@@ -390,14 +389,8 @@ def collect_refine(run_dir, it, cfg, ex=None, loaded=None, propose=None):
              "mean_repairs": statistics.fmean(r["repairs"] for r in cands),
              "mean_reward": statistics.fmean(r["reward"] for r in cands),
              "mean_accuracy": statistics.fmean(r["accuracy"] for r in cands),
-             "episodes": [episode_summary([r for r in rows if r["episode"] == e], cfg["turns"]) for e, _ in eps],
-             "executor_tokens": sum(r["prompt_tokens"] + r["completion_tokens"] for r in rows),
-             "cost_usd": sum(r["cost_usd"] for r in rows), "seconds": time.time() - t0}
-    stats["hit_cap_fraction"], warning = rollout.cap_warning(cands, "--refine-tokens", cfg["refine_tokens"])
-    if warning:
-        print(warning, file=sys.stderr)
-    update_json(d / "stats.json", "refine", stats)
-    return stats
+             "episodes": [episode_summary([r for r in rows if r["episode"] == e], cfg["turns"]) for e, _ in eps]}
+    return rollout.save_stats(d, "refine", stats, rows, t0, cands, "--refine-tokens", cfg["refine_tokens"])
 
 
 def evaluate_refine(sample, cfg, ex, turns, out_dir, name, test_problems=200, propose=None):

@@ -13,6 +13,7 @@ import hashlib
 import os
 import statistics
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import sandbox
 import scorers
 import workflow
 from generator import preflight_generator
-from jsonl import DataError, append_jsonl, read_jsonl, truncate_torn_tail
+from jsonl import DataError, append_jsonl, read_jsonl, truncate_torn_tail, update_json
 
 CAP_WARN = 0.10  # warn when more than this fraction of completions ran into the token cap
 COST_REF_PROBLEMS = 60  # train problems the cost unit (cost_reference) is measured on: 20 per mixed kind
@@ -119,6 +120,22 @@ def workflow_row(problem, j, prompt, prefill, completion, ids, family_ops, max_c
     return row
 
 
+def sampled_rows(sample, chunk, cfg, n, temperature, seed, skip=(), sampler_fields=True, guides=()):
+    """The rows, before execution, of `n` workflows per problem of `chunk` drawn in one call of
+    `sample` (generator.sampler) from the generator prompt after its prefill; (problem id, sample)
+    pairs in `skip` are left out (already written). sampler_fields: keep each sample's prompt ids
+    and token-cap flag, which training reads (collect); held-out rows go without them (evaluate).
+    guides: completions that follow each problem's samples as samples n, n+1, ..., marked `guide`."""
+    fam = benchmarks.family(cfg["bench"])
+    prefill = workflow.PREFILLS[fam]
+    msgs = [workflow.build_prompt(p["problem"], fam, max_calls=cfg["max_calls"]) for p in chunk]
+    samples = sample(msgs, n, temperature, seed, prefill, guides)
+    return [dict(workflow_row(p, j, m, prefill, s["text"], s["token_ids"], operators.OPERATOR_SETS[fam], cfg["max_calls"],
+                              prompt_ids=s.get("prompt_ids") if sampler_fields else None,
+                              hit_cap=s["hit_cap"] if sampler_fields else None), **({"guide": True} if s.get("guide") else {}))
+            for p, m, per in zip(chunk, msgs, samples) for j, s in enumerate(per) if (p["id"], j) not in skip]
+
+
 def cap_warning(rows, knob, cap):
     """(fraction of rows whose completion hit the token cap, a warning line or None). Defaults sized
     for a 135M model cut a bigger model's workflows off mid-block; the run says so."""
@@ -127,6 +144,19 @@ def cap_warning(rows, knob, cap):
         return frac, None
     return frac, (f"warning: {frac:.0%} of the completions hit {knob} {cap} and were cut off; "
                   f"raise {knob} for this model")
+
+
+def save_stats(d, step, stats, rows, t0, sampled, knob, cap):
+    """A sampling step's stats completed and saved under `step` in d/stats.json: the executor tokens
+    and dollars of `rows`, the seconds since `t0`, the share of the `sampled` rows whose completion
+    hit the token cap `knob` (cap_warning, printed when too high)."""
+    stats.update(executor_tokens=sum(r["prompt_tokens"] + r["completion_tokens"] for r in rows),
+                 cost_usd=sum(r["cost_usd"] for r in rows), seconds=time.time() - t0)
+    stats["hit_cap_fraction"], warning = cap_warning(sampled, knob, cap)
+    if warning:
+        print(warning, file=sys.stderr)
+    update_json(d / "stats.json", step, stats)
+    return stats
 
 
 def execute(rows, problems, cfg, ex, bench, f, progress=None):

@@ -15,6 +15,11 @@ from collections import Counter
 import sandbox
 
 NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")
+# The mark a reply sets before its final answer: "Answer:", "the answer is", "Final answer =".
+# mixed.final_segment reads what follows the last one, operators.op_format strips one that opens a
+# reply. Two readers keep narrower marks, their comments say why: operators.extract_answer and
+# math_answers.
+ANSWER_MARK = r"(?:final\s+)?answer(?:\s+is)?\s*[:=]?\s*"
 
 
 def last_number(text):
@@ -55,6 +60,8 @@ def math_answers(text):
     if boxed is not None:
         return [boxed]
     cands = [text]
+    # "answer is" only, not every ANSWER_MARK: each match adds a candidate, so a wider mark could only
+    # raise MATH scores, and those measured so far were scored with this one
     m = re.findall(r"answer is[:\s]*([^\n]+)", text, flags=re.I)
     if m:
         cands.append(m[-1].strip().rstrip("."))

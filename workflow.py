@@ -33,6 +33,12 @@ OPERATOR_DOCS = {
 ALL_OPERATORS = tuple(OPERATOR_DOCS)
 
 
+def catalogue(ops):
+    """The operators as a prompt lists them (the generator's here, the meta-agent's in refine.py):
+    one line each, its signature and what it does."""
+    return "\n".join(f"- {OPERATOR_DOCS[o][0]}: {OPERATOR_DOCS[o][1]}" for o in ops)
+
+
 SAFE_BUILTINS = frozenset("len range str int float min max sorted enumerate zip list dict set sum abs round "
                           "any all isinstance print".split())
 
@@ -356,8 +362,7 @@ def build_prompt(problem, family, offered=None, max_calls=6):
     folds the system text into the first user turn (sampling.chat_messages)."""
     if family not in operators.OPERATOR_SETS:
         raise ValueError(f"unknown family {family!r}; choose from {', '.join(operators.OPERATOR_SETS)}")
-    ops = list(offered or operators.OPERATOR_SETS[family])
-    catalogue = "\n".join(f"- {OPERATOR_DOCS[o][0]}: {OPERATOR_DOCS[o][1]}" for o in ops)
+    ops = catalogue(offered or operators.OPERATOR_SETS[family])
     rules = (f"Rules: define only solve(problem); call only the operators and simple builtins (len, str, int, "
              f"range, ...); no import, no eval; at most {max_calls} operator calls; loops only over range(N); "
              f"never copy numbers or text from the problem.")
@@ -365,7 +370,7 @@ def build_prompt(problem, family, offered=None, max_calls=6):
     def turn(p):
         # the catalogue before the problem: it is then part of the prefix every prompt shares, so
         # sampling prefills only the problem (held-out sampling 1.5x faster)
-        return f"Operators:\n{catalogue}\n\nProblem: {p}\n\nWrite solve(problem). It must call the operators; {_REMIND[family]}."
+        return f"Operators:\n{ops}\n\nProblem: {p}\n\nWrite solve(problem). It must call the operators; {_REMIND[family]}."
 
     msgs = [{"role": "system", "content": f"{SYSTEM_PROMPT}\n{rules}"}]
     for p, code in FEWSHOT[family]:
@@ -398,17 +403,17 @@ BASELINES = {
                         '    feedback = review(problem, draft)\n    return format(problem, revise(problem, draft, feedback))\n'),
     },
     "code": {  # the entry point is the last `def name(` of the prompt, as in the generator's example
-        "io": ('def solve(problem):\n    name = problem.split("def ")[-1].split("(")[0].strip()\n'
+        "io": (f'def solve(problem):\n    {_CODE_NAME}\n'
                '    return code_generate(problem, name, "Write the function.")\n'),
-        "cot": ('def solve(problem):\n    name = problem.split("def ")[-1].split("(")[0].strip()\n'
+        "cot": (f'def solve(problem):\n    {_CODE_NAME}\n'
                 '    return code_generate(problem, name, "Think step by step, then write the function.")\n'),
-        "cot_sc": ('def solve(problem):\n    name = problem.split("def ")[-1].split("(")[0].strip()\n'
+        "cot_sc": (f'def solve(problem):\n    {_CODE_NAME}\n'
                    '    drafts = [code_generate(problem, name, "Write the function.") for _ in range(3)]\n'
                    '    return ensemble(problem, drafts)\n'),
-        "programmer": ('def solve(problem):\n    name = problem.split("def ")[-1].split("(")[0].strip()\n'
+        "programmer": (f'def solve(problem):\n    {_CODE_NAME}\n'
                        '    code = code_generate(problem, name, "Write the function.")\n'
                        '    return test(problem, code, name)\n'),
-        "self_refine": ('def solve(problem):\n    name = problem.split("def ")[-1].split("(")[0].strip()\n'
+        "self_refine": (f'def solve(problem):\n    {_CODE_NAME}\n'
                         '    code = code_generate(problem, name, "Write the function.")\n'
                         '    feedback = review(problem, code)\n    return revise(problem, code, feedback)\n'),
     },}

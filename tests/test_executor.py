@@ -178,13 +178,6 @@ def test_tokens_are_attributed_to_their_own_workflow_under_concurrency():
     assert ex.prompt_tokens == a["prompt_tokens"] + b["prompt_tokens"]
 
 
-def test_token_budget():
-    wf = "def solve(p):\n    return custom(p, 'x') + custom(p, 'y')\n"
-    with StubServer() as srv:
-        r = operators.run_workflow(wf, "q", executor=make(srv.url), timeout=10, max_tokens_budget=10)
-    assert r["error"].startswith("budget: token budget") and r["calls"] == 1
-
-
 def test_make_executor_specs():
     with executor.make_executor("none") as ex:
         assert ex is None
