@@ -26,8 +26,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import config
+import kernels
 import lora
-import losses
 import model
 import sampling
 import train
@@ -103,10 +103,10 @@ def grad_error_buckets(H=64, V=1000, per_bucket=64, chunk_size=16, device="cpu",
         variants = {  # variant: (low-precision loss, float64 reference loss)
             "plain": (lambda h, W: torch.log_softmax((h @ W.t()).float(), -1).gather(1, y[:, None]).sum(),
                       lambda h, W: logp64(h, W).sum()),
-            "fused_logprobs": (lambda h, W: losses.fused_logprobs(h, W, y, chunk_size).sum(),
+            "fused_logprobs": (lambda h, W: kernels.fused_logprobs(h, W, y, chunk_size).sum(),
                                lambda h, W: logp64(h, W).sum()),
-            "fused_grpo": (lambda h, W: losses.fused_grpo_loss(h, W, y, old, old, -ones, ones, 0 * ones, beta=0.0,
-                                                               eps=0.5, chunk_size=chunk_size)[0],
+            "fused_grpo": (lambda h, W: kernels.fused_grpo_loss(h, W, y, old, old, -ones, ones, 0 * ones, beta=0.0,
+                                                                eps=0.5, chunk_size=chunk_size)[0],
                            lambda h, W: torch.exp(logp64(h, W) - old.double()).sum()),
         }
         row = {"lo": lo, "hi": hi, "n": n}
@@ -172,7 +172,7 @@ def first_step(mdl, seqs, cfg, ckpt):
     """pi_old exactly as train.update scores it, then one step's loss and backward through
     train.step_loss. Returns (the step's metrics, max |log pi_theta - log pi_old| over its tokens)."""
     dev = []
-    terms = losses.grpo_token_terms
+    terms = kernels.grpo_token_terms
 
     def spy(logp, old_logp, *a):  # the per-token log-ratio inside the fused loss
         dev.append((logp - old_logp).abs().max().item())
@@ -182,7 +182,7 @@ def first_step(mdl, seqs, cfg, ckpt):
     for s, o in zip(seqs, olds):
         s["old"] = s["ref"] = o
     train.prepare_step(seqs, cfg)
-    losses.grpo_token_terms = spy
+    kernels.grpo_token_terms = spy
     try:
         metrics = {}
         for mb in train.micro_batches(seqs, cfg["token_budget"]):
@@ -190,7 +190,7 @@ def first_step(mdl, seqs, cfg, ckpt):
             for k, v in m.items():
                 metrics[k] = metrics.get(k, 0.0) + v
     finally:
-        losses.grpo_token_terms = terms
+        kernels.grpo_token_terms = terms
     return metrics, max(dev)
 
 

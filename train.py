@@ -30,6 +30,7 @@ import config
 import curate
 import evaluate
 import generator
+import kernels
 import lora
 import losses
 import model
@@ -150,7 +151,7 @@ def seq_logprobs(mdl, seqs, budget, chunk_size, unit=1, ckpt=False):
     out = []
     for mb in micro_batches(seqs, budget, unit):
         h, W, y = forward_hidden(mdl, mb, ckpt)
-        lp = losses.fused_logprobs(h, W, y, chunk_size).cpu()
+        lp = kernels.fused_logprobs(h, W, y, chunk_size).cpu()
         out.extend(t.tolist() for t in lp.split([len(s["ids"]) - s["n_prompt"] for s in mb]))
     return out
 
@@ -162,11 +163,11 @@ def step_loss(mdl, mb, cfg):
     cat = lambda key: torch.tensor([x for s in mb for x in s[key]], device=device)
     h, W, y = forward_hidden(mdl, mb, checkpointing(cfg, device))
     if cfg["loss"] == "grpo":
-        loss, m = losses.fused_grpo_loss(h, W, y, cat("old"), cat("ref"), cat("adv_t"), cat("w_t"), cat("km_t"),
-                                         cfg["beta"], cfg["eps"], cfg["chunk_size"])
+        loss, m = kernels.fused_grpo_loss(h, W, y, cat("old"), cat("ref"), cat("adv_t"), cat("w_t"), cat("km_t"),
+                                          cfg["beta"], cfg["eps"], cfg["chunk_size"])
         loss.backward()
         return loss.item(), m
-    logp = losses.fused_logprobs(h, W, y, cfg["chunk_size"])
+    logp = kernels.fused_logprobs(h, W, y, cfg["chunk_size"])
     if cfg["loss"] == "rwr":  # -sum_i w_i mean_t logp_it with w normalised over the step: token weight w_i / T_i
         loss = -(cat("w_t") * logp).sum()
         loss.backward()

@@ -12,8 +12,8 @@ import train
 from conftest import tiny_llama, tiny_tokenizer
 import operators
 import workflow
+import kernels
 import lora
-import losses
 import sampling
 import rollout
 
@@ -141,14 +141,14 @@ def test_training_logprobs_equal_the_models_own_logits(family):
         for i, c in enumerate(comps):
             comp[i, L - len(c):] = 1
         h, W, y = model.completion_hidden(m, ids, attn, comp)
-        a = losses.fused_logprobs(h, W.to(h.dtype), y)
+        a = kernels.fused_logprobs(h, W.to(h.dtype), y)
         h, W, y = model.shared_prompt_hidden(m, prompt, comps)
-        b = losses.fused_logprobs(h, W, y)
+        b = kernels.fused_logprobs(h, W, y)
     assert a.tolist() == pytest.approx(ref, abs=1e-5)
     assert b.tolist() == pytest.approx(ref, abs=1e-5)
     assert model.head_scale(m) == scale
     model.check_head(m)
-    unscaled = losses.fused_logprobs(h / model.head_scale(m), W, y)
+    unscaled = kernels.fused_logprobs(h / model.head_scale(m), W, y)
     assert (unscaled - torch.tensor(ref)).abs().max() > 1e-3  # the scale matters at this size
 
 
