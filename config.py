@@ -37,6 +37,7 @@ KNOBS = {
                                                 "--cost-ref workflow's mean tokens per train problem (0 = accuracy only)"),
     "groups": ("sharpen", ("sharpen", "all", "random"), "curate", MAIN,
                "sharpen: top-t + bottom-t of the most varied subsets; all: every sample; random: random subsets"),
+    # the names of losses.LOSSES, each a class in losses.py (a new loss adds its name here)
     "loss": ("grpo", ("grpo", "scoredpo", "rwr"), "update", MAIN, "grpo (SPOGW), scoredpo (ScoreFlow), rwr (W4S)"),
     "kl": ("masked", ("masked", "full", "none"), "update", MAIN, "where the KL applies (grpo): positive advantages only, all, nowhere"),
     "lr": (2e-4, float, "update", MAIN, "AdamW learning rate of the LoRA weights"),
