@@ -180,6 +180,9 @@ def check(cfg):
             raise DataError(f"--{k.replace('_', '-')} must be an integer >= 1, got {cfg[k]!r}")
     if "max_repairs" in cfg and (not isinstance(cfg["max_repairs"], int) or cfg["max_repairs"] < 0):
         raise DataError(f"--max-repairs must be an integer >= 0, got {cfg['max_repairs']!r}")
+    for k, (_, kind, *_) in KNOBS.items():  # choices that came from config.json, not a flag argparse checked
+        if isinstance(kind, tuple) and k in cfg and cfg[k] not in kind:
+            raise DataError(f"--{k.replace('_', '-')} must be one of {', '.join(kind)}, got {cfg[k]!r}")
     for k, lo, hi in (("cost_weight", 0, None), ("std_floor", 0, None), ("max_in_flight", 0, None), ("max_fail_frac", 0, 1), ("fail_window", 1, None),
                       ("executor_retries", 0, None), ("executor_backoff", 0, None)):
         v = cfg.get(k)

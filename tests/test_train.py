@@ -266,5 +266,8 @@ def test_the_knob_table_lists_the_registered_losses_and_refuses_others(tmp_path,
         train.main(["--run", str(tmp_path / "r"), "--loss", "nope"])
     assert e.value.code == 2 and "--loss" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+    (tmp_path / "config.json").write_text(json.dumps({"loss": "nope"}))  # a hand-edited run config
+    with pytest.raises(train.DataError, match="--loss must be one of"):
+        config.merge(tmp_path, argparse.Namespace())
     with pytest.raises(ValueError, match="--loss must be one of"):
         losses.make(cfg(loss="nope"))
