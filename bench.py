@@ -19,17 +19,18 @@ import torch
 
 import bench_gpu
 import executor
+import kernels
 import losses
 import operators
 import sandbox
 
 # ---- kernel benchmark ----
-# Fused log-prob kernel (losses.py, ARCHITECTURE §8) vs the naive LM-head paths. Each variant computes the same
+# Fused log-prob kernel (kernels.py, ARCHITECTURE §8) vs the naive LM-head paths. Each variant computes the same
 # GRPO loss from hidden states h [N, H] and the LM head W [V, H] and backpropagates it:
 #   naive           logits = h W^T, log_softmax, gather, losses.grpo_loss
 #   rowloop         full logits, then log-sum-exp row by row in a Python loop, losses.grpo_loss
-#   fused_logprobs  losses.fused_logprobs + losses.grpo_loss on the N-vector
-#   fused_grpo      losses.fused_grpo_loss (gradient formed in the forward chunk loop)
+#   fused_logprobs  kernels.fused_logprobs + losses.grpo_loss on the N-vector
+#   fused_grpo      kernels.fused_grpo_loss (gradient formed in the forward chunk loop)
 # CPU: every (variant, rep) runs in a fresh subprocess, so its peak RSS is its own; peak =
 # high-water mark during fwd+bwd minus the RSS once inputs are built; CPU time is reported next to
 # wall time (on a shared machine wall time includes waiting for a core). CUDA: in process, peak =
@@ -62,10 +63,10 @@ def _kernel_loss(variant, inp, chunk_size):
         rows = (h @ W.t()).float().unbind(0)  # unbind: one backward for all rows (select would zero-fill N x V per row)
         logp = torch.stack([r[t] - torch.logsumexp(r, 0) for r, t in zip(rows, y.tolist())])
     elif variant == "fused_logprobs":
-        logp = losses.fused_logprobs(h, W, y, chunk_size)
+        logp = kernels.fused_logprobs(h, W, y, chunk_size)
     elif variant == "fused_grpo":
         tw, km = losses.token_weights(seg, len(adv), "token"), losses.kl_token_mask(adv, seg, "masked")
-        return losses.fused_grpo_loss(h, W, y, old, ref, adv[seg], tw, km, chunk_size=chunk_size)[0]
+        return kernels.fused_grpo_loss(h, W, y, old, ref, adv[seg], tw, km, chunk_size=chunk_size)[0]
     else:
         raise ValueError(f"unknown variant {variant!r}")
     return losses.grpo_loss(logp, old, ref, adv, seg)[0]
@@ -132,7 +133,7 @@ def _kernel_rows(args, dtype):
     rows = []
     for H, V in shapes:
         for N in ns:
-            chunk = args.chunk_size or losses.auto_chunk(V, args.device, dtype)
+            chunk = args.chunk_size or kernels.auto_chunk(V, args.device, dtype)
             base = {"N": N, "H": H, "V": V, "dtype": dtype, "chunk_size": chunk, "train_head": args.train_head}
             inp = None
             if args.device == "cuda":
@@ -174,7 +175,7 @@ def frozen_dh_errors(H, V, per_bucket, chunk_size, device="cpu", seed=0):
             continue
         y = y_all[sel].to(device)
         h = h_all[sel].to(device=device, dtype=torch.bfloat16).requires_grad_()
-        losses.fused_logprobs(h, W64.bfloat16(), y, chunk_size).sum().backward()
+        kernels.fused_logprobs(h, W64.bfloat16(), y, chunk_size).sum().backward()
         h64 = h_all[sel].to(device).requires_grad_()
         torch.log_softmax(h64 @ W64.t(), -1).gather(1, y[:, None]).sum().backward()
         err = ((h.grad.double() - h64.grad).norm() / h64.grad.norm()).item()
@@ -237,7 +238,7 @@ def kernel_parser(sub):
     p.add_argument("--reps", type=int, default=3, help="alternating repetitions, each variant in a fresh process on cpu")
     p.add_argument("--stat", choices=("median", "min"), default="median", help="of the repetitions' time and peak")
     p.add_argument("--variants", nargs="+", choices=KERNEL_VARIANTS, help="only these (naive, the baseline, always runs)")
-    p.add_argument("--chunk-size", type=int, default=0, help="tokens per chunk of the fused kernels (0: losses.auto_chunk)")
+    p.add_argument("--chunk-size", type=int, default=0, help="tokens per chunk of the fused kernels (0: kernels.auto_chunk)")
     p.add_argument("--grad-shape", type=int, nargs=2, default=(64, 1000), metavar=("H", "V"),
                    help="LM head of the bf16 gradient-error table")
     p.add_argument("--grad-per-bucket", type=int, default=64, help="tokens per p bucket of the gradient-error table")

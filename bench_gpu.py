@@ -1,6 +1,6 @@
 """The GPU check: this repo's own update step and sampler on random-init models of real shapes.
 
-    python bench.py gpu                      # SmolLM2-135M, a 1.7B and a Qwen2.5-7B shape, bf16, < 5 min
+    python bench.py gpu                      # SmolLM2-135M, a 1.7B and a Qwen2.5-7B shape, bf16 (never yet run on a GPU)
     python bench.py gpu --models 7b --json   # one shape, machine-readable
     python bench.py gpu --device cpu --quick # the same code on a tiny shape (what the test suite runs)
 
@@ -14,6 +14,7 @@ like the default run's (one ~1000-token prompt, 8 distinct completions, 4 groups
 Exits 2 when CUDA is missing (unless --device cpu).
 """
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -26,6 +27,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import config
+import kernels
 import lora
 import losses
 import model
@@ -103,10 +105,10 @@ def grad_error_buckets(H=64, V=1000, per_bucket=64, chunk_size=16, device="cpu",
         variants = {  # variant: (low-precision loss, float64 reference loss)
             "plain": (lambda h, W: torch.log_softmax((h @ W.t()).float(), -1).gather(1, y[:, None]).sum(),
                       lambda h, W: logp64(h, W).sum()),
-            "fused_logprobs": (lambda h, W: losses.fused_logprobs(h, W, y, chunk_size).sum(),
+            "fused_logprobs": (lambda h, W: kernels.fused_logprobs(h, W, y, chunk_size).sum(),
                                lambda h, W: logp64(h, W).sum()),
-            "fused_grpo": (lambda h, W: losses.fused_grpo_loss(h, W, y, old, old, -ones, ones, 0 * ones, beta=0.0,
-                                                               eps=0.5, chunk_size=chunk_size)[0],
+            "fused_grpo": (lambda h, W: kernels.fused_grpo_loss(h, W, y, old, old, -ones, ones, 0 * ones, beta=0.0,
+                                                                eps=0.5, chunk_size=chunk_size)[0],
                            lambda h, W: torch.exp(logp64(h, W) - old.double()).sum()),
         }
         row = {"lo": lo, "hi": hi, "n": n}
@@ -168,30 +170,32 @@ def step_sequences(vocab, prompt_tokens=PROMPT_TOKENS, completion_tokens=COMPLET
     return seqs
 
 
-def first_step(mdl, seqs, cfg, ckpt):
-    """pi_old exactly as train.update scores it, then one step's loss and backward through
-    train.step_loss. Returns (the step's metrics, max |log pi_theta - log pi_old| over its tokens)."""
-    dev = []
-    terms = losses.grpo_token_terms
+@contextlib.contextmanager
+def watched_logratio():
+    """A list that collects max |log pi_theta - log pi_old| of every micro-batch the fused GRPO loss
+    runs meanwhile: the per-token log-ratio lives inside the kernel, so its per-token terms are
+    wrapped (what the test of the first step does too)."""
+    seen, terms = [], kernels.grpo_token_terms
 
-    def spy(logp, old_logp, *a):  # the per-token log-ratio inside the fused loss
-        dev.append((logp - old_logp).abs().max().item())
+    def spy(logp, old_logp, *a):
+        seen.append((logp - old_logp).abs().max().item())
         return terms(logp, old_logp, *a)
 
-    olds = train.seq_logprobs(mdl, seqs, cfg["token_budget"], cfg["chunk_size"], 1, ckpt)
-    for s, o in zip(seqs, olds):
-        s["old"] = s["ref"] = o
-    train.prepare_step(seqs, cfg)
-    losses.grpo_token_terms = spy
+    kernels.grpo_token_terms = spy
     try:
-        metrics = {}
-        for mb in train.micro_batches(seqs, cfg["token_budget"]):
-            _, m = train.step_loss(mdl, mb, cfg)
-            for k, v in m.items():
-                metrics[k] = metrics.get(k, 0.0) + v
+        yield seen
     finally:
-        losses.grpo_token_terms = terms
-    return metrics, max(dev)
+        kernels.grpo_token_terms = terms
+
+
+def first_step(mdl, seqs, cfg, ckpt):
+    """pi_old exactly as train.update scores it, then one step's loss and backward through
+    train.backward_step. Returns (the step's metrics, max |log pi_theta - log pi_old| over its tokens)."""
+    loss = losses.make(cfg)
+    train.score_old_and_ref(mdl, [seqs], loss, cfg, ckpt)
+    with watched_logratio() as seen:
+        _, metrics = train.backward_step(mdl, seqs, loss, cfg["token_budget"], ckpt)
+    return metrics, max(seen)
 
 
 def sync(device):
@@ -200,8 +204,9 @@ def sync(device):
 
 
 def step_cost(mdl, seqs, cfg, ckpt, device, reps):
-    """Median wall time and peak memory above the model of one full GRPO step (pi_old pass excluded)."""
-    params = lora.lora_parameters(mdl)
+    """Median wall time and peak memory above the model of one full GRPO step as train.update runs it
+    (train.backward_step: preparation, forward and backward; the pi_old pass excluded)."""
+    params, loss = lora.lora_parameters(mdl), losses.make(cfg)
     times, peak = [], 0.0
     for r in range(reps + 1):  # the first is a warm-up
         for p in params:
@@ -211,9 +216,7 @@ def step_cost(mdl, seqs, cfg, ckpt, device, reps):
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
         t = time.perf_counter()
-        cfg = dict(cfg, checkpoint="on" if ckpt else "off")
-        for mb in train.micro_batches(seqs, cfg["token_budget"]):
-            train.step_loss(mdl, mb, cfg)
+        train.backward_step(mdl, seqs, loss, cfg["token_budget"], ckpt)
         sync(device)
         if r:
             times.append(time.perf_counter() - t)
@@ -234,17 +237,17 @@ def _cpu_peak_child(spec):
     c = json.loads(spec)
     torch.set_num_threads(1)
     mdl = build(c["shape"], "cpu", model.DTYPES[c["dtype"]])
-    cfg = dict(config.defaults(), seed=0, checkpoint="on" if c["ckpt"] else "off")
+    cfg = dict(config.defaults(), seed=0)
     seqs = step_sequences(mdl.config.vocab_size, c["prompt_tokens"], c["completion_tokens"])
     for s in seqs:
         s["old"] = s["ref"] = [0.0] * (len(s["ids"]) - s["n_prompt"])
-    train.prepare_step(seqs, cfg)
+    loss = losses.make(cfg)
+    loss.prepare(seqs)  # its per-token lists exist before the baseline (backward_step redoes them in place)
     gc.collect()
     base = rss_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:  # reset the high-water mark to the current RSS
         f.write("5")
-    for mb in train.micro_batches(seqs, cfg["token_budget"]):
-        train.step_loss(mdl, mb, cfg)
+    train.backward_step(mdl, seqs, loss, cfg["token_budget"], c["ckpt"])
     print(json.dumps({"peak_mib": (rss_kb("VmHWM") - base) / 1024}))
 
 
@@ -272,7 +275,7 @@ def sampling_speed(mdl, vocab, device, prompts=8, n=8, tokens=128, prompt_tokens
 
 
 def run(args):
-    """The table above."""
+    """Every check of the module docstring, for each --models shape, printed as one table (or --json)."""
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         print("bench.py gpu: CUDA is not available on this machine (this check needs a GPU; "
@@ -292,7 +295,6 @@ def run(args):
         metrics, dev = first_step(mdl, [dict(s) for s in seqs], cfg, ckpt=train.checkpointing(cfg, device))
         for s in seqs:
             s["old"] = s["ref"] = [0.0] * (len(s["ids"]) - s["n_prompt"])
-        train.prepare_step(seqs, cfg)
         reps = 1 if args.quick else args.reps
         t_off, m_off = step_cost(mdl, seqs, cfg, False, device, reps)
         t_on, m_on = step_cost(mdl, seqs, cfg, True, device, reps)

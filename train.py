@@ -9,7 +9,7 @@
 Iteration k: collect.py fills iter_k/rollouts.jsonl (refine.py: refine.jsonl), curate.py writes
 iter_k/groups.jsonl, update() trains the LoRA on them into iter_{k+1}/adapter (ARCHITECTURE §1). A
 step whose output exists is skipped, so a killed run resumes. pi_old and pi_ref are scored on the
-loss's own micro-batches and precision (ARCHITECTURE §8): at the first step pi_theta / pi_old = 1.
+loss's own micro-batches and precision (ARCHITECTURE §7, "One numeric path"): at the first step pi_theta / pi_old = 1.
 """
 import argparse
 import contextlib
@@ -30,6 +30,7 @@ import config
 import curate
 import evaluate
 import generator
+import kernels
 import lora
 import losses
 import model
@@ -47,62 +48,36 @@ GROUP_KEYS = ("problem_id", "prompt", "members")
 
 def checkpointing(cfg, device):
     """Activation checkpointing on? auto: on a GPU, where activations, not time, bound a 7B step
-    (~9.5 MiB per budget token without it); off on a CPU, where the 135M default fits easily and
+    (the activations of every layer are kept for the backward without it); off on a CPU, where the 135M default fits easily and
     the recomputation would only cost time."""
     c = cfg.get("checkpoint", "auto")
     return torch.device(device).type == "cuda" if c == "auto" else c == "on"
 
 
-def sequences(groups, tok, loss, pairs_per_problem, seed):
-    """The training examples of one iteration, as a list of steps' worth of units.
-    grpo/rwr: one unit per group, members = sequences with an advantage (grpo) or a score (rwr).
-    scoredpo: one unit per problem, members = sampled (winner, loser) pairs of its distinct workflows.
-    A sequence's prompt is the token ids its sampler saw (the member's or the group's `prompt_ids`);
-    groups of runs that did not store them are re-rendered from the messages."""
+def sequences(groups, tok, loss, seed):
+    """The training examples of one iteration: loss.units (a list of units, each a list of
+    sequences) with each member's token ids. A sequence's prompt is the token ids its sampler saw
+    (the member's or the group's `prompt_ids`); groups of runs that did not store them are
+    re-rendered from the messages."""
 
     rendered = {}
 
-    def prompt_of(g, m):
+    def seq(g, m):
         ids = m.get("prompt_ids") or g.get("prompt_ids")
         if not ids:  # rendered once per group, as before prompt ids were stored
             if id(g) not in rendered:
                 rendered[id(g)] = sampling.prompt_ids(tok, g["prompt"], g.get("prefill") or None)
             ids = rendered[id(g)]
-        return list(ids)
+        return {"ids": list(ids) + m["completion_ids"], "n_prompt": len(ids)}
 
-    units = []
-    if loss in ("grpo", "rwr"):
-        for g in groups:
-            unit = []
-            for m in g["members"]:
-                p = prompt_of(g, m)
-                unit.append({"ids": p + m["completion_ids"], "n_prompt": len(p), "adv": m["advantage"], "score": m["score"]})
-            units.append(unit)
-        return units
-    by_problem = {}
-    for g in groups:  # a problem's groups overlap: pool its distinct workflows
-        d = by_problem.setdefault(g["problem_id"], {"m": {}})
-        for m in g["members"]:
-            d["m"][m["sample"]] = (g, m)
-    for k, (pid, d) in enumerate(sorted(by_problem.items())):
-        ms = list(d["m"].values())
-        pairs = losses.sample_pairs([m["score"] for _, m in ms], pairs_per_problem, seed + k)
-        unit = []
-        for w, l in pairs:
-            for i in (w, l):
-                g, m = ms[i]
-                p = prompt_of(g, m)
-                unit.append({"ids": p + m["completion_ids"], "n_prompt": len(p), "score": m["score"]})
-        if unit:
-            units.append(unit)
-    return units
+    return loss.units(groups, seq, seed)
 
 
 def micro_batches(seqs, budget, unit=1):
     """Consecutive runs of sequences whose forward stays within `budget` tokens, counted as the
     forward runs them (forward_hidden): each distinct prompt once, plus rows x longest completion.
-    Cuts fall only between runs of `unit` sequences: with unit=2 scoredpo's pairs are never split
-    (a single pair over the budget still goes alone)."""
+    Cuts fall only between runs of `unit` sequences (the loss's unit: with Score-DPO's 2 a pair is
+    never split; a single pair over the budget still goes alone)."""
     out, cur, prompts, longest = [], [], set(), 0
     for i in range(0, len(seqs), unit):
         chunk = seqs[i:i + unit]
@@ -151,36 +126,32 @@ def seq_logprobs(mdl, seqs, budget, chunk_size, unit=1, ckpt=False):
     out = []
     for mb in micro_batches(seqs, budget, unit):
         h, W, y = forward_hidden(mdl, mb, ckpt)
-        lp = losses.fused_logprobs(h, W, y, chunk_size).cpu()
+        lp = kernels.fused_logprobs(h, W, y, chunk_size).cpu()
         out.extend(t.tolist() for t in lp.split([len(s["ids"]) - s["n_prompt"] for s in mb]))
     return out
 
 
-def step_loss(mdl, mb, cfg):
-    """Backward one micro-batch; every sequence carries its precomputed token weight / coefficients
-    (set by `update` over the whole step) so micro-batches add up to the full-step loss."""
-    device = next(mdl.parameters()).device
-    cat = lambda key: torch.tensor([x for s in mb for x in s[key]], device=device)
-    h, W, y = forward_hidden(mdl, mb, checkpointing(cfg, device))
-    if cfg["loss"] == "grpo":
-        loss, m = losses.fused_grpo_loss(h, W, y, cat("old"), cat("ref"), cat("adv_t"), cat("w_t"), cat("km_t"),
-                                         cfg["beta"], cfg["eps"], cfg["chunk_size"])
-        loss.backward()
-        return loss.item(), m
-    logp = losses.fused_logprobs(h, W, y, cfg["chunk_size"])
-    if cfg["loss"] == "rwr":  # -sum_i w_i mean_t logp_it with w normalised over the step: token weight w_i / T_i
-        loss = -(cat("w_t") * logp).sum()
-        loss.backward()
-        return loss.item(), {}
-    # scoredpo: sequence sums, pairs (w, l) adjacent, loss scaled by the micro-batch's share of pairs
-    seg = torch.repeat_interleave(torch.arange(len(mb), device=device),
-                                  torch.tensor([len(s["ids"]) - s["n_prompt"] for s in mb], device=device))
-    sums = torch.zeros(len(mb), device=device, dtype=logp.dtype).index_add(0, seg, logp)
-    ref = torch.tensor([s["ref_sum"] for s in mb], device=device, dtype=logp.dtype)
-    sc = torch.tensor([s["score"] for s in mb], device=device, dtype=logp.dtype)
-    loss = losses.score_dpo_loss(sums[0::2], ref[0::2], sums[1::2], ref[1::2], sc[0::2], sc[1::2], cfg["beta"]) * mb[0]["pair_share"]
-    loss.backward()
-    return loss.item(), {}
+def step_loss(mdl, mb, loss, ckpt=False):
+    """Forward and backward one micro-batch; every sequence carries what loss.prepare computed over
+    the whole step, so micro-batch losses add up to the step's loss. Returns (loss, metrics)."""
+    h, W, y = forward_hidden(mdl, mb, ckpt)
+    value, metrics = loss.loss(h, W, y, mb)
+    value.backward()
+    return value.item(), metrics
+
+
+def backward_step(mdl, seqs, loss, budget, ckpt=False):
+    """The gradient of one optimizer step, accumulated micro-batch by micro-batch into the LoRA
+    parameters (the caller zeroes them before and steps the optimizer after). The sequences carry
+    pi_old and pi_ref (score_old_and_ref). Returns (the step's loss, its metrics summed)."""
+    loss.prepare(seqs)
+    total, metrics = 0.0, {}
+    for mb in micro_batches(seqs, budget, loss.unit):
+        value, m = step_loss(mdl, mb, loss, ckpt)
+        total += value
+        for key, v in m.items():
+            metrics[key] = metrics.get(key, 0.0) + v
+    return total, metrics
 
 
 def step_order(units, seed):
@@ -197,61 +168,37 @@ def step_order(units, seed):
     return sorted(order, key=lambda i: rank[prompt[i]])
 
 
-def prepare_step(seqs, cfg):
-    """Per-token weights / masks / advantages of one optimizer step (ARCHITECTURE §7)."""
-    n = [len(s["ids"]) - s["n_prompt"] for s in seqs]
-    seg = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor(n))
-    if cfg["loss"] == "grpo":
-        adv = torch.tensor([s["adv"] for s in seqs])
-        w = losses.token_weights(seg, len(seqs), cfg["agg"]).float()
-        km = losses.kl_token_mask(adv, seg, cfg["kl"])
-        for s, wi, ki in zip(seqs, w.split(n), km.split(n)):
-            s.update(w_t=wi.tolist(), km_t=ki.tolist(), adv_t=[s["adv"]] * len(wi))
-    elif cfg["loss"] == "rwr":
-        r = torch.tensor([s["score"] for s in seqs])
-        wseq = torch.softmax(r / cfg["tau"], 0)  # exp(r/tau) / sum exp(r/tau)
-        for s, wi, Ti in zip(seqs, wseq.tolist(), n):
-            s["w_t"] = [wi / Ti] * Ti
-    else:
-        for s in seqs:
-            s["pair_share"] = None  # set per micro-batch below
+def epoch_order(units, cfg, it, epoch):
+    """The order of the units in one epoch of iteration `it`: the pi_old pass and epoch 0 both ask
+    here, so each sequence is scored in the micro-batch its first update step runs."""
+    return step_order(units, cfg["seed"] * 1_000_003 + it * 1000 + epoch)
 
 
-def update(run_dir, it, cfg, mdl, tok):
-    """One SPOGW update on iter_<it>/groups.jsonl -> iter_<it+1>/adapter. `mdl` carries the LoRA of
-    iteration `it` (pi_old); it is trained in place. Resumes from iter_<it>/train_state.pt."""
+def step_seqs(units, order, k, per_step):
+    """The sequences of step k of an epoch: its `per_step` units in `order`."""
+    return [s for u in order[k * per_step:(k + 1) * per_step] for s in units[u]]
 
-    d = Path(run_dir) / f"iter_{it}"
-    out = Path(run_dir) / f"iter_{it + 1}" / "adapter"
-    groups = read_jsonl(d / "groups.jsonl", required=GROUP_KEYS)
-    units = sequences(groups, tok, cfg["loss"], cfg["pairs_per_problem"], seed=cfg["seed"] * 7919 + it)
-    flat = [s for u in units for s in u]
-    budget, cs, unit = cfg["token_budget"], cfg["chunk_size"], 2 if cfg["loss"] == "scoredpo" else 1
-    ckpt = checkpointing(cfg, next(mdl.parameters()).device)
-    upg = max(1, cfg["groups_per_step"])
-    steps_per_epoch = math.ceil(len(units) / upg)
-    mdl.eval()  # no dropout: pi_theta == pi_old exactly at the first step
-    # pi_old (and pi_ref) once, before the first update, no grad, step by step in epoch 0's order:
-    # each sequence is scored in the very micro-batch its first update step will run
-    first = step_order(units, cfg["seed"] * 1_000_003 + it * 1000)
-    for k in range(steps_per_epoch):
-        seqs = [s for u in first[k * upg:(k + 1) * upg] for s in units[u]]
-        olds = seq_logprobs(mdl, seqs, budget, cs, unit, ckpt)
-        if cfg["loss"] == "scoredpo" or cfg["ref"] == "base":
+
+def score_old_and_ref(mdl, steps, loss, cfg, ckpt=False):
+    """pi_old (and pi_ref) of every sequence, once, before the first update and without gradient,
+    step by step (`steps`: epoch 0's steps' sequences), on the loss's micro-batches."""
+    budget, chunk = cfg["token_budget"], cfg["chunk_size"]
+    for seqs in steps:
+        olds = seq_logprobs(mdl, seqs, budget, chunk, loss.unit, ckpt)
+        if loss.base_ref or cfg["ref"] == "base":
             with lora.lora_disabled(mdl):
-                refs = seq_logprobs(mdl, seqs, budget, cs, unit, ckpt)
+                refs = seq_logprobs(mdl, seqs, budget, chunk, loss.unit, ckpt)
         else:
             refs = olds
         for s, o, r in zip(seqs, olds, refs):
             s["old"], s["ref"], s["ref_sum"] = o, r, sum(r)
-    params = lora.lora_parameters(mdl)
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    total = steps_per_epoch * cfg["epochs"]
-    state_path, log_path = d / "train_state.pt", d / "train_log.jsonl"
+
+
+def resume(state_path, log_path, params, opt):
+    """The step to start from: 0, or the saved train state's (weights and optimizer restored). Log
+    rows of later steps are dropped: those steps will be redone."""
     start = 0
-    if state_path.is_file():  # resume between steps: weights, optimizer and step count
+    if state_path.is_file():
         state = torch.load(state_path, map_location="cpu", weights_only=False)
         with torch.no_grad():
             for p, v in zip(params, state["lora"]):
@@ -259,49 +206,74 @@ def update(run_dir, it, cfg, mdl, tok):
         opt.load_state_dict(state["opt"])
         start = state["step"]
     truncate_torn_tail(log_path)
-    if log_path.exists():  # drop log rows of steps after the saved state: they will be redone
-        rows = [r for r in read_jsonl(log_path) if r["step"] <= start]
-        write_jsonl_atomic(log_path, rows)
+    if log_path.exists():
+        write_jsonl_atomic(log_path, [r for r in read_jsonl(log_path) if r["step"] <= start])
+    return start
+
+
+def save_state(state_path, params, opt, step):
+    """What resume needs to continue after `step`, written atomically."""
+    torch.save({"lora": [p.detach().cpu() for p in params], "opt": opt.state_dict(), "step": step},
+               str(state_path) + ".tmp")
+    os.replace(str(state_path) + ".tmp", state_path)
+
+
+LOG_FIELDS = ("pg", "kl", "clip_frac", "ratio")  # every train_log row has them (null where a loss has none)
+
+
+def log_row(step, epoch, value, summary, grad_norm, lr, tokens, seconds):
+    """One train_log.jsonl row; the loss's summary fills LOG_FIELDS (report.py plots kl, clip_frac)
+    and may add fields of its own."""
+    return {"step": step, "epoch": epoch, "loss": value, **dict.fromkeys(LOG_FIELDS), **summary,
+            "grad_norm": grad_norm, "lr": lr, "tokens_per_s": tokens / max(seconds, 1e-9)}
+
+
+def update(run_dir, it, cfg, mdl, tok):
+    """One SPOGW update on iter_<it>/groups.jsonl -> iter_<it+1>/adapter, with the loss cfg["loss"]
+    names. `mdl` carries the LoRA of iteration `it` (pi_old); it is trained in place. Resumes from
+    iter_<it>/train_state.pt."""
+    d = Path(run_dir) / f"iter_{it}"
+    loss = losses.make(cfg)
+    units = sequences(read_jsonl(d / "groups.jsonl", required=GROUP_KEYS), tok, loss, seed=cfg["seed"] * 7919 + it)
+    per_step, ckpt = max(1, cfg["groups_per_step"]), checkpointing(cfg, next(mdl.parameters()).device)
+    steps_per_epoch = math.ceil(len(units) / per_step)
+    total = steps_per_epoch * cfg["epochs"]
+    mdl.eval()  # no dropout: pi_theta == pi_old exactly at the first step
+    first = epoch_order(units, cfg, it, 0)
+    score_old_and_ref(mdl, [step_seqs(units, first, k, per_step) for k in range(steps_per_epoch)], loss, cfg, ckpt)
+    params = lora.lora_parameters(mdl)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    state_path, log_path = d / "train_state.pt", d / "train_log.jsonl"
+    start = resume(state_path, log_path, params, opt)
     bar = tqdm(total=total, initial=start, desc=f"train iter {it}", unit="step", dynamic_ncols=True)
     with open(log_path, "a", encoding="utf-8") as flog:
         order = None
         for step in range(start, total):
             epoch, k = divmod(step, steps_per_epoch)
             if order is None or k == 0:  # one order per epoch (also rebuilt when resuming mid-epoch)
-                order = step_order(units, cfg["seed"] * 1_000_003 + it * 1000 + epoch)
-            seqs = [s for u in order[k * upg:(k + 1) * upg] for s in units[u]]
-            prepare_step(seqs, cfg)
-            t0, ntok = time.time(), sum(len(s["ids"]) - s["n_prompt"] for s in seqs)
+                order = epoch_order(units, cfg, it, epoch)
+            seqs = step_seqs(units, order, k, per_step)
+            t0 = time.time()
             opt.zero_grad(set_to_none=True)
-            loss, metrics = 0.0, {}
-            mbs = micro_batches(seqs, budget, unit)
-            for mb in mbs:
-                if cfg["loss"] == "scoredpo":
-                    mb[0]["pair_share"] = (len(mb) / 2) / (len(seqs) / 2)
-                l, m = step_loss(mdl, mb, cfg)
-                loss += l
-                for key, v in m.items():
-                    metrics[key] = metrics.get(key, 0.0) + v
-            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"]).item()
+            value, metrics = backward_step(mdl, seqs, loss, cfg["token_budget"], ckpt)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"]).item()
             opt.step()
-            row = {"step": step + 1, "epoch": epoch, "loss": loss, "pg": metrics.get("pg"), "kl": metrics.get("kl"),
-                   "clip_frac": metrics.get("clip_frac"), "ratio": metrics["ratio_mean"] / metrics["weight"] if metrics else None,
-                   "grad_norm": gnorm, "lr": cfg["lr"],
-                   "tokens_per_s": ntok / max(time.time() - t0, 1e-9)}
+            row = log_row(step + 1, epoch, value, loss.summary(metrics), grad_norm, cfg["lr"],
+                          sum(len(s["ids"]) - s["n_prompt"] for s in seqs), time.time() - t0)
             if (step + 1) % cfg["save_every"] == 0 or step + 1 == total:
-                torch.save({"lora": [p.detach().cpu() for p in params], "opt": opt.state_dict(), "step": step + 1},
-                           str(state_path) + ".tmp")
-                os.replace(str(state_path) + ".tmp", state_path)
+                save_state(state_path, params, opt, step + 1)
             append_jsonl(flog, row)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", kl=f"{metrics.get('kl') or 0:.4f}",
-                            clip=f"{metrics.get('clip_frac') or 0:.2f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            bar.set_postfix(loss=f"{value:.4f}", kl=f"{row['kl'] or 0:.4f}", clip=f"{row['clip_frac'] or 0:.2f}",
+                            tok_s=f"{row['tokens_per_s']:.0f}")
     bar.close()
     for p in params:
         p.requires_grad_(False)
-    lora.save_adapter(mdl, out, base_model_name=cfg["model"])
+    lora.save_adapter(mdl, d.parent / f"iter_{it + 1}" / "adapter", base_model_name=cfg["model"])
     state_path.unlink(missing_ok=True)
-    return {"steps": total, "sequences": len(flat)}
+    return {"steps": total, "sequences": sum(map(len, units))}
 
 
 EVAL_KEYS = ("model", "bench", "data_dir", "eval_problems", "executor", "executor_model", "call_tokens", "max_calls",

@@ -175,7 +175,6 @@ def test_documented_commands_name_real_flags():
 # `module.name` in prose that is not this repository's: Hugging Face config attributes and modules
 NOT_OURS = {"config.logit_scale", "config.logits_scaling", "model.config", "model.layers"}
 # left for the loss-interface change, which moves these names (issue 23)
-PENDING = {("losses.py", "train.grpo_loss"), ("losses.py", "train.token_weights")}
 
 
 def top_level_names(path):
@@ -214,7 +213,7 @@ def test_dotted_names_in_the_docs_exist():
     files = sorted(ROOT.glob("*.py")) + sorted((ROOT / "tests").glob("*.py")) + [ROOT / "README.md", ROOT / "ARCHITECTURE.md"]
     bad = [f"{p.relative_to(ROOT)}:{line}: {m.group(0)}" for p in files for line, text in prose(p)
            for m in ref.finditer(text) if m.group(2) not in ("py", "md", "json", "jsonl", "png", "gz")
-           and m.group(2) not in defined[m.group(1)] and m.group(0) not in NOT_OURS and (p.name, m.group(0)) not in PENDING]
+           and m.group(2) not in defined[m.group(1)] and m.group(0) not in NOT_OURS]
     assert not bad, "names that do not exist (moved or renamed?):\n" + "\n".join(bad)
 
 

@@ -6,12 +6,14 @@ import json
 import pytest
 import torch
 
+import config
 import curate
 import model
 import train
 from conftest import tiny_llama, tiny_tokenizer
 import operators
 import workflow
+import kernels
 import lora
 import losses
 import sampling
@@ -141,14 +143,14 @@ def test_training_logprobs_equal_the_models_own_logits(family):
         for i, c in enumerate(comps):
             comp[i, L - len(c):] = 1
         h, W, y = model.completion_hidden(m, ids, attn, comp)
-        a = losses.fused_logprobs(h, W.to(h.dtype), y)
+        a = kernels.fused_logprobs(h, W.to(h.dtype), y)
         h, W, y = model.shared_prompt_hidden(m, prompt, comps)
-        b = losses.fused_logprobs(h, W, y)
+        b = kernels.fused_logprobs(h, W, y)
     assert a.tolist() == pytest.approx(ref, abs=1e-5)
     assert b.tolist() == pytest.approx(ref, abs=1e-5)
     assert model.head_scale(m) == scale
     model.check_head(m)
-    unscaled = losses.fused_logprobs(h / model.head_scale(m), W, y)
+    unscaled = kernels.fused_logprobs(h / model.head_scale(m), W, y)
     assert (unscaled - torch.tensor(ref)).abs().max() > 1e-3  # the scale matters at this size
 
 
@@ -254,7 +256,7 @@ def test_training_uses_the_sampled_prompt_ids():
     tok.chat_template = dated("2")  # the next day: a re-rendered prompt differs
     assert sampling.prompt_ids(tok, msgs[0], "x") != samples[0][0]["prompt_ids"]
     for loss in ("grpo", "scoredpo"):
-        seqs = [s for u in train.sequences(groups, tok, loss, 2, 0) for s in u]
+        seqs = [s for u in train.sequences(groups, tok, losses.make(dict(config.defaults(), loss=loss, pairs_per_problem=2)), 0) for s in u]
         assert seqs
         sampled = {tuple(s["prompt_ids"] + s["token_ids"]) for per in samples for s in per}
         for s in seqs:
@@ -268,11 +270,11 @@ def test_old_groups_without_prompt_ids_are_re_rendered_and_mixed_prompts_stay_pe
              "completion_ids": [4, 2], "score": float(j), "valid": True} for j in range(2)]
     (g,), _ = curate.curate(rows, mode="all")
     assert "prompt_ids" not in g
-    assert train.sequences([g], tok, "grpo", 1, 0)[0][0]["ids"] == sampling.prompt_ids(tok, msgs) + [4, 2]
+    assert train.sequences([g], tok, losses.make(config.defaults()), 0)[0][0]["ids"] == sampling.prompt_ids(tok, msgs) + [4, 2]
     rows[0]["prompt_ids"], rows[1]["prompt_ids"] = [1, 5], [1, 6]  # a resumed run re-rendered one of them
     (g,), _ = curate.curate(rows, mode="all")
     assert "prompt_ids" not in g and [x["prompt_ids"] for x in g["members"]] == [[1, 5], [1, 6]]
-    assert [s["ids"] for s in train.sequences([g], tok, "grpo", 1, 0)[0]] == [[1, 5, 4, 2], [1, 6, 4, 2]]
+    assert [s["ids"] for s in train.sequences([g], tok, losses.make(config.defaults()), 0)[0]] == [[1, 5, 4, 2], [1, 6, 4, 2]]
 
 
 def test_refine_groups_keep_the_state_prompt_ids(tmp_path):
@@ -287,7 +289,7 @@ def test_refine_groups_keep_the_state_prompt_ids(tmp_path):
     curate.refine_groups(tmp_path, 0)
     (g,) = jsonl.read_jsonl(d / "groups.jsonl")
     assert g["prompt_ids"] == [1, 9, 9]
-    assert [s["ids"] for s in train.sequences([g], tiny_tokenizer(), "rwr", 1, 0)[0]] == [[1, 9, 9, 4, 2], [1, 9, 9, 5, 2]]
+    assert [s["ids"] for s in train.sequences([g], tiny_tokenizer(), losses.make(dict(config.defaults(), loss="rwr")), 0)[0]] == [[1, 9, 9, 4, 2], [1, 9, 9, 5, 2]]
 
 
 # ---- completions that hit the token cap -----------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The fused log-prob kernels (losses.py) against float64 naive references.
+"""The fused log-prob kernels (kernels.py) against float64 naive references.
 
     python -m pytest -x -q tests/test_kernel.py
 """
@@ -11,9 +11,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench  # noqa: E402
 import bench_gpu  # noqa: E402
-import losses  # noqa: E402
-from losses import (CHUNK_BYTES, ChunkBuffers, auto_chunk, fused_grpo_loss, fused_logprobs, grpo_loss,  # noqa: E402
-                    kl_token_mask, token_weights)
+import kernels  # noqa: E402
+from kernels import CHUNK_BYTES, ChunkBuffers, auto_chunk, fused_grpo_loss, fused_logprobs  # noqa: E402
+from losses import grpo_loss, kl_token_mask, token_weights  # noqa: E402
 from model import completion_hidden  # noqa: E402
 
 
@@ -91,7 +91,7 @@ def test_gradcheck_double_frozen_head():
 def count_kernel_work(monkeypatch):
     """Counts of head-sized matmuls by kind: "logits" (h W^T of a chunk) and "dh" ((onehot - p) W)."""
     n = {"logits": 0, "dh": 0}
-    logits, chunk_grads = losses.ChunkBuffers.logits, losses._chunk_grads_
+    logits, chunk_grads = kernels.ChunkBuffers.logits, kernels._chunk_grads_
 
     def counted_logits(self, *a):
         n["logits"] += 1
@@ -101,8 +101,8 @@ def count_kernel_work(monkeypatch):
         n["dh"] += 1
         return chunk_grads(*a)
 
-    monkeypatch.setattr(losses.ChunkBuffers, "logits", counted_logits)
-    monkeypatch.setattr(losses, "_chunk_grads_", counted_chunk_grads)
+    monkeypatch.setattr(kernels.ChunkBuffers, "logits", counted_logits)
+    monkeypatch.setattr(kernels, "_chunk_grads_", counted_chunk_grads)
     return n
 
 
@@ -221,9 +221,9 @@ def test_auto_chunk_examples():
 
 
 def test_chunk_zero_or_none_is_auto(monkeypatch):
-    monkeypatch.setattr(losses, "CHUNK_BYTES", 64 * 1000 * 4)  # fp32 V=1000: 64 rows, so N=300 is 5 chunks
-    rows, init = [], losses.ChunkBuffers.__init__
-    monkeypatch.setattr(losses.ChunkBuffers, "__init__", lambda self, r, w: rows.append(r) or init(self, r, w))
+    monkeypatch.setattr(kernels, "CHUNK_BYTES", 64 * 1000 * 4)  # fp32 V=1000: 64 rows, so N=300 is 5 chunks
+    rows, init = [], kernels.ChunkBuffers.__init__
+    monkeypatch.setattr(kernels.ChunkBuffers, "__init__", lambda self, r, w: rows.append(r) or init(self, r, w))
     h, W, y = make(300, 1000, 8)
     assert auto_chunk(1000, "cpu", torch.float32) == 64
     ref = fused_logprobs(h, W, y, 64)

@@ -8,6 +8,7 @@ import torch
 import model
 import train
 from conftest import tiny_llama, tiny_tokenizer
+import kernels
 import lora
 import losses
 import sampling
@@ -51,13 +52,13 @@ def test_first_step_sees_pi_theta_equal_pi_old_exactly(tmp_path, monkeypatch, dt
     mdl = lora_model(dtype)
     write_groups(tmp_path / "iter_0", tok, [[1.0, 0.0, 0.5], [0.0, 1.0], [1.0, 0.0, 0.0]])
     seen = []
-    terms = losses.grpo_token_terms
+    terms = kernels.grpo_token_terms
 
     def spy(logp, old_logp, ref_logp, *a):
         seen.append(((logp - old_logp).detach().clone(), (logp - ref_logp).detach().clone()))
         return terms(logp, old_logp, ref_logp, *a)
 
-    monkeypatch.setattr(losses, "grpo_token_terms", spy)
+    monkeypatch.setattr(kernels, "grpo_token_terms", spy)
     # lr 0 keeps theta == theta_old for every step; a budget that cuts steps into several micro-batches
     c = dict(config.defaults(), seed=0, model="tiny", ref=ref, lr=0.0, epochs=1, groups_per_step=2, token_budget=60)
     train.update(tmp_path, 0, c, mdl, tok)
@@ -105,7 +106,7 @@ def test_checkpointing_changes_no_gradient(dtype):
             q.requires_grad_(True)
             q.grad = None
         h, W, y = fn()
-        lp = losses.fused_logprobs(h, W, y)
+        lp = kernels.fused_logprobs(h, W, y)
         (lp * weights).sum().backward()
         return lp.detach(), [q.grad.clone() for q in params]
 

@@ -263,6 +263,7 @@ def test_collect_resumes_after_sigkill(tmp_path):
 def test_groups_train_with_rwr(tmp_path):
     """write_groups output goes through train.update(loss='rwr') unchanged: the best-rewarded action
     gains the most log-probability (the tiny model generalises, so the others rise too)."""
+    import losses
     import train
     from conftest import tiny_llama, tiny_tokenizer
     tok = tiny_tokenizer()
@@ -283,7 +284,7 @@ def test_groups_train_with_rwr(tmp_path):
     assert [m["sample"] for m in groups[0]["members"]] == [0, 1, 2]
 
     def mean_logps():
-        seqs = train.sequences(groups, tok, "rwr", 0, 0)[0]
+        seqs = train.sequences(groups, tok, losses.make(dict(config.defaults(), loss="rwr")), 0)[0]
         return [sum(x) / len(x) for x in train.seq_logprobs(mdl, seqs, 4096, 1024)]
 
     before = mean_logps()

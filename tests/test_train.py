@@ -1,4 +1,6 @@
-"""train.py update loop on a tiny model: direction of the update, masked KL, resume, bad input."""
+"""train.py update loop on a tiny model: direction of the update, masked KL, resume, bad input, and
+the loss interface (losses.LOSSES) that a new loss plugs into."""
+import argparse
 import copy
 import json
 
@@ -7,6 +9,7 @@ import torch
 
 import train
 from conftest import tiny_llama, tiny_tokenizer
+import kernels
 import lora
 import losses
 import sampling
@@ -32,7 +35,7 @@ def make_groups(path, tok, completions, scores):
 
 
 def member_logps(mdl, tok, row):
-    seqs = train.sequences([row], tok, "grpo", 0, 0)[0]
+    seqs = train.sequences([row], tok, losses.make(cfg()), 0)[0]
     return [sum(x) for x in train.seq_logprobs(mdl, seqs, 4096, 1024)]
 
 
@@ -56,8 +59,9 @@ def grads_for(mdl, tok, seqs, c):
     params = lora.lora_parameters(mdl)
     for p in params:
         p.requires_grad_(True)
-    train.prepare_step(seqs, c)
-    train.step_loss(mdl, seqs, c)
+    loss = losses.make(c)
+    loss.prepare(seqs)
+    train.step_loss(mdl, seqs, loss)
     return [p.grad.clone() for p in params]
 
 
@@ -104,10 +108,10 @@ def test_micro_batches_add_up_to_one_batch():
         c = cfg(loss=loss, agg="seq")
         whole = grads_for(mdl, tok, copy.deepcopy(seqs), c)
         mdl.zero_grad(set_to_none=True)
-        parts = copy.deepcopy(seqs)
-        train.prepare_step(parts, c)
+        parts, lossfn = copy.deepcopy(seqs), losses.make(c)
+        lossfn.prepare(parts)
         for mb in (parts[:1], parts[1:3], parts[3:]):
-            train.step_loss(mdl, mb, c)
+            train.step_loss(mdl, mb, lossfn)
         split = [q.grad.clone() for q in lora.lora_parameters(mdl)]
         assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(whole, split)), loss
 
@@ -131,28 +135,24 @@ def test_scoredpo_micro_batches_keep_pairs_whole_and_add_up():
     assert any(len(mb) % 2 for mb in train.micro_batches(seqs, budget))  # the cut a pair-blind split makes
     mbs = train.micro_batches(seqs, budget, unit=2)
     assert len(mbs) > 1 and all(len(mb) % 2 == 0 for mb in mbs) and sum(mbs, []) == seqs
-    c = cfg(loss="scoredpo")
+    loss = losses.make(cfg(loss="scoredpo"))
+    assert loss.unit == 2
     for q in lora.lora_parameters(mdl):
         q.requires_grad_(True)
     mdl.zero_grad(set_to_none=True)
     one = copy.deepcopy(seqs)
-    train.prepare_step(one, c)
-    one[0]["pair_share"] = 1.0
-    train.step_loss(mdl, one, c)
+    loss.prepare(one)
+    train.step_loss(mdl, one, loss)
     whole = [q.grad.clone() for q in lora.lora_parameters(mdl)]
     mdl.zero_grad(set_to_none=True)
-    parts = copy.deepcopy(seqs)
-    train.prepare_step(parts, c)
-    for mb in train.micro_batches(parts, budget, unit=2):
-        mb[0]["pair_share"] = (len(mb) / 2) / (len(parts) / 2)  # as update() sets it
-        train.step_loss(mdl, mb, c)
+    train.backward_step(mdl, copy.deepcopy(seqs), loss, budget)  # the micro-batches above, as update runs them
     split = [q.grad.clone() for q in lora.lora_parameters(mdl)]
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(whole, split))
 
 
 def test_rwr_token_weights_equal_rwr_loss():
     seqs = [{"ids": [1] * 3 + [5] * n, "n_prompt": 3, "score": s} for n, s in ((2, 1.0), (3, 0.0), (1, 0.5))]
-    train.prepare_step(seqs, cfg(loss="rwr"))
+    losses.make(cfg(loss="rwr")).prepare(seqs)
     logp = [torch.randn(len(s["ids"]) - 3, dtype=torch.float64) for s in seqs]
     ours = -sum((torch.tensor(s["w_t"], dtype=torch.float64) * lp).sum() for s, lp in zip(seqs, logp))
     ref = losses.rwr_loss(torch.stack([lp.mean() for lp in logp]), [s["score"] for s in seqs], tau=0.4)
@@ -218,3 +218,56 @@ def test_step_order_is_a_permutation_that_keeps_problems_together():
         probs = [units[i][0]["ids"][0] for i in order]
         runs = [p for j, p in enumerate(probs) if j == 0 or probs[j - 1] != p]
         assert len(runs) == 3  # each problem's units form one run
+
+
+# ---- the loss interface: a fourth loss is one class in losses.py and one line of the knob table ----
+
+class BestNLL(losses.Loss):
+    """A toy loss: the negative log-likelihood of each group's best member, token mean over the step."""
+    knobs = ("chunk_size",)
+
+    def units(self, groups, seq, seed):
+        return [[seq(g, max(g["members"], key=lambda m: m["score"]))] for g in groups]
+
+    def prepare(self, seqs):
+        n = sum(len(s["ids"]) - s["n_prompt"] for s in seqs)
+        for s in seqs:
+            s["w_t"] = [1.0 / n] * (len(s["ids"]) - s["n_prompt"])
+
+    def loss(self, h, W, y, mb):
+        w = torch.tensor([x for s in mb for x in s["w_t"]], device=h.device)
+        return -(w * kernels.fused_logprobs(h, W, y, self.chunk_size)).sum(), {}
+
+
+def test_a_new_loss_is_a_class_and_a_knob_line(tmp_path, monkeypatch):
+    """Register BestNLL as losses.py would and add its name to the knob table's line: train.py's
+    flags take it and update trains with it, with no other change anywhere."""
+    monkeypatch.setitem(losses.LOSSES, "best_nll", BestNLL)
+    default, names, *rest = config.KNOBS["loss"]
+    monkeypatch.setitem(config.KNOBS, "loss", (default, names + ("best_nll",), *rest))
+    ap = argparse.ArgumentParser()
+    config.add_knobs(ap, config.STEPS)
+    c = config.merge(None, ap.parse_args(["--loss", "best_nll", "--lr", "1e-2", "--epochs", "1"]))
+    c.update(model="tiny")
+    tok = tiny_tokenizer()
+    mdl = lora.add_lora(tiny_llama(), r=4, alpha=8)
+    row = make_groups(tmp_path / "iter_0", tok, ["5", "6", "41", "1 2"], [0.0, 1.0, 0.5, 0.0])
+    before = member_logps(mdl, tok, row)
+    assert train.update(tmp_path, 0, c, mdl, tok) == {"steps": 1, "sequences": 1}
+    gain = [a - b for a, b in zip(member_logps(mdl, tok, row), before)]
+    assert gain[1] > 0 and gain[1] == max(gain), gain  # the best member ("6") gained the most
+    log = [json.loads(l) for l in (tmp_path / "iter_0" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1] and log[0]["kl"] is None and log[0]["loss"] > 0
+
+
+def test_the_knob_table_lists_the_registered_losses_and_refuses_others(tmp_path, capsys):
+    assert set(config.KNOBS["loss"][1]) == set(losses.LOSSES)
+    with pytest.raises(SystemExit) as e:  # at argument parsing, before any work
+        train.main(["--run", str(tmp_path / "r"), "--loss", "nope"])
+    assert e.value.code == 2 and "--loss" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+    (tmp_path / "config.json").write_text(json.dumps({"loss": "nope"}))  # a hand-edited run config
+    with pytest.raises(train.DataError, match="--loss must be one of"):
+        config.merge(tmp_path, argparse.Namespace())
+    with pytest.raises(ValueError, match="--loss must be one of"):
+        losses.make(cfg(loss="nope"))
