@@ -116,8 +116,8 @@ def main():
         # namespace root with no uid to drop to (userns mode): give up every capability, or the
         # workflow could simply remount / read-write. The bounding set first, so that exec'ing a
         # program as uid 0 cannot hand them back.
-        for cap in range(64):
-            libc.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP
+        for capability in range(64):  # not `cap`: that name held the output cap, clipping answers to 63 chars
+            libc.prctl(24, capability, 0, 0, 0)  # PR_CAPBSET_DROP
         class Hdr(ctypes.Structure):
             _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
         empty = (ctypes.c_uint32 * 6)()
