@@ -109,7 +109,8 @@ def decode(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, 
         raise ValueError("empty prompt")
     cache, logits, mask, pos, start = _prefill(model, prompts, pad, int(budget.max()))
     # n rows per prompt from here on
-    logits, mask, temps, budget, pos = _rows(cache, lambda x: x.repeat_interleave(n, 0), logits, mask, temps, budget, pos)
+    repeat = lambda x: x.repeat_interleave(n, 0)
+    logits, mask, temps, budget, pos = _rows(cache, repeat, logits, mask, temps, budget, pos)
     pos = pos + 1
     rows = torch.arange(k * n, device=device)  # original row of each active row
     tokens = [[] for _ in range(k * n)]
