@@ -309,34 +309,10 @@ def bench_sandbox(args):
         t = time.perf_counter()
         subprocess.run([py, "-I", "-S", "-c", "pass"], check=True)
         bare.append(time.perf_counter() - t)
-    rows = {}
-    noop = "def solve(problem):\n    return problem\n"
-    trivial = "def solve(problem):\n    a = custom(problem, 'x')\n    b = answer_generate(problem)\n    return format(problem, a + b)\n"
-    for name, code, ex in (("noop", noop, None), ("trivial_3_ops", trivial, _InstantExecutor())):
-        jobs = [operators.job(code, "2 + 2", executor=ex, timeout=10) for _ in range(args.n)]
-        t = time.perf_counter()
-        res = [r for _, r in sandbox.run_many(jobs, workers=args.workers)]
-        wall = time.perf_counter() - t
-        bad = [r for r in res if r["error"] is not None]
-        assert not bad, bad[:1]
-        per = [r["seconds"] for r in res]
-        rows[name] = dict(runs=args.n, workers=args.workers, median_run_ms=1e3 * statistics.median(per),
-                          p90_run_ms=1e3 * sorted(per)[int(0.9 * len(per))], wall_s=wall, runs_per_s=args.n / wall)
-    # programs: the variants alternate block by block, so load drift hits them alike; the bare
-    # import uses the child's interpreter and the parent's package dirs, at the same concurrency
-    path = sorted({os.path.dirname(d) for _, d in sandbox._SITE[1]})
-    plain = dict(program="print(6 * 7)", timeout=60)
-    progs = {"program_plain_no_packages": (plain, args.n, False), "program_plain": (plain, args.n, True),
-             "program_numpy_sympy": (dict(program=SCI_PROGRAM, timeout=60), args.n_import, True),
-             "bare_numpy_sympy": (lambda: _bare_program(py, SCI_PROGRAM, path), args.n_import, True)}
-    runs = {k: [] for k in progs}
-    for _ in range(args.rounds):
-        for k, (job, n, site) in progs.items():
-            runs[k] += _program_block(sandbox, job, max(1, n // args.rounds), args.workers, site)
+    rows = _workflow_rows(args)
+    runs = _program_runs(args, py)
     for k, res in runs.items():
-        per = [r["seconds"] for r in res]
-        rows[k] = dict(runs=len(res), workers=args.workers, median_run_ms=1e3 * statistics.median(per),
-                       p90_run_ms=1e3 * sorted(per)[int(0.9 * len(per))])
+        rows[k] = _latency([r["seconds"] for r in res], len(res), args.workers)
     sci, ref = (runs[k][0]["stdout"].splitlines() for k in ("program_numpy_sympy", "bare_numpy_sympy"))
     assert sci[0] == ref[0], (sci, ref)  # the sandbox computes what the bare interpreter does
     mem, mem_bare = ([float(v) for v in lines[-1].split()] for lines in (sci, ref))
@@ -352,8 +328,50 @@ def bench_sandbox(args):
     if args.json:
         print(json.dumps(out))
         return
-    print(f"isolation: {iso}\nchild python: {py}")
-    print(f"bare `python -I -S -c pass` spawn: median {bare_ms:.1f} ms")
+    _print_sandbox(out, rows)
+
+
+def _latency(seconds, runs, workers):
+    return dict(runs=runs, workers=workers, median_run_ms=1e3 * statistics.median(seconds),
+                p90_run_ms=1e3 * sorted(seconds)[int(0.9 * len(seconds))])
+
+
+def _workflow_rows(args):
+    """A workflow that calls nothing, and one with three operator calls answered at once."""
+    rows = {}
+    noop = "def solve(problem):\n    return problem\n"
+    trivial = "def solve(problem):\n    a = custom(problem, 'x')\n    b = answer_generate(problem)\n    return format(problem, a + b)\n"
+    for name, code, ex in (("noop", noop, None), ("trivial_3_ops", trivial, _InstantExecutor())):
+        jobs = [operators.job(code, "2 + 2", executor=ex, timeout=10) for _ in range(args.n)]
+        t = time.perf_counter()
+        res = [r for _, r in sandbox.run_many(jobs, workers=args.workers)]
+        wall = time.perf_counter() - t
+        bad = [r for r in res if r["error"] is not None]
+        assert not bad, bad[:1]
+        rows[name] = dict(**_latency([r["seconds"] for r in res], args.n, args.workers), wall_s=wall,
+                          runs_per_s=args.n / wall)
+    return rows
+
+
+def _program_runs(args, py):
+    """{variant: results} of the program variants. They alternate block by block, so load drift
+    hits them alike; the bare import uses the child's interpreter and the parent's package dirs,
+    at the same concurrency."""
+    path = sorted({os.path.dirname(d) for _, d in sandbox._SITE[1]})
+    plain = dict(program="print(6 * 7)", timeout=60)
+    progs = {"program_plain_no_packages": (plain, args.n, False), "program_plain": (plain, args.n, True),
+             "program_numpy_sympy": (dict(program=SCI_PROGRAM, timeout=60), args.n_import, True),
+             "bare_numpy_sympy": (lambda: _bare_program(py, SCI_PROGRAM, path), args.n_import, True)}
+    runs = {k: [] for k in progs}
+    for _ in range(args.rounds):
+        for k, (job, n, site) in progs.items():
+            runs[k] += _program_block(sandbox, job, max(1, n // args.rounds), args.workers, site)
+    return runs
+
+
+def _print_sandbox(out, rows):
+    print(f"isolation: {out['isolation']}\nchild python: {out['python']}")
+    print(f"bare `python -I -S -c pass` spawn: median {out['bare_spawn_median_ms']:.1f} ms")
     w = max(map(len, rows))
     for name, r in rows.items():
         extra = f", {r['runs_per_s']:.1f} runs/s, wall {r['wall_s']:.2f} s" if "wall_s" in r else ""

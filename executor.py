@@ -328,26 +328,10 @@ def local_executor(name=DEFAULT_MODEL, cache_dir=None, servers=1, threads=1, max
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     procs = []  # (process, log file, url)
+    made = []  # the Executor, once made
 
     def stop():
-        for proc, _, _ in procs:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for proc, _, _ in procs:
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-
-    def tail(log):
-        log.flush()
-        log.seek(0)
-        return log.read().decode("utf-8", "replace")[-3000:]
-
-    made = []  # the Executor, once made
+        _stop_servers(procs)
 
     def on_signal(signum, frame):
         # Ctrl-C or SIGTERM: trip the executor and stop the servers first, so that calls in flight
@@ -355,7 +339,7 @@ def local_executor(name=DEFAULT_MODEL, cache_dir=None, servers=1, threads=1, max
         for ex in made:
             ex._trip(f"stopped by {signal.Signals(signum).name}")
         stop()
-        prev = old.get(signum)
+        prev = previous_handlers.get(signum)
         if callable(prev):
             prev(signum, frame)
         if signum == signal.SIGINT:
@@ -363,31 +347,13 @@ def local_executor(name=DEFAULT_MODEL, cache_dir=None, servers=1, threads=1, max
         sys.exit(128 + signum)  # a plain `kill` would skip atexit and finally
 
     atexit.register(stop)  # covers a sys.exit() or an uncaught error elsewhere in the program
-    old = {}
+    previous_handlers = {}
     if threading.current_thread() is threading.main_thread():
-        old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        previous_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         for _ in range(max(1, servers)):
-            port = _free_port()
-            cmd = [sys.executable, SERVE, str(name), "--port", str(port), "--threads", str(max(1, threads or 1)),
-                   "--max-batch", str(max_batch), "--orphan-exit", *extra_args]
-            log = tempfile.TemporaryFile(prefix="spogw-serve-")
-            procs.append((subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                           env=env, start_new_session=True), log, f"http://127.0.0.1:{port}"))
-        t0 = time.monotonic()
-        for proc, log, url in procs:  # they load in parallel; wait for each in turn
-            while True:
-                if proc.poll() is not None:
-                    raise ExecutorError(f"the local executor server exited with {proc.returncode}:\n{tail(log)}")
-                try:
-                    with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                        if r.status == 200:
-                            break
-                except OSError:
-                    pass
-                if time.monotonic() - t0 > startup_timeout:
-                    raise ExecutorError(f"the local executor server not healthy after {startup_timeout:g} s:\n{tail(log)}")
-                time.sleep(0.25)
+            procs.append(_start_server(name, threads, max_batch, extra_args, env))
+        _wait_healthy(procs, startup_timeout)
         # cache_name: the model as named here, stable across runs (the ports are not)
         made.append(Executor([url + "/v1" for _, _, url in procs], str(name), cache_dir=cache_dir, timeout=timeout,
                              **{"max_retries": 2, **(client or {}), "prices": {}, "cache_name": str(name)}))
@@ -395,10 +361,62 @@ def local_executor(name=DEFAULT_MODEL, cache_dir=None, servers=1, threads=1, max
     finally:
         stop()
         atexit.unregister(stop)
-        for sig, handler in old.items():
+        for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
         for _, log, _ in procs:
             log.close()
+
+
+def _start_server(name, threads, max_batch, extra_args, env):
+    """One serve.py in its own process group (so that stopping it stops everything it started),
+    its output in a temporary file: (process, log file, base url)."""
+    port = _free_port()
+    cmd = [sys.executable, SERVE, str(name), "--port", str(port), "--threads", str(max(1, threads or 1)),
+           "--max-batch", str(max_batch), "--orphan-exit", *extra_args]
+    log = tempfile.TemporaryFile(prefix="spogw-serve-")
+    return (subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                             env=env, start_new_session=True), log, f"http://127.0.0.1:{port}")
+
+
+def _wait_healthy(procs, startup_timeout):
+    """Wait until every server answers /health; one that exits or is not healthy within
+    `startup_timeout` seconds (all together) is an ExecutorError with the end of its log."""
+    t0 = time.monotonic()
+    for proc, log, url in procs:  # they load in parallel; wait for each in turn
+        while True:
+            if proc.poll() is not None:
+                raise ExecutorError(f"the local executor server exited with {proc.returncode}:\n{_log_tail(log)}")
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() - t0 > startup_timeout:
+                raise ExecutorError(f"the local executor server not healthy after {startup_timeout:g} s:\n"
+                                    f"{_log_tail(log)}")
+            time.sleep(0.25)
+
+
+def _log_tail(log):
+    log.flush()
+    log.seek(0)
+    return log.read().decode("utf-8", "replace")[-3000:]
+
+
+def _stop_servers(procs):
+    """SIGTERM every server's process group, then SIGKILL a group whose leader is not gone in 5 s."""
+    for proc, _, _ in procs:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    for proc, _, _ in procs:
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 @contextlib.contextmanager

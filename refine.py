@@ -233,9 +233,9 @@ def self_check_and_repair(msgs, samples, todo, problem, cfg, ex, propose, seed_b
     return cands
 
 
-def score_on_batch(cands, problems, cfg, ex, fv, val_done, on_done):
+def score_on_batch(cands, problems, cfg, ex, val_file, val_done, on_done):
     """Score each candidate {key: (episode, turn, candidate), code} on the validation batch through
-    rollout.execute (same sandbox pool and scorer as SPOGW); per-problem rows are appended to `fv`
+    rollout.execute (same sandbox pool and scorer as SPOGW); per-problem rows are appended to `val_file`
     and remembered in `val_done`; on_done(cand, rows in batch order) fires when a candidate is complete."""
     ids = [p["id"] for p in problems]
     left, rows = {}, []
@@ -257,7 +257,8 @@ def score_on_batch(cands, problems, cfg, ex, fv, val_done, on_done):
         if left[c["key"]] == 0:
             on_done(c, [val_done[(*c["key"], pid)] for pid in ids])
     if rows:
-        rollout.require_scored(rollout.execute(rows, problems, cfg, ex, cfg["bench"], fv, progress), fv.name)
+        scored = rollout.execute(rows, problems, cfg, ex, cfg["bench"], val_file, progress)
+        rollout.require_scored(scored, val_file.name)
 
 
 def _tokens(row, extra):
@@ -270,6 +271,46 @@ def run_episodes(out, val_out, episodes, cfg, ex, propose, tag, turns, n, progre
     Returns all rows of `out`."""
     fam = benchmarks.family(cfg["bench"])
     out, val_out = Path(out), Path(val_out)
+    done, val_done = _resume(out, val_out, n)
+    with open(out, "a", encoding="utf-8") as f, open(val_out, "a", encoding="utf-8") as val_file:
+        def emit(row):
+            append_jsonl(f, row)
+            done[(row["episode"], row["turn"], row["candidate"])] = row
+            if progress:
+                progress(row)
+
+        for ep, problems in episodes:
+            if (ep, -1, 0) not in done:  # state 0: the io baseline, scored like any candidate
+                code = workflow.BASELINES[fam]["io"]
+                score_on_batch([{"key": (ep, -1, 0), "code": code}], problems, cfg, ex, val_file, val_done,
+                               lambda c, vr: emit(_init_row(ep, code, vr, problems)))
+            for t in range(turns):
+                todo = [c for c in range(n) if (ep, t, c) not in done]
+                if not todo:
+                    continue
+                # the state is rebuilt from the rows of turns < t and the seed is fixed per turn, so
+                # a resumed turn samples the same candidates and runs only the missing ones
+                state = episode_state([r for k, r in done.items() if k[0] == ep], t)
+                msgs = state_prompt(cfg["bench"], state, cfg["max_calls"])
+                seed = rollout.seed_of(cfg["seed"], tag, ep, t)
+                samples = propose([msgs], n, seed)[0]
+                cands = self_check_and_repair(msgs, samples, todo, problems[0], cfg, ex, propose, seed)
+                turn = {"candidates": n, "seed": seed, "prompt": msgs, "prefill": workflow.PREFILLS[fam]}
+
+                def row_of(c, vr):
+                    return _candidate_row(ep, t, c, turn, cands[c], vr, state, problems)
+
+                for c in todo:
+                    if not cands[c]["valid"]:
+                        emit(row_of(c, []))
+                score_on_batch([{"key": (ep, t, c), "code": cands[c]["code"]} for c in todo if cands[c]["valid"]],
+                               problems, cfg, ex, val_file, val_done, lambda c, vr: emit(row_of(c["key"][2], vr)))
+    return read_jsonl(out, required=ROW_KEYS)
+
+
+def _resume(out, val_out, n):
+    """What earlier runs finished: ({(episode, turn, candidate): row}, {(episode, turn, candidate,
+    problem id): per-problem row}). Rows made with another number of candidates per turn stop the run."""
     out.parent.mkdir(parents=True, exist_ok=True)
     for p in (out, val_out):
         truncate_torn_tail(p)  # a kill mid-write leaves half a row: it will be redone
@@ -281,54 +322,32 @@ def run_episodes(out, val_out, episodes, cfg, ex, propose, tag, turns, n, progre
     done = {(r["episode"], r["turn"], r["candidate"]): r for r in rows}
     val_done = {(v["episode"], v["turn"], v["candidate"], v["problem_id"]): v
                 for v in (read_jsonl(val_out) if val_out.exists() else [])}
-    with open(out, "a", encoding="utf-8") as f, open(val_out, "a", encoding="utf-8") as fv:
-        def emit(row):
-            append_jsonl(f, row)
-            done[(row["episode"], row["turn"], row["candidate"])] = row
-            if progress:
-                progress(row)
+    return done, val_done
 
-        for ep, problems in episodes:
-            if (ep, -1, 0) not in done:  # state 0: the io baseline, scored like any candidate
-                code = workflow.BASELINES[fam]["io"]
-                score_on_batch([{"key": (ep, -1, 0), "code": code}], problems, cfg, ex, fv, val_done,
-                               lambda c, vr: emit({
-                                   "kind": "init", "episode": ep, "turn": -1, "candidate": 0, "code": code,
-                                   "valid": True, "reason": None, "n_val": len(vr),
-                                   "accuracy": statistics.fmean(v["score"] for v in vr),
-                                   "failures": failure_cases(vr, problems), **_tokens({}, vr),
-                                   "seconds": sum(v["seconds"] for v in vr)}))
-            for t in range(turns):
-                todo = [c for c in range(n) if (ep, t, c) not in done]
-                if not todo:
-                    continue
-                state = episode_state([r for k, r in done.items() if k[0] == ep], t)
-                msgs = state_prompt(cfg["bench"], state, cfg["max_calls"])
-                seed = rollout.seed_of(cfg["seed"], tag, ep, t)
-                samples = propose([msgs], n, seed)[0]
-                cands = self_check_and_repair(msgs, samples, todo, problems[0], cfg, ex, propose, seed)
 
-                def row_of(c, vr):
-                    s = cands[c]
-                    acc = statistics.fmean(v["score"] for v in vr) if vr else 0.0
-                    return {"kind": "candidate", "episode": ep, "turn": t, "candidate": c, "candidates": n,
-                            "seed": seed, "prompt": msgs, "prefill": workflow.PREFILLS[fam], "completion": s["completion"],
-                            "completion_ids": s["completion_ids"],
-                            **({"prompt_ids": s["prompt_ids"]} if s["prompt_ids"] is not None else {}),
-                            "hit_cap": s["hit_cap"], "code": s["code"], "valid": s["valid"],
-                            "reason": s["reason"], "repairs": len(s["attempts"]), "attempts": s["attempts"],
-                            "n_val": len(vr), "accuracy": acc,
-                            "reward": w4s_reward(acc, state["best"], state["accuracy"]),
-                            "best_so_far": state["best"], "prev": state["accuracy"],
-                            "failures": failure_cases(vr, problems), **_tokens(s, vr),
-                            "seconds": s["seconds"] + sum(v["seconds"] for v in vr)}
+def _init_row(ep, code, val_rows, problems):
+    """The row of an episode's state 0: the io baseline scored on the batch."""
+    return {"kind": "init", "episode": ep, "turn": -1, "candidate": 0, "code": code,
+            "valid": True, "reason": None, "n_val": len(val_rows),
+            "accuracy": statistics.fmean(v["score"] for v in val_rows),
+            "failures": failure_cases(val_rows, problems), **_tokens({}, val_rows),
+            "seconds": sum(v["seconds"] for v in val_rows)}
 
-                for c in todo:
-                    if not cands[c]["valid"]:
-                        emit(row_of(c, []))
-                score_on_batch([{"key": (ep, t, c), "code": cands[c]["code"]} for c in todo if cands[c]["valid"]],
-                               problems, cfg, ex, fv, val_done, lambda c, vr: emit(row_of(c["key"][2], vr)))
-    return read_jsonl(out, required=ROW_KEYS)
+
+def _candidate_row(ep, t, c, turn, cand, val_rows, state, problems):
+    """The row of candidate c of turn t: its action, repairs and accuracy on the batch (none when it
+    stayed invalid), and its reward against the state the turn started from."""
+    acc = statistics.fmean(v["score"] for v in val_rows) if val_rows else 0.0
+    return {"kind": "candidate", "episode": ep, "turn": t, "candidate": c, **turn,
+            "completion": cand["completion"], "completion_ids": cand["completion_ids"],
+            **({"prompt_ids": cand["prompt_ids"]} if cand["prompt_ids"] is not None else {}),
+            "hit_cap": cand["hit_cap"], "code": cand["code"], "valid": cand["valid"],
+            "reason": cand["reason"], "repairs": len(cand["attempts"]), "attempts": cand["attempts"],
+            "n_val": len(val_rows), "accuracy": acc,
+            "reward": w4s_reward(acc, state["best"], state["accuracy"]),
+            "best_so_far": state["best"], "prev": state["accuracy"],
+            "failures": failure_cases(val_rows, problems), **_tokens(cand, val_rows),
+            "seconds": cand["seconds"] + sum(v["seconds"] for v in val_rows)}
 
 
 def proposer(cfg, sample, greedy=False):

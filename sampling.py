@@ -107,50 +107,25 @@ def decode(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, 
     budget = torch.tensor(limits, device=device)
     if any(len(p) == 0 for p in prompts):
         raise ValueError("empty prompt")
-    # shared prefix, leaving every prompt at least one token of its own (its last logits)
-    P = 0
-    while P < min(map(len, prompts)) - 1 and all(p[P] == prompts[0][P] for p in prompts):
-        P += 1
-    S = max(len(p) - P for p in prompts)
-    L = P + S + int(budget.max())
-    cache = StaticCache(config=model.config, max_cache_len=L)
-    mask = torch.zeros(k, L, dtype=torch.long, device=device)
-    if P:
-        first = torch.zeros(1, L, dtype=torch.long, device=device)
-        first[0, :P] = 1
-        model(input_ids=torch.tensor([prompts[0][:P]], device=device), attention_mask=first, past_key_values=cache,
-              use_cache=True, logits_to_keep=1)
-        for layer in cache.layers:  # the prefix's keys/values, once per prompt
-            layer.keys, layer.values = layer.keys.expand(k, -1, -1, -1).clone(), layer.values.expand(k, -1, -1, -1).clone()
-    # each prompt's own tokens, right-aligned after the prefix (the gap is masked; positions skip it)
-    ids = torch.full((k, S), pad, dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        ids[i, S - (len(p) - P):] = torch.tensor(p[P:], device=device)
-        mask[i, :P] = 1
-        mask[i, P + S - (len(p) - P):P + S] = 1
-    pos = (mask[:, :P + S].cumsum(-1) - 1).clamp(min=0)[:, P:]
-    res = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
-                logits_to_keep=1)
+    cache, logits, mask, pos, start = _prefill(model, prompts, pad, int(budget.max()))
     # n rows per prompt from here on
-    rep = lambda x: x.repeat_interleave(n, 0)
-    for layer in cache.layers:
-        layer.keys, layer.values = rep(layer.keys), rep(layer.values)
-    logits, mask, temps, budget = rep(res.logits[:, -1]), rep(mask), rep(temps), rep(budget)
-    pos = rep(pos[:, -1:]) + 1
+    repeat = lambda x: x.repeat_interleave(n, 0)
+    logits, mask, temps, budget, pos = _rows(cache, repeat, logits, mask, temps, budget, pos)
+    pos = pos + 1
     rows = torch.arange(k * n, device=device)  # original row of each active row
-    toks = [[] for _ in range(k * n)]
-    lps = [[] for _ in range(k * n)]
+    tokens = [[] for _ in range(k * n)]
+    logprobs = [[] for _ in range(k * n)]
     stops, done = set(stop), set()
 
     def cut(r):  # a row that stopped decodes on until it is compacted away: its end is its first stop or budget
-        T = min(next((i + 1 for i, x in enumerate(toks[r]) if x in stops), len(toks[r])), limits[r // n])
-        return toks[r][:T], lps[r][:T]
+        T = min(next((i + 1 for i, x in enumerate(tokens[r]) if x in stops), len(tokens[r])), limits[r // n])
+        return tokens[r][:T], logprobs[r][:T]
     for t in range(int(budget.max())):
         nxt = _pick(logits, temps, top_p, [gen[r] for r in rows.tolist()] if isinstance(gen, list) else gen)
-        lp = logits.float().log_softmax(-1).gather(-1, nxt[:, None]).squeeze(-1)
-        for r, tk, l in zip(rows.tolist(), nxt.tolist(), lp.tolist()):
-            toks[r].append(tk)
-            lps[r].append(l)
+        step_logprobs = logits.float().log_softmax(-1).gather(-1, nxt[:, None]).squeeze(-1)
+        for r, token, logprob in zip(rows.tolist(), nxt.tolist(), step_logprobs.tolist()):
+            tokens[r].append(token)
+            logprobs[r].append(logprob)
         live = ~torch.isin(nxt, stop_t) & (budget > t + 1)
         if on_done is not None:
             for r in set(rows[~live].tolist()) - done:
@@ -160,13 +135,53 @@ def decode(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, 
             break
         if int(live.sum()) <= len(rows) // 2:  # compact: stopped rows cost a full forward each step
             keep = live.nonzero().squeeze(-1)
-            for layer in cache.layers:
-                layer.keys, layer.values = layer.keys[keep], layer.values[keep]
-            rows, nxt, mask, temps, budget, pos = rows[keep], nxt[keep], mask[keep], temps[keep], budget[keep], pos[keep]
-        mask[:, P + S + t] = 1
+            rows, nxt, mask, temps, budget, pos = _rows(cache, lambda x: x[keep], rows, nxt, mask, temps, budget, pos)
+        mask[:, start + t] = 1
         res = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
         logits, pos = res.logits[:, -1], pos + 1
     return [cut(r) for r in range(k * n)]  # the stop token is kept: training learns to stop
+
+
+def _prefill(model, prompts, pad, new_tokens):
+    """Run the prompts into a fresh StaticCache with room for `new_tokens` more per row: their
+    common prefix (P tokens) once at batch 1, then each prompt's own tokens right-aligned after it
+    (S columns; the gap is masked, positions skip it). Returns (cache, the last logits, the
+    attention mask over the whole cache, the last prompt token's position, P + S: where the
+    generated tokens start)."""
+    device = next(model.parameters()).device
+    k = len(prompts)
+    # shared prefix, leaving every prompt at least one token of its own (its last logits)
+    P = 0
+    while P < min(map(len, prompts)) - 1 and all(p[P] == prompts[0][P] for p in prompts):
+        P += 1
+    S = max(len(p) - P for p in prompts)
+    L = P + S + new_tokens
+    cache = StaticCache(config=model.config, max_cache_len=L)
+    mask = torch.zeros(k, L, dtype=torch.long, device=device)
+    if P:
+        first = torch.zeros(1, L, dtype=torch.long, device=device)
+        first[0, :P] = 1
+        model(input_ids=torch.tensor([prompts[0][:P]], device=device), attention_mask=first, past_key_values=cache,
+              use_cache=True, logits_to_keep=1)
+        for layer in cache.layers:  # the prefix's keys/values, once per prompt
+            layer.keys, layer.values = layer.keys.expand(k, -1, -1, -1).clone(), layer.values.expand(k, -1, -1, -1).clone()
+    ids = torch.full((k, S), pad, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, S - (len(p) - P):] = torch.tensor(p[P:], device=device)
+        mask[i, :P] = 1
+        mask[i, P + S - (len(p) - P):P + S] = 1
+    pos = (mask[:, :P + S].cumsum(-1) - 1).clamp(min=0)[:, P:]
+    res = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                logits_to_keep=1)
+    return cache, res.logits[:, -1], mask, pos[:, -1:], P + S
+
+
+def _rows(cache, pick, *tensors):
+    """`pick` (rows of a batch -> rows) applied to every cache layer's keys and values, in place,
+    and to each tensor, returned: the batch's rows repeated or compacted all alike."""
+    for layer in cache.layers:
+        layer.keys, layer.values = pick(layer.keys), pick(layer.values)
+    return [pick(x) for x in tensors]
 
 
 def sample(model, tokenizer, messages_list, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0,

@@ -262,7 +262,7 @@ def _spawn(mode, code, problem, ops, handler, timeout, mem_mb, stdin=None, keep_
     uid = random.SystemRandom().randrange(1 << 28) + (1 << 30) if uid_drop else None
     host_dir = None
     if mounts:
-        workdir = "/tmp/w"
+        workdir = "/tmp/w"  # in the child's own tmpfs
     else:
         host_dir = workdir = tempfile.mkdtemp(prefix="spogw-sbx-")
         if uid is not None:
@@ -271,97 +271,9 @@ def _spawn(mode, code, problem, ops, handler, timeout, mem_mb, stdin=None, keep_
                mounts=mounts, block_net=block_net, workdir=workdir, cap=CAP, site_dir=_SITE[0], site=_SITE[1],
                mem=int(mem_mb) << 20, cpu=int(timeout) + 1, fsize=16 << 20, nofile=64, nproc=64,
                tmpfs_kb=64 * 1024)
-    c_in_r, c_in_w = os.pipe()  # parent -> child
-    c_out_r, c_out_w = os.pipe()  # child -> parent
-    try:
-        proc = subprocess.Popen(
-            prefix + [py, "-I", "-S", "-c", CHILD, str(c_in_r), str(c_out_w)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE if keep_stdout else subprocess.DEVNULL,
-            stderr=subprocess.PIPE, pass_fds=(c_in_r, c_out_w), start_new_session=True,
-            env=_env(workdir), cwd="/" if mounts else workdir)
-    except OSError as e:
-        for fd in (c_in_r, c_in_w, c_out_r, c_out_w):
-            os.close(fd)
-        if host_dir:
-            shutil.rmtree(host_dir, ignore_errors=True)
-        _FAILED.error = SandboxError(f"cannot start the sandbox child: {e}")
-        raise _FAILED.error from e
-    os.close(c_in_r)
-    os.close(c_out_w)
-    os.set_blocking(c_in_w, False)
-    pending = bytearray(json.dumps(cfg).encode() + b"\n")
+    proc, to_child, from_child = _start(prefix + [py], cfg, keep_stdout, host_dir)
     sel = selectors.DefaultSelector()
-    sel.register(c_out_r, selectors.EVENT_READ, "ctl")
-    sel.register(proc.stderr, selectors.EVENT_READ, "err")
-    if keep_stdout:
-        sel.register(proc.stdout, selectors.EVENT_READ, "out")
-    sel.register(c_in_w, selectors.EVENT_WRITE, "in")
-    bufs = {"ctl": bytearray(), "out": bytearray(), "err": bytearray()}
-    sizes = {"out": 0, "err": 0}
-    final, protocol, timed_out, exited = None, None, False, False
-    deadline = t0 + timeout
-    last_check = t0
-    readers = 3 if keep_stdout else 2
-    while readers and not protocol and not _STOP.is_set():
-        now = time.monotonic()
-        if now >= deadline:
-            timed_out = not exited
-            break
-        events = sel.select(min(deadline - now, 0.25))
-        for key, _ in events:
-            if key.data == "in":
-                try:
-                    del pending[:os.write(key.fd, pending[:65536])]
-                except BlockingIOError:
-                    pass
-                except OSError:  # the child is gone or closed its end
-                    pending.clear()
-                if not pending:
-                    sel.unregister(key.fd)
-                continue
-            data = os.read(key.fd, 65536)
-            if not data:
-                sel.unregister(key.fileobj)
-                readers -= 1
-                continue
-            if key.data != "ctl":  # keep the head, drain and drop the rest
-                sizes[key.data] += len(data)
-                room = CAP + 1 - len(bufs[key.data])
-                if room > 0:
-                    bufs[key.data] += data[:room]
-                continue
-            if final is not None:
-                continue  # anything after the result is noise; do not buffer it
-            buf = bufs["ctl"]
-            buf += data
-            while final is None and not protocol:
-                nl = buf.find(b"\n")
-                if nl < 0:
-                    if len(buf) > MAX_MSG:
-                        protocol = "message over 4 MB"
-                    break
-                line = bytes(buf[:nl])
-                del buf[:nl + 1]
-                try:
-                    msg = json.loads(line)
-                    assert isinstance(msg, dict)
-                except Exception:
-                    protocol = "malformed message from the child"
-                    break
-                if "op" in msg and handler is not None:
-                    t_op = time.monotonic()
-                    reply = handler(msg)
-                    deadline += time.monotonic() - t_op
-                    if not pending:
-                        sel.register(c_in_w, selectors.EVENT_WRITE, "in")
-                    pending += json.dumps(reply).encode() + b"\n"
-                else:
-                    final = msg
-        if not exited and (not events or time.monotonic() - last_check > 0.25):
-            last_check = time.monotonic()
-            if not _alive(proc.pid):  # exited, but something it started still holds our pipes
-                exited = True
-                deadline = min(deadline, last_check + 0.2)
+    final, protocol, timed_out, heads, sizes = _broker(sel, proc, to_child, from_child, cfg, handler, t0, timeout)
     # kill the whole group before reaping, so the pgid cannot have been reused by then
     try:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -374,15 +286,136 @@ def _spawn(mode, code, problem, ops, handler, timeout, mem_mb, stdin=None, keep_
     for f in (proc.stdout, proc.stderr):
         if f:
             f.close()
-    os.close(c_out_r)
-    os.close(c_in_w)
+    os.close(from_child)
+    os.close(to_child)
     if host_dir:
         shutil.rmtree(host_dir, ignore_errors=True)
     def text(k):
-        s = bytes(bufs[k][:CAP]).decode("utf-8", "replace")
+        s = bytes(heads[k][:CAP]).decode("utf-8", "replace")
         return s + MARK if sizes[k] > CAP else s
     return dict(final=final, stdout=text("out"), stderr=text("err"), rc=rc, timed_out=timed_out,
                 protocol=protocol, seconds=time.monotonic() - t0)
+
+
+def _start(argv, cfg, keep_stdout, host_dir):
+    """Start the child `argv + [-I -S -c CHILD, its two pipe ends]` in its own session: (proc, our
+    write end to it, our read end from it). A child that cannot start raises SandboxError (kept in
+    _FAILED: run_workflow's handler may be the one starting it)."""
+    c_in_r, c_in_w = os.pipe()  # parent -> child
+    c_out_r, c_out_w = os.pipe()  # child -> parent
+    try:
+        proc = subprocess.Popen(
+            argv + ["-I", "-S", "-c", CHILD, str(c_in_r), str(c_out_w)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE if keep_stdout else subprocess.DEVNULL,
+            stderr=subprocess.PIPE, pass_fds=(c_in_r, c_out_w), start_new_session=True,
+            env=_env(cfg["workdir"]), cwd="/" if cfg["mounts"] else cfg["workdir"])
+    except OSError as e:
+        for fd in (c_in_r, c_in_w, c_out_r, c_out_w):
+            os.close(fd)
+        if host_dir:
+            shutil.rmtree(host_dir, ignore_errors=True)
+        _FAILED.error = SandboxError(f"cannot start the sandbox child: {e}")
+        raise _FAILED.error from e
+    os.close(c_in_r)
+    os.close(c_out_w)
+    return proc, c_in_w, c_out_r
+
+
+def _broker(sel, proc, to_child, from_child, cfg, handler, t0, timeout):
+    """Send the child `cfg`, answer its operator calls, keep its result and the head of its stdout /
+    stderr, until its pipes close, the deadline (time in `handler` extends it), a protocol error or
+    a stop: (final, protocol, timed_out, heads, sizes). One select loop, so no pipe can block us."""
+    os.set_blocking(to_child, False)
+    pending = bytearray(json.dumps(cfg).encode() + b"\n")
+    sel.register(from_child, selectors.EVENT_READ, "ctl")
+    sel.register(proc.stderr, selectors.EVENT_READ, "err")
+    if proc.stdout is not None:  # kept for programs only
+        sel.register(proc.stdout, selectors.EVENT_READ, "out")
+    sel.register(to_child, selectors.EVENT_WRITE, "in")
+    heads = {"ctl": bytearray(), "out": bytearray(), "err": bytearray()}
+    sizes = {"out": 0, "err": 0}
+    final, protocol, timed_out, exited = None, None, False, False
+    deadline = t0 + timeout
+    last_check = t0
+    readers = 3 if proc.stdout is not None else 2
+    while readers and not protocol and not _STOP.is_set():
+        now = time.monotonic()
+        if now >= deadline:
+            timed_out = not exited
+            break
+        events = sel.select(min(deadline - now, 0.25))
+        for key, _ in events:
+            if key.data == "in":
+                _write_some(key.fd, pending)
+                if not pending:
+                    sel.unregister(key.fd)
+                continue
+            data = os.read(key.fd, 65536)
+            if not data:
+                sel.unregister(key.fileobj)
+                readers -= 1
+                continue
+            if key.data != "ctl":
+                _keep_head(heads, sizes, key.data, data)
+                continue
+            if final is not None:
+                continue  # anything after the result is noise; do not buffer it
+            heads["ctl"] += data
+            while final is None and not protocol:
+                msg, protocol = _take_message(heads["ctl"])
+                if msg is None:
+                    break
+                if "op" in msg and handler is not None:
+                    t_op = time.monotonic()
+                    reply = handler(msg)
+                    deadline += time.monotonic() - t_op
+                    if not pending:
+                        sel.register(to_child, selectors.EVENT_WRITE, "in")
+                    pending += json.dumps(reply).encode() + b"\n"
+                else:
+                    final = msg
+        if not exited and (not events or time.monotonic() - last_check > 0.25):
+            last_check = time.monotonic()
+            if not _alive(proc.pid):  # exited, but something it started still holds our pipes
+                exited = True
+                deadline = min(deadline, last_check + 0.2)
+    return final, protocol, timed_out, heads, sizes
+
+
+def _keep_head(heads, sizes, stream, data):
+    """Count `data` and keep it while the stream's head is short of CAP + 1 bytes: the rest is
+    drained and dropped, so a flood of output costs no memory."""
+    sizes[stream] += len(data)
+    room = CAP + 1 - len(heads[stream])
+    if room > 0:
+        heads[stream] += data[:room]
+
+
+def _write_some(fd, pending):
+    """Write what the non-blocking pipe takes of `pending` and drop it from there; all of it is
+    dropped when the child is gone or closed its end."""
+    try:
+        del pending[:os.write(fd, pending[:65536])]
+    except BlockingIOError:
+        pass
+    except OSError:
+        pending.clear()
+
+
+def _take_message(buf):
+    """Take the first complete line of `buf` off it as a JSON object: (msg, None); (None, None)
+    while no line is complete; (None, reason) for a protocol error."""
+    nl = buf.find(b"\n")
+    if nl < 0:
+        return None, ("message over 4 MB" if len(buf) > MAX_MSG else None)
+    line = bytes(buf[:nl])
+    del buf[:nl + 1]
+    try:
+        msg = json.loads(line)
+        assert isinstance(msg, dict)
+    except Exception:
+        return None, "malformed message from the child"
+    return msg, None
 
 
 def _death(rc, stderr):

@@ -53,118 +53,158 @@ def seal(libc, notes, scratch):
             notes.append("left writable: %s (errno %d)" % (point.decode(errors="replace"), ctypes.get_errno()))
 
 
-def main():
-    rf = os.fdopen(int(sys.argv[1]), "rb")
-    wf = os.fdopen(int(sys.argv[2]), "wb", 0)
-    cfg = json.loads(rf.readline())
-    dumps, cap, notes = json.dumps, cfg["cap"], []
-    def send(obj):
-        wf.write(dumps(obj).encode() + b"\n")
+def confine():
+    """Read the run's config from the parent and put the isolation in force, in the order that keeps
+    it safe: mounts while still (namespace-)root, limits, then privileges given up, then the audit
+    hook. Returns (cfg, pipe from the parent, pipe to the parent, notes)."""
+    from_parent = os.fdopen(int(sys.argv[1]), "rb")
+    to_parent = os.fdopen(int(sys.argv[2]), "wb", 0)
+    cfg = json.loads(from_parent.readline())
+    notes = []  # what could not be put in force; the result carries them to the parent (isolation())
+    uid = cfg["uid"]
     libc = None
-    if cfg["mounts"] or cfg["uid"] is not None:
+    if cfg["mounts"] or uid is not None:
         libc = ctypes.CDLL(None, use_errno=True)
     if cfg["mounts"]:
-        # we are PID 1 of fresh namespaces, still (namespace-)root: give the run a private tmpfs
-        # and make everything else read-only, before dropping privileges
-        def mount(src, dst, fs, flags, data):
-            if libc.mount(src, dst, fs, flags, data) != 0:
-                notes.append("mount %s failed: errno %d" % (dst.decode(), ctypes.get_errno()))
-                return False
-            return True
-        opts = ("size=%dk,mode=1777" % cfg["tmpfs_kb"]).encode()
-        site = cfg["site_dir"]
-        # hold each package dir open first: a venv under /tmp (a CI runner's, a newcomer's) is hidden
-        # by the tmpfs below, and the bind then reads it through the descriptor instead of the path
-        held = [(name, os.open(src, os.O_PATH | os.O_DIRECTORY)) for name, src in cfg["site"]] if site else []
-        if mount(b"tmpfs", b"/tmp", b"tmpfs", MS_NOSUID | MS_NODEV, opts) and site:
-            # the importable packages (see _site()): each dir a read-only bind in a tmpfs that is
-            # itself remounted read-only, so neither a fresh uid nor a userns root (whose uid may own
-            # the files) can change them, and `..` from a bind ends in this tmpfs, not site-packages
-            os.mkdir(site, 0o755)
-            if mount(b"tmpfs", site.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, b"size=64k,mode=755"):
-                for name, fd in held:
-                    dst = (site + "/" + name).encode()
-                    os.mkdir(dst)
-                    if mount(b"/proc/self/fd/%d" % fd, dst, None, MS_BIND, None) and not mount(
-                            None, dst, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV, None):
-                        libc.umount2(dst, 2)  # MNT_DETACH: never leave a writable bind behind
-                mount(None, site.encode(), None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
-        for _, fd in held:
-            os.close(fd)
-        if os.path.isdir("/dev/shm"):
-            mount(b"tmpfs", b"/dev/shm", b"tmpfs", MS_NOSUID | MS_NODEV, b"size=1024k,mode=1777")
-        os.makedirs(cfg["workdir"], 0o700, exist_ok=True)
-        seal(libc, notes, b"/tmp")
-    uid = cfg["uid"]
+        private_filesystem(libc, cfg, notes)
     if uid is not None and cfg["mounts"]:
         os.chown(cfg["workdir"], uid, uid)
     os.chdir(cfg["workdir"])
-    R = resource
-    lim = [(R.RLIMIT_CORE, 0), (R.RLIMIT_FSIZE, cfg["fsize"]), (R.RLIMIT_NOFILE, cfg["nofile"]),
-           (R.RLIMIT_AS, cfg["mem"])]
-    if uid is not None:  # NPROC counts per uid; our uid is fresh, so this is per run
-        lim.append((R.RLIMIT_NPROC, cfg["nproc"]))
-    for what, n in lim:
-        try:
-            R.setrlimit(what, (n, n))
-        except (ValueError, OSError) as e:
-            notes.append("rlimit %d: %s" % (what, e))
-    R.setrlimit(R.RLIMIT_CPU, (cfg["cpu"], cfg["cpu"] + 1))
+    set_limits(cfg, notes)
     if libc is not None:
         libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: setuid binaries cannot give root back
     if cfg["mounts"] and uid is None:
-        # namespace root with no uid to drop to (userns mode): give up every capability, or the
-        # workflow could simply remount / read-write. The bounding set first, so that exec'ing a
-        # program as uid 0 cannot hand them back.
-        for cap in range(64):
-            libc.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP
-        class Hdr(ctypes.Structure):
-            _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-        empty = (ctypes.c_uint32 * 6)()
-        if libc.capset(ctypes.byref(Hdr(0x20080522, 0)), empty) != 0:
-            notes.append("capset failed: errno %d" % ctypes.get_errno())
+        drop_capabilities(libc, notes)
     if uid is not None:
-        os.setgroups([])
-        os.setgid(uid)
-        os.setuid(uid)
-        libc.prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG=SIGKILL again: setuid() cleared it
+        drop_to_uid(libc, uid)
     if cfg["block_net"]:
-        # no network namespace: refuse sockets (and the usual ways around the hook) in Python
-        def hook(event, args):
-            if event == "socket.__new__" and args[1] != 1 or event in (
-                    "ctypes.dlopen", "subprocess.Popen", "os.system", "os.exec", "os.posix_spawn",
-                    "os.spawn", "os.fork", "os.forkpty", "pty.spawn"):
-                raise PermissionError("sandbox: %s blocked" % event)
-        sys.addaudithook(hook)
+        block_network()
     if cfg.get("stdin") is not None:
-        fd = os.memfd_create("stdin") if hasattr(os, "memfd_create") else os.open(".stdin", os.O_RDWR | os.O_CREAT, 0o600)
-        os.write(fd, cfg["stdin"].encode())
-        os.lseek(fd, 0, 0)
-        os.dup2(fd, 0)
-        os.close(fd)
+        provide_stdin(cfg["stdin"])
     if cfg["site_dir"]:
         sys.path.append(cfg["site_dir"])  # after the stdlib: a package cannot shadow a stdlib module
-    code = cfg["code"]
-    if cfg["mode"] == "program":
-        sys.argv = ["program"]
-        status = 0
+    return cfg, from_parent, to_parent, notes
+
+
+def private_filesystem(libc, cfg, notes):
+    """We are PID 1 of fresh namespaces, still (namespace-)root: give the run a private tmpfs and
+    make everything else read-only, before dropping privileges."""
+    def mount(src, dst, fs, flags, data):
+        if libc.mount(src, dst, fs, flags, data) != 0:
+            notes.append("mount %s failed: errno %d" % (dst.decode(), ctypes.get_errno()))
+            return False
+        return True
+    tmp_opts = ("size=%dk,mode=1777" % cfg["tmpfs_kb"]).encode()
+    site = cfg["site_dir"]
+    # hold each package dir open first: a venv under /tmp (a CI runner's, a newcomer's) is hidden
+    # by the tmpfs below, and the bind then reads it through the descriptor instead of the path
+    held = [(name, os.open(src, os.O_PATH | os.O_DIRECTORY)) for name, src in cfg["site"]] if site else []
+    if mount(b"tmpfs", b"/tmp", b"tmpfs", MS_NOSUID | MS_NODEV, tmp_opts) and site:
+        # the importable packages (see _site()): each dir a read-only bind in a tmpfs that is
+        # itself remounted read-only, so neither a fresh uid nor a userns root (whose uid may own
+        # the files) can change them, and `..` from a bind ends in this tmpfs, not site-packages
+        os.mkdir(site, 0o755)
+        if mount(b"tmpfs", site.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, b"size=64k,mode=755"):
+            for name, fd in held:
+                dst = (site + "/" + name).encode()
+                os.mkdir(dst)
+                if mount(b"/proc/self/fd/%d" % fd, dst, None, MS_BIND, None) and not mount(
+                        None, dst, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV, None):
+                    libc.umount2(dst, 2)  # MNT_DETACH: never leave a writable bind behind
+            mount(None, site.encode(), None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
+    for _, fd in held:
+        os.close(fd)
+    if os.path.isdir("/dev/shm"):
+        mount(b"tmpfs", b"/dev/shm", b"tmpfs", MS_NOSUID | MS_NODEV, b"size=1024k,mode=1777")
+    os.makedirs(cfg["workdir"], 0o700, exist_ok=True)
+    seal(libc, notes, b"/tmp")
+
+
+def set_limits(cfg, notes):
+    """The run's resource limits. One that cannot be set is only noted, but not the CPU limit: set
+    last and unguarded, it ends the child if it fails."""
+    limits = [(resource.RLIMIT_CORE, 0), (resource.RLIMIT_FSIZE, cfg["fsize"]),
+              (resource.RLIMIT_NOFILE, cfg["nofile"]), (resource.RLIMIT_AS, cfg["mem"])]
+    if cfg["uid"] is not None:  # NPROC counts per uid; our uid is fresh, so this is per run
+        limits.append((resource.RLIMIT_NPROC, cfg["nproc"]))
+    for what, n in limits:
         try:
-            exec(compile(code, "<program>", "exec"), {"__name__": "__main__", "__builtins__": builtins})
-        except SystemExit as e:
-            status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-            if not isinstance(e.code, int) and e.code is not None:
-                sys.stderr.write(str(e.code) + "\n")
-        except BaseException:
-            et, ev, tb = sys.exc_info()
-            traceback.print_exception(et, ev, tb.tb_next)  # the program's frames, not ours
-            status = 1
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        except BaseException:
-            pass
-        os._exit(status & 255)
-    lock = _thread.allocate_lock()
+            resource.setrlimit(what, (n, n))
+        except (ValueError, OSError) as e:
+            notes.append("rlimit %d: %s" % (what, e))
+    resource.setrlimit(resource.RLIMIT_CPU, (cfg["cpu"], cfg["cpu"] + 1))
+
+
+def drop_capabilities(libc, notes):
+    """Namespace root with no uid to drop to (userns mode): give up every capability, or the
+    workflow could simply remount / read-write. The bounding set first, so that exec'ing a program
+    as uid 0 cannot hand them back."""
+    for capability in range(64):
+        libc.prctl(24, capability, 0, 0, 0)  # PR_CAPBSET_DROP
+    class Hdr(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+    empty = (ctypes.c_uint32 * 6)()
+    if libc.capset(ctypes.byref(Hdr(0x20080522, 0)), empty) != 0:
+        notes.append("capset failed: errno %d" % ctypes.get_errno())
+
+
+def drop_to_uid(libc, uid):
+    """Become the run's fresh, unprivileged uid, with no supplementary groups."""
+    os.setgroups([])
+    os.setgid(uid)
+    os.setuid(uid)
+    libc.prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG=SIGKILL again: setuid() cleared it
+
+
+def block_network():
+    """No network namespace: refuse sockets (and the usual ways around the hook) in Python."""
+    def hook(event, args):
+        if event == "socket.__new__" and args[1] != 1 or event in (
+                "ctypes.dlopen", "subprocess.Popen", "os.system", "os.exec", "os.posix_spawn",
+                "os.spawn", "os.fork", "os.forkpty", "pty.spawn"):
+            raise PermissionError("sandbox: %s blocked" % event)
+    sys.addaudithook(hook)
+
+
+def provide_stdin(text):
+    """`text` as fd 0: a memfd, else a file in the work dir."""
+    fd = os.memfd_create("stdin") if hasattr(os, "memfd_create") else os.open(".stdin", os.O_RDWR | os.O_CREAT, 0o600)
+    os.write(fd, text.encode())
+    os.lseek(fd, 0, 0)
+    os.dup2(fd, 0)
+    os.close(fd)
+
+
+def run_program(code):
+    """Run `code` as __main__ and exit with its status, as `python program.py` would."""
+    sys.argv = ["program"]
+    status = 0
+    try:
+        exec(compile(code, "<program>", "exec"), {"__name__": "__main__", "__builtins__": builtins})
+    except SystemExit as e:
+        status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if not isinstance(e.code, int) and e.code is not None:
+            sys.stderr.write(str(e.code) + "\n")
+    except BaseException:
+        exc_type, exc, tb = sys.exc_info()
+        traceback.print_exception(exc_type, exc, tb.tb_next)  # the program's frames, not ours
+        status = 1
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BaseException:
+        pass
+    os._exit(status & 255)
+
+
+def run_workflow(cfg, from_parent, to_parent, notes):
+    """Run `solve(problem)` with one stub per operator name, each a round trip to the parent, send
+    the result ({answer} or {error}, and the notes) and exit."""
+    dumps, cap = json.dumps, cfg["cap"]
+    lock = _thread.allocate_lock()  # one call in flight: replies come back in order on one pipe
+
+    def send(obj):
+        to_parent.write(dumps(obj).encode() + b"\n")
 
     class OperatorError(Exception):
         pass
@@ -173,7 +213,7 @@ def main():
         def op(*args, **kwargs):
             with lock:
                 send({"op": name, "args": list(args), "kwargs": kwargs})
-                line = rf.readline()
+                line = from_parent.readline()
             if not line:
                 raise OperatorError("broker closed")
             msg = json.loads(line)
@@ -193,13 +233,13 @@ def main():
             msg = type(e).__name__
         return msg[:2000]
 
-    g = {"__name__": "workflow", "__builtins__": dict(builtins.__dict__), "OperatorError": OperatorError}
+    namespace = {"__name__": "workflow", "__builtins__": dict(builtins.__dict__), "OperatorError": OperatorError}
     for name in cfg["ops"]:
-        g[name] = stub(name)
+        namespace[name] = stub(name)
     out = {"notes": notes}
     try:
-        exec(compile(code, "<workflow>", "exec"), g)
-        solve = g.get("solve")
+        exec(compile(cfg["code"], "<workflow>", "exec"), namespace)
+        solve = namespace.get("solve")
         if not callable(solve):
             out["error"] = "no solve()"
         else:
@@ -214,4 +254,11 @@ def main():
         out["error"] = "exception: " + describe(e)
     send(out)
     os._exit(0)  # do not wait for threads the workflow left running
-main()
+
+
+# The untrusted code runs one call below this module's frame, as it did before the runtime was
+# split into functions: one more call would take a frame from the code's recursion limit.
+cfg, from_parent, to_parent, notes = confine()
+if cfg["mode"] == "program":
+    run_program(cfg["code"])
+run_workflow(cfg, from_parent, to_parent, notes)

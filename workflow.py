@@ -199,7 +199,8 @@ def _problem_literals(problem):
 
 def check_workflow(code, problem=None, allowed_ops=ALL_OPERATORS, max_calls=10):
     """Static check of a generated workflow, before any execution (ARCHITECTURE §3).
-    Returns (ok, reason); reason is short and names the line, e.g. "import not allowed (line 3)"."""
+    Returns (ok, reason); reason is short and names the line, e.g. "import not allowed (line 3)".
+    The checks run in a fixed order and the first failure is the reason."""
     try:
         tree = ast.parse(code)
     except SyntaxError as e:
@@ -208,53 +209,8 @@ def check_workflow(code, problem=None, allowed_ops=ALL_OPERATORS, max_calls=10):
         return False, "unparsable code"
     ops = set(allowed_ops)
     try:
-        for n in ast.walk(tree):  # first, so a top-level import is named as such
-            if isinstance(n, (ast.Import, ast.ImportFrom)):
-                raise _Reject(f"import not allowed {_line(n)}")
-        body = tree.body
-        if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
-                and isinstance(body[0].value.value, str):
-            body = body[1:]  # a module docstring is fine
-        solves = [n for n in body if isinstance(n, ast.FunctionDef) and n.name == "solve"]
-        if not solves:
-            raise _Reject("no def solve(problem)")
-        for n in body:
-            if not (isinstance(n, ast.FunctionDef) and n.name == "solve"):
-                raise _Reject(f"top-level code not allowed {_line(n)}")
-        if len(solves) > 1:
-            raise _Reject(f"more than one solve {_line(solves[1])}")
-        fn = solves[0]
-        a = fn.args
-        if (len(a.args) != 1 or a.posonlyargs or a.vararg or a.kwarg or a.kwonlyargs or a.defaults):
-            raise _Reject(f"solve must take exactly one argument {_line(fn)}")
-        if fn.decorator_list:
-            raise _Reject(f"decorator not allowed {_line(fn)}")
-        called = {id(n.func) for n in ast.walk(fn) if isinstance(n, ast.Call)}
-        for n in ast.walk(fn):
-            if n is fn:
-                continue
-            if isinstance(n, (ast.Import, ast.ImportFrom)):
-                raise _Reject(f"import not allowed {_line(n)}")
-            if isinstance(n, ast.While):
-                raise _Reject(f"while loop not allowed {_line(n)}")
-            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
-                raise _Reject(f"nested function or class not allowed {_line(n)}")
-            if isinstance(n, (ast.Global, ast.Nonlocal, ast.Yield, ast.YieldFrom, ast.Await)):
-                raise _Reject(f"{type(n).__name__.lower()} not allowed {_line(n)}")
-            if isinstance(n, ast.Name) and "__" in n.id:
-                raise _Reject(f"dunder name {n.id} not allowed {_line(n)}")
-            if isinstance(n, ast.Attribute) and n.attr.startswith("_"):
-                raise _Reject(f"attribute {n.attr} not allowed {_line(n)}")
-            if isinstance(n, ast.Attribute) and n.attr in ("format", "format_map"):
-                raise _Reject(f"str.{n.attr} not allowed {_line(n)}")  # "{0.__class__}".format(x)
-            if isinstance(n, ast.Name) and n.id in ops and isinstance(n.ctx, ast.Load) and id(n) not in called:
-                raise _Reject(f"operator {n.id} must be called directly {_line(n)}")  # sorted(key=review)
-            if isinstance(n, ast.Call):
-                if isinstance(n.func, ast.Name):
-                    if n.func.id not in ops and n.func.id not in SAFE_BUILTINS:
-                        raise _Reject(f"call to {n.func.id} not allowed {_line(n)}")
-                elif not isinstance(n.func, ast.Attribute):
-                    raise _Reject(f"indirect call not allowed {_line(n)}")
+        fn = _the_solve(tree)
+        _check_nodes(fn, ops)
         _check_names(fn, ops)
         _check_arity(fn, ops)
         calls = sum(_count_calls(s, ops) for s in fn.body)
@@ -269,6 +225,65 @@ def check_workflow(code, problem=None, allowed_ops=ALL_OPERATORS, max_calls=10):
     except RecursionError:
         return False, "code nested too deeply"
     return True, "ok"
+
+
+def _the_solve(tree):
+    """The module's one `def solve(problem)`: no import anywhere, nothing else at the top level but
+    a docstring, exactly one plain argument, no decorator."""
+    for n in ast.walk(tree):  # first, so a top-level import is named as such
+        if isinstance(n, (ast.Import, ast.ImportFrom)):
+            raise _Reject(f"import not allowed {_line(n)}")
+    body = tree.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+            and isinstance(body[0].value.value, str):
+        body = body[1:]  # a module docstring is fine
+    solves = [n for n in body if isinstance(n, ast.FunctionDef) and n.name == "solve"]
+    if not solves:
+        raise _Reject("no def solve(problem)")
+    for n in body:
+        if not (isinstance(n, ast.FunctionDef) and n.name == "solve"):
+            raise _Reject(f"top-level code not allowed {_line(n)}")
+    if len(solves) > 1:
+        raise _Reject(f"more than one solve {_line(solves[1])}")
+    fn = solves[0]
+    a = fn.args
+    if (len(a.args) != 1 or a.posonlyargs or a.vararg or a.kwarg or a.kwonlyargs or a.defaults):
+        raise _Reject(f"solve must take exactly one argument {_line(fn)}")
+    if fn.decorator_list:
+        raise _Reject(f"decorator not allowed {_line(fn)}")
+    return fn
+
+
+def _check_nodes(fn, ops):
+    """Reject, node by node inside solve, what could reach past the operators and SAFE_BUILTINS or
+    past the call count: imports, while loops (their calls cannot be counted), nested code, dunders
+    and private attributes, str.format, an operator passed around instead of called, any other call."""
+    called = {id(n.func) for n in ast.walk(fn) if isinstance(n, ast.Call)}
+    for n in ast.walk(fn):
+        if n is fn:
+            continue
+        if isinstance(n, (ast.Import, ast.ImportFrom)):
+            raise _Reject(f"import not allowed {_line(n)}")
+        if isinstance(n, ast.While):
+            raise _Reject(f"while loop not allowed {_line(n)}")
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            raise _Reject(f"nested function or class not allowed {_line(n)}")
+        if isinstance(n, (ast.Global, ast.Nonlocal, ast.Yield, ast.YieldFrom, ast.Await)):
+            raise _Reject(f"{type(n).__name__.lower()} not allowed {_line(n)}")
+        if isinstance(n, ast.Name) and "__" in n.id:
+            raise _Reject(f"dunder name {n.id} not allowed {_line(n)}")
+        if isinstance(n, ast.Attribute) and n.attr.startswith("_"):
+            raise _Reject(f"attribute {n.attr} not allowed {_line(n)}")
+        if isinstance(n, ast.Attribute) and n.attr in ("format", "format_map"):
+            raise _Reject(f"str.{n.attr} not allowed {_line(n)}")  # "{0.__class__}".format(x)
+        if isinstance(n, ast.Name) and n.id in ops and isinstance(n.ctx, ast.Load) and id(n) not in called:
+            raise _Reject(f"operator {n.id} must be called directly {_line(n)}")  # sorted(key=review)
+        if isinstance(n, ast.Call):
+            if isinstance(n.func, ast.Name):
+                if n.func.id not in ops and n.func.id not in SAFE_BUILTINS:
+                    raise _Reject(f"call to {n.func.id} not allowed {_line(n)}")
+            elif not isinstance(n.func, ast.Attribute):
+                raise _Reject(f"indirect call not allowed {_line(n)}")
 
 
 def _check_names(fn, ops):

@@ -17,7 +17,8 @@ BUDGET = 450  # lines per project file (the model repos run 110-500)
 # The parent side of the sandbox keeps the isolation probe with the spawn loop it runs: split apart,
 # the probe and the spawn would import each other (the probe starts a real child, the spawn needs
 # the probed mode). The stop event is checked by the spawn loop and set by run_many: one mechanism.
-BUDGETS = {"sandbox.py": 530}
+# 530 -> 565: the 132-line spawn became a driver and its steps (start, broker loop, pipe helpers).
+BUDGETS = {"sandbox.py": 565}
 TEST_BUDGET = 700  # lines per test file
 # imports allowed inside a function, as (file, module), each with its reason.
 LAZY_ALLOWED = {("scorers.py", "sympy"),  # only the MATH scorer needs it; it would cost every workflow runner ~0.5 s

@@ -77,3 +77,18 @@ def test_no_mount_but_the_work_dir_is_writable(monkeypatch, mode):
     assert r["ok"] and r["stdout"].splitlines() == ["['/tmp']", "the work dir stays writable"], r
     assert "left writable" not in iso, iso
     assert open("/proc/self/mountinfo").read() == host  # every remount stayed in the child's namespace
+
+
+@pytest.mark.parametrize("mode", ["ns", "userns", "uid", "none"])
+def test_every_mode_keeps_the_whole_answer(monkeypatch, mode):
+    """The userns mode's capability loop reused the name of the output cap: every answer came back
+    clipped to 63 characters."""
+    monkeypatch.setenv("SPOGW_SANDBOX_ISOLATION", mode)
+    for k, v in (("_MODE", None), ("ISOLATION", "unprobed"), ("_SITE", (None, []))):
+        monkeypatch.setattr(sandbox, k, v)
+    try:
+        sandbox.isolation()
+    except sandbox.SandboxError:
+        pytest.skip(f"the {mode} mode is not available here")
+    r = sandbox.run_workflow("def solve(p):\n    return p * 100\n", "x", [], None, timeout=30)
+    assert r == dict(answer="x" * 100, error=None, seconds=r["seconds"]), r
