@@ -4,6 +4,7 @@
     python bench.py sandbox [--n 200] [--n-import 20] [--workers 2]
     python bench.py executor [--concurrency 1 8]
     python bench.py gpu [--models 135m 1.7b 7b] [--json]   # needs CUDA; see bench_gpu.py
+    python bench.py loop [--problems 2 --m 8] [--quick] [--json]   # a row per phase of the loop; bench_loop.py
 """
 import argparse
 import gc
@@ -18,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 import bench_gpu
+import bench_loop
 import executor
 import losses
 import operators
@@ -426,5 +428,6 @@ if __name__ == "__main__":
     executor_parser(sub)
     kernel_parser(sub)
     bench_gpu.parser(sub)
+    bench_loop.parser(sub)
     args = ap.parse_args()
     args.fn(args)
