@@ -4,6 +4,7 @@
     python bench.py sandbox [--n 200] [--n-import 20] [--workers 2]
     python bench.py executor [--concurrency 1 8]
     python bench.py gpu [--models 135m 1.7b 7b] [--json]   # needs CUDA; see bench_gpu.py
+    python bench.py loop [--problems 2 --m 8] [--quick] [--json]   # a row per phase of the loop; bench_loop.py
 """
 import argparse
 import gc
@@ -18,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 import bench_gpu
+import bench_loop
 import executor
 import kernels
 import losses
@@ -437,13 +439,12 @@ def executor_parser(sub):
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=bench_executor)
 
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     # each benchmark section registers itself here: sub.add_parser(name) + set_defaults(fn=...)
-    sandbox_parser(sub)
-    executor_parser(sub)
-    kernel_parser(sub)
-    bench_gpu.parser(sub)
+    for register in (sandbox_parser, executor_parser, kernel_parser, bench_gpu.parser, bench_loop.parser):
+        register(sub)
     args = ap.parse_args()
     args.fn(args)

@@ -1,0 +1,450 @@
+"""Where the time of the embedded default loop goes: one row per phase of a small, real slice of it.
+
+    python bench.py loop                          # arith, embedded generator + local executor, 2 problems x 8
+    python bench.py loop --problems 4 --m 8 --eval-problems 4 --json
+    python bench.py loop --quick                  # tiny random models, in-process stub executor (the test)
+
+The slice is the loop's own code (ARCHITECTURE §1): collect.collect samples and runs m workflows per
+problem, curate.run groups them, train.update trains the LoRA one iteration, evaluate.eval_generator
+decodes and runs one greedy workflow per held-out problem. We time around it: rollout.pipelined is
+swapped for a sequential loop (collect.py overlaps sampling with execution; here each gets its own
+wall time), generator.sampler's sample(), train.seq_logprobs and train.step_loss are wrapped by name
+to record their time and inputs, and a proxy times each executor call (no response cache here).
+Without score variance curate keeps no group; then each problem's rollouts are grouped with
+synthetic advantages (the update row says so), which changes no FLOP. Seconds per phase:
+  generator decode  collect's sample() calls (prefill + decode of m workflows per problem)
+  executor calls    collect's calls: wall time with at least one in flight (union of their intervals)
+  sandbox           sum over collect's workflows of operators.run_workflow's `seconds` (spawn to result)
+                    minus their executor calls' time (a workflow's calls run one at a time inside its
+                    sandbox's handler): spawn, the workflow's Python, the sandboxes `programmer` runs,
+                    teardown; summed over workflows that ran concurrently on --workers threads
+  update fwd+bwd    train.update's step_loss calls;  pi_old pass: its seq_logprobs calls (no grad)
+  evaluation        eval_generator in all: greedy decode + execution of the held-out problems
+FLOPs are model FLOPs (Chowdhery et al. 2022, PaLM, App. B): no activation-checkpointing recompute,
+no padded positions, no rows decoding on after they stopped, no masked static-KV-cache slots. Per
+token position, with N_lin the weights of the decoder's nn.Linear modules (GQA's narrow k/v as they
+are), N_lora LoRA's A and B, L layers, d_attn = n_heads * head_dim, H V the LM head:
+  forward    2 (N_lin + N_lora) [Kaplan et al. 2020, Table 1: 2N] + 4 L d_attn per query-key pair [QK^T
+             and the sum over V, 2 d_attn each, as Hoffmann et al. 2022, App. F; Kaplan lists the QK^T
+             half]; causal: a token with c before it has c + 1 pairs; + 2 H V where logits are computed
+  backward   the frozen base forms activation gradients only, dX = dY W^T: 2 N_lin (the full backward
+             is 2x forward: Kaplan §2.1); LoRA both: 4 N_lora; attention dP, dV, dQ, dK: 2x its
+             forward; frozen head dh = g W: 2 H V per row. So fwd+bwd ~ 2x forward under LoRA, not 3x
+             (the first layer's q/k/v inputs need no gradient either: that slack is left in)
+Per phase: decode = per sampling.sample batch (batch_size // n prompts) the common prefix once, each
+suffix once, T - 1 fed positions per row of T tokens, the head at the prefix's, each prompt's last
+and each fed position; executor = the same per call alone from its usage and the executor model's
+shape (a prompt counts in full even when serve.py batches calls sharing a prefix); pi_old = forward
+of seq_logprobs' micro-batches (train.micro_batches) as train.forward_hidden runs them: each
+distinct prompt once, each distinct completion once after it, the head on every row's completion
+tokens; update = forward + backward of step_loss's micro-batches; evaluation = its decode (n = 1) +
+its executor calls. share = FLOP/s / that of an fp32 torch matmul [512 x H] @ [H x I] (the
+generator's sizes) at this process's thread count, best of --reps, in the same run; the local
+executor's servers run threads of their own, so its share may pass 1.
+"""
+import contextlib
+import inspect
+import os
+import json
+import string
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+import collect
+import config
+import curate
+import evaluate
+import executor
+import generator
+import lora
+import model
+import rollout
+import sampling
+import train
+from jsonl import read_jsonl, write_jsonl_atomic
+
+PHASES = {"decode": "generator decode", "executor": "executor calls", "sandbox": "sandbox", "update": "update fwd+bwd",
+          "pi_old": "π_old pass", "eval": "evaluation"}  # the rows, in order: JSON key and label
+VECTOR_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
+                "amx_bf16", "amx_int8", "asimd", "sve", "sve2")
+QUICK = dict(problems=1, m=2, eval_problems=1, max_new_tokens=24, call_tokens=12, guides="fewshot", n=3,
+             group_size=2, groups_per_problem=2, threads=1, workers=2, timeout=20.0)
+
+
+def cpu_line():
+    name, flags = "unknown CPU", set()  # the CPU model, its vector extensions, torch's threads
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, val = line.partition(":")
+            if key.strip() in ("model name", "Model", "CPU part") and name == "unknown CPU":
+                name = val.strip()
+            elif key.strip() in ("flags", "Features") and not flags:
+                flags = set(val.split())
+    ext = [f for f in VECTOR_FLAGS if f in flags]
+    return {"cpu": name, "vector_extensions": ext, "torch_threads": torch.get_num_threads()}
+
+
+def matmul_peak(H, I, M=512, reps=5, min_s=0.05):
+    """FLOP/s of an fp32 [M x H] @ [H x I] matmul at torch's thread count: best of `reps` timed loops."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(M, H, generator=g), torch.randn(H, I, generator=g)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(reps):
+        n, t0 = 0, time.perf_counter()
+        while (dt := time.perf_counter() - t0) < min_s or n == 0:
+            a @ b
+            n += 1
+        best = min(best, dt / n)
+    return {"shape": [M, H, I], "reps": reps, "flop_per_s": 2 * M * H * I / best}
+
+
+# ---- FLOP counting (the formulas of the module docstring) ----
+
+def shape_of(mdl):
+    """{linear, lora, head, layers, d_attn}: weights of the decoder's nn.Linear modules (LoRA's apart),
+    the LM head's H * V, the layer count and n_heads * head_dim."""
+    lins = [(".lora_" in f".{name}", m.weight.numel()) for name, m in mdl.get_decoder().named_modules()
+            if isinstance(m, nn.Linear)]
+    lin, lo, c = sum(k for is_lora, k in lins if not is_lora), sum(k for is_lora, k in lins if is_lora), mdl.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return {"linear": lin, "lora": lo, "head": mdl.get_output_embeddings().weight.numel(),
+            "layers": c.num_hidden_layers, "d_attn": c.num_attention_heads * head_dim}
+
+
+def pairs(before, n):
+    """Query-key pairs of n causal positions after `before` earlier ones: sum_{t=1..n} (before + t)."""
+    return n * before + n * (n + 1) // 2
+
+
+def forward_flops(s, tokens, qk, head_rows):
+    return 2 * (s["linear"] + s["lora"]) * tokens + 4 * s["layers"] * s["d_attn"] * qk + 2 * s["head"] * head_rows
+
+
+def backward_flops(s, tokens, qk, head_rows):
+    return 2 * (s["linear"] + 2 * s["lora"]) * tokens + 8 * s["layers"] * s["d_attn"] * qk + 2 * s["head"] * head_rows
+
+
+def train_layout(mb):
+    """(positions, query-key pairs, head rows) of one micro-batch as train.forward_hidden runs it."""
+    by = {}
+    for s in mb:
+        by.setdefault(tuple(s["ids"][:s["n_prompt"]]), set()).add(tuple(s["ids"][s["n_prompt"]:]))
+    tokens = qk = 0
+    for p, comps in by.items():
+        tokens += len(p) + sum(map(len, comps))
+        qk += pairs(0, len(p)) + sum(pairs(len(p), len(c)) for c in comps)
+    return tokens, qk, sum(len(s["ids"]) - s["n_prompt"] for s in mb)
+
+
+def decode_layout(prompts, rows, n):
+    """(positions, pairs, head rows, generated tokens) of one sampling.decode call: `prompts` token-id
+    lists, `rows` the n completions of each in order (the common prefix leaves each prompt a token)."""
+    P = 0
+    while P < min(map(len, prompts)) - 1 and all(p[P] == prompts[0][P] for p in prompts):
+        P += 1
+    tokens, qk = P + sum(len(p) - P for p in prompts), pairs(0, P) + sum(pairs(P, len(p) - P) for p in prompts)
+    fed = [max(len(r) - 1, 0) for r in rows]
+    tokens += sum(fed)
+    qk += sum(pairs(len(prompts[i // n]), f) for i, f in enumerate(fed))
+    return tokens, qk, (P > 0) + len(prompts) + sum(fed), sum(map(len, rows))
+
+
+def sample_flops(s, calls):
+    """(FLOPs, generated tokens, prompt positions) of sample() calls [(n, out)]; guides are not sampled."""
+    batch = inspect.signature(sampling.sample).parameters["batch_size"].default
+    fl = gen = pos = 0
+    for n, out in calls:
+        per = max(1, batch // n)
+        for b in range(0, len(out), per):
+            rows = [x["token_ids"] for xs in out[b:b + per] for x in xs if not x.get("guide")]
+            t, qk, head, g = decode_layout([x[0]["prompt_ids"] for x in out[b:b + per]], rows, n)
+            fl, gen, pos = fl + forward_flops(s, t, qk, head), gen + g, pos + t - sum(max(len(r) - 1, 0) for r in rows)
+    return fl, gen, pos
+
+
+def call_flops(s, calls):
+    """FLOPs of executor calls [(t0, t1, usage)], each decoded alone (0 without an executor shape)."""
+    return sum(forward_flops(s, *decode_layout([[0] * max(1, u["prompt_tokens"])], [[0] * u["completion_tokens"]], 1)[:3])
+               for *_, u in calls) if s else 0
+
+
+def busy(calls):
+    """Seconds during which at least one call was in flight (the union of their intervals)."""
+    total, end = 0.0, None
+    for t0, t1, _ in sorted(calls, key=lambda c: c[0]):
+        if end is None or t0 > end:
+            total, end = total + t1 - t0, t1
+        elif t1 > end:
+            total, end = total + t1 - end, t1
+    return total
+
+
+# ---- instrumentation ----
+
+class TimedExecutor:
+    """The run's executor, recording (start, end, usage) of every chat call into `calls`."""
+
+    def __init__(self, ex):
+        self.ex, self.calls, self.lock = ex, [], threading.Lock()
+
+    def __getattr__(self, name):
+        return getattr(self.ex, name)
+
+    def chat(self, messages, **kw):
+        t0 = time.perf_counter()
+        text, usage = self.ex.chat(messages, **kw)
+        with self.lock:
+            self.calls.append((t0, time.perf_counter(), usage))
+        return text, usage
+
+
+class StubExecutor:
+    """--executor stub: answers in this process, greedily, with a (tiny) model through sampling.decode,
+    the decoder serve.py runs; its usage counts the real tokens. One call at a time."""
+
+    def __init__(self, mdl, tok):
+        self.mdl, self.tok, self.lock, self.tripped = mdl, tok, threading.Lock(), None
+        self.stops = sampling.stop_ids(mdl, tok)
+
+    def chat(self, messages, temperature=0.0, max_tokens=512, sample_index=0):
+        ids = sampling.prompt_ids(self.tok, messages)
+        with self.lock:
+            ((toks, _),) = sampling.decode(self.mdl, [ids], 1, max_tokens, 0.0, 1.0, self.stops, self.tok.pad_token_id)
+        text = self.tok.decode([t for t in toks if t not in self.stops], skip_special_tokens=True)
+        return text, {"prompt_tokens": len(ids), "completion_tokens": len(toks), "cost_usd": 0.0}
+
+
+@contextlib.contextmanager
+def patched(module, name, wrap):
+    orig = getattr(module, name)  # module.name = wrap(module.name) while inside
+    setattr(module, name, wrap(orig))
+    try:
+        yield
+    finally:
+        setattr(module, name, orig)
+
+
+@contextlib.contextmanager
+def instrumented(rec):
+    """Record into rec: sample() calls (rec["sample"]: seconds, n, out), the execution half of each
+    pipelined chunk (rec["run_s"]), seq_logprobs and step_loss calls (seconds, layout list)."""
+    def sampler(orig):
+        def make(*a, **k):
+            sample = orig(*a, **k)
+
+            def timed(messages_list, n, *rest, **kw):  # collect and eval pass n positionally
+                t0 = time.perf_counter()
+                out = sample(messages_list, n, *rest, **kw)
+                rec["sample"].append((time.perf_counter() - t0, n, out))
+                return out
+            return timed
+        return make
+
+    def sequential(orig):
+        def run_all(chunks, generate, run):  # no overlap: each half gets its own wall time
+            for chunk in chunks:
+                rows, t0 = generate(chunk), time.perf_counter()
+                run(rows, chunk)
+                rec["run_s"] += time.perf_counter() - t0
+        return run_all
+
+    def timer(key, layouts):
+        def wrap(orig):
+            def timed(*a, **k):
+                t0 = time.perf_counter()
+                out = orig(*a, **k)
+                rec[key].append((time.perf_counter() - t0, layouts(*a, **k)))
+                return out
+            return timed
+        return wrap
+
+    old = lambda mdl, seqs, budget, chunk_size, unit=1, ckpt=False: [train_layout(mb) for mb in train.micro_batches(seqs, budget, unit)]
+    with patched(generator, "sampler", sampler), patched(rollout, "pipelined", sequential), \
+            patched(train, "seq_logprobs", timer("pi_old", old)), \
+            patched(train, "step_loss", timer("step", lambda mdl, mb, *rest, **kw: [train_layout(mb)])):
+        yield rec
+
+
+# ---- the slice ----
+
+def quick_models(seed=0):
+    """A tiny random Llama and a character-level tokenizer with a chat template (no download)."""
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for ch in string.printable:
+        vocab.setdefault(ch, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer, tk.decoder = pre_tokenizers.Split("", behavior="isolated"), decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                  unk_token="<unk>", padding_side="left")
+    tok.chat_template = ("{% for m in messages %}<s>{{ m['role'][0] }}:{{ m['content'] }}</s>{% endfor %}"
+                         "{% if add_generation_prompt %}<s>a:{% endif %}")
+    torch.manual_seed(seed)
+    c = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+                    tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return AutoModelForCausalLM.from_config(c).eval(), tok
+
+
+def executor_shape(cfg):
+    """The local executor model's shape, from its config (meta tensors: nothing is allocated)."""
+    c = AutoConfig.from_pretrained(model.resolve_model_dir(cfg["executor_model"] or model.DEFAULT_MODEL))
+    with torch.device("meta"):
+        return shape_of(AutoModelForCausalLM.from_config(c))
+
+
+def synthetic_groups(run_dir, cfg):
+    """groups.jsonl from the rollouts when curate kept none: per problem, consecutive runs of
+    group_size rows with advantages evenly spread over [-1, 1]."""
+    rows = read_jsonl(Path(run_dir) / "iter_0" / "rollouts.jsonl")
+    groups, k = [], cfg["group_size"]
+    for pid in dict.fromkeys(r["problem_id"] for r in rows):
+        rs = sorted((r for r in rows if r["problem_id"] == pid), key=lambda r: r["sample"])
+        for g in [rs[i:i + k] for i in range(0, len(rs), k)][:cfg["groups_per_problem"]]:
+            adv = torch.linspace(-1, 1, len(g)).tolist() if len(g) > 1 else [1.0]
+            groups.append({"problem_id": pid, "prompt": g[0]["prompt"], "prefill": g[0]["prefill"], "members": [
+                {"sample": r["sample"], "completion": r["completion"], "completion_ids": r["completion_ids"],
+                 "prompt_ids": r.get("prompt_ids"), "score": r["score"], "advantage": a} for r, a in zip(g, adv)]})
+    write_jsonl_atomic(Path(run_dir) / "iter_0" / "groups.jsonl", groups)
+    return len(groups)
+
+
+def row(phase, seconds, tokens=None, flops=None, peak=None, note=""):
+    ok = seconds > 0  # a phase that did nothing has no rates
+    return {"phase": phase, "label": PHASES[phase], "seconds": seconds, "tokens": tokens,
+            "tokens_per_s": tokens / seconds if tokens is not None and ok else None, "flops": flops,
+            "flop_per_s": flops / seconds if flops and ok else None,
+            "share": flops / seconds / peak if flops and ok and peak else None, "note": note}
+
+
+def run(args):
+    """Run the slice; {machine, matmul, config, rows} with one row per PHASES entry."""
+    cfg = config.defaults()
+    cfg.update(problems=args.problems, m=args.m, eval_problems=args.eval_problems, epochs=args.epochs,
+               executor=args.executor, threads=args.threads, workers=args.workers)
+    if args.max_new_tokens:
+        cfg["max_new_tokens"] = args.max_new_tokens
+    if args.quick:
+        cfg.update(QUICK, model="tiny-random", executor="stub", epochs=1)
+    config.check(cfg)
+    rollout.set_threads(cfg)
+    machine = cpu_line()
+    t_all = time.perf_counter()
+    if args.quick:
+        (mdl, tok), (emdl, etok) = quick_models(0), quick_models(1)
+        ex_cm, eshape = contextlib.nullcontext(StubExecutor(emdl, etok)), shape_of(emdl)
+    else:
+        mdl, tok = model.load_model(cfg["model"], device=cfg["device"], dtype=cfg["dtype"])
+        servers = cfg["servers"] or max(1, min(4, os.cpu_count() or 1))  # as rollout.open_executor
+        ex_cm = executor.make_executor(cfg["executor"], cfg["executor_model"], None, servers=servers)  # no cache
+        eshape = executor_shape(cfg) if cfg["executor"] == "local" else None
+    lora.add_lora(mdl, r=cfg["lora_r"], alpha=cfg["lora_alpha"])
+    gshape = shape_of(mdl)
+    peak = matmul_peak(mdl.config.hidden_size, mdl.config.intermediate_size, reps=args.reps)
+    P = peak["flop_per_s"]
+    rows = {}
+    with ex_cm as raw, tempfile.TemporaryDirectory(prefix="spogw-bench-loop-") as run_dir:
+        if raw is not None and hasattr(raw, "preflight"):
+            raw.preflight()  # also the servers' warm-up
+        ex = TimedExecutor(raw) if raw is not None else None
+        # collect: decode, then execution (executor + sandbox)
+        rec = {"sample": [], "run_s": 0.0, "pi_old": [], "step": []}
+        with instrumented(rec):
+            t0 = time.perf_counter()
+            st = collect.collect(run_dir, 0, cfg, ex, loaded=(mdl, tok))
+            t_collect = time.perf_counter() - t0
+        dfl, gen, pos = sample_flops(gshape, [(n, out) for _, n, out in rec["sample"]])
+        rows["decode"] = row("decode", sum(c[0] for c in rec["sample"]), gen, dfl, P, f"{len(rec['sample'])} sample() "
+                             f"calls, {cfg['problems']} problems x {cfg['m']} workflows, {pos} prompt positions")
+        calls = list(ex.calls) if ex else []
+        ctoks = sum(u["completion_tokens"] for *_, u in calls)
+        rows["executor"] = row("executor", busy(calls), ctoks, call_flops(eshape, calls), P,
+                               f"{len(calls)} calls, {sum(u['prompt_tokens'] for *_, u in calls)} prompt tokens"
+                               + (f", {servers} server(s) x 1 thread" if not args.quick and raw is not None else ""))
+        ran = [r for r in read_jsonl(Path(run_dir) / "iter_0" / "rollouts.jsonl") if r["valid"]]
+        sbx = max(0.0, sum(r["seconds"] for r in ran) - sum(t1 - t0 for t0, t1, _ in calls))
+        rows["sandbox"] = row("sandbox", sbx, note=f"{len(ran)} workflows ran, {1e3 * sbx / max(1, len(ran)):.0f} ms "
+                              f"each outside executor calls; execution wall {rec['run_s']:.1f} s, {cfg['workers']} workers")
+        # curate + update
+        curate.run(run_dir, 0, cfg)
+        groups = len(read_jsonl(Path(run_dir) / "iter_0" / "groups.jsonl"))
+        synth = groups == 0
+        groups = synthetic_groups(run_dir, cfg) if synth else groups
+        with instrumented(rec):
+            t0 = time.perf_counter()
+            steps = train.update(run_dir, 0, cfg, mdl, tok)["steps"]
+            t_update = time.perf_counter() - t0
+        fl = lambda key, fns: sum(f(gshape, *x) for _, ls in rec[key] for x in ls for f in fns)
+        old_s = sum(t for t, _ in rec["pi_old"])
+        step_s = sum(t for t, _ in rec["step"])
+        rows["update"] = row("update", step_s, sum(x[0] for _, ls in rec["step"] for x in ls),
+                             fl("step", (forward_flops, backward_flops)), P,
+                             f"{steps} steps, {len(rec['step'])} micro-batches, {groups} groups"
+                             + (" (synthetic advantages: no score variance)" if synth else "")
+                             + f"; optimizer + rest {max(0.0, t_update - step_s - old_s):.1f} s")
+        rows["pi_old"] = row("pi_old", old_s, sum(x[0] for _, ls in rec["pi_old"] for x in ls),
+                             fl("pi_old", (forward_flops,)), P, f"{len(rec['pi_old'])} seq_logprobs calls")
+        # evaluation of the updated generator
+        ev, n_calls = {"sample": [], "run_s": 0.0}, len(ex.calls) if ex else 0
+        with instrumented(ev):
+            t0 = time.perf_counter()
+            evaluate.eval_generator(mdl, tok, cfg, ex, Path(run_dir) / "eval.jsonl", limit=cfg["eval_problems"])
+            t_eval = time.perf_counter() - t0
+        ecalls = ex.calls[n_calls:] if ex else []
+        efl, egen, _ = sample_flops(gshape, [(n, out) for _, n, out in ev["sample"]])
+        rows["eval"] = row("eval", t_eval, egen, efl + call_flops(eshape, ecalls), P,
+                           f"{cfg['eval_problems']} problems; decode {sum(c[0] for c in ev['sample']):.1f} s, "
+                           f"executor {busy(ecalls):.1f} s ({len(ecalls)} calls), execution wall {ev['run_s']:.1f} s")
+    keys = ("bench", "model", "executor", "problems", "m", "eval_problems", "max_new_tokens", "epochs", "workers", "threads")
+    return {**machine, "matmul": peak, "generator_shape": gshape, "executor_shape": eshape,
+            "config": {k: cfg[k] for k in keys}, "collect": st, "total_s": time.perf_counter() - t_all,
+            "phases": {"collect_s": t_collect, "update_s": t_update, "eval_s": t_eval},
+            "rows": [rows[p] for p in PHASES]}
+
+
+def fmt(x, scale=1.0, spec=".1f"):
+    return "-" if x is None else format(x / scale, spec if x == 0 or abs(x / scale) >= 1 else "#.2g")
+
+
+def print_table(res):
+    print(f"cpu: {res['cpu']}; vector extensions: {' '.join(res['vector_extensions']) or 'none found'}; "
+          f"torch threads: {res['torch_threads']}")
+    (M, H, I), mm = res["matmul"]["shape"], res["matmul"]
+    print(f"matmul fp32 [{M}x{H}]@[{H}x{I}]: {mm['flop_per_s'] / 1e9:.2f} GFLOP/s (best of {mm['reps']}): share's denominator")
+    c = res["config"]
+    print(f"slice: {c['bench']}, generator {c['model']}, executor {c['executor']}, {c['problems']} problems x "
+          f"{c['m']} workflows, {c['eval_problems']} held-out, {c['epochs']} epoch(s); {res['total_s']:.1f} s in all")
+    print(f"{'phase':<18}{'seconds':>9}{'tokens':>9}{'tok/s':>9}{'GFLOP':>9}{'GFLOP/s':>9}{'share':>8}  note")
+    for r in res["rows"]:
+        print(f"{r['label']:<18}{r['seconds']:9.2f}{fmt(r['tokens'], spec='.0f'):>9}{fmt(r['tokens_per_s']):>9}"
+              f"{fmt(r['flops'], 1e9, '.2f'):>9}{fmt(r['flop_per_s'], 1e9, '.2f'):>9}{fmt(r['share'], spec='.3f'):>8}"
+              f"  {r['note']}")
+
+
+def bench_loop(args):
+    res = run(args)
+    print(json.dumps(res, indent=1)) if args.json else print_table(res)
+
+
+def parser(sub):
+    p = sub.add_parser("loop", help="one row per phase of a small slice of the embedded default loop",
+                       description="python bench.py loop [--problems 2 --m 8 --eval-problems 2] [--quick] [--json]")
+    p.add_argument("--problems", type=int, default=2, help="training problems of the slice")
+    p.add_argument("--m", type=int, default=8, help="workflows sampled per problem")
+    p.add_argument("--eval-problems", type=int, default=2, help="held-out problems evaluated")
+    p.add_argument("--epochs", type=int, default=1, help="update epochs")
+    p.add_argument("--max-new-tokens", type=int, default=0, help="generator completion length (0: the loop's default)")
+    p.add_argument("--executor", choices=("local", "none"), default="local", help="the local executor, or none")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: the loop's auto)")
+    p.add_argument("--workers", type=int, default=16, help="sandboxes run concurrently (the loop's default)")
+    p.add_argument("--reps", type=int, default=5, help="timed loops of the reference matmul (best one counts)")
+    p.add_argument("--quick", action="store_true", help="tiny random models and an in-process stub executor (tests)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
+    p.set_defaults(fn=bench_loop)
