@@ -64,13 +64,16 @@ def main(argv=None):
     ap.add_argument("--baseline", help="a fixed workflow: " + " | ".join(workflow.BASELINES["math"]) + " (math, mixed); "
                     "code has no programmer_format, QA no programmer")
     ap.add_argument("--split", default="test")
-    ap.add_argument("--limit", type=int, default=200, help="held-out problems")
+    ap.add_argument("--limit", type=int, help="held-out problems (default: --run's eval_problems, else 200): a "
+                    "checkpoint is then evaluated on the problems its run's report and baselines use")
     ap.add_argument("--compare", action="store_true", help="print the table of evaluated iterations and baselines")
     config.add_knobs(ap, ("run", "collect", "refine"))
     args = ap.parse_args(argv)
 
     def body():
         cfg = config.merge(args.run, args, ("run", "collect", "refine"))
+        if args.limit is None:  # the run's own held-out size, so its report's rows and baselines line up
+            args.limit = config.merge(args.run, args, ("eval",))["eval_problems"]
         if args.compare:
             if not args.run:
                 raise DataError("--compare needs --run")

@@ -1,10 +1,13 @@
-"""evaluate.py's summary: the bootstrap CI and the row order it is computed on."""
+"""evaluate.py's summary (the bootstrap CI and the row order it is computed on) and its held-out size."""
+import argparse
 import json
 import random
 
 import pytest
 
 from jsonl import DataError
+import config
+import evaluate
 import report
 import rollout
 
@@ -42,3 +45,17 @@ def test_summary_does_not_depend_on_the_order_rows_finished(tmp_path):
     f.write_text("".join(json.dumps(r) + "\n" for r in rows[:10]))
     with pytest.raises(DataError, match="short.jsonl: expected 40 problems, found 10"):
         rollout.finish(f, problems)
+
+
+def test_a_runs_evaluation_defaults_to_its_own_held_out_size(tmp_path, capsys):
+    run = tmp_path / "runs" / "r"
+    (run / "eval").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"bench": "arith", "eval_problems": 3}))
+    (run / "eval" / "iter_0.jsonl").write_text("".join(json.dumps(row(f"p{i}", 1.0)) + "\n" for i in range(3)))
+    cfg = config.merge(run, argparse.Namespace(), ("run", "collect", "refine"))
+    base = report.baseline_path(cfg, "io", "test", 3, run.parent)  # what a 3-problem run's report reads
+    base.parent.mkdir(parents=True)
+    base.write_text("".join(json.dumps(row(f"p{i}", 0.0)) + "\n" for i in range(3)))
+    evaluate.main(["--run", str(run), "--compare"])
+    out = capsys.readouterr().out
+    assert "| generator iter_0 | 3 |" in out and "| baseline io | 3 |" in out
