@@ -81,7 +81,9 @@ def spogw_section(run_dir, cfg, iters, baseline_rows):
              f"(m={cfg['m']}, n={cfg['n']}, 2t={cfg['group_size']}), {cfg['problems']} problems/iteration, "
              f"lr {cfg['lr']}, {cfg['epochs']} epochs"
              + (f"; score = correct - {cfg['cost_weight']:g} x executor tokens / {cfg['cost_ref']}'s mean, "
-                f"std floor {cfg.get('std_floor', 0):g}" if cfg.get("cost_weight") else "") + ".", "",
+                f"std floor {cfg.get('std_floor', 0):g}" if cfg.get("cost_weight") else "")
+             + ("; the few-shot workflows join every group as guides (--guides fewshot)"
+                if cfg.get("guides", "none") != "none" else "") + ".", "",
              "| iteration | valid % (train) | mean train score | test accuracy (95 % CI) | test valid % | executor tokens (train+test) | $ | wall (collect+train) |",
              "|---|---|---|---|---|---|---|---|"]
     for k in range(iters + 1):
