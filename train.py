@@ -312,6 +312,52 @@ def baselines(run_dir, cfg, ex):
     return rows
 
 
+def iteration(run_dir, k, cfg, mdl, tok, ex, ref):
+    """Iteration k: collect (W4S: refinement episodes) -> curate -> update, each skipped when its
+    output exists, so a killed run resumes. `mdl` holds pi_old (iteration k's LoRA). Returns the
+    phases run now (the tracker mirrors those)."""
+    d, refining, ran = run_dir / f"iter_{k}", cfg["mode"] == "refine", []
+    data = d / ("refine.jsonl" if refining else "rollouts.jsonl")
+    if ("refine" if refining else "collect") not in read_json(d / "stats.json", {}) or not data.is_file():
+        step = refine.collect_refine if refining else collect.collect
+        print(f"[collect {k}] " + json.dumps(step(run_dir, k, cfg, ex, loaded=(mdl, tok))))
+        ran.append("refine" if refining else "collect")
+    if not (d / "groups.jsonl").is_file():
+        s = curate.refine_groups(run_dir, k) if refining else curate.run(run_dir, k, cfg, ref)
+        print(f"[curate {k}] " + json.dumps(s))
+        ran.append("curate")
+    if not (run_dir / f"iter_{k + 1}" / "adapter").is_dir():
+        t0 = time.time()
+        s = update(run_dir, k, cfg, mdl, tok)
+        update_json(d / "stats.json", "train", dict(s, seconds=time.time() - t0))
+        print(f"[update {k}] " + json.dumps(s))
+        ran.append("train")
+    return ran
+
+
+def evaluate_checkpoints(run_dir, cfg, iters, mdl, tok, ex, tracker):
+    """The held-out evaluation: SPOGW every checkpoint 0..iters (rows in eval/iter_<k>.jsonl), W4S its
+    meta-agent before and after training. Returns the refine summaries (report.write shows them)."""
+    (run_dir / "eval").mkdir(exist_ok=True)
+    refining, evals = cfg["mode"] == "refine", []
+    for k in sorted({0, iters}) if refining else range(iters + 1):
+        if k > 0:
+            lora.load_adapter(mdl, generator.adapter_dir(run_dir, k))
+        with lora.lora_disabled(mdl) if k == 0 else contextlib.nullcontext():
+            if refining:
+                sample = generator.sampler(cfg, run_dir, k, (mdl, tok), max_new_tokens=cfg["refine_tokens"])
+                s = refine.evaluate_refine(sample, cfg, ex, cfg["turns"], run_dir / "eval", f"refine_iter_{k}",
+                                           cfg["eval_problems"])
+                print(f"[eval refine iter {k}] " + report.format_eval(s))
+                evals.append(s)
+            else:
+                s = evaluate.eval_generator(mdl, tok, cfg, ex, run_dir / "eval" / f"iter_{k}.jsonl",
+                                            limit=cfg["eval_problems"])
+                print(f"[eval iter {k}] accuracy {s['accuracy']:.3f} ({s['ci_low']:.3f}-{s['ci_high']:.3f})")
+        tracker.evaluation(k, s)
+    return evals
+
+
 def run(args):
     """The driver, one loop for both modes: per iteration collect -> curate -> update (each skipped
     when its output exists), then the held-out evaluation of the checkpoints and the report."""
@@ -328,59 +374,25 @@ def run(args):
         raise DataError(f"--mode refine trains with --loss rwr (W4S rewards are not advantages), got {cfg['loss']!r}")
     if args.data_from:
         reuse_data(run_dir, args.data_from, cfg)
-    data = "refine.jsonl" if refining else "rollouts.jsonl"
-    resumed = (run_dir / "iter_0" / data).exists() and not args.data_from
+    resumed = (run_dir / "iter_0" / ("refine.jsonl" if refining else "rollouts.jsonl")).exists() and not args.data_from
     print(f"[train] run {run_dir}  config: " + json.dumps(cfg, sort_keys=True))
     for line in config.run_notes(cfg, args.iter):
         print(f"[train] {line}", file=sys.stderr if line.startswith("warning") else sys.stdout)
     torch.manual_seed(cfg["seed"])
     rollout.set_threads(cfg)
-    evals, baseline_rows = [], {}
+    baseline_rows = {}
     # the tracker opens first: a missing tensorboard / wandb fails now, not after an hour of collecting
     with contextlib.closing(tracking.open_tracker(run_dir, cfg)) as tracker, rollout.open_executor(cfg) as ex:
         mdl, tok = model.load_model(cfg["model"], device=cfg["device"], dtype=cfg["dtype"])
         lora.add_lora(mdl, r=cfg["lora_r"], alpha=cfg["lora_alpha"])
         ref = rollout.cost_reference(run_dir, cfg, ex) if cfg["cost_weight"] and not refining else None
         for k in range(args.iter):
-            d = run_dir / f"iter_{k}"
-            ran = []  # the phases this invocation runs, for the tracker
             if k > 0:
-                lora.load_adapter(mdl, d / "adapter")  # pi_old of iteration k
-            if ("refine" if refining else "collect") not in read_json(d / "stats.json", {}) or not (d / data).is_file():
-                step = refine.collect_refine if refining else collect.collect
-                print(f"[collect {k}] " + json.dumps(step(run_dir, k, cfg, ex, loaded=(mdl, tok))))
-                ran.append("refine" if refining else "collect")
-            if not (d / "groups.jsonl").is_file():
-                s = curate.refine_groups(run_dir, k) if refining else curate.run(run_dir, k, cfg, ref)
-                print(f"[curate {k}] " + json.dumps(s))
-                ran.append("curate")
-            if not (run_dir / f"iter_{k + 1}" / "adapter").is_dir():
-                t0 = time.time()
-                s = update(run_dir, k, cfg, mdl, tok)
-                update_json(d / "stats.json", "train", dict(s, seconds=time.time() - t0))
-                print(f"[update {k}] " + json.dumps(s))
-                ran.append("train")
-            tracker.iteration(run_dir, k, ran)
+                lora.load_adapter(mdl, run_dir / f"iter_{k}" / "adapter")  # pi_old of iteration k
+            tracker.iteration(run_dir, k, iteration(run_dir, k, cfg, mdl, tok, ex, ref))
         if args.no_eval:
             return None
-        (run_dir / "eval").mkdir(exist_ok=True)
-        # W4S evaluates the meta-agent before and after training; SPOGW every checkpoint
-        for k in sorted({0, args.iter}) if refining else range(args.iter + 1):
-            if k > 0:
-                lora.load_adapter(mdl, generator.adapter_dir(run_dir, k))
-            with lora.lora_disabled(mdl) if k == 0 else contextlib.nullcontext():
-                if refining:
-                    sample = generator.sampler(cfg, run_dir, k, (mdl, tok), max_new_tokens=cfg["refine_tokens"])
-                    s = refine.evaluate_refine(sample, cfg, ex, cfg["turns"], run_dir / "eval", f"refine_iter_{k}",
-                                               cfg["eval_problems"])
-                    print(f"[eval refine iter {k}] " + report.format_eval(s))
-                    evals.append(s)
-                    tracker.evaluation(k, s)
-                else:
-                    s = evaluate.eval_generator(mdl, tok, cfg, ex, run_dir / "eval" / f"iter_{k}.jsonl",
-                                                limit=cfg["eval_problems"])
-                    print(f"[eval iter {k}] accuracy {s['accuracy']:.3f} ({s['ci_low']:.3f}-{s['ci_high']:.3f})")
-                    tracker.evaluation(k, s)
+        evals = evaluate_checkpoints(run_dir, cfg, args.iter, mdl, tok, ex, tracker)
         if not refining:
             baseline_rows = baselines(run_dir, cfg, ex)
     return report.write(run_dir, cfg, args.iter, time.time() - t_start, resumed, baseline_rows, evals)
