@@ -131,7 +131,7 @@ def curate(rows, mode="sharpen", n=6, group_size=4, min_var=0.01, max_combos=100
             out.append({**group, "members": members,
                         "std": statistics.pstdev(g_scores), "mil": interval_length(g_scores)})
     kept = len({g["problem_id"] for g in out})
-    sampled = [r for r in rows if not r.get("guide")] or rows  # the generator's own rows (--guides adds fixed ones)
+    sampled = [r for r in rows if not r.get("guide")]  # the generator's own rows (--guides adds fixed ones)
     stats = {
         "problems": len(by_problem), "problems_kept": kept, "groups": len(out),
         "mean_group_std": statistics.fmean([g["std"] for g in out]) if out else 0.0,

@@ -71,9 +71,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     def body():
-        cfg = config.merge(args.run, args, ("run", "collect", "refine"))
+        cfg = config.merge(args.run, args, ("run", "collect", "refine", "eval"))
         if args.limit is None:  # the run's own held-out size, so its report's rows and baselines line up
-            args.limit = config.merge(args.run, args, ("eval",))["eval_problems"]
+            args.limit = cfg["eval_problems"]
         if args.compare:
             if not args.run:
                 raise DataError("--compare needs --run")

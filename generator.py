@@ -270,9 +270,9 @@ def stop_ids_of(cfg, mdl, tok):
 def sampler(cfg, run_dir, it, loaded=None, max_new_tokens=None, local=False):
     """sample(messages_list, n, temperature, seed, prefill, guides=()) -> [[{text, token_ids, logprobs,
     prompt_ids, hit_cap}] * n + one entry per guide text (guide: True)] per prompt, from iteration
-    `it`'s generator: --generator-url's server (unless `local`) or `loaded` = (model, tokenizer), else loaded by load_generator on first use
-    (so a finished step resumes without loading anything). hit_cap: the completion ran into
-    max_new_tokens (default cfg["max_new_tokens"])."""
+    `it`'s generator: --generator-url's server (unless `local`) or `loaded` = (model, tokenizer), else
+    loaded by load_generator on first use (so a finished step resumes without loading anything).
+    hit_cap: the completion ran into max_new_tokens (default cfg["max_new_tokens"])."""
     held = {}
     cap = max_new_tokens or cfg["max_new_tokens"]
     remote = bool(cfg["generator_url"]) and not local
@@ -294,7 +294,8 @@ def sampler(cfg, run_dir, it, loaded=None, max_new_tokens=None, local=False):
         # guides: given completions after each prompt's n samples, tokenized as the sampler would end them
         # (text, then the turn's end), with the prompt ids its samples saw; no log-probs (nothing sampled them)
         ends = [tok.eos_token_id] if tok.eos_token_id is not None else []
-        return [per + [{"text": g, "token_ids": tok(g, add_special_tokens=False)["input_ids"] + ends, "logprobs": None,
-                        "prompt_ids": per[0].get("prompt_ids") if per else None, "hit_cap": False, "guide": True}
-                       for g in guides] for per in out]
+        guide_ids = [tok(g, add_special_tokens=False)["input_ids"] + ends for g in guides]  # once, not per prompt
+        return [per + [{"text": g, "token_ids": list(ids), "logprobs": None, "hit_cap": False, "guide": True,
+                        "prompt_ids": per[0].get("prompt_ids") if per else None} for g, ids in zip(guides, guide_ids)]
+                for per in out]
     return sample

@@ -53,7 +53,6 @@ class Tracker:
 
     def __init__(self, sink=None, close=None):
         self.sink, self._close = sink, close
-        self.steps_before = {}  # iteration -> update steps of the iterations before it
 
     def send(self, prefix, values, axis, x):
         values = numbers(values)
