@@ -20,6 +20,10 @@ synthetic advantages (the update row says so), which changes no FLOP. Seconds pe
                     teardown; summed over workflows that ran concurrently on --workers threads
   update fwd+bwd    train.update's step_loss calls;  pi_old pass: its seq_logprobs calls (no grad)
   evaluation        eval_generator in all: greedy decode + execution of the held-out problems
+Peak RSS per row: this process's VmHWM, reset at the start of each step (proc(5): clear_refs 5) and
+read at its end. Decode, executor calls and sandbox run inside collect.collect at once, so they share its
+peak; update and π_old share train.update's; None ("-") where /proc/self/clear_refs can't be written
+(not Linux). A line under the table gives each local executor server's peak over its whole life.
 FLOPs are model FLOPs (Chowdhery et al. 2022, PaLM, App. B): no activation-checkpointing recompute,
 no padded positions, no rows decoding on after they stopped, no masked static-KV-cache slots. Per
 token position, with N_lin the weights of the decoder's nn.Linear modules (GQA's narrow k/v as they
@@ -50,6 +54,7 @@ import string
 import tempfile
 import threading
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -316,16 +321,50 @@ def synthetic_groups(run_dir, cfg):
     return len(groups)
 
 
-def row(phase, seconds, tokens=None, flops=None, peak=None, note=""):
+def row(phase, seconds, tokens=None, flops=None, peak=None, note="", rss=None):
     ok = seconds > 0  # a phase that did nothing has no rates
     return {"phase": phase, "label": PHASES[phase], "seconds": seconds, "tokens": tokens,
             "tokens_per_s": tokens / seconds if tokens is not None and ok else None, "flops": flops,
             "flop_per_s": flops / seconds if flops and ok else None,
-            "share": flops / seconds / peak if flops and ok and peak else None, "note": note}
+            "share": flops / seconds / peak if flops and ok and peak else None, "peak_rss": rss, "note": note}
 
 
-def run(args):
-    """Run the slice; {machine, matmul, config, rows} with one row per PHASES entry."""
+# ---- peak RSS ----
+
+def status_kb(field, pid="self"):
+    """A field of /proc/<pid>/status in kB (VmRSS now, VmHWM the peak since start or the last reset)."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+@contextlib.contextmanager
+def measured():
+    """Yields a dict m; after the block, m["s"]: its wall seconds, m["rss"]: this process's peak RSS in
+    it, bytes (VmHWM reset at its start: proc(5), clear_refs 5), None where that cannot be written."""
+    m, ok = {}, False
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "wb", buffering=0) as f:
+        ok = f.write(b"5")  # unbuffered: a refused write raises here, leaving ok False
+    t0 = time.perf_counter()
+    yield m
+    m.update(s=time.perf_counter() - t0, rss=status_kb("VmHWM") * 1024 if ok else None)
+
+
+def server_rss(marker=b"serve.py"):
+    """Lifetime peak RSS in bytes (VmHWM) of this process's live children whose command line holds
+    `marker`: the local executor's servers, which the main thread starts ([] without /proc)."""
+    out = []
+    with contextlib.suppress(OSError):
+        for pid in Path(f"/proc/self/task/{os.getpid()}/children").read_text().split():
+            with contextlib.suppress(OSError, StopIteration):  # a child that exited meanwhile
+                if marker in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    out.append(status_kb("VmHWM", pid) * 1024)
+    return out
+
+
+# ---- the run: setup, then one function per step of the loop ----
+
+def slice_config(args):
+    """The loop's defaults with the slice's arguments (--quick: QUICK), checked; sets torch's threads."""
     cfg = config.defaults()
     cfg.update(problems=args.problems, m=args.m, eval_problems=args.eval_problems, epochs=args.epochs,
                executor=args.executor, threads=args.threads, workers=args.workers)
@@ -335,77 +374,105 @@ def run(args):
         cfg.update(QUICK, model="tiny-random", executor="stub", epochs=1)
     config.check(cfg)
     rollout.set_threads(cfg)
-    machine = cpu_line()
-    t_all = time.perf_counter()
-    if args.quick:
+    return cfg
+
+
+def load(cfg, quick):
+    """(generator with LoRA, tokenizer, executor context manager, executor shape or None, local
+    executor's server count or None)."""
+    servers = None
+    if quick:
         (mdl, tok), (emdl, etok) = quick_models(0), quick_models(1)
         ex_cm, eshape = contextlib.nullcontext(StubExecutor(emdl, etok)), shape_of(emdl)
     else:
         mdl, tok = model.load_model(cfg["model"], device=cfg["device"], dtype=cfg["dtype"])
-        servers = cfg["servers"] or max(1, min(4, os.cpu_count() or 1))  # as rollout.open_executor
-        ex_cm = executor.make_executor(cfg["executor"], cfg["executor_model"], None, servers=servers)  # no cache
-        eshape = executor_shape(cfg) if cfg["executor"] == "local" else None
+        n = cfg["servers"] or max(1, min(4, os.cpu_count() or 1))  # as rollout.open_executor
+        ex_cm = executor.make_executor(cfg["executor"], cfg["executor_model"], None, servers=n)  # no cache
+        eshape, servers = (executor_shape(cfg), n) if cfg["executor"] == "local" else (None, None)
     lora.add_lora(mdl, r=cfg["lora_r"], alpha=cfg["lora_alpha"])
+    return mdl, tok, ex_cm, eshape, servers
+
+
+def collect_rows(sl, rows):
+    """collect.collect, rollout.pipelined made sequential: the decode, executor and sandbox rows, which
+    share its peak RSS (they run inside it at once). Returns (its stats, its measure)."""
+    rec, cfg = {"sample": [], "run_s": 0.0}, sl.cfg
+    with instrumented(rec), measured() as m:
+        st = collect.collect(sl.run_dir, 0, cfg, sl.ex, loaded=(sl.mdl, sl.tok))
+    dfl, gen, pos = sample_flops(sl.gshape, [(n, out) for _, n, out in rec["sample"]])
+    rows["decode"] = row("decode", sum(c[0] for c in rec["sample"]), gen, dfl, sl.P, f"{len(rec['sample'])} sample() "
+                         f"calls, {cfg['problems']} problems x {cfg['m']} workflows, {pos} prompt positions", m["rss"])
+    calls = list(sl.ex.calls) if sl.ex else []
+    ctoks = sum(u["completion_tokens"] for *_, u in calls)
+    rows["executor"] = row("executor", busy(calls), ctoks, call_flops(sl.eshape, calls), sl.P,
+                           f"{len(calls)} calls, {sum(u['prompt_tokens'] for *_, u in calls)} prompt tokens"
+                           + (f", {sl.servers} server(s) x 1 thread" if sl.servers else ""), m["rss"])
+    ran = [r for r in read_jsonl(Path(sl.run_dir) / "iter_0" / "rollouts.jsonl") if r["valid"]]
+    sbx = max(0.0, sum(r["seconds"] for r in ran) - sum(t1 - t0 for t0, t1, _ in calls))
+    rows["sandbox"] = row("sandbox", sbx, note=f"{len(ran)} workflows ran, {1e3 * sbx / max(1, len(ran)):.0f} ms each "
+                          f"outside executor calls; execution wall {rec['run_s']:.1f} s, {cfg['workers']} workers",
+                          rss=m["rss"])
+    return st, m
+
+
+def update_rows(sl, rows):
+    """curate.run (synthetic groups if it kept none), then train.update: the update and π_old rows,
+    which share train.update's peak RSS. Returns its measure."""
+    curate.run(sl.run_dir, 0, sl.cfg)
+    groups = len(read_jsonl(Path(sl.run_dir) / "iter_0" / "groups.jsonl"))
+    synth = groups == 0
+    groups = synthetic_groups(sl.run_dir, sl.cfg) if synth else groups
+    rec = {"pi_old": [], "step": []}
+    with instrumented(rec), measured() as m:
+        steps = train.update(sl.run_dir, 0, sl.cfg, sl.mdl, sl.tok)["steps"]
+    fl = lambda key, fns: sum(f(sl.gshape, *x) for _, ls in rec[key] for x in ls for f in fns)
+    toks = lambda key: sum(x[0] for _, ls in rec[key] for x in ls)
+    old_s, step_s = (sum(t for t, _ in rec[key]) for key in ("pi_old", "step"))
+    rows["update"] = row("update", step_s, toks("step"), fl("step", (forward_flops, backward_flops)), sl.P,
+                         f"{steps} steps, {len(rec['step'])} micro-batches, {groups} groups"
+                         + (" (synthetic advantages: no score variance)" if synth else "")
+                         + f"; optimizer + rest {max(0.0, m['s'] - step_s - old_s):.1f} s", m["rss"])
+    rows["pi_old"] = row("pi_old", old_s, toks("pi_old"), fl("pi_old", (forward_flops,)), sl.P,
+                         f"{len(rec['pi_old'])} seq_logprobs calls", m["rss"])
+    return m
+
+
+def eval_rows(sl, rows):
+    """evaluate.eval_generator of the updated generator: the evaluation row. Returns its measure."""
+    ev, n_calls = {"sample": [], "run_s": 0.0}, len(sl.ex.calls) if sl.ex else 0
+    with instrumented(ev), measured() as m:
+        evaluate.eval_generator(sl.mdl, sl.tok, sl.cfg, sl.ex, Path(sl.run_dir) / "eval.jsonl", limit=sl.cfg["eval_problems"])
+    ecalls = sl.ex.calls[n_calls:] if sl.ex else []
+    efl, egen, _ = sample_flops(sl.gshape, [(n, out) for _, n, out in ev["sample"]])
+    rows["eval"] = row("eval", m["s"], egen, efl + call_flops(sl.eshape, ecalls), sl.P,
+                       f"{sl.cfg['eval_problems']} problems; decode {sum(c[0] for c in ev['sample']):.1f} s, "
+                       f"executor {busy(ecalls):.1f} s ({len(ecalls)} calls), execution wall {ev['run_s']:.1f} s",
+                       m["rss"])
+    return m
+
+
+def run(args):
+    """Run the slice; {machine, matmul, config, rows} with one row per PHASES entry."""
+    cfg = slice_config(args)
+    machine, t_all = cpu_line(), time.perf_counter()
+    mdl, tok, ex_cm, eshape, servers = load(cfg, args.quick)
     gshape = shape_of(mdl)
     peak = matmul_peak(mdl.config.hidden_size, mdl.config.intermediate_size, reps=args.reps)
-    P = peak["flop_per_s"]
     rows = {}
     with ex_cm as raw, tempfile.TemporaryDirectory(prefix="spogw-bench-loop-") as run_dir:
         if raw is not None and hasattr(raw, "preflight"):
             raw.preflight()  # also the servers' warm-up
-        ex = TimedExecutor(raw) if raw is not None else None
-        # collect: decode, then execution (executor + sandbox)
-        rec = {"sample": [], "run_s": 0.0, "pi_old": [], "step": []}
-        with instrumented(rec):
-            t0 = time.perf_counter()
-            st = collect.collect(run_dir, 0, cfg, ex, loaded=(mdl, tok))
-            t_collect = time.perf_counter() - t0
-        dfl, gen, pos = sample_flops(gshape, [(n, out) for _, n, out in rec["sample"]])
-        rows["decode"] = row("decode", sum(c[0] for c in rec["sample"]), gen, dfl, P, f"{len(rec['sample'])} sample() "
-                             f"calls, {cfg['problems']} problems x {cfg['m']} workflows, {pos} prompt positions")
-        calls = list(ex.calls) if ex else []
-        ctoks = sum(u["completion_tokens"] for *_, u in calls)
-        rows["executor"] = row("executor", busy(calls), ctoks, call_flops(eshape, calls), P,
-                               f"{len(calls)} calls, {sum(u['prompt_tokens'] for *_, u in calls)} prompt tokens"
-                               + (f", {servers} server(s) x 1 thread" if not args.quick and raw is not None else ""))
-        ran = [r for r in read_jsonl(Path(run_dir) / "iter_0" / "rollouts.jsonl") if r["valid"]]
-        sbx = max(0.0, sum(r["seconds"] for r in ran) - sum(t1 - t0 for t0, t1, _ in calls))
-        rows["sandbox"] = row("sandbox", sbx, note=f"{len(ran)} workflows ran, {1e3 * sbx / max(1, len(ran)):.0f} ms "
-                              f"each outside executor calls; execution wall {rec['run_s']:.1f} s, {cfg['workers']} workers")
-        # curate + update
-        curate.run(run_dir, 0, cfg)
-        groups = len(read_jsonl(Path(run_dir) / "iter_0" / "groups.jsonl"))
-        synth = groups == 0
-        groups = synthetic_groups(run_dir, cfg) if synth else groups
-        with instrumented(rec):
-            t0 = time.perf_counter()
-            steps = train.update(run_dir, 0, cfg, mdl, tok)["steps"]
-            t_update = time.perf_counter() - t0
-        fl = lambda key, fns: sum(f(gshape, *x) for _, ls in rec[key] for x in ls for f in fns)
-        old_s = sum(t for t, _ in rec["pi_old"])
-        step_s = sum(t for t, _ in rec["step"])
-        rows["update"] = row("update", step_s, sum(x[0] for _, ls in rec["step"] for x in ls),
-                             fl("step", (forward_flops, backward_flops)), P,
-                             f"{steps} steps, {len(rec['step'])} micro-batches, {groups} groups"
-                             + (" (synthetic advantages: no score variance)" if synth else "")
-                             + f"; optimizer + rest {max(0.0, t_update - step_s - old_s):.1f} s")
-        rows["pi_old"] = row("pi_old", old_s, sum(x[0] for _, ls in rec["pi_old"] for x in ls),
-                             fl("pi_old", (forward_flops,)), P, f"{len(rec['pi_old'])} seq_logprobs calls")
-        # evaluation of the updated generator
-        ev, n_calls = {"sample": [], "run_s": 0.0}, len(ex.calls) if ex else 0
-        with instrumented(ev):
-            t0 = time.perf_counter()
-            evaluate.eval_generator(mdl, tok, cfg, ex, Path(run_dir) / "eval.jsonl", limit=cfg["eval_problems"])
-            t_eval = time.perf_counter() - t0
-        ecalls = ex.calls[n_calls:] if ex else []
-        efl, egen, _ = sample_flops(gshape, [(n, out) for _, n, out in ev["sample"]])
-        rows["eval"] = row("eval", t_eval, egen, efl + call_flops(eshape, ecalls), P,
-                           f"{cfg['eval_problems']} problems; decode {sum(c[0] for c in ev['sample']):.1f} s, "
-                           f"executor {busy(ecalls):.1f} s ({len(ecalls)} calls), execution wall {ev['run_s']:.1f} s")
+        # sl: what every step needs; P the matmul's FLOP/s (share's denominator)
+        sl = types.SimpleNamespace(cfg=cfg, mdl=mdl, tok=tok, ex=TimedExecutor(raw) if raw is not None else None,
+                                   run_dir=run_dir, gshape=gshape, eshape=eshape, P=peak["flop_per_s"], servers=servers)
+        st, c = collect_rows(sl, rows)
+        u = update_rows(sl, rows)
+        e = eval_rows(sl, rows)
+        srv = server_rss()
     keys = ("bench", "model", "executor", "problems", "m", "eval_problems", "max_new_tokens", "epochs", "workers", "threads")
     return {**machine, "matmul": peak, "generator_shape": gshape, "executor_shape": eshape,
             "config": {k: cfg[k] for k in keys}, "collect": st, "total_s": time.perf_counter() - t_all,
-            "phases": {"collect_s": t_collect, "update_s": t_update, "eval_s": t_eval},
+            "phases": {"collect_s": c["s"], "update_s": u["s"], "eval_s": e["s"]}, "server_peak_rss": srv,
             "rows": [rows[p] for p in PHASES]}
 
 
@@ -421,11 +488,16 @@ def print_table(res):
     c = res["config"]
     print(f"slice: {c['bench']}, generator {c['model']}, executor {c['executor']}, {c['problems']} problems x "
           f"{c['m']} workflows, {c['eval_problems']} held-out, {c['epochs']} epoch(s); {res['total_s']:.1f} s in all")
-    print(f"{'phase':<18}{'seconds':>9}{'tokens':>9}{'tok/s':>9}{'GFLOP':>9}{'GFLOP/s':>9}{'share':>8}  note")
+    print(f"{'phase':<18}{'seconds':>9}{'tokens':>9}{'tok/s':>9}{'GFLOP':>9}{'GFLOP/s':>9}{'share':>8}{'peak RSS':>10}  note")
     for r in res["rows"]:
+        rss = "-" if r["peak_rss"] is None else f"{r['peak_rss'] / 1e9:.2f} GB"
         print(f"{r['label']:<18}{r['seconds']:9.2f}{fmt(r['tokens'], spec='.0f'):>9}{fmt(r['tokens_per_s']):>9}"
               f"{fmt(r['flops'], 1e9, '.2f'):>9}{fmt(r['flop_per_s'], 1e9, '.2f'):>9}{fmt(r['share'], spec='.3f'):>8}"
-              f"  {r['note']}")
+              f"{rss:>10}  {r['note']}")
+    print("peak RSS: this process's; decode, executor calls and sandbox share collect's, update and π_old pass update's")
+    if res["server_peak_rss"]:
+        gbs = ", ".join(f"{b / 1e9:.2f}" for b in res["server_peak_rss"])
+        print(f"local executor servers' peak RSS, each over its life: {gbs} GB")
 
 
 def bench_loop(args):

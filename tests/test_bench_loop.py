@@ -1,5 +1,6 @@
 """`python bench.py loop` (bench_loop.py): the --quick slice has a row for every phase with a sane
-share, and the FLOP counts equal a hand count and torch's own FLOP counter on a tiny Llama.
+share and peak RSS, the FLOP counts equal a hand count and torch's own FLOP counter on a tiny Llama,
+and the peak-RSS helpers see a buffer that RSS polling sees.
 
     python -m pytest -q tests/test_bench_loop.py
 """
@@ -9,6 +10,9 @@ import json
 import math
 import subprocess
 import sys
+import time
+
+import pytest
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -38,11 +42,19 @@ def test_quick_run_has_every_phase_with_a_share():
     # the quick slice: 1 problem x 2 sampled workflows of <= 24 tokens, one greedy held-out workflow
     assert 0 < rows["decode"]["tokens"] <= 2 * 24 and 0 < rows["eval"]["tokens"] <= 24
     assert rows["executor"]["tokens"] > 0  # the fixed few-shot workflows (guides) call the stub executor
+    for r in rows.values():
+        assert r["peak_rss"] is None or (type(r["peak_rss"]) is int and r["peak_rss"] > 0), r
+    if sys.platform == "linux":  # one peak per measured step: collect.collect, train.update, eval_generator
+        assert rows["decode"]["peak_rss"] > 0 and rows["eval"]["peak_rss"] > 0 and rows["update"]["peak_rss"] > 0
+        assert rows["decode"]["peak_rss"] == rows["executor"]["peak_rss"] == rows["sandbox"]["peak_rss"]
+        assert rows["update"]["peak_rss"] == rows["pi_old"]["peak_rss"]
+    assert res["server_peak_rss"] == []  # the stub executor runs in this process
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         bench_loop.print_table(res)
     lines = out.getvalue().splitlines()
     assert lines[0].startswith("cpu: ") and "vector extensions:" in lines[0] and "torch threads: 1" in lines[0]
+    assert "peak RSS" in lines[3] and any(line.startswith("peak RSS: ") for line in lines[4:])
     for label in bench_loop.PHASES.values():
         assert sum(line.startswith(label) for line in lines) == 1, label
 
@@ -105,3 +117,33 @@ def test_busy_is_the_union_of_call_intervals():
     s = bench_loop.shape_of(tiny())  # one call = a decode of one prompt: prefix of 3, suffix of 1, 2 fed
     assert bench_loop.call_flops(s, [(0, 1, u)]) == bench_loop.forward_flops(s, 4 + 2, 10 + 5 + 6, 1 + 1 + 2)
     assert bench_loop.call_flops(None, [(0, 1, u)]) == 0
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="VmHWM and clear_refs are Linux's (proc(5))")
+def test_peak_rss_sees_a_touched_buffer_and_resets():
+    """The naive reference: VmRSS read while a 200 MB buffer, every page written, is alive. The peak
+    of the block holds it after the buffer is freed (to within 4 MB: the kernel's RSS counters batch
+    a few pages per CPU); a block measured after that does not."""
+    base = bench_loop.status_kb("VmRSS") * 1024
+    with bench_loop.measured() as m:
+        buf = b"\x01" * (200 << 20)
+        alive = bench_loop.status_kb("VmRSS") * 1024
+        del buf
+    assert alive >= base + 150e6 and m["rss"] >= alive - (4 << 20) and m["s"] > 0
+    with bench_loop.measured() as after:
+        pass
+    assert after["rss"] < base + 150e6 <= m["rss"]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="/proc/<pid>/task/<tid>/children is Linux's")
+def test_server_rss_finds_a_marked_child_and_its_peak():
+    code = "import time; b = b'x' * (100 << 20); print(flush=True); time.sleep(60)  # spogw-test-child"
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    try:
+        p.stdout.readline()  # its buffer is written
+        assert bench_loop.server_rss(b"spogw-nobody") == []
+        (peak,) = bench_loop.server_rss(b"spogw-test-child")
+        assert peak >= 100 << 20
+    finally:
+        p.kill()
+        p.wait()
