@@ -466,7 +466,9 @@ def run(args):
         sl = types.SimpleNamespace(cfg=cfg, mdl=mdl, tok=tok, ex=TimedExecutor(raw) if raw is not None else None,
                                    run_dir=run_dir, gshape=gshape, eshape=eshape, P=peak["flop_per_s"], servers=servers)
         st, c = collect_rows(sl, rows)
+        model.release_freed_memory()  # between phases, as train.iteration
         u = update_rows(sl, rows)
+        model.release_freed_memory()
         e = eval_rows(sl, rows)
         srv = server_rss()
     keys = ("bench", "model", "executor", "problems", "m", "eval_problems", "max_new_tokens", "epochs", "workers", "threads")

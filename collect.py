@@ -68,7 +68,7 @@ def collect(run_dir, it, cfg, ex=None, loaded=None):
 
         def generate(item):
             k, chunk = item
-            seed = rollout.seed_of(cfg["seed"], it, k)  # per chunk: a resumed run regenerates the same samples
+            seed = config.seed_of(cfg["seed"], it, k)  # per chunk: a resumed run regenerates the same samples
             return rollout.sampled_rows(sample, chunk, cfg, cfg["m"], cfg["temperature"], seed, skip=done, guides=guides)
 
         lost = []

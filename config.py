@@ -8,6 +8,7 @@ A run's knobs resolve as: KNOBS defaults < runs/<run>/config.json < --smoke (SMO
 train.py saves the result back to config.json, so every later step (and a resumed run) sees the
 same knobs; collect.py, curate.py and evaluate.py read it.
 """
+import hashlib
 import signal
 import sys
 import threading
@@ -126,6 +127,13 @@ POSITIVE = ("problems", "m", "runs", "gen_batch", "workers", "n", "group_size", 
             "token_budget", "lora_r", "eval_problems", "turns", "candidates", "val_problems", "episodes",
             "refine_tokens", "eval_candidates")
 STEPS = ("run", "collect", "curate", "update", "eval", "refine")
+
+
+def seed_of(*parts):
+    """Every random draw's seed: a 32-bit hash of --seed and the draw's name and indices, e.g.
+    seed_of(cfg["seed"], "order", it, epoch). The same parts give the same seed in every process (a
+    resumed step redraws what it drew before); different names never share a stream."""
+    return int(hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:8], 16)
 
 
 def defaults(steps=STEPS):

@@ -118,7 +118,8 @@ def curate(rows, mode="sharpen", n=6, group_size=4, min_var=0.01, max_combos=100
         if drop_invalid:
             rs = [r for r in rs if r["valid"]]
         scores = [reward(r, cost_weight, ref_tokens) for r in rs]
-        for g in problem_groups(scores, mode, n, group_size, min_var, max_combos, groups_per_problem, seed + k):
+        for g in problem_groups(scores, mode, n, group_size, min_var, max_combos, groups_per_problem,
+                                config.seed_of(seed, k)):
             g_scores = [scores[i] for i in g]
             adv = losses.advantages(g_scores, std_floor)
             members = [{"sample": rs[i]["sample"], "completion": rs[i]["completion"],
@@ -151,7 +152,8 @@ def run(run_dir, it, cfg, ref_tokens=None):
     d = Path(run_dir) / f"iter_{it}"
     rows = read_jsonl(d / "rollouts.jsonl", required=ROLLOUT_KEYS)
     groups, stats = curate(rows, cfg["groups"], cfg["n"], cfg["group_size"], cfg["min_var"], cfg["max_combos"],
-                           cfg["groups_per_problem"], bool(cfg["drop_invalid"]), seed=it,
+                           cfg["groups_per_problem"], bool(cfg["drop_invalid"]),
+                           seed=config.seed_of(cfg["seed"], "groups", it),
                            cost_weight=cfg["cost_weight"], ref_tokens=ref_tokens, std_floor=cfg["std_floor"])
     write_jsonl_atomic(d / "groups.jsonl", groups)
     update_json(d / "stats.json", "curate", stats)

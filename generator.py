@@ -20,6 +20,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import config
 import executor
 import lora
 import model
@@ -146,7 +147,7 @@ def sample_seed(seed, prompt, sample):
     (vllm/v1/engine/parallel_sampling.py), so one request per chunk drew sample i of two identical
     prompts alike. A hash per (seed, prompt, sample), one n=1 request each, makes every sample its
     own draw, as the local sampler's one random stream does, and the same draw on a resumed run."""
-    return int(hashlib.sha256(f"{seed}:{prompt}:{sample}".encode()).hexdigest()[:8], 16)
+    return config.seed_of(seed, prompt, sample)
 
 
 def sample_remote(url, name, messages_list, n, max_new_tokens, temperature, top_p, seed, prefill, tokenizer,

@@ -15,6 +15,7 @@ import statistics
 
 import torch
 
+import config
 import kernels
 
 
@@ -180,7 +181,7 @@ class ScoreDPO(Loss):
         units = []
         for k, pid in enumerate(sorted(by_problem)):
             ms = list(by_problem[pid].values())
-            pairs = sample_pairs([m["score"] for _, m in ms], self.pairs_per_problem, seed + k)
+            pairs = sample_pairs([m["score"] for _, m in ms], self.pairs_per_problem, config.seed_of(seed, k))
             unit = [dict(seq(*ms[i]), score=ms[i][1]["score"]) for w, l in pairs for i in (w, l)]
             if unit:
                 units.append(unit)

@@ -33,6 +33,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 import benchmarks
+import config
 import executor
 import generator
 import operators
@@ -225,7 +226,7 @@ def self_check_and_repair(msgs, samples, todo, problem, cfg, ex, propose, seed_b
                                      {"role": "user", "content": repair_message(e)}]
             again.append(c)
         for c in again:
-            new = propose([cands[c]["conv"]], 1, rollout.seed_of(seed_base, c, rnd))[0][0]
+            new = propose([cands[c]["conv"]], 1, config.seed_of(seed_base, c, rnd))[0][0]
             cands[c]["completion"], cands[c]["completion_ids"], cands[c]["hit_cap"] = new["text"], new["token_ids"], new.get("hit_cap")
         pending = again
         if not pending:
@@ -292,7 +293,7 @@ def run_episodes(out, val_out, episodes, cfg, ex, propose, tag, turns, n, progre
                 # a resumed turn samples the same candidates and runs only the missing ones
                 state = episode_state([r for k, r in done.items() if k[0] == ep], t)
                 msgs = state_prompt(cfg["bench"], state, cfg["max_calls"])
-                seed = rollout.seed_of(cfg["seed"], tag, ep, t)
+                seed = config.seed_of(cfg["seed"], tag, ep, t)
                 samples = propose([msgs], n, seed)[0]
                 cands = self_check_and_repair(msgs, samples, todo, problems[0], cfg, ex, propose, seed)
                 turn = {"candidates": n, "seed": seed, "prompt": msgs, "prefill": workflow.PREFILLS[fam]}
@@ -365,7 +366,7 @@ def episode_problems(cfg, it, ep):
     """Validation batch of training episode `ep`: the train split (for arith disjoint from the
     validate split the evaluation refines on), a fresh seeded subset per iteration and episode."""
     return benchmarks.load(cfg["bench"], "train", cfg["data_dir"], limit=cfg["val_problems"],
-                           seed=rollout.seed_of(cfg["seed"], "episode", it, ep))
+                           seed=config.seed_of(cfg["seed"], "episode", it, ep))
 
 
 def episode_summary(rows, turns):

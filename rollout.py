@@ -9,7 +9,6 @@ executing this one. An executor failure is never a score: its row is left out an
 (require_scored), the rows written kept for the rerun.
 """
 import contextlib
-import hashlib
 import os
 import statistics
 import sys
@@ -89,16 +88,10 @@ def run_context(problem, cfg, sample_index=0):
     return {**problem, "sample_index": sample_index, **({"max_tokens": cap} if cap else {})}
 
 
-def seed_of(*parts):
-    """A 32-bit seed from any parts (seed, iteration, chunk, ...): the same parts, the same seed in
-    every process, so a resumed step regenerates exactly what it sampled before."""
-    return int(hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:8], 16)
-
-
 def problems_for(cfg, it):
     """Iteration `it`'s training problems: a fresh seeded subset of the train split each iteration,
     so the generator sees new problems every round."""
-    return benchmarks.load(cfg["bench"], "train", cfg["data_dir"], limit=cfg["problems"], seed=cfg["seed"] * 1000 + it)
+    return benchmarks.load(cfg["bench"], "train", cfg["data_dir"], limit=cfg["problems"], seed=config.seed_of(cfg["seed"], "problems", it))
 
 
 def workflow_row(problem, j, prompt, prefill, completion, ids, family_ops, max_calls, prompt_ids=None, hit_cap=None):

@@ -200,7 +200,7 @@ def sample(model, tokenizer, messages_list, n=1, max_new_tokens=256, temperature
     per_batch = max(1, batch_size // n)
     out = []
     for b0 in range(0, len(messages_list), per_batch):
-        gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b0)  # per batch: resumes match
+        gen = torch.Generator(device=device).manual_seed(config.seed_of(seed, "batch", b0))  # per batch: resumes match
         ids = [prompt_ids(tokenizer, m, prefill) for m in messages_list[b0:b0 + per_batch]]
         res = decode(model, ids, n, max_new_tokens, temperature or 0.0, top_p, stops, pad, gen)
         for i, (tk, lp) in enumerate(res):

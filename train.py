@@ -171,7 +171,7 @@ def step_order(units, seed):
 def epoch_order(units, cfg, it, epoch):
     """The order of the units in one epoch of iteration `it`: the pi_old pass and epoch 0 both ask
     here, so each sequence is scored in the micro-batch its first update step runs."""
-    return step_order(units, cfg["seed"] * 1_000_003 + it * 1000 + epoch)
+    return step_order(units, config.seed_of(cfg["seed"], "order", it, epoch))
 
 
 def step_seqs(units, order, k, per_step):
@@ -234,7 +234,7 @@ def update(run_dir, it, cfg, mdl, tok):
     iter_<it>/train_state.pt."""
     d = Path(run_dir) / f"iter_{it}"
     loss = losses.make(cfg)
-    units = sequences(read_jsonl(d / "groups.jsonl", required=GROUP_KEYS), tok, loss, seed=cfg["seed"] * 7919 + it)
+    units = sequences(read_jsonl(d / "groups.jsonl", required=GROUP_KEYS), tok, loss, seed=config.seed_of(cfg["seed"], "units", it))
     per_step, ckpt = max(1, cfg["groups_per_step"]), checkpointing(cfg, next(mdl.parameters()).device)
     steps_per_epoch = math.ceil(len(units) / per_step)
     total = steps_per_epoch * cfg["epochs"]
@@ -322,6 +322,7 @@ def iteration(run_dir, k, cfg, mdl, tok, ex, ref):
         step = refine.collect_refine if refining else collect.collect
         print(f"[collect {k}] " + json.dumps(step(run_dir, k, cfg, ex, loaded=(mdl, tok))))
         ran.append("refine" if refining else "collect")
+        model.release_freed_memory()  # the decode caches, before the update's activations
     if not (d / "groups.jsonl").is_file():
         s = curate.refine_groups(run_dir, k) if refining else curate.run(run_dir, k, cfg, ref)
         print(f"[curate {k}] " + json.dumps(s))
@@ -332,6 +333,7 @@ def iteration(run_dir, k, cfg, mdl, tok, ex, ref):
         update_json(d / "stats.json", "train", dict(s, seconds=time.time() - t0))
         print(f"[update {k}] " + json.dumps(s))
         ran.append("train")
+        model.release_freed_memory()  # the activations, before the next collect
     return ran
 
 
@@ -355,6 +357,7 @@ def evaluate_checkpoints(run_dir, cfg, iters, mdl, tok, ex, tracker):
                                             limit=cfg["eval_problems"])
                 print(f"[eval iter {k}] accuracy {s['accuracy']:.3f} ({s['ci_low']:.3f}-{s['ci_high']:.3f})")
         tracker.evaluation(k, s)
+        model.release_freed_memory()
     return evals
 
 

@@ -33,7 +33,7 @@ def stub_reply(messages):
     share = SHARE.get(instruction.strip(), 0.0)
     if gold is None:
         return "I do not know."
-    right = int(rollout.seed_of("stub", problem)) % 1000 < share * 1000
+    right = int(config.seed_of("stub", problem)) % 1000 < share * 1000
     return f"The answer is {gold if right else int(gold) + 1}."
 
 
@@ -320,7 +320,7 @@ def test_evaluate_refine_scores_the_best_validation_workflow_on_test(tmp_path):
     word = best["code"].split('"')[1] if best["turn"] >= 0 else None
     test = benchmarks.load("arith", "test", limit=12, seed=0)
     # naive reference: the stub is right on a known subset of problems for each instruction word
-    want = sum(int(rollout.seed_of("stub", p["problem"])) % 1000 < SHARE.get(word, 0.0) * 1000 for p in test) / 12
+    want = sum(int(config.seed_of("stub", p["problem"])) % 1000 < SHARE.get(word, 0.0) * 1000 for p in test) / 12
     assert 0 < want < 1 and s["test"]["n"] == 12 and s["test"]["accuracy"] == pytest.approx(want)
     assert s["executor_tokens"]["test"] == 12 * 15
     assert json.loads((tmp_path / "refine_iter_0_T1.json").read_text())["test"]["accuracy"] == s["test"]["accuracy"]

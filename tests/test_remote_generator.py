@@ -198,7 +198,7 @@ def test_collect_samples_iteration_1_from_its_adapter_and_stores_the_returned_id
     mdl = lora.load_adapter(tiny_llama(), adapter)
     for r in rows:
         i = pids.index(r["problem_id"])  # one problem per chunk (--gen-batch 1): prompt 0 of chunk i
-        seed = generator.sample_seed(rollout.seed_of(0, 1, i), 0, r["sample"])
+        seed = generator.sample_seed(config.seed_of(0, 1, i), 0, r["sample"])
         assert r["completion_ids"] == returned[seed]
         # the naive reference: the adapter's model decodes the request's prompt with the request's seed
         q = by_seed[seed]
