@@ -174,3 +174,20 @@ def test_guide_rows_join_groups_but_not_the_generator_stats():
     assert sorted(m["sample"] for m in g["members"]) == list(range(6))
     assert [m.get("guide", False) for m in sorted(g["members"], key=lambda m: m["sample"])] == [False] * 4 + [True] * 2
     assert stats["mean_score"] == 0.25 and stats["valid_fraction"] == 1.0  # the 4 sampled rows only
+
+
+def test_the_run_seed_reaches_curate(tmp_path):
+    """curate.run draws its random groups from --seed (config.seed_of(seed, "groups", it)): the same
+    seed gives the same groups, another seed other groups."""
+    import config
+    from jsonl import read_jsonl, write_jsonl_atomic
+    rows = [r for k in range(3) for r in rollouts(f"p{k}", [1, 0, 0, 0, 1, 0, 0, 0])]
+    (tmp_path / "iter_0").mkdir()
+    write_jsonl_atomic(tmp_path / "iter_0" / "rollouts.jsonl", rows)
+
+    def groups(seed):
+        cfg = dict(config.defaults(), groups="random", min_var=0.0, groups_per_problem=6, seed=seed)
+        curate.run(tmp_path, 0, cfg)
+        return [[m["sample"] for m in g["members"]] for g in read_jsonl(tmp_path / "iter_0" / "groups.jsonl")]
+    assert groups(0) == groups(0)
+    assert groups(0) != groups(1)
