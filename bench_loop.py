@@ -24,30 +24,12 @@ Peak RSS per row: this process's VmHWM, reset at the start of each step (proc(5)
 read at its end. Decode, executor calls and sandbox run inside collect.collect at once, so they share its
 peak; update and π_old share train.update's; None ("-") where /proc/self/clear_refs can't be written
 (not Linux). A line under the table gives each local executor server's peak over its whole life.
-FLOPs are model FLOPs (Chowdhery et al. 2022, PaLM, App. B): no activation-checkpointing recompute,
-no padded positions, no rows decoding on after they stopped, no masked static-KV-cache slots. Per
-token position, with N_lin the weights of the decoder's nn.Linear modules (GQA's narrow k/v as they
-are), N_lora LoRA's A and B, L layers, d_attn = n_heads * head_dim, H V the LM head:
-  forward    2 (N_lin + N_lora) [Kaplan et al. 2020, Table 1: 2N] + 4 L d_attn per query-key pair [QK^T
-             and the sum over V, 2 d_attn each, as Hoffmann et al. 2022, App. F; Kaplan lists the QK^T
-             half]; causal: a token with c before it has c + 1 pairs; + 2 H V where logits are computed
-  backward   the frozen base forms activation gradients only, dX = dY W^T: 2 N_lin (the full backward
-             is 2x forward: Kaplan §2.1); LoRA both: 4 N_lora; attention dP, dV, dQ, dK: 2x its
-             forward; frozen head dh = g W: 2 H V per row. So fwd+bwd ~ 2x forward under LoRA, not 3x
-             (the first layer's q/k/v inputs need no gradient either: that slack is left in)
-Per phase: decode = per sampling.sample batch (batch_size // n prompts) the common prefix once, each
-suffix once, T - 1 fed positions per row of T tokens, the head at the prefix's, each prompt's last
-and each fed position; executor = the same per call alone from its usage and the executor model's
-shape (a prompt counts in full even when serve.py batches calls sharing a prefix); pi_old = forward
-of seq_logprobs' micro-batches (train.micro_batches) as train.forward_hidden runs them: each
-distinct prompt once, each distinct completion once after it, the head on every row's completion
-tokens; update = forward + backward of step_loss's micro-batches; evaluation = its decode (n = 1) +
-its executor calls. share = FLOP/s / that of an fp32 torch matmul [512 x H] @ [H x I] (the
-generator's sizes) at this process's thread count, best of --reps, in the same run; the local
-executor's servers run threads of their own, so its share may pass 1.
+FLOPs are model FLOPs, counted per phase by flops.py (its docstring: the formulas and their sources).
+share = FLOP/s / that of an fp32 torch matmul [512 x H] @ [H x I] (the generator's sizes) at this
+process's thread count, best of --reps, in the same run; the local executor's servers run threads of
+their own, so its share may pass 1.
 """
 import contextlib
-import inspect
 import os
 import json
 import string
@@ -58,7 +40,6 @@ import types
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
@@ -67,6 +48,7 @@ import config
 import curate
 import evaluate
 import executor
+import flops
 import generator
 import lora
 import model
@@ -111,87 +93,6 @@ def matmul_peak(H, I, M=512, reps=5, min_s=0.05):
     return {"shape": [M, H, I], "reps": reps, "flop_per_s": 2 * M * H * I / best}
 
 
-# ---- FLOP counting (the formulas of the module docstring) ----
-
-def shape_of(mdl):
-    """{linear, lora, head, layers, d_attn}: weights of the decoder's nn.Linear modules (LoRA's apart),
-    the LM head's H * V, the layer count and n_heads * head_dim."""
-    lins = [(".lora_" in f".{name}", m.weight.numel()) for name, m in mdl.get_decoder().named_modules()
-            if isinstance(m, nn.Linear)]
-    lin, lo, c = sum(k for is_lora, k in lins if not is_lora), sum(k for is_lora, k in lins if is_lora), mdl.config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return {"linear": lin, "lora": lo, "head": mdl.get_output_embeddings().weight.numel(),
-            "layers": c.num_hidden_layers, "d_attn": c.num_attention_heads * head_dim}
-
-
-def pairs(before, n):
-    """Query-key pairs of n causal positions after `before` earlier ones: sum_{t=1..n} (before + t)."""
-    return n * before + n * (n + 1) // 2
-
-
-def forward_flops(s, tokens, qk, head_rows):
-    return 2 * (s["linear"] + s["lora"]) * tokens + 4 * s["layers"] * s["d_attn"] * qk + 2 * s["head"] * head_rows
-
-
-def backward_flops(s, tokens, qk, head_rows):
-    return 2 * (s["linear"] + 2 * s["lora"]) * tokens + 8 * s["layers"] * s["d_attn"] * qk + 2 * s["head"] * head_rows
-
-
-def train_layout(mb):
-    """(positions, query-key pairs, head rows) of one micro-batch as train.forward_hidden runs it."""
-    by = {}
-    for s in mb:
-        by.setdefault(tuple(s["ids"][:s["n_prompt"]]), set()).add(tuple(s["ids"][s["n_prompt"]:]))
-    tokens = qk = 0
-    for p, comps in by.items():
-        tokens += len(p) + sum(map(len, comps))
-        qk += pairs(0, len(p)) + sum(pairs(len(p), len(c)) for c in comps)
-    return tokens, qk, sum(len(s["ids"]) - s["n_prompt"] for s in mb)
-
-
-def decode_layout(prompts, rows, n):
-    """(positions, pairs, head rows, generated tokens) of one sampling.decode call: `prompts` token-id
-    lists, `rows` the n completions of each in order (the common prefix leaves each prompt a token)."""
-    P = 0
-    while P < min(map(len, prompts)) - 1 and all(p[P] == prompts[0][P] for p in prompts):
-        P += 1
-    tokens, qk = P + sum(len(p) - P for p in prompts), pairs(0, P) + sum(pairs(P, len(p) - P) for p in prompts)
-    fed = [max(len(r) - 1, 0) for r in rows]
-    tokens += sum(fed)
-    qk += sum(pairs(len(prompts[i // n]), f) for i, f in enumerate(fed))
-    return tokens, qk, (P > 0) + len(prompts) + sum(fed), sum(map(len, rows))
-
-
-def sample_flops(s, calls):
-    """(FLOPs, generated tokens, prompt positions) of sample() calls [(n, out)]; guides are not sampled."""
-    batch = inspect.signature(sampling.sample).parameters["batch_size"].default
-    fl = gen = pos = 0
-    for n, out in calls:
-        per = max(1, batch // n)
-        for b in range(0, len(out), per):
-            rows = [x["token_ids"] for xs in out[b:b + per] for x in xs if not x.get("guide")]
-            t, qk, head, g = decode_layout([x[0]["prompt_ids"] for x in out[b:b + per]], rows, n)
-            fl, gen, pos = fl + forward_flops(s, t, qk, head), gen + g, pos + t - sum(max(len(r) - 1, 0) for r in rows)
-    return fl, gen, pos
-
-
-def call_flops(s, calls):
-    """FLOPs of executor calls [(t0, t1, usage)], each decoded alone (0 without an executor shape)."""
-    return sum(forward_flops(s, *decode_layout([[0] * max(1, u["prompt_tokens"])], [[0] * u["completion_tokens"]], 1)[:3])
-               for *_, u in calls) if s else 0
-
-
-def busy(calls):
-    """Seconds during which at least one call was in flight (the union of their intervals)."""
-    total, end = 0.0, None
-    for t0, t1, _ in sorted(calls, key=lambda c: c[0]):
-        if end is None or t0 > end:
-            total, end = total + t1 - t0, t1
-        elif t1 > end:
-            total, end = total + t1 - end, t1
-    return total
-
-
 # ---- instrumentation ----
 
 class TimedExecutor:
@@ -209,6 +110,17 @@ class TimedExecutor:
         with self.lock:
             self.calls.append((t0, time.perf_counter(), usage))
         return text, usage
+
+
+def busy(calls):
+    """Seconds during which at least one call was in flight (the union of their intervals)."""
+    total, end = 0.0, None
+    for t0, t1, _ in sorted(calls, key=lambda c: c[0]):
+        if end is None or t0 > end:
+            total, end = total + t1 - t0, t1
+        elif t1 > end:
+            total, end = total + t1 - end, t1
+    return total
 
 
 class StubExecutor:
@@ -271,10 +183,11 @@ def instrumented(rec):
             return timed
         return wrap
 
-    old = lambda mdl, seqs, budget, chunk_size, unit=1, ckpt=False: [train_layout(mb) for mb in train.micro_batches(seqs, budget, unit)]
+    old = lambda mdl, seqs, budget, chunk_size, unit=1, ckpt=False: [flops.train_layout(mb)
+                                                                      for mb in train.micro_batches(seqs, budget, unit)]
     with patched(generator, "sampler", sampler), patched(rollout, "pipelined", sequential), \
             patched(train, "seq_logprobs", timer("pi_old", old)), \
-            patched(train, "step_loss", timer("step", lambda mdl, mb, *rest, **kw: [train_layout(mb)])):
+            patched(train, "step_loss", timer("step", lambda mdl, mb, *rest, **kw: [flops.train_layout(mb)])):
         yield rec
 
 
@@ -302,7 +215,7 @@ def executor_shape(cfg):
     """The local executor model's shape, from its config (meta tensors: nothing is allocated)."""
     c = AutoConfig.from_pretrained(model.resolve_model_dir(cfg["executor_model"] or model.DEFAULT_MODEL))
     with torch.device("meta"):
-        return shape_of(AutoModelForCausalLM.from_config(c))
+        return flops.shape_of(AutoModelForCausalLM.from_config(c))
 
 
 def synthetic_groups(run_dir, cfg):
@@ -383,7 +296,7 @@ def load(cfg, quick):
     servers = None
     if quick:
         (mdl, tok), (emdl, etok) = quick_models(0), quick_models(1)
-        ex_cm, eshape = contextlib.nullcontext(StubExecutor(emdl, etok)), shape_of(emdl)
+        ex_cm, eshape = contextlib.nullcontext(StubExecutor(emdl, etok)), flops.shape_of(emdl)
     else:
         mdl, tok = model.load_model(cfg["model"], device=cfg["device"], dtype=cfg["dtype"])
         n = cfg["servers"] or max(1, min(4, os.cpu_count() or 1))  # as rollout.open_executor
@@ -399,12 +312,12 @@ def collect_rows(sl, rows):
     rec, cfg = {"sample": [], "run_s": 0.0}, sl.cfg
     with instrumented(rec), measured() as m:
         st = collect.collect(sl.run_dir, 0, cfg, sl.ex, loaded=(sl.mdl, sl.tok))
-    dfl, gen, pos = sample_flops(sl.gshape, [(n, out) for _, n, out in rec["sample"]])
+    dfl, gen, pos = flops.sample_flops(sl.gshape, [(n, out) for _, n, out in rec["sample"]])
     rows["decode"] = row("decode", sum(c[0] for c in rec["sample"]), gen, dfl, sl.P, f"{len(rec['sample'])} sample() "
                          f"calls, {cfg['problems']} problems x {cfg['m']} workflows, {pos} prompt positions", m["rss"])
     calls = list(sl.ex.calls) if sl.ex else []
     ctoks = sum(u["completion_tokens"] for *_, u in calls)
-    rows["executor"] = row("executor", busy(calls), ctoks, call_flops(sl.eshape, calls), sl.P,
+    rows["executor"] = row("executor", busy(calls), ctoks, flops.call_flops(sl.eshape, calls), sl.P,
                            f"{len(calls)} calls, {sum(u['prompt_tokens'] for *_, u in calls)} prompt tokens"
                            + (f", {sl.servers} server(s) x 1 thread" if sl.servers else ""), m["rss"])
     ran = [r for r in read_jsonl(Path(sl.run_dir) / "iter_0" / "rollouts.jsonl") if r["valid"]]
@@ -428,11 +341,11 @@ def update_rows(sl, rows):
     fl = lambda key, fns: sum(f(sl.gshape, *x) for _, ls in rec[key] for x in ls for f in fns)
     toks = lambda key: sum(x[0] for _, ls in rec[key] for x in ls)
     old_s, step_s = (sum(t for t, _ in rec[key]) for key in ("pi_old", "step"))
-    rows["update"] = row("update", step_s, toks("step"), fl("step", (forward_flops, backward_flops)), sl.P,
+    rows["update"] = row("update", step_s, toks("step"), fl("step", (flops.forward_flops, flops.backward_flops)), sl.P,
                          f"{steps} steps, {len(rec['step'])} micro-batches, {groups} groups"
                          + (" (synthetic advantages: no score variance)" if synth else "")
                          + f"; optimizer + rest {max(0.0, m['s'] - step_s - old_s):.1f} s", m["rss"])
-    rows["pi_old"] = row("pi_old", old_s, toks("pi_old"), fl("pi_old", (forward_flops,)), sl.P,
+    rows["pi_old"] = row("pi_old", old_s, toks("pi_old"), fl("pi_old", (flops.forward_flops,)), sl.P,
                          f"{len(rec['pi_old'])} seq_logprobs calls", m["rss"])
     return m
 
@@ -443,8 +356,8 @@ def eval_rows(sl, rows):
     with instrumented(ev), measured() as m:
         evaluate.eval_generator(sl.mdl, sl.tok, sl.cfg, sl.ex, Path(sl.run_dir) / "eval.jsonl", limit=sl.cfg["eval_problems"])
     ecalls = sl.ex.calls[n_calls:] if sl.ex else []
-    efl, egen, _ = sample_flops(sl.gshape, [(n, out) for _, n, out in ev["sample"]])
-    rows["eval"] = row("eval", m["s"], egen, efl + call_flops(sl.eshape, ecalls), sl.P,
+    efl, egen, _ = flops.sample_flops(sl.gshape, [(n, out) for _, n, out in ev["sample"]])
+    rows["eval"] = row("eval", m["s"], egen, efl + flops.call_flops(sl.eshape, ecalls), sl.P,
                        f"{sl.cfg['eval_problems']} problems; decode {sum(c[0] for c in ev['sample']):.1f} s, "
                        f"executor {busy(ecalls):.1f} s ({len(ecalls)} calls), execution wall {ev['run_s']:.1f} s",
                        m["rss"])
@@ -456,7 +369,7 @@ def run(args):
     cfg = slice_config(args)
     machine, t_all = cpu_line(), time.perf_counter()
     mdl, tok, ex_cm, eshape, servers = load(cfg, args.quick)
-    gshape = shape_of(mdl)
+    gshape = flops.shape_of(mdl)
     peak = matmul_peak(mdl.config.hidden_size, mdl.config.intermediate_size, reps=args.reps)
     rows = {}
     with ex_cm as raw, tempfile.TemporaryDirectory(prefix="spogw-bench-loop-") as run_dir:

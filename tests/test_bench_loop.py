@@ -1,6 +1,6 @@
 """`python bench.py loop` (bench_loop.py): the --quick slice has a row for every phase with a sane
-share and peak RSS, the FLOP counts equal a hand count and torch's own FLOP counter on a tiny Llama,
-and the peak-RSS helpers see a buffer that RSS polling sees.
+share and peak RSS, executor time is the union of the call intervals, and the peak-RSS helpers see a
+buffer that RSS polling sees. Its FLOP counts: tests/test_flops.py.
 
     python -m pytest -q tests/test_bench_loop.py
 """
@@ -14,12 +14,7 @@ import time
 
 import pytest
 
-import torch
-from torch.utils.flop_counter import FlopCounterMode
-from transformers import AutoModelForCausalLM, LlamaConfig
-
 import bench_loop
-import lora
 from conftest import ROOT
 
 
@@ -59,64 +54,9 @@ def test_quick_run_has_every_phase_with_a_share():
         assert sum(line.startswith(label) for line in lines) == 1, label
 
 
-def tiny(r=2):
-    """H=8, I=16, 2 layers, 2 heads of 4, 1 KV head, V=10, eager attention (plain matmuls), LoRA r on
-    every projection: per layer q 8x8, k 8x4, v 8x4, o 8x8, gate/up 8x16, down 16x8 = 576 weights,
-    LoRA r (d_in + d_out) each = 2 * (16 + 12 + 12 + 16 + 24 + 24 + 24) = 256."""
-    c = LlamaConfig(vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
-                    num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    m = AutoModelForCausalLM.from_config(c, attn_implementation="eager").eval()
-    lora.add_lora(m, r=r, alpha=2 * r)
-    return m
-
-
-def test_shape_and_formulas_match_a_hand_count():
-    s = bench_loop.shape_of(tiny())
-    assert s == {"linear": 2 * 576, "lora": 2 * 256, "head": 80, "layers": 2, "d_attn": 8}
-    # a micro-batch of one prompt [1 2 3] and completions [4 5], [6], [4 5] again (a member of two groups)
-    mb = [{"ids": [1, 2, 3, 4, 5], "n_prompt": 3}, {"ids": [1, 2, 3, 6], "n_prompt": 3},
-          {"ids": [1, 2, 3, 4, 5], "n_prompt": 3}]
-    tokens = 3 + 2 + 1  # the prompt once, each distinct completion once
-    pairs = (1 + 2 + 3) + (4 + 5) + 4  # causal query-key pairs: a position with c before it has c + 1
-    rows = 2 + 1 + 2  # the head on every row's completion tokens
-    assert bench_loop.train_layout(mb) == (tokens, pairs, rows)
-    fwd = 2 * (1152 + 512) * tokens + 4 * 2 * 8 * pairs + 2 * 80 * rows
-    bwd = 2 * (1152 + 2 * 512) * tokens + 8 * 2 * 8 * pairs + 2 * 80 * rows
-    assert bench_loop.forward_flops(s, *bench_loop.train_layout(mb)) == fwd == 21984
-    assert bench_loop.backward_flops(s, *bench_loop.train_layout(mb)) == bwd
-    # sampling.decode of prompts [1 2 3 4] and [1 2 5], n = 2: the prefix [1 2] once, suffixes [3 4] and
-    # [5]; rows of 3, 1, 2, 0 tokens feed 2, 0, 1, 0 positions; the head at the prefix's end, each
-    # prompt's end and every fed position
-    got = bench_loop.decode_layout([[1, 2, 3, 4], [1, 2, 5]], [[7, 8, 9], [7], [8, 8], []], 2)
-    assert got == (2 + 2 + 1 + 3, (1 + 2) + (3 + 4) + 3 + (5 + 6) + 4, 1 + 2 + 3, 3 + 1 + 2 + 0)
-
-
-def test_formulas_match_torch_flop_counter():
-    """The naive reference: torch counts every matmul of a plain full-sequence forward and backward.
-    Its attention is not causal (all T x T pairs are multiplied, then masked), so pairs = T^2 here.
-    Backward: autograd skips the input gradients of layer 0's q/k/v (and their lora_A), whose input,
-    the frozen embedding, needs none; the formula keeps them (its documented slack)."""
-    m = tiny()
-    for p in lora.lora_parameters(m):
-        p.requires_grad_(True)
-    s, T = bench_loop.shape_of(m), 5
-    with FlopCounterMode(display=False) as fc:
-        logits = m(input_ids=torch.arange(T)[None]).logits
-    assert fc.get_total_flops() == bench_loop.forward_flops(s, T, T * T, T)
-    with FlopCounterMode(display=False) as fc:
-        logits.sum().backward()
-    layer0_qkv = (8 * 8 + 8 * 4 + 8 * 4) + 3 * 2 * 8  # base weights + lora_A (r x d_in) of q, k, v
-    assert fc.get_total_flops() == bench_loop.backward_flops(s, T, T * T, T) - 2 * layer0_qkv * T
-
-
 def test_busy_is_the_union_of_call_intervals():
     calls = [(0.0, 2.0, {}), (1.0, 3.0, {}), (5.0, 6.0, {}), (5.5, 5.7, {})]
     assert bench_loop.busy(calls) == 4.0
-    u = {"prompt_tokens": 4, "completion_tokens": 3}
-    s = bench_loop.shape_of(tiny())  # one call = a decode of one prompt: prefix of 3, suffix of 1, 2 fed
-    assert bench_loop.call_flops(s, [(0, 1, u)]) == bench_loop.forward_flops(s, 4 + 2, 10 + 5 + 6, 1 + 1 + 2)
-    assert bench_loop.call_flops(None, [(0, 1, u)]) == 0
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="VmHWM and clear_refs are Linux's (proc(5))")
