@@ -11,6 +11,7 @@ rarely two.
 """
 import argparse
 import functools
+import inspect
 import json
 import re
 import secrets
@@ -68,7 +69,29 @@ class OpContext:
 # ---- the operator library ----
 # Each operator runs here in the parent as fn(ctx, *args) -> str; the workflow's sandbox holds only
 # stubs that forward the call (sandbox.py). Prompts are short and concrete: the default executor is
-# a 135M model that follows one plain instruction, rarely two.
+# a 135M model that follows one plain instruction, rarely two. An operator is one definition: its
+# function under @operator(signature, what it does), plus its name in OPERATOR_SETS for the families
+# that offer it (ARCHITECTURE §3 "Adding an operator").
+
+OPERATORS = {}  # name -> fn(ctx, *args) -> str, in definition order; fn.signature and fn.does for the prompt
+
+
+def operator(signature, does):
+    """Register the decorated fn(ctx, ...) in OPERATORS under the name `signature` starts with. The
+    generator's prompt shows `signature` and `does` (workflow.catalogue); the checker takes the arity
+    from fn's own parameters (workflow.op_params), so `signature` must name the same ones, in order
+    (a default may go unshown: code_generate's instruction)."""
+    name, shown = signature.split("(")[0], signature[signature.index("(") + 1:signature.rindex(")")]
+
+    def register(fn):
+        params = list(inspect.signature(fn).parameters)[1:]
+        if [p.split("=")[0].strip() for p in shown.split(",") if p.strip()] != params:
+            raise ValueError(f"operator {signature!r} does not name the parameters of {fn.__name__}{params}")
+        fn.signature, fn.does = signature, does
+        OPERATORS[name] = fn
+        return fn
+    return register
+
 
 def _s(x):
     return x if isinstance(x, str) else str(x)
@@ -118,14 +141,17 @@ def majority_vote(solutions):
     return solutions[next(i for i, k in enumerate(keys) if counts[k] == best)]
 
 
+@operator("custom(input, instruction)", "follows the instruction on the input; returns the reply")
 def op_custom(ctx, input, instruction):
     return ctx.chat(f"{_s(instruction)}\n\n{_s(input)}")
 
 
+@operator("answer_generate(input)", "thinks step by step; returns the final answer")
 def op_answer_generate(ctx, input):
     return ctx.chat(f"{_s(input)}\n\nThink step by step. End with a line 'Answer: <final answer>'.")
 
 
+@operator("programmer(problem, analysis='')", "writes and runs a Python program; returns the answer it prints")
 def op_programmer(ctx, problem, analysis=""):
     """The executor writes a program that prints the answer; it runs in a fresh sandbox; on an
     error (or no output) the executor sees the error and tries again, twice at most. Returns the
@@ -147,6 +173,7 @@ def op_programmer(ctx, problem, analysis=""):
     return ""
 
 
+@operator("ensemble(problem, solutions)", "picks the most consistent answer from a list of solutions")
 def op_ensemble(ctx, problem, solutions):
     """Self-consistency: the executor names the solution that agrees most with the others; when its
     reply names none (or all answers already agree) the majority vote of the answers decides."""
@@ -167,11 +194,13 @@ def op_ensemble(ctx, problem, solutions):
     return majority_vote(sols)
 
 
+@operator("review(problem, solution)", "returns a critique of the solution")
 def op_review(ctx, problem, solution):
     return ctx.chat(f"Problem: {_s(problem)}\n\nSolution: {_s(solution)}\n\nIs this solution correct? If it is, "
                     "reply 'correct'. If not, name the first mistake in one sentence.", max_tokens=200)
 
 
+@operator("revise(problem, solution, feedback)", "returns the solution repaired using the feedback")
 def op_revise(ctx, problem, solution, feedback):
     return ctx.chat(f"Problem: {_s(problem)}\n\nSolution: {_s(solution)}\n\nFeedback: {_s(feedback)}\n\n"
                     "Write a corrected solution. End with a line 'Answer: <final answer>'.")
@@ -180,6 +209,7 @@ def op_revise(ctx, problem, solution, feedback):
 _BARE_NUMBER = re.compile(r"-?\$?\d[\d,]*(\.\d+)?")
 
 
+@operator("format(problem, solution)", "returns only the final answer of the solution")
 def op_format(ctx, problem, solution):
     """Only the final answer. An empty or chatty reply falls back to the answer in the solution.
     A solution that already is a bare number (programmer's output) comes back as it is, without a
@@ -195,6 +225,7 @@ def op_format(ctx, problem, solution):
     return line if line else extract_answer(solution)
 
 
+@operator("code_generate(problem, entry_point, instruction)", "returns Python code defining entry_point")
 def op_code_generate(ctx, problem, entry_point, instruction=""):
     reply = ctx.chat(f"{_s(instruction)}\nWrite the Python function `{_s(entry_point)}` for this task. Reply with "
                      f"only the code in a ```python block.\n\n{_s(problem)}".lstrip(), max_tokens=600)
@@ -224,6 +255,8 @@ def run_public_tests(code, entry_point, tests, timeout=PROGRAM_TIMEOUT):
     return fails
 
 
+@operator("test(problem, solution, entry_point)",
+          "runs the public tests, repairs the code if they fail; returns code")
 def op_test(ctx, problem, solution, entry_point):
     """Run the public tests (ctx.context["public_tests"]); on failure show the executor the failing
     tests and let it repair the code, 3 rounds at most. Returns the version passing most tests."""
@@ -245,12 +278,7 @@ def op_test(ctx, problem, solution, entry_point):
     return best
 
 
-OPERATORS = {
-    "custom": op_custom, "answer_generate": op_answer_generate, "programmer": op_programmer,
-    "ensemble": op_ensemble, "review": op_review, "revise": op_revise, "format": op_format,
-    "code_generate": op_code_generate, "test": op_test,
-}
-OPERATOR_SETS = {  # ARCHITECTURE §3 "offered for"
+OPERATOR_SETS = {  # ARCHITECTURE §3 "offered for"; the order is the order the prompt lists them in
     "math": ["custom", "answer_generate", "programmer", "ensemble", "review", "revise", "format"],
     "qa": ["custom", "answer_generate", "ensemble", "review", "revise", "format"],
     "code": ["custom", "code_generate", "test", "ensemble", "review", "revise"],

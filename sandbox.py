@@ -254,42 +254,46 @@ def _kill_uid(uid):
 def _spawn(mode, code, problem, ops, handler, timeout, mem_mb, stdin=None, keep_stdout=False):
     """Run one child. `handler(msg) -> reply dict` serves operator calls; time spent inside it is
     not charged to the child's `timeout` (the executor has its own timeouts and the call budget
-    bounds how many). Returns {final, stdout, stderr, rc, timed_out, protocol, seconds}."""
+    bounds how many). Returns {final, stdout, stderr, rc, timed_out, protocol, seconds}. However it
+    ends (a KeyboardInterrupt or a handler's exception mid-loop too), the child's group is killed and
+    reaped, and our pipe ends and its temp dir are gone."""
     if _STOP.is_set():
         raise Stopped("the step is stopping: no new sandbox")
     name, prefix, py, uid_drop, mounts, block_net = _MODE
     t0 = time.monotonic()
     uid = random.SystemRandom().randrange(1 << 28) + (1 << 30) if uid_drop else None
-    host_dir = None
-    if mounts:
-        workdir = "/tmp/w"  # in the child's own tmpfs
-    else:
-        host_dir = workdir = tempfile.mkdtemp(prefix="spogw-sbx-")
-        if uid is not None:
-            os.chown(host_dir, uid, uid)
-    cfg = dict(mode=mode, code=code, problem=problem, ops=list(ops), stdin=stdin, uid=uid,
-               mounts=mounts, block_net=block_net, workdir=workdir, cap=CAP, site_dir=_SITE[0], site=_SITE[1],
-               mem=int(mem_mb) << 20, cpu=int(timeout) + 1, fsize=16 << 20, nofile=64, nproc=64,
-               tmpfs_kb=64 * 1024)
-    proc, to_child, from_child = _start(prefix + [py], cfg, keep_stdout, host_dir)
+    host_dir = proc = None
     sel = selectors.DefaultSelector()
-    final, protocol, timed_out, heads, sizes = _broker(sel, proc, to_child, from_child, cfg, handler, t0, timeout)
-    # kill the whole group before reaping, so the pgid cannot have been reused by then
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    if uid is not None and not mounts:
-        _kill_uid(uid)
-    rc = proc.wait()
-    sel.close()
-    for f in (proc.stdout, proc.stderr):
-        if f:
-            f.close()
-    os.close(from_child)
-    os.close(to_child)
-    if host_dir:
-        shutil.rmtree(host_dir, ignore_errors=True)
+        if mounts:
+            workdir = "/tmp/w"  # in the child's own tmpfs
+        else:
+            host_dir = workdir = tempfile.mkdtemp(prefix="spogw-sbx-")
+            if uid is not None:
+                os.chown(host_dir, uid, uid)
+        cfg = dict(mode=mode, code=code, problem=problem, ops=list(ops), stdin=stdin, uid=uid, mounts=mounts,
+                   block_net=block_net, workdir=workdir, cap=CAP, site_dir=_SITE[0], site=_SITE[1],
+                   mem=int(mem_mb) << 20, cpu=int(timeout) + 1, fsize=16 << 20, nofile=64, nproc=64,
+                   tmpfs_kb=64 * 1024)
+        proc, to_child, from_child = _start(prefix + [py], cfg, keep_stdout)
+        final, protocol, timed_out, heads, sizes = _broker(sel, proc, to_child, from_child, cfg, handler, t0, timeout)
+    finally:
+        if proc is not None:
+            # kill the whole group before reaping, so the pgid cannot have been reused by then
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            if uid is not None and not mounts:
+                _kill_uid(uid)
+            rc = proc.wait()
+            for f in filter(None, (proc.stdout, proc.stderr)):
+                f.close()
+            os.close(from_child)
+            os.close(to_child)
+        sel.close()
+        if host_dir:
+            shutil.rmtree(host_dir, ignore_errors=True)
     def text(k):
         s = bytes(heads[k][:CAP]).decode("utf-8", "replace")
         return s + MARK if sizes[k] > CAP else s
@@ -297,10 +301,10 @@ def _spawn(mode, code, problem, ops, handler, timeout, mem_mb, stdin=None, keep_
                 protocol=protocol, seconds=time.monotonic() - t0)
 
 
-def _start(argv, cfg, keep_stdout, host_dir):
+def _start(argv, cfg, keep_stdout):
     """Start the child `argv + [-I -S -c CHILD, its two pipe ends]` in its own session: (proc, our
     write end to it, our read end from it). A child that cannot start raises SandboxError (kept in
-    _FAILED: run_workflow's handler may be the one starting it)."""
+    _FAILED: run_workflow's handler may be the one starting it); no pipe end is left open."""
     c_in_r, c_in_w = os.pipe()  # parent -> child
     c_out_r, c_out_w = os.pipe()  # child -> parent
     try:
@@ -309,11 +313,11 @@ def _start(argv, cfg, keep_stdout, host_dir):
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE if keep_stdout else subprocess.DEVNULL,
             stderr=subprocess.PIPE, pass_fds=(c_in_r, c_out_w), start_new_session=True,
             env=_env(cfg["workdir"]), cwd="/" if cfg["mounts"] else cfg["workdir"])
-    except OSError as e:
+    except BaseException as e:  # an OSError, or a KeyboardInterrupt while it forks
         for fd in (c_in_r, c_in_w, c_out_r, c_out_w):
             os.close(fd)
-        if host_dir:
-            shutil.rmtree(host_dir, ignore_errors=True)
+        if not isinstance(e, OSError):
+            raise
         _FAILED.error = SandboxError(f"cannot start the sandbox child: {e}")
         raise _FAILED.error from e
     os.close(c_in_r)

@@ -16,27 +16,10 @@ import re
 
 import operators
 
-# What the generator is told about each operator: signature and one line of semantics.
-OPERATOR_DOCS = {
-    "custom": ("custom(input, instruction)", "follows the instruction on the input; returns the reply"),
-    "answer_generate": ("answer_generate(input)", "thinks step by step; returns the final answer"),
-    "programmer": ("programmer(problem, analysis='')", "writes and runs a Python program; returns the answer it prints"),
-    "ensemble": ("ensemble(problem, solutions)", "picks the most consistent answer from a list of solutions"),
-    "review": ("review(problem, solution)", "returns a critique of the solution"),
-    "revise": ("revise(problem, solution, feedback)", "returns the solution repaired using the feedback"),
-    "format": ("format(problem, solution)", "returns only the final answer of the solution"),
-    "code_generate": ("code_generate(problem, entry_point, instruction)", "returns Python code defining entry_point"),
-    "test": ("test(problem, solution, entry_point)", "runs the public tests, repairs the code if they fail; returns code"),
-}
-
-
-ALL_OPERATORS = tuple(OPERATOR_DOCS)
-
-
 def catalogue(ops):
     """The operators as a prompt lists them (the generator's here, the meta-agent's in refine.py):
-    one line each, its signature and what it does."""
-    return "\n".join(f"- {OPERATOR_DOCS[o][0]}: {OPERATOR_DOCS[o][1]}" for o in ops)
+    one line each, the signature and what it does, as its @operators.operator registered them."""
+    return "\n".join(f"- {operators.OPERATORS[o].signature}: {operators.OPERATORS[o].does}" for o in ops)
 
 
 SAFE_BUILTINS = frozenset("len range str int float min max sorted enumerate zip list dict set sum abs round "
@@ -129,10 +112,11 @@ class _Reject(Exception):
     pass
 
 
-# Parameters of each operator as the workflow calls it: (name, required) after `ctx`, read from the
-# functions themselves so the arity check cannot drift from the library.
-OP_PARAMS = {name: [(p.name, p.default is p.empty) for p in list(inspect.signature(fn).parameters.values())[1:]]
-             for name, fn in operators.OPERATORS.items()}
+def op_params(name):
+    """Parameters of operator `name` as the workflow calls it: [(name, required)] after `ctx`, read
+    from the registered function itself so the arity check cannot drift from the library."""
+    return [(p.name, p.default is p.empty)
+            for p in list(inspect.signature(operators.OPERATORS[name]).parameters.values())[1:]]
 
 
 # Names the workflow's run-time globals hold besides operators and SAFE_BUILTINS that valid code
@@ -197,8 +181,9 @@ def _problem_literals(problem):
     return text, {n for n in nums if sum(c.isdigit() for c in n) >= 2}
 
 
-def check_workflow(code, problem=None, allowed_ops=ALL_OPERATORS, max_calls=10):
-    """Static check of a generated workflow, before any execution (ARCHITECTURE §3).
+def check_workflow(code, problem=None, allowed_ops=None, max_calls=10):
+    """Static check of a generated workflow, before any execution (ARCHITECTURE §3), calling only
+    `allowed_ops` (default: every registered operator, operators.OPERATORS).
     Returns (ok, reason); reason is short and names the line, e.g. "import not allowed (line 3)".
     The checks run in a fixed order and the first failure is the reason."""
     try:
@@ -207,7 +192,7 @@ def check_workflow(code, problem=None, allowed_ops=ALL_OPERATORS, max_calls=10):
         return False, f"syntax error (line {e.lineno})"
     except (ValueError, TypeError, MemoryError, RecursionError):  # null bytes, absurd nesting
         return False, "unparsable code"
-    ops = set(allowed_ops)
+    ops = set(operators.OPERATORS if allowed_ops is None else allowed_ops)
     try:
         fn = _the_solve(tree)
         _check_nodes(fn, ops)
@@ -308,11 +293,11 @@ def _check_arity(fn, ops):
     """Operator calls must match the operator's signature (else an OperatorError at run time,
     possibly after other calls were paid for). Calls with *args or **kwargs are not checked."""
     calls = [n for n in ast.walk(fn) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
-             and n.func.id in ops and n.func.id in OP_PARAMS]
+             and n.func.id in ops and n.func.id in operators.OPERATORS]
     for n in sorted(calls, key=lambda n: (n.lineno, n.col_offset)):
         if any(isinstance(a, ast.Starred) for a in n.args) or any(k.arg is None for k in n.keywords):
             continue
-        name, params = n.func.id, OP_PARAMS[n.func.id]
+        name, params = n.func.id, op_params(n.func.id)
         names = [p for p, _ in params]
         positional = names[:len(n.args)]
         for k in n.keywords:

@@ -108,8 +108,7 @@ def test_names_and_arity_accept_valid_code():
     code = workflow.FEWSHOT["code"][-1][1]  # code_generate's instruction has a default
     assert workflow.check_workflow(code.replace(', "Write the function.")', ")"), None, operators.OPERATOR_SETS["code"]) == (True, "ok")
     # the arity comes from the operator functions themselves
-    assert workflow.OP_PARAMS["programmer"] == [("problem", True), ("analysis", False)]
-    assert set(workflow.OP_PARAMS) == set(workflow.ALL_OPERATORS)
+    assert workflow.op_params("programmer") == [("problem", True), ("analysis", False)]
 
 
 def _run_count(code):
@@ -119,7 +118,7 @@ def _run_count(code):
     def stub(*a, **k):
         n[0] += 1
         return "s"
-    ns = {op: stub for op in workflow.ALL_OPERATORS}
+    ns = {op: stub for op in operators.OPERATORS}
     exec(code, ns)
     ns["solve"]("problem text")
     return n[0]
@@ -169,7 +168,7 @@ def test_build_prompt_structure_and_catalogue():
     assert [m["role"] for m in msgs[1:]] == ["user", "assistant"] * len(workflow.FEWSHOT["math"]) + ["user"]
     last = msgs[-1]["content"]
     assert last.startswith("Operators:\n") and "Problem: What is 47 * 6?\n" in last
-    assert all(workflow.OPERATOR_DOCS[o][0] in last for o in MATH) and "code_generate" not in last
+    assert all(operators.OPERATORS[o].signature in last for o in MATH) and "code_generate" not in last
     assert "at most 6 operator calls" in msgs[0]["content"]
     assert all(m["content"].startswith("```python\n") for m in msgs if m["role"] == "assistant")
     qa = workflow.build_prompt("Question: who?", "qa")[-1]["content"]

@@ -4,6 +4,7 @@ import pytest
 from openai_stub import StubServer
 import executor
 import operators
+import workflow
 
 
 def ctx_for(srv, max_calls=20, **context):
@@ -186,3 +187,39 @@ def test_operator_invocations_are_bounded_even_without_executor_calls():
     with StubServer() as srv:
         r = operators.run_workflow(wf, "q", executor=executor.Executor(srv.url, "stub"), max_calls=5, timeout=10)
     assert r["error"] == "budget: more than 5 operator calls" and r["calls"] == 0 and srv.requests == []
+
+
+def test_a_new_operator_is_one_definition_and_a_family_line(monkeypatch):
+    """Add verify(problem, answer) as ARCHITECTURE §3 "Adding an operator" says: one @operator function
+    in operators.py and its name on a family's OPERATOR_SETS line. The generator's prompt lists it,
+    the checker takes a workflow calling it (and checks its arity), and the workflow runs in the
+    sandbox with the call served in the parent, as rollout.py runs one; nothing else changes."""
+    def op_verify(ctx, problem, answer):
+        return ctx.chat(f"Problem: {problem}\n\nAnswer: {answer}\n\nIs the answer right? Reply yes or no.",
+                        max_tokens=4)
+
+    with pytest.raises(ValueError, match="does not name the parameters"):  # the prompt's signature is the function's
+        operators.operator("verify(problem)", "x")(op_verify)
+    assert "verify" not in operators.OPERATORS
+    wf = "def solve(problem):\n    a = answer_generate(problem)\n    return a + ' ' + verify(problem, a)\n"
+    P = "What is 47 * 6?"
+    try:
+        operators.operator("verify(problem, answer)", "asks whether the answer is right; returns yes or no")(op_verify)
+        monkeypatch.setitem(operators.OPERATOR_SETS, "math", operators.OPERATOR_SETS["math"] + ["verify"])
+        prompt = workflow.build_prompt(P, "math")[-1]["content"]
+        assert "- verify(problem, answer): asks whether the answer is right" in prompt
+        assert workflow.check_workflow(wf, P, operators.OPERATOR_SETS["math"], 6) == (True, "ok")
+        assert workflow.check_workflow(wf) == (True, "ok")  # every registered operator by default
+        assert workflow.check_workflow(wf.replace("(problem, a)", "(problem)"), P, operators.OPERATOR_SETS["math"], 6) \
+            == (False, "verify takes 2 arguments, got 1 (line 3)")
+
+        def reply(m):
+            return "yes" if "Is the answer right?" in m[-1]["content"] else "282"
+        with StubServer(reply) as srv:
+            r = operators.run_workflow(wf, P, executor=executor.Executor(srv.url, "stub"), timeout=20, operators={
+                k: operators.OPERATORS[k] for k in operators.OPERATOR_SETS["math"]})
+        assert r == dict(r, answer="282 yes", error=None, calls=2)
+        assert "Answer: 282" in srv.requests[1]["messages"][0]["content"]
+    finally:
+        del operators.OPERATORS["verify"]  # unregistered: the library is as before
+    assert workflow.check_workflow(wf) == (False, "call to verify not allowed (line 3)")

@@ -4,6 +4,7 @@ modes leave no mount writable but the child's own tmpfs that holds its work dir.
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -92,3 +93,56 @@ def test_every_mode_keeps_the_whole_answer(monkeypatch, mode):
         pytest.skip(f"the {mode} mode is not available here")
     r = sandbox.run_workflow("def solve(p):\n    return p * 100\n", "x", [], None, timeout=30)
     assert r == dict(answer="x" * 100, error=None, seconds=r["seconds"]), r
+
+
+def _running_in_group(pgid):
+    """Pids of the processes of group `pgid` that still run (a zombie runs nothing: its parent reaps it)."""
+    out = []
+    for pid in os.listdir("/proc"):
+        try:
+            state, _, group = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[:3]
+            if int(group) == pgid and state != "Z":
+                out.append(int(pid))
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+@pytest.mark.parametrize("mode", ["ns", "userns", "uid", "none"])
+def test_an_interrupt_inside_the_broker_loop_leaves_nothing(monkeypatch, mode):
+    """_spawn had no try/finally: a KeyboardInterrupt (or any exception) out of the broker loop left the
+    child running, blocked on the reply to its operator call, unreaped, our ends of its pipes open
+    and, without a mount namespace, its temp dir on disk."""
+    monkeypatch.setenv("SPOGW_SANDBOX_ISOLATION", mode)
+    for k, v in (("_MODE", None), ("ISOLATION", "unprobed"), ("_SITE", (None, []))):
+        monkeypatch.setattr(sandbox, k, v)
+    try:
+        sandbox.isolation()
+    except sandbox.SandboxError:
+        pytest.skip(f"the {mode} mode is not available here")
+    started, start, take = [], sandbox._start, sandbox._take_message
+
+    def interrupted(buf):  # the child's first message, its operator call: Ctrl-C lands here, once
+        monkeypatch.setattr(sandbox, "_take_message", take)
+        raise KeyboardInterrupt
+
+    def recorded(argv, cfg, *rest):
+        started.append((start(argv, cfg, *rest), cfg))
+        return started[-1][0]
+
+    monkeypatch.setattr(sandbox, "_start", recorded)
+    monkeypatch.setattr(sandbox, "_take_message", interrupted)
+    fds = len(os.listdir("/proc/self/fd"))
+    wf = "def solve(p):\n    return op(p)\n"
+    with pytest.raises(KeyboardInterrupt):
+        sandbox.run_workflow(wf, "x", ["op"], lambda msg: {"ok": "y"}, timeout=30)
+    ((proc, *_), cfg), = started
+    assert proc.returncode is not None  # killed and reaped
+    for _ in range(100):  # with a PID namespace the child's own child is reaped by init, not by us
+        if not _running_in_group(proc.pid):
+            break
+        time.sleep(0.05)
+    assert _running_in_group(proc.pid) == []
+    assert len(os.listdir("/proc/self/fd")) == fds  # its pipes and the selector are closed
+    assert sandbox._MODE[4] or not os.path.exists(cfg["workdir"])  # no mount namespace: its temp dir is gone
+    assert sandbox.run_workflow(wf, "x", ["op"], lambda msg: {"ok": "y"}, timeout=30)["answer"] == "y"
