@@ -81,6 +81,9 @@ KNOBS = {
     "drop_invalid": (False, bool, "curate", MORE, "remove invalid workflows (default: keep them as 0s)"),
     "cost_ref": ("programmer_format", str, "curate", MORE, "fixed workflow whose mean executor tokens on the train "
                                                            "split are one unit of cost (--cost-weight)"),
+    "cost_on": ("all", ("all", "correct"), "curate", MORE, "who pays lambda * cost: all (correctness - lambda * "
+                                                         "cost) or correct (correctness * max(0, 1 - lambda * "
+                                                         "cost): a wrong answer scores 0, however cheap)"),
     "std_floor": (0.0, float, "curate", MORE, "advantages divide by max(group std, this): 0 = plain std (GRPO), "
                                               "1 = mean-only for scores in [0, 1]"),
     # ---- update: groups -> the next adapter

@@ -97,14 +97,23 @@ def cost(row, ref_tokens):
     return (row["prompt_tokens"] + row["completion_tokens"]) / runs / ref_tokens
 
 
-def reward(row, cost_weight=0.0, ref_tokens=None):
-    """The score a group compares: correctness (the scorer's, mean over runs) - lambda * cost. The
-    rollout row keeps both parts, so any lambda can be curated again from the same rollouts."""
-    return float(row["score"]) - (cost_weight * cost(row, ref_tokens) if cost_weight else 0.0)
+def reward(row, cost_weight=0.0, ref_tokens=None, cost_on="all"):
+    """The score a group compares. cost_on "all": correctness (the scorer's, mean over runs) - lambda
+    * cost, the papers' utility (MaAS): in a group where every workflow is wrong, cost alone ranks
+    them and the cheapest wrong answer gets the positive advantage. "correct": correctness *
+    max(0, 1 - lambda * cost): only a right answer is paid for, a wrong one scores 0 whatever it
+    spent (such a group has no variance and is dropped), and a right one never scores below it. The rollout row keeps both parts, so any lambda and
+    either rule can be curated again from the same rollouts."""
+    if not cost_weight:
+        return float(row["score"])
+    if cost_on == "correct":
+        return float(row["score"]) * max(0.0, 1.0 - cost_weight * cost(row, ref_tokens))
+    return float(row["score"]) - cost_weight * cost(row, ref_tokens)
 
 
 def curate(rows, mode="sharpen", n=6, group_size=4, min_var=0.01, max_combos=1000,
-           groups_per_problem=4, drop_invalid=False, seed=0, cost_weight=0.0, ref_tokens=None, std_floor=0.0):
+           groups_per_problem=4, drop_invalid=False, seed=0, cost_weight=0.0, ref_tokens=None, std_floor=0.0,
+           cost_on="all"):
     """rollout rows -> (group rows, stats). Members' `score` is the reward (correctness - lambda *
     cost); `correct` and `cost` are its parts."""
     if cost_weight and not ref_tokens:
@@ -117,7 +126,7 @@ def curate(rows, mode="sharpen", n=6, group_size=4, min_var=0.01, max_combos=100
         rs = sorted(rs, key=lambda r: r["sample"])
         if drop_invalid:
             rs = [r for r in rs if r["valid"]]
-        scores = [reward(r, cost_weight, ref_tokens) for r in rs]
+        scores = [reward(r, cost_weight, ref_tokens, cost_on) for r in rs]
         for g in problem_groups(scores, mode, n, group_size, min_var, max_combos, groups_per_problem,
                                 config.seed_of(seed, k)):
             g_scores = [scores[i] for i in g]
@@ -153,8 +162,8 @@ def run(run_dir, it, cfg, ref_tokens=None):
     rows = read_jsonl(d / "rollouts.jsonl", required=ROLLOUT_KEYS)
     groups, stats = curate(rows, cfg["groups"], cfg["n"], cfg["group_size"], cfg["min_var"], cfg["max_combos"],
                            cfg["groups_per_problem"], bool(cfg["drop_invalid"]),
-                           seed=config.seed_of(cfg["seed"], "groups", it),
-                           cost_weight=cfg["cost_weight"], ref_tokens=ref_tokens, std_floor=cfg["std_floor"])
+                           seed=config.seed_of(cfg["seed"], "groups", it), cost_weight=cfg["cost_weight"],
+                           ref_tokens=ref_tokens, std_floor=cfg["std_floor"], cost_on=cfg["cost_on"])
     write_jsonl_atomic(d / "groups.jsonl", groups)
     update_json(d / "stats.json", "curate", stats)
     return stats

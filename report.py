@@ -80,8 +80,10 @@ def spogw_section(run_dir, cfg, iters, baseline_rows):
              f"loss `{cfg['loss']}` (kl {cfg['kl']}, ref {cfg['ref']}, beta {cfg['beta']}), groups `{cfg['groups']}` "
              f"(m={cfg['m']}, n={cfg['n']}, 2t={cfg['group_size']}), {cfg['problems']} problems/iteration, "
              f"lr {cfg['lr']}, {cfg['epochs']} epochs"
-             + (f"; score = correct - {cfg['cost_weight']:g} x executor tokens / {cfg['cost_ref']}'s mean, "
-                f"std floor {cfg.get('std_floor', 0):g}" if cfg.get("cost_weight") else "")
+             + ((f"; score = correct x max(0, 1 - {cfg['cost_weight']:g} x c)" if cfg.get("cost_on") == "correct"
+                 else f"; score = correct - {cfg['cost_weight']:g} x c")
+                + f", c = executor tokens / {cfg['cost_ref']}'s mean, std floor {cfg.get('std_floor', 0):g}"
+                if cfg.get("cost_weight") else "")
              + ("; the few-shot workflows join every group as guides (--guides fewshot)"
                 if cfg.get("guides", "none") != "none" else "") + ".", "",
              "| iteration | valid % (train) | mean train score | test accuracy (95 % CI) | test valid % | executor tokens (train+test) | $ | wall (collect+train) |",

@@ -191,3 +191,24 @@ def test_the_run_seed_reaches_curate(tmp_path):
         return [[m["sample"] for m in g["members"]] for g in read_jsonl(tmp_path / "iter_0" / "groups.jsonl")]
     assert groups(0) == groups(0)
     assert groups(0) != groups(1)
+
+
+def test_cost_on_correct_pays_only_right_answers():
+    """--cost-on correct: score = correctness * (1 - lambda * cost). A wrong answer scores 0 however
+    cheap, so a group where every workflow is wrong is dropped instead of ranking the cheapest failure
+    first; among right answers the cheaper still ranks higher."""
+    rows = costed("p", [1, 1, 0, 0], [200, 50, 100, 0], valid=[True, True, True, False], runs=2)
+    assert [curate.reward(r, 0.2, 100, "correct") for r in rows] == pytest.approx([0.8, 0.95, 0.0, 0.0])
+    assert [curate.reward(r, 0.2, 100, "all") for r in rows] == [curate.reward(r, 0.2, 100) for r in rows]
+    assert [curate.reward(r, 0.0, 100, "correct") for r in rows] == [1, 1, 0, 0]
+    wrong = costed("p", [0, 0, 0, 0], [500, 50, 500, 50])
+    paid_by_all, _ = curate.curate(wrong, n=4, group_size=4, min_var=0.0, cost_weight=0.3, ref_tokens=100)
+    assert paid_by_all and max(paid_by_all[0]["members"], key=lambda m: m["advantage"])["cost"] == 0.5
+    assert curate.curate(wrong, n=4, group_size=4, min_var=0.0, cost_weight=0.3, ref_tokens=100, cost_on="correct")[0] == []
+    right = costed("p", [1, 1, 0, 0], [500, 50, 500, 50])
+    (g,), _ = curate.curate(right, n=4, group_size=4, min_var=0.0, cost_weight=0.3, ref_tokens=100, cost_on="correct")
+    # the cheap right answer first; a right answer costing more than 1 / lambda units is worth no
+    # more than a wrong one (the factor is clipped at 0), never less
+    assert [(m["correct"], m["cost"]) for m in g["members"]] == [(1.0, 5.0), (1.0, 0.5), (0.0, 5.0), (0.0, 0.5)]
+    assert [m["score"] for m in g["members"]] == pytest.approx([0.0, 0.85, 0.0, 0.0])
+    assert max(g["members"], key=lambda m: m["advantage"])["cost"] == 0.5
