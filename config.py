@@ -229,11 +229,12 @@ def call_tokens(cfg):
 
 
 # Per-unit costs on 2 CPU cores with the embedded generator and executor (two executor servers),
-# measured on the default run `python train.py --iter 3` (README, 35.6 min in all): collection 2.8 s per sampled
-# workflow (sampling + execution), an update ~5.8 s per training problem (1 to 3 in 10 are kept,
-# 2 epochs), 1.1 s per held-out workflow (the executor cache serves calls that earlier checkpoints or
-# baselines already made).
-SEC_PER_WORKFLOW, SEC_TRAIN_PER_PROBLEM, SEC_PER_EVAL = 2.8, 5.8, 1.1
+# measured on the default run `python train.py --iter 3` alone on 2 cores of an AMD EPYC (README: 58.9 min
+# in all, warm executor cache): collection 3.8 s per sampled workflow (sampling + execution), an update
+# 9.7 s per training problem (2 to 4 in 10 were kept, 2 epochs), 1.6 s per held-out workflow (checkpoints
+# and baselines; the executor cache serves calls that earlier checkpoints already made). It left ~6 min
+# (start-up, curate, reports) out: the estimate runs about 10 % short.
+SEC_PER_WORKFLOW, SEC_TRAIN_PER_PROBLEM, SEC_PER_EVAL = 3.8, 9.7, 1.6
 
 
 def estimate_minutes(cfg, iters):
