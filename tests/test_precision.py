@@ -60,7 +60,7 @@ def test_first_step_sees_pi_theta_equal_pi_old_exactly(tmp_path, monkeypatch, dt
 
     monkeypatch.setattr(kernels, "grpo_token_terms", spy)
     # lr 0 keeps theta == theta_old for every step; a budget that cuts steps into several micro-batches
-    c = dict(config.defaults(), seed=0, model="tiny", ref=ref, lr=0.0, epochs=1, groups_per_step=2, token_budget=60)
+    c = dict(config.defaults(), seed=0, model="tiny", ref=ref, lr=0.0, epochs=1, groups_per_step=2, token_budget=40)
     train.update(tmp_path, 0, c, mdl, tok)
     assert len(seen) >= 3
     for d_old, d_ref in seen:
