@@ -74,15 +74,15 @@ def _kernel_loss(variant, inp, chunk_size):
     return losses.grpo_loss(logp, old, ref, adv, seg)[0]
 
 
-def _kernel_child(cfg_json):
+def _kernel_child(case_json):
     """One CPU measurement in this fresh process; prints {"time_s", "cpu_s", "peak_mb"} as JSON. cpu_s
     (all threads' CPU time) does not count time spent waiting for a core on a machine shared with other jobs."""
-    c = json.loads(cfg_json)
-    dtype = getattr(torch, c["dtype"])
-    inp = _kernel_inputs(c["N"], c["H"], c["V"], "cpu", dtype, c["train_head"])
+    case = json.loads(case_json)
+    dtype = getattr(torch, case["dtype"])
+    inp = _kernel_inputs(case["N"], case["H"], case["V"], "cpu", dtype, case["train_head"])
     h, W, y, seg, adv, old, ref = inp  # warm-up on 8 tokens: loads the kernels, touches no big pages
-    _kernel_loss(c["variant"], (h[:8].detach().requires_grad_(), W, y[:8], seg[:8], adv, old[:8], ref[:8]),
-                 c["chunk_size"]).backward()
+    _kernel_loss(case["variant"], (h[:8].detach().requires_grad_(), W, y[:8], seg[:8], adv, old[:8], ref[:8]),
+                 case["chunk_size"]).backward()
     inp[0].grad = inp[1].grad = None
     gc.collect()
     base = bench_gpu.rss_kb("VmRSS")
@@ -92,22 +92,22 @@ def _kernel_child(cfg_json):
     except OSError:
         pass
     t0, c0 = time.perf_counter(), time.process_time()
-    _kernel_loss(c["variant"], inp, c["chunk_size"]).backward()
+    _kernel_loss(case["variant"], inp, case["chunk_size"]).backward()
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     hwm = bench_gpu.rss_kb("VmHWM")
     print(json.dumps({"time_s": dt, "cpu_s": cpu, "peak_mb": (hwm - base) / 1024}))
 
 
-def _kernel_cpu(cfg):
+def _kernel_cpu(case):
     here = os.path.dirname(os.path.abspath(__file__))
     code = "import sys, bench; bench._kernel_child(sys.argv[1])"
-    r = subprocess.run([sys.executable, "-c", code, json.dumps(cfg)], cwd=here, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", code, json.dumps(case)], cwd=here, capture_output=True, text=True)
     if r.returncode != 0:
-        raise RuntimeError(f"bench kernel child {cfg['variant']} failed (exit {r.returncode}):\n{r.stderr[-2000:]}")
+        raise RuntimeError(f"bench kernel child {case['variant']} failed (exit {r.returncode}):\n{r.stderr[-2000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def _kernel_cuda(cfg, inp):
+def _kernel_cuda(case, inp):
     for x in inp[:2]:
         x.grad = None
     torch.cuda.synchronize()
@@ -115,7 +115,7 @@ def _kernel_cuda(cfg, inp):
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     t0 = time.perf_counter()
-    _kernel_loss(cfg["variant"], inp, cfg["chunk_size"]).backward()
+    _kernel_loss(case["variant"], inp, case["chunk_size"]).backward()
     torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() - base
@@ -145,8 +145,8 @@ def _kernel_rows(args, dtype):
             runs = {v: [] for v in variants}
             for _ in range(args.reps):
                 for v in variants:  # alternate, so load drift hits all variants alike
-                    cfg = {**base, "variant": v}
-                    runs[v].append(_kernel_cuda(cfg, inp) if inp is not None else _kernel_cpu(cfg))
+                    case = {**base, "variant": v}
+                    runs[v].append(_kernel_cuda(case, inp) if inp is not None else _kernel_cpu(case))
             inp_cuda, inp = inp is not None, None
             naive = None
             for v in variants:

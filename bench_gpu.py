@@ -292,7 +292,7 @@ def run(args):
         cfg = dict(config.defaults(), seed=0)
         seqs = step_sequences(vocab, p_tok, c_tok)
         weights_gib = sum(p.numel() * p.element_size() for p in mdl.parameters()) / 2**30
-        metrics, dev = first_step(mdl, [dict(s) for s in seqs], cfg, ckpt=train.checkpointing(cfg, device))
+        metrics, dev = first_step(mdl, [dict(s) for s in seqs], cfg, ckpt=train.checkpointing(cfg["checkpoint"], device))
         for s in seqs:
             s["old"] = s["ref"] = [0.0] * (len(s["ids"]) - s["n_prompt"])
         reps = 1 if args.quick else args.reps

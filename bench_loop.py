@@ -211,21 +211,22 @@ def quick_models(seed=0):
     return AutoModelForCausalLM.from_config(c).eval(), tok
 
 
-def executor_shape(cfg):
-    """The local executor model's shape, from its config (meta tensors: nothing is allocated)."""
-    c = AutoConfig.from_pretrained(model.resolve_model_dir(cfg["executor_model"] or model.DEFAULT_MODEL))
+def executor_shape(executor_model):
+    """The local executor model's shape (--executor-model, default the embedded one), from its config
+    (meta tensors: nothing is allocated)."""
+    c = AutoConfig.from_pretrained(model.resolve_model_dir(executor_model or model.DEFAULT_MODEL))
     with torch.device("meta"):
         return flops.shape_of(AutoModelForCausalLM.from_config(c))
 
 
-def synthetic_groups(run_dir, cfg):
-    """groups.jsonl from the rollouts when curate kept none: per problem, consecutive runs of
-    group_size rows with advantages evenly spread over [-1, 1]."""
+def synthetic_groups(run_dir, group_size, groups_per_problem):
+    """groups.jsonl from the rollouts when curate kept none: per problem, its first
+    `groups_per_problem` consecutive runs of `group_size` rows with advantages evenly spread over [-1, 1]."""
     rows = read_jsonl(Path(run_dir) / "iter_0" / "rollouts.jsonl")
-    groups, k = [], cfg["group_size"]
+    groups = []
     for pid in dict.fromkeys(r["problem_id"] for r in rows):
         rs = sorted((r for r in rows if r["problem_id"] == pid), key=lambda r: r["sample"])
-        for g in [rs[i:i + k] for i in range(0, len(rs), k)][:cfg["groups_per_problem"]]:
+        for g in [rs[i:i + group_size] for i in range(0, len(rs), group_size)][:groups_per_problem]:
             adv = torch.linspace(-1, 1, len(g)).tolist() if len(g) > 1 else [1.0]
             groups.append({"problem_id": pid, "prompt": g[0]["prompt"], "prefill": g[0]["prefill"], "members": [
                 {"sample": r["sample"], "completion": r["completion"], "completion_ids": r["completion_ids"],
@@ -286,7 +287,7 @@ def slice_config(args):
     if args.quick:
         cfg.update(QUICK, model="tiny-random", executor="stub", epochs=1)
     config.check(cfg)
-    rollout.set_threads(cfg)
+    rollout.set_threads(cfg["threads"], cfg["executor"])
     return cfg
 
 
@@ -301,7 +302,7 @@ def load(cfg, quick):
         mdl, tok = model.load_model(cfg["model"], device=cfg["device"], dtype=cfg["dtype"])
         n = cfg["servers"] or max(1, min(4, os.cpu_count() or 1))  # as rollout.open_executor
         ex_cm = executor.make_executor(cfg["executor"], cfg["executor_model"], None, servers=n)  # no cache
-        eshape, servers = (executor_shape(cfg), n) if cfg["executor"] == "local" else (None, None)
+        eshape, servers = (executor_shape(cfg["executor_model"]), n) if cfg["executor"] == "local" else (None, None)
     lora.add_lora(mdl, r=cfg["lora_r"], alpha=cfg["lora_alpha"])
     return mdl, tok, ex_cm, eshape, servers
 
@@ -334,7 +335,7 @@ def update_rows(sl, rows):
     curate.run(sl.run_dir, 0, sl.cfg)
     groups = len(read_jsonl(Path(sl.run_dir) / "iter_0" / "groups.jsonl"))
     synth = groups == 0
-    groups = synthetic_groups(sl.run_dir, sl.cfg) if synth else groups
+    groups = synthetic_groups(sl.run_dir, sl.cfg["group_size"], sl.cfg["groups_per_problem"]) if synth else groups
     rec = {"pi_old": [], "step": []}
     with instrumented(rec), measured() as m:
         steps = train.update(sl.run_dir, 0, sl.cfg, sl.mdl, sl.tok)["steps"]
@@ -378,17 +379,17 @@ def run(args):
         # sl: what every step needs; P the matmul's FLOP/s (share's denominator)
         sl = types.SimpleNamespace(cfg=cfg, mdl=mdl, tok=tok, ex=TimedExecutor(raw) if raw is not None else None,
                                    run_dir=run_dir, gshape=gshape, eshape=eshape, P=peak["flop_per_s"], servers=servers)
-        st, c = collect_rows(sl, rows)
+        collect_stats, collect_measure = collect_rows(sl, rows)
         model.release_freed_memory()  # between phases, as train.iteration
-        u = update_rows(sl, rows)
+        update_measure = update_rows(sl, rows)
         model.release_freed_memory()
-        e = eval_rows(sl, rows)
-        srv = server_rss()
+        eval_measure = eval_rows(sl, rows)
+        server_peaks = server_rss()
     keys = ("bench", "model", "executor", "problems", "m", "eval_problems", "max_new_tokens", "epochs", "workers", "threads")
     return {**machine, "matmul": peak, "generator_shape": gshape, "executor_shape": eshape,
-            "config": {k: cfg[k] for k in keys}, "collect": st, "total_s": time.perf_counter() - t_all,
-            "phases": {"collect_s": c["s"], "update_s": u["s"], "eval_s": e["s"]}, "server_peak_rss": srv,
-            "rows": [rows[p] for p in PHASES]}
+            "config": {k: cfg[k] for k in keys}, "collect": collect_stats, "total_s": time.perf_counter() - t_all,
+            "phases": {"collect_s": collect_measure["s"], "update_s": update_measure["s"], "eval_s": eval_measure["s"]},
+            "server_peak_rss": server_peaks, "rows": [rows[p] for p in PHASES]}
 
 
 def fmt(x, scale=1.0, spec=".1f"):

@@ -38,9 +38,9 @@ from jsonl import DataError, read_jsonl, truncate_torn_tail
 def collect(run_dir, it, cfg, ex=None, loaded=None):
     """Fill iter_<it>/rollouts.jsonl; returns the collect stats. `loaded` = (model, tokenizer)
     to reuse a loaded one (the driver does), else it is loaded on first use."""
-    d = Path(run_dir) / f"iter_{it}"
-    d.mkdir(parents=True, exist_ok=True)
-    out = d / "rollouts.jsonl"
+    iter_dir = Path(run_dir) / f"iter_{it}"
+    iter_dir.mkdir(parents=True, exist_ok=True)
+    out = iter_dir / "rollouts.jsonl"
     problems = rollout.problems_for(cfg, it)
     truncate_torn_tail(out)  # a kill mid-write leaves half a row: drop it, it will be redone
     done = {(r["problem_id"], r["sample"]) for r in read_jsonl(out)} if out.exists() else set()
@@ -62,8 +62,8 @@ def collect(run_dir, it, cfg, ex=None, loaded=None):
             bar.set_postfix(valid=f"{stats['valid'] / stats['seen']:.0%}", score=f"{stats['score'] / stats['seen']:.2f}",
                             exec_tok=stats["tokens"])
 
-        B = cfg["gen_batch"]
-        chunks = [(c // B, problems[c:c + B]) for c in range(0, len(problems), B)]
+        batch = cfg["gen_batch"]
+        chunks = [(c // batch, problems[c:c + batch]) for c in range(0, len(problems), batch)]
         chunks = [(k, ch) for k, ch in chunks if not all((p["id"], j) in done for p in ch for j in range(per_problem))]
 
         def generate(item):
@@ -74,7 +74,7 @@ def collect(run_dir, it, cfg, ex=None, loaded=None):
         lost = []
         with open(out, "a", encoding="utf-8") as f:
             rollout.pipelined(chunks, generate,
-                              lambda rows, item: lost.extend(rollout.execute(rows, item[1], cfg, ex, cfg["bench"], f, progress)))
+                              lambda rows, item: lost.extend(rollout.execute(rows, item[1], cfg, ex, f, progress)))
         bar.close()
         rollout.require_scored(lost, out)
     rows = read_jsonl(out)
@@ -86,7 +86,7 @@ def collect(run_dir, it, cfg, ex=None, loaded=None):
              "mean_score_valid": statistics.fmean([r["score"] for r in sampled if r["valid"]] or [0.0])}
     if guides:
         stats["guide_rows"] = total - len(sampled)
-    return rollout.save_stats(d, "collect", stats, rows, t0, sampled, "--max-new-tokens", cfg["max_new_tokens"])
+    return rollout.save_stats(iter_dir, "collect", stats, rows, t0, sampled, "--max-new-tokens", cfg["max_new_tokens"])
 
 
 def main(argv=None):
@@ -98,7 +98,7 @@ def main(argv=None):
 
     def body():
         cfg = config.merge(args.run, args, ("run", "collect", "refine"))
-        rollout.set_threads(cfg)
+        rollout.set_threads(cfg["threads"], cfg["executor"])
         with rollout.open_executor(cfg) as ex:
             step = refine.collect_refine if cfg["mode"] == "refine" else collect
             return step(args.run, args.iter, cfg, ex)

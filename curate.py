@@ -158,14 +158,14 @@ def curate(rows, mode="sharpen", n=6, group_size=4, min_var=0.01, max_combos=100
 def run(run_dir, it, cfg, ref_tokens=None):
     """iter_<it>/rollouts.jsonl -> iter_<it>/groups.jsonl (and the curate stats), with cfg's knobs.
     ref_tokens: the cost unit (rollout.cost_reference), needed when cfg["cost_weight"] > 0."""
-    d = Path(run_dir) / f"iter_{it}"
-    rows = read_jsonl(d / "rollouts.jsonl", required=ROLLOUT_KEYS)
+    iter_dir = Path(run_dir) / f"iter_{it}"
+    rows = read_jsonl(iter_dir / "rollouts.jsonl", required=ROLLOUT_KEYS)
     groups, stats = curate(rows, cfg["groups"], cfg["n"], cfg["group_size"], cfg["min_var"], cfg["max_combos"],
                            cfg["groups_per_problem"], bool(cfg["drop_invalid"]),
                            seed=config.seed_of(cfg["seed"], "groups", it), cost_weight=cfg["cost_weight"],
                            ref_tokens=ref_tokens, std_floor=cfg["std_floor"], cost_on=cfg["cost_on"])
-    write_jsonl_atomic(d / "groups.jsonl", groups)
-    update_json(d / "stats.json", "curate", stats)
+    write_jsonl_atomic(iter_dir / "groups.jsonl", groups)
+    update_json(iter_dir / "stats.json", "curate", stats)
     return stats
 
 
@@ -177,8 +177,8 @@ def refine_groups(run_dir, it):
     rewards 0 and -0.1 a broken action kept ~17 % of a group's weight -- one RWR update on such groups
     taught the meta-agent invented operator names (0/6 valid actions). A turn with fewer than two
     members or equal rewards is dropped: RWR would only imitate it as it is."""
-    d = Path(run_dir) / f"iter_{it}"
-    rows = read_jsonl(d / "refine.jsonl", required=refine.ROW_KEYS)
+    iter_dir = Path(run_dir) / f"iter_{it}"
+    rows = read_jsonl(iter_dir / "refine.jsonl", required=refine.ROW_KEYS)
     by_turn = {}
     for r in rows:
         if r["kind"] == "candidate":
@@ -196,9 +196,9 @@ def refine_groups(run_dir, it):
         groups.append({"problem_id": f"refine-e{e}-t{t}", "prompt": rs[0]["prompt"], "prefill": rs[0]["prefill"],
                        **shared_prompt_ids(rs, members), "members": members,
                        "std": statistics.pstdev(rewards), "mil": top[0] - top[1]})
-    write_jsonl_atomic(d / "groups.jsonl", groups)
+    write_jsonl_atomic(iter_dir / "groups.jsonl", groups)
     stats = {"groups": len(groups), "dropped_equal_rewards": dropped, "members": sum(len(g["members"]) for g in groups)}
-    update_json(d / "stats.json", "groups", stats)
+    update_json(iter_dir / "stats.json", "groups", stats)
     return stats
 
 

@@ -51,7 +51,7 @@ def eval_generator(mdl, tok, cfg, ex, out, split="test", limit=200):
     lost = []
     with open(out, "a", encoding="utf-8") as f:
         rollout.pipelined([todo[c:c + GREEDY_BATCH] for c in range(0, len(todo), GREEDY_BATCH)], generate,
-                          lambda rows, chunk: lost.extend(rollout.execute(rows, chunk, cfg, ex, cfg["bench"], f)))
+                          lambda rows, chunk: lost.extend(rollout.execute(rows, chunk, cfg, ex, f)))
     rollout.require_scored(lost, out)
     return report.summarize(rollout.finish(Path(out), problems))
 
@@ -83,7 +83,7 @@ def main(argv=None):
                 raise DataError("--mode refine needs --run DIR --iter K")
         elif not (args.baseline or args.adapter or (args.run and args.iter is not None)):
             raise DataError("give --baseline NAME, --adapter DIR, or --run DIR --iter K")
-        rollout.set_threads(cfg)
+        rollout.set_threads(cfg["threads"], cfg["executor"])
         with rollout.open_executor(cfg, generator=cfg["mode"] == "refine") as ex:
             if cfg["mode"] == "refine":  # the meta-agent of iteration K, here or (--generator-url) in the server
                 s = refine.evaluate_refine(generator.sampler(cfg, args.run, args.iter, max_new_tokens=cfg["refine_tokens"]),

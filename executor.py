@@ -251,9 +251,9 @@ class Executor:
                         with self.lock:
                             self.failures += 1
                         raise self._trip(f"{where}: {last}") from None
-                    ra = e.response.headers.get("retry-after") if e.response is not None else None
+                    retry_after = e.response.headers.get("retry-after") if e.response is not None else None
                     try:
-                        wait = min(float(ra), 120.0) if ra is not None else None
+                        wait = min(float(retry_after), 120.0) if retry_after is not None else None
                     except ValueError:
                         wait = None
                 except (openai.APIConnectionError, openai.APITimeoutError) as e:
@@ -266,8 +266,8 @@ class Executor:
                         self.in_flight[i] -= 1
             if attempt < self.max_retries and not self.tripped:
                 if wait is None:  # bounded exponential backoff with full jitter on top
-                    d = min(self.max_delay, self.base_delay * 2 ** attempt)
-                    wait = d + random.uniform(0, d)
+                    backoff = min(self.max_delay, self.base_delay * 2 ** attempt)
+                    wait = backoff + random.uniform(0, backoff)
                 time.sleep(wait)
         if self.tripped:
             raise InfraError(self.tripped, fatal=True)

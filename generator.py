@@ -260,11 +260,11 @@ def preflight_generator(cfg):
                          f"set --generator-name", fatal=True)
 
 
-def stop_ids_of(cfg, mdl, tok):
+def stop_ids_of(model_name, mdl, tok):
     """The ids that end a completion, for both samplers: the tokenizer's eos and every eos id of the
     model's generation_config (vLLM stops on all of them too). Without a loaded model (the remote
-    path loads the tokenizer alone) generation_config.json is read from the model dir."""
-    gc = getattr(mdl, "generation_config", None) if mdl is not None else model.load_generation_config(cfg["model"])
+    path loads the tokenizer alone) generation_config.json is read from `model_name`'s dir (--model)."""
+    gc = getattr(mdl, "generation_config", None) if mdl is not None else model.load_generation_config(model_name)
     return sampling.stop_ids(mdl, tok, gc)
 
 
@@ -274,18 +274,18 @@ def sampler(cfg, run_dir, it, loaded=None, max_new_tokens=None, local=False):
     `it`'s generator: --generator-url's server (unless `local`) or `loaded` = (model, tokenizer), else
     loaded by load_generator on first use (so a finished step resumes without loading anything).
     hit_cap: the completion ran into max_new_tokens (default cfg["max_new_tokens"])."""
-    held = {}
+    held = {}  # filled on the first call: generator = (model or None, tokenizer), served name, stop ids
     cap = max_new_tokens or cfg["max_new_tokens"]
     remote = bool(cfg["generator_url"]) and not local
 
     def sample(messages_list, n, temperature, seed, prefill, guides=()):
-        if "g" not in held:
-            held["g"] = loaded or load_generator(cfg, run_dir, it)
-            held["name"] = serve_generator(cfg, run_dir, it) if remote else None
-            held["stops"] = stop_ids_of(cfg, *held["g"])
-        mdl, tok = held["g"]
+        if "generator" not in held:
+            held["generator"] = loaded or load_generator(cfg, run_dir, it)
+            held["served_name"] = serve_generator(cfg, run_dir, it) if remote else None
+            held["stops"] = stop_ids_of(cfg["model"], *held["generator"])
+        mdl, tok = held["generator"]
         if remote:
-            out = sample_remote(cfg["generator_url"], held["name"], messages_list, n, cap, temperature, cfg["top_p"],
+            out = sample_remote(cfg["generator_url"], held["served_name"], messages_list, n, cap, temperature, cfg["top_p"],
                                 seed, prefill, tok, held["stops"])
         else:
             out = sampling.sample(mdl, tok, messages_list, n=n, max_new_tokens=cap, temperature=temperature,

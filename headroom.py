@@ -71,7 +71,7 @@ def measure(args):
     root = report.headroom_dir(cfg, args.split, args.out)
     root.mkdir(parents=True, exist_ok=True)
     if not args.table_only:
-        rollout.set_threads(cfg)
+        rollout.set_threads(cfg["threads"], cfg["executor"])
         with rollout.open_executor(cfg, generator=False) as ex:
             for b in names:
                 t0 = time.time()

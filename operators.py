@@ -93,7 +93,8 @@ def operator(signature, does):
     return register
 
 
-def _s(x):
+def _as_text(x):
+    """An operator argument as the text its prompt holds (a workflow may pass a number or a list)."""
     return x if isinstance(x, str) else str(x)
 
 
@@ -104,7 +105,7 @@ def _code_of(reply):
 def extract_answer(text):
     """The final answer inside a free-text solution: the last \\boxed{..}, else what follows the last
     "Answer:", else the last number, else the last non-empty line."""
-    text = _s(text).strip()
+    text = _as_text(text).strip()
     boxed = re.findall(r"\\boxed\{([^{}]*)\}", text)
     if boxed:
         return boxed[-1].strip()
@@ -122,7 +123,7 @@ def extract_answer(text):
 
 def normalize_answer(a):
     """For voting: case, spaces, $ and trailing dots ignored; "1,000.0" == "1000"."""
-    a = re.sub(r"\s+", " ", _s(a)).strip().strip("$").rstrip(".").strip().lower()
+    a = re.sub(r"\s+", " ", _as_text(a)).strip().strip("$").rstrip(".").strip().lower()
     num = a.replace(",", "")
     try:
         f = float(num)
@@ -143,12 +144,12 @@ def majority_vote(solutions):
 
 @operator("custom(input, instruction)", "follows the instruction on the input; returns the reply")
 def op_custom(ctx, input, instruction):
-    return ctx.chat(f"{_s(instruction)}\n\n{_s(input)}")
+    return ctx.chat(f"{_as_text(instruction)}\n\n{_as_text(input)}")
 
 
 @operator("answer_generate(input)", "thinks step by step; returns the final answer")
 def op_answer_generate(ctx, input):
-    return ctx.chat(f"{_s(input)}\n\nThink step by step. End with a line 'Answer: <final answer>'.")
+    return ctx.chat(f"{_as_text(input)}\n\nThink step by step. End with a line 'Answer: <final answer>'.")
 
 
 @operator("programmer(problem, analysis='')", "writes and runs a Python program; returns the answer it prints")
@@ -156,9 +157,9 @@ def op_programmer(ctx, problem, analysis=""):
     """The executor writes a program that prints the answer; it runs in a fresh sandbox; on an
     error (or no output) the executor sees the error and tries again, twice at most. Returns the
     program's output, or "" when every attempt failed."""
-    prompt = f"Write one short Python program that prints the answer.\n\nProblem: {_s(problem)}\n"
+    prompt = f"Write one short Python program that prints the answer.\n\nProblem: {_as_text(problem)}\n"
     if analysis:
-        prompt += f"Hint: {_s(analysis)}\n"
+        prompt += f"Hint: {_as_text(analysis)}\n"
     messages = [{"role": "user", "content": prompt + "\nReply with only the code in a ```python block."}]
     for attempt in range(3):
         reply = ctx.chat(messages, max_tokens=400)
@@ -177,7 +178,7 @@ def op_programmer(ctx, problem, analysis=""):
 def op_ensemble(ctx, problem, solutions):
     """Self-consistency: the executor names the solution that agrees most with the others; when its
     reply names none (or all answers already agree) the majority vote of the answers decides."""
-    sols = [_s(s).strip() for s in ([solutions] if isinstance(solutions, str) else list(solutions))]
+    sols = [_as_text(s).strip() for s in ([solutions] if isinstance(solutions, str) else list(solutions))]
     sols = [s for s in sols if s][:26]
     if not sols:
         return ""
@@ -185,7 +186,7 @@ def op_ensemble(ctx, problem, solutions):
         return sols[0]
     letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[:len(sols)]
     listing = "\n\n".join(f"({l}) {s}" for l, s in zip(letters, sols))
-    reply = ctx.chat(f"Problem: {_s(problem)}\n\nSolutions:\n\n{listing}\n\n"
+    reply = ctx.chat(f"Problem: {_as_text(problem)}\n\nSolutions:\n\n{listing}\n\n"
                      "Which solution agrees most with the others? Reply with one letter.", max_tokens=8).strip()
     m = (re.fullmatch(r"\W*([A-Z])\W*", reply) or re.search(r"\(([A-Z])\)", reply)
          or re.search(r"(?:solution|answer|option)\s*\(?([A-Z])\b", reply, flags=re.I))
@@ -196,13 +197,13 @@ def op_ensemble(ctx, problem, solutions):
 
 @operator("review(problem, solution)", "returns a critique of the solution")
 def op_review(ctx, problem, solution):
-    return ctx.chat(f"Problem: {_s(problem)}\n\nSolution: {_s(solution)}\n\nIs this solution correct? If it is, "
+    return ctx.chat(f"Problem: {_as_text(problem)}\n\nSolution: {_as_text(solution)}\n\nIs this solution correct? If it is, "
                     "reply 'correct'. If not, name the first mistake in one sentence.", max_tokens=200)
 
 
 @operator("revise(problem, solution, feedback)", "returns the solution repaired using the feedback")
 def op_revise(ctx, problem, solution, feedback):
-    return ctx.chat(f"Problem: {_s(problem)}\n\nSolution: {_s(solution)}\n\nFeedback: {_s(feedback)}\n\n"
+    return ctx.chat(f"Problem: {_as_text(problem)}\n\nSolution: {_as_text(solution)}\n\nFeedback: {_as_text(feedback)}\n\n"
                     "Write a corrected solution. End with a line 'Answer: <final answer>'.")
 
 
@@ -215,10 +216,10 @@ def op_format(ctx, problem, solution):
     A solution that already is a bare number (programmer's output) comes back as it is, without a
     call: the 135M executor asked for "the final answer" of "42" often answered something else, and
     `programmer -> format` scored far below programmer alone."""
-    bare = _s(solution).strip()
+    bare = _as_text(solution).strip()
     if _BARE_NUMBER.fullmatch(bare):
         return bare
-    reply = ctx.chat(f"Problem: {_s(problem)}\n\nSolution: {_s(solution)}\n\n"
+    reply = ctx.chat(f"Problem: {_as_text(problem)}\n\nSolution: {_as_text(solution)}\n\n"
                      "What is the final answer? Reply with the answer only.", max_tokens=32).strip()
     line = re.sub(r"^(?:the\s+)?" + scorers.ANSWER_MARK, "", reply.splitlines()[0] if reply else "",
                   flags=re.I).strip().rstrip(".")
@@ -227,8 +228,8 @@ def op_format(ctx, problem, solution):
 
 @operator("code_generate(problem, entry_point, instruction)", "returns Python code defining entry_point")
 def op_code_generate(ctx, problem, entry_point, instruction=""):
-    reply = ctx.chat(f"{_s(instruction)}\nWrite the Python function `{_s(entry_point)}` for this task. Reply with "
-                     f"only the code in a ```python block.\n\n{_s(problem)}".lstrip(), max_tokens=600)
+    reply = ctx.chat(f"{_as_text(instruction)}\nWrite the Python function `{_as_text(entry_point)}` for this task. "
+                     f"Reply with only the code in a ```python block.\n\n{_as_text(problem)}".lstrip(), max_tokens=600)
     return _code_of(reply)
 
 
@@ -261,7 +262,7 @@ def op_test(ctx, problem, solution, entry_point):
     """Run the public tests (ctx.context["public_tests"]); on failure show the executor the failing
     tests and let it repair the code, 3 rounds at most. Returns the version passing most tests."""
     tests = [t for t in ctx.context.get("public_tests") or [] if isinstance(t, str)]
-    code = _code_of(_s(solution))
+    code = _code_of(_as_text(solution))
     if not tests:
         return code
     best, best_fails = code, None
@@ -271,7 +272,7 @@ def op_test(ctx, problem, solution, entry_point):
             best, best_fails = code, fails
         if not fails or round_ == 3:
             break
-        reply = ctx.chat(f"Task:\n{_s(problem)}\n\nThis code fails some tests:\n```python\n{code}\n```\n\nFailures:\n"
+        reply = ctx.chat(f"Task:\n{_as_text(problem)}\n\nThis code fails some tests:\n```python\n{code}\n```\n\nFailures:\n"
                          + "\n".join(fails[:5]) + "\n\nFix the code. Reply with only the corrected code in a "
                          "```python block.", max_tokens=600)
         code = _code_of(reply)

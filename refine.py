@@ -183,7 +183,7 @@ def self_check_and_repair(msgs, samples, todo, problem, cfg, ex, propose, seed_b
     only some candidates gets the same actions. Returns {c: outcome}."""
     fam = benchmarks.family(cfg["bench"])
     prefill = workflow.PREFILLS[fam]
-    ops = {k: operators.OPERATORS[k] for k in operators.OPERATOR_SETS[fam]}
+    ops, reply_cap = {k: operators.OPERATORS[k] for k in operators.OPERATOR_SETS[fam]}, config.call_tokens(cfg)
     # prompt_ids stay those of the turn's state prompt through repairs: RWR trains the final action on it
     cands = {c: {"conv": msgs, "completion": samples[c]["text"], "completion_ids": samples[c]["token_ids"],
               "prompt_ids": samples[c].get("prompt_ids"), "hit_cap": samples[c].get("hit_cap"),
@@ -193,37 +193,37 @@ def self_check_and_repair(msgs, samples, todo, problem, cfg, ex, propose, seed_b
     for rnd in range(cfg["max_repairs"] + 1):
         errs, runs = {}, []
         for c in pending:
-            s = cands[c]
-            code = scorers.extract_code(prefill + s["completion"])
-            s["code"] = None if code is None else first_solve(code)
-            ok, reason = (False, "no python block") if s["code"] is None else workflow.check_workflow(
-                s["code"], problem["problem"], allowed_ops=operators.OPERATOR_SETS[fam], max_calls=cfg["max_calls"])
+            cand = cands[c]
+            code = scorers.extract_code(prefill + cand["completion"])
+            cand["code"] = None if code is None else first_solve(code)
+            ok, reason = (False, "no python block") if cand["code"] is None else workflow.check_workflow(
+                cand["code"], problem["problem"], allowed_ops=operators.OPERATOR_SETS[fam], max_calls=cfg["max_calls"])
             if ok:
                 runs.append(c)
             else:
                 errs[c] = f"invalid: {reason}"
         jobs = [operators.job(cands[c]["code"], problem["problem"], executor=ex, operators=ops,
-                              context=rollout.run_context(problem, cfg), timeout=cfg["timeout"], max_calls=cfg["max_calls"])
+                              context=rollout.run_context(problem, reply_cap), timeout=cfg["timeout"], max_calls=cfg["max_calls"])
                 for c in runs]
         for k, res in sandbox.run_many(jobs, workers=cfg["workers"]):
             if res["infra_error"]:  # the endpoint failed, not the candidate: stop, a rerun redoes this turn
                 raise executor.InfraError(res["infra_error"])
-            s = cands[runs[k]]
+            cand = cands[runs[k]]
             for key in ("prompt_tokens", "completion_tokens", "cost_usd", "seconds"):
-                s[key] += res[key]
+                cand[key] += res[key]
             errs[runs[k]] = res["error"]
         again = []
         for c in pending:
-            s, e = cands[c], errs.get(c)
-            s["valid"], s["reason"] = True, None
-            if e is None or not e.startswith(REPAIRABLE):
+            cand, err = cands[c], errs.get(c)
+            cand["valid"], cand["reason"] = True, None
+            if err is None or not err.startswith(REPAIRABLE):
                 continue  # runs (or fails in a way that is not the code's fault): scored on the batch
             if rnd == cfg["max_repairs"]:
-                s["valid"], s["reason"] = False, f"skipped after {rnd} repairs: {shorten(e, 300)}"
+                cand["valid"], cand["reason"] = False, f"skipped after {rnd} repairs: {shorten(err, 300)}"
                 continue
-            s["attempts"].append({"completion": s["completion"], "error": shorten(e, 1500)})
-            s["conv"] = s["conv"] + [{"role": "assistant", "content": prefill + s["completion"]},
-                                     {"role": "user", "content": repair_message(e)}]
+            cand["attempts"].append({"completion": cand["completion"], "error": shorten(err, 1500)})
+            cand["conv"] = cand["conv"] + [{"role": "assistant", "content": prefill + cand["completion"]},
+                                           {"role": "user", "content": repair_message(err)}]
             again.append(c)
         for c in again:
             new = propose([cands[c]["conv"]], 1, config.seed_of(seed_base, c, rnd))[0][0]
@@ -258,7 +258,7 @@ def score_on_batch(cands, problems, cfg, ex, val_file, val_done, on_done):
         if left[c["key"]] == 0:
             on_done(c, [val_done[(*c["key"], pid)] for pid in ids])
     if rows:
-        scored = rollout.execute(rows, problems, cfg, ex, cfg["bench"], val_file, progress)
+        scored = rollout.execute(rows, problems, cfg, ex, val_file, progress)
         rollout.require_scored(scored, val_file.name)
 
 
@@ -351,12 +351,11 @@ def _candidate_row(ep, t, c, turn, cand, val_rows, state, problems):
             "seconds": cand["seconds"] + sum(v["seconds"] for v in val_rows)}
 
 
-def proposer(cfg, sample, greedy=False):
+def proposer(sample, bench, temperature):
     """propose(messages_list, n, seed) -> [[{text, token_ids, prompt_ids, hit_cap}] * n]: the
-    meta-agent's actions, drawn with `sample` (generator.sampler at --refine-tokens) after the
-    family's prefill. greedy: temperature 0 (evaluation with one candidate)."""
-    prefill = workflow.PREFILLS[benchmarks.family(cfg["bench"])]
-    temperature = 0.0 if greedy else cfg["temperature"]
+    meta-agent's actions, drawn with `sample` (generator.sampler at --refine-tokens) at `temperature`
+    after the prefill of `bench`'s family (evaluation with one candidate per turn passes 0: greedy)."""
+    prefill = workflow.PREFILLS[benchmarks.family(bench)]
     return lambda messages_list, n, seed: sample(messages_list, n, temperature, seed, prefill)
 
 
@@ -386,31 +385,32 @@ def episode_summary(rows, turns):
 def collect_refine(run_dir, it, cfg, ex=None, loaded=None, propose=None):
     """Fill iter_<it>/refine.jsonl with cfg['episodes'] episodes; returns (and saves) the stats.
     `loaded` = (model, tokenizer) to reuse a loaded generator, else it is loaded on first use."""
-    d = Path(run_dir) / f"iter_{it}"
+    iter_dir = Path(run_dir) / f"iter_{it}"
     eps = [(e, episode_problems(cfg, it, e)) for e in range(cfg["episodes"])]
     if propose is None:
-        propose = proposer(cfg, generator.sampler(cfg, run_dir, it, loaded, max_new_tokens=cfg["refine_tokens"]))
+        propose = proposer(generator.sampler(cfg, run_dir, it, loaded, max_new_tokens=cfg["refine_tokens"]),
+                           cfg["bench"], cfg["temperature"])
     total = cfg["episodes"] * (1 + cfg["turns"] * cfg["candidates"])
     t0 = time.time()
     bar = tqdm(total=total, desc=f"refine iter {it}", unit="cand", dynamic_ncols=True)
-    bar.update(len(read_jsonl(d / "refine.jsonl", tolerate_torn_tail=True)) if (d / "refine.jsonl").exists() else 0)
+    bar.update(len(read_jsonl(iter_dir / "refine.jsonl", tolerate_torn_tail=True)) if (iter_dir / "refine.jsonl").exists() else 0)
 
     def progress(row):
         bar.update(1)
         bar.set_postfix(turn=row["turn"], acc=f"{row['accuracy']:.2f}", reward=row.get("reward"))
 
-    rows = run_episodes(d / "refine.jsonl", d / "refine_val.jsonl", eps, cfg, ex, propose, f"iter{it}",
+    rows = run_episodes(iter_dir / "refine.jsonl", iter_dir / "refine_val.jsonl", eps, cfg, ex, propose, f"iter{it}",
                         cfg["turns"], cfg["candidates"], progress)
     bar.close()
     if len(rows) != total or len({(r["episode"], r["turn"], r["candidate"]) for r in rows}) != total:
-        raise DataError(f"{d / 'refine.jsonl'}: expected {total} distinct rows, found {len(rows)}")
+        raise DataError(f"{iter_dir / 'refine.jsonl'}: expected {total} distinct rows, found {len(rows)}")
     cands = [r for r in rows if r["kind"] == "candidate"]
     stats = {"rows": total, "candidates": len(cands), "valid_fraction": statistics.fmean(r["valid"] for r in cands),
              "mean_repairs": statistics.fmean(r["repairs"] for r in cands),
              "mean_reward": statistics.fmean(r["reward"] for r in cands),
              "mean_accuracy": statistics.fmean(r["accuracy"] for r in cands),
              "episodes": [episode_summary([r for r in rows if r["episode"] == e], cfg["turns"]) for e, _ in eps]}
-    return rollout.save_stats(d, "refine", stats, rows, t0, cands, "--refine-tokens", cfg["refine_tokens"])
+    return rollout.save_stats(iter_dir, "refine", stats, rows, t0, cands, "--refine-tokens", cfg["refine_tokens"])
 
 
 def evaluate_refine(sample, cfg, ex, turns, out_dir, name, test_problems=200, propose=None):
@@ -422,7 +422,7 @@ def evaluate_refine(sample, cfg, ex, turns, out_dir, name, test_problems=200, pr
     out_dir = Path(out_dir)
     n = cfg["eval_candidates"]
     if propose is None:
-        propose = proposer(cfg, sample, greedy=(n == 1))
+        propose = proposer(sample, cfg["bench"], 0.0 if n == 1 else cfg["temperature"])  # 1: greedy
     val = benchmarks.load(cfg["bench"], "validate", cfg["data_dir"], limit=cfg["val_problems"], seed=cfg["seed"])
     rows = run_episodes(out_dir / f"{name}.jsonl", out_dir / f"{name}_val.jsonl", [(0, val)], cfg, ex,
                         propose, "eval", turns, n)

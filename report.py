@@ -90,15 +90,18 @@ def spogw_section(run_dir, cfg, iters, baseline_rows):
              "|---|---|---|---|---|---|---|---|"]
     for k in range(iters + 1):
         stats = read_json(run_dir / f"iter_{k}" / "stats.json", {})
-        c = stats.get("collect", {})
-        ev = run_dir / "eval" / f"iter_{k}.jsonl"
-        s = summarize(read_jsonl(ev)) if ev.is_file() else None
-        acc = f"{100 * s['accuracy']:.1f} ({100 * s['ci_low']:.1f}–{100 * s['ci_high']:.1f})" if s else "–"
-        toks = c.get("executor_tokens", 0) + (s["executor_tokens"] if s else 0)
-        cost = c.get("cost_usd", 0.0) + (s["cost_usd"] if s else 0.0)
-        wall_k = c.get("seconds", 0.0) + stats.get("train", {}).get("seconds", 0.0)
-        lines.append(f"| {k} | {100 * c['valid_fraction']:.0f} | {c['mean_score']:.3f} | " if c else f"| {k} | – | – | ")
-        lines[-1] += f"{acc} | {100 * s['valid']:.0f} | {toks} | {cost:.4f} | {wall_k / 60:.1f} min |" if s else f"{acc} | – | {toks} | {cost:.4f} | {wall_k / 60:.1f} min |"
+        collected = stats.get("collect", {})
+        eval_path = run_dir / "eval" / f"iter_{k}.jsonl"
+        held_out = summarize(read_jsonl(eval_path)) if eval_path.is_file() else None
+        acc = (f"{100 * held_out['accuracy']:.1f} ({100 * held_out['ci_low']:.1f}–{100 * held_out['ci_high']:.1f})"
+               if held_out else "–")
+        toks = collected.get("executor_tokens", 0) + (held_out["executor_tokens"] if held_out else 0)
+        cost = collected.get("cost_usd", 0.0) + (held_out["cost_usd"] if held_out else 0.0)
+        wall_k = collected.get("seconds", 0.0) + stats.get("train", {}).get("seconds", 0.0)
+        lines.append(f"| {k} | {100 * collected['valid_fraction']:.0f} | {collected['mean_score']:.3f} | "
+                     if collected else f"| {k} | – | – | ")
+        valid = f"{100 * held_out['valid']:.0f}" if held_out else "–"
+        lines[-1] += f"{acc} | {valid} | {toks} | {cost:.4f} | {wall_k / 60:.1f} min |"
     lines += ["", "Fixed baselines (same benchmark, split, problems and executor):", "",
               "| baseline | n | test accuracy (95 % CI) | executor tokens | $ |", "|---|---|---|---|---|"]
     for name, s in baseline_rows.items():
@@ -106,10 +109,10 @@ def spogw_section(run_dir, cfg, iters, baseline_rows):
                      f"{s['executor_tokens']} | {s['cost_usd']:.4f} |")
     lines += ["", "Curate figures per iteration (problems kept / groups / mean group std / median MIL):", ""]
     for k in range(iters):
-        cu = read_json(run_dir / f"iter_{k}" / "stats.json", {}).get("curate", {})
-        if cu:
-            lines.append(f"- iter {k}: {cu['problems_kept']}/{cu['problems']} problems, {cu['groups']} groups, "
-                         f"std {cu['mean_group_std']:.3f}, MIL {cu['median_mil']:.3f}")
+        curated = read_json(run_dir / f"iter_{k}" / "stats.json", {}).get("curate", {})
+        if curated:
+            lines.append(f"- iter {k}: {curated['problems_kept']}/{curated['problems']} problems, "
+                         f"{curated['groups']} groups, std {curated['mean_group_std']:.3f}, MIL {curated['median_mil']:.3f}")
     return lines
 
 
@@ -275,26 +278,27 @@ def workflow_shares(entries, kinds, top=3):
 
 # ---- figures ----
 
-def groups_section(run_dir, cfg, iters):
-    """What each iteration's groups taught, per kind of training problem: how many problems had
-    score variance (a group), and the workflow (operator sequence) with the highest and the lowest
-    mean advantage over the group members written for that kind: what the update pushes up / down.
-    A --guides member is named "(guide)": the generator did not write it."""
-    kinds = {p["id"]: p["kind"] for p in benchmarks.load(cfg["bench"], "train", cfg["data_dir"]) if "kind" in p}
+def groups_section(run_dir, bench, data_dir, iters):
+    """What each iteration's groups taught, per kind of training problem (of `bench`'s train split in
+    `data_dir`: --bench, --data-dir): how many problems had score variance (a group), and the workflow
+    (operator sequence) with the highest and the lowest mean advantage over the group members written
+    for that kind: what the update pushes up / down. A --guides member is named "(guide)": the
+    generator did not write it."""
+    kinds = {p["id"]: p["kind"] for p in benchmarks.load(bench, "train", data_dir) if "kind" in p}
     lines = ["| iteration | kind | problems with groups | pushed up (mean advantage, members) | pushed down |",
              "|---|---|---|---|---|"]
     for k in range(iters):
-        gp, rp = Path(run_dir) / f"iter_{k}" / "groups.jsonl", Path(run_dir) / f"iter_{k}" / "rollouts.jsonl"
-        if not (gp.is_file() and rp.is_file()):
+        groups_path, rollouts_path = (Path(run_dir) / f"iter_{k}" / name for name in ("groups.jsonl", "rollouts.jsonl"))
+        if not (groups_path.is_file() and rollouts_path.is_file()):
             continue
-        rollouts = read_jsonl(rp)
+        rollouts = read_jsonl(rollouts_path)
         seq = {(r["problem_id"], r["sample"]): (operator_sequence(r["code"]) if r["valid"] else "(invalid)")
                + (" (guide)" if r.get("guide") else "") for r in rollouts}
         problems = collections.defaultdict(set)
         for r in rollouts:
             problems[kinds.get(r["problem_id"], "?")].add(r["problem_id"])
         grouped, adv = collections.defaultdict(set), collections.defaultdict(list)
-        for g in read_jsonl(gp):
+        for g in read_jsonl(groups_path):
             kind = kinds.get(g["problem_id"], "?")
             grouped[kind].add(g["problem_id"])
             for m in g["members"]:
@@ -382,19 +386,20 @@ EVAL_HEADER = ["| meta-agent | turns | actions/turn | validation accuracy: init 
 def refine_section(run_dir, cfg, iters, evals):
     """W4S refinement: each evaluated meta-agent's episode and final workflow; per iteration the
     actions, their validity, repairs, rewards and the groups kept."""
-    lines = [             f"meta-agent `{cfg['model']}`, executor `{cfg['executor']}`, benchmark `{cfg['bench']}`; "
+    lines = [f"meta-agent `{cfg['model']}`, executor `{cfg['executor']}`, benchmark `{cfg['bench']}`; "
              f"{cfg['episodes']} episodes x {cfg['turns']} turns x {cfg['candidates']} actions per iteration, "
              f"{cfg['val_problems']} validation problems, up to {cfg['max_repairs']} repairs; RWR tau {cfg['tau']}, "
              f"lr {cfg['lr']}, {cfg['epochs']} epochs.", ""] + EVAL_HEADER + [format_eval(s) for s in evals]
     lines += ["", "| iteration | actions | valid % | mean repairs | mean reward | mean val accuracy | groups kept | executor tokens |",
               "|---|---|---|---|---|---|---|---|"]
     for k in range(iters):
-        p = Path(run_dir) / f"iter_{k}" / "stats.json"
-        stats = json.loads(p.read_text()) if p.is_file() else {}
-        r, g = stats.get("refine"), stats.get("groups", {})
-        if r:
-            lines.append(f"| {k} | {r['candidates']} | {100 * r['valid_fraction']:.0f} | {r['mean_repairs']:.2f} | "
-                         f"{r['mean_reward']:.3f} | {r['mean_accuracy']:.3f} | {g.get('groups', '–')} | {r['executor_tokens']} |")
+        stats_path = Path(run_dir) / f"iter_{k}" / "stats.json"
+        stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
+        refined, grouped = stats.get("refine"), stats.get("groups", {})
+        if refined:
+            lines.append(f"| {k} | {refined['candidates']} | {100 * refined['valid_fraction']:.0f} | "
+                         f"{refined['mean_repairs']:.2f} | {refined['mean_reward']:.3f} | {refined['mean_accuracy']:.3f} | "
+                         f"{grouped.get('groups', '–')} | {refined['executor_tokens']} |")
     return lines
 
 
@@ -419,7 +424,7 @@ def write(run_dir, cfg, iters, wall, resumed=False, baselines=None, refine_evals
             lines += ["", "## Per kind", ""] + kind_section(iter_rows, base_rows, kinds, router)
             cost = cost_section(iter_rows, base_rows, kinds, router)
             lines += ["", "## Accuracy and executor cost", ""] + cost if cost else []
-            lines += ["", "## What the groups taught", ""] + groups_section(run_dir, cfg, iters)
+            lines += ["", "## What the groups taught", ""] + groups_section(run_dir, cfg["bench"], cfg["data_dir"], iters)
         lines += ["", "## Figures", ""] + figures(run_dir, iter_rows, base_rows, kinds, router)
     write_atomic(run_dir / "report.md", "\n".join(lines) + "\n")
     return run_dir / "report.md"

@@ -34,7 +34,7 @@ CAP_WARN = 0.10  # warn when more than this fraction of completions ran into the
 COST_REF_PROBLEMS = 60  # train problems the cost unit (cost_reference) is measured on: 20 per mixed kind
 
 
-def executor_cache(cfg):
+def executor_cache():
     """One on-disk executor cache per machine: re-running any step, or evaluating the same workflow
     twice, costs no executor call (keys include the executor's model name)."""
     return str(model.cache_root() / "executor")
@@ -58,7 +58,7 @@ def open_executor(cfg, generator=True):
                   fail_window=cfg.get("fail_window"), max_retries=cfg.get("executor_retries"),
                   base_delay=cfg.get("executor_backoff"))
     servers = cfg["servers"] or max(1, min(4, os.cpu_count() or 1))
-    with executor.make_executor(cfg["executor"], cfg["executor_model"], executor_cache(cfg), servers=servers,
+    with executor.make_executor(cfg["executor"], cfg["executor_model"], executor_cache(), servers=servers,
                                 **{k: v for k, v in client.items() if v is not None}) as ex:
         if ex is not None:
             ex.preflight()
@@ -73,19 +73,20 @@ def require_scored(lost, out):
                                   f"so far are kept in {out}, rerun to redo the rest. Last failure: {lost[-1]}")
 
 
-def set_threads(cfg):
+def set_threads(threads, executor_spec):
     """Torch's OpenMP threads spin while they wait: on a small CPU shared with the local executor
-    server and the sandboxes, two threads ran ~10x slower than one. Auto = every core but one
-    when the executor runs on this machine."""
-    n = cfg["threads"] or (max(1, (os.cpu_count() or 2) - 1) if cfg["executor"] == "local" else 0)
+    server and the sandboxes, two threads ran ~10x slower than one. `threads` is --threads; its
+    auto (0) = every core but one when the executor (--executor, `executor_spec`) is "local", i.e.
+    runs on this machine, else torch's own default."""
+    n = threads or (max(1, (os.cpu_count() or 2) - 1) if executor_spec == "local" else 0)
     if n:
         torch.set_num_threads(n)
 
 
-def run_context(problem, cfg, sample_index=0):
-    """What operators see of one run: the problem's fields, the run index, the reply cap."""
-    cap = config.call_tokens(cfg)
-    return {**problem, "sample_index": sample_index, **({"max_tokens": cap} if cap else {})}
+def run_context(problem, reply_cap, sample_index=0):
+    """What operators see of one run: the problem's fields, the run index, the reply cap
+    (config.call_tokens of the run; None = the operators' own limits)."""
+    return {**problem, "sample_index": sample_index, **({"max_tokens": reply_cap} if reply_cap else {})}
 
 
 def problems_for(cfg, it):
@@ -139,25 +140,27 @@ def cap_warning(rows, knob, cap):
                   f"raise {knob} for this model")
 
 
-def save_stats(d, step, stats, rows, t0, sampled, knob, cap):
-    """A sampling step's stats completed and saved under `step` in d/stats.json: the executor tokens
-    and dollars of `rows`, the seconds since `t0`, the share of the `sampled` rows whose completion
-    hit the token cap `knob` (cap_warning, printed when too high)."""
+def save_stats(iter_dir, step, stats, rows, t0, sampled, knob, cap):
+    """A sampling step's stats completed and saved under `step` in iter_dir/stats.json: the executor
+    tokens and dollars of `rows`, the seconds since `t0`, the share of the `sampled` rows whose
+    completion hit the token cap `knob` (cap_warning, printed when too high)."""
     stats.update(executor_tokens=sum(r["prompt_tokens"] + r["completion_tokens"] for r in rows),
                  cost_usd=sum(r["cost_usd"] for r in rows), seconds=time.time() - t0)
     stats["hit_cap_fraction"], warning = cap_warning(sampled, knob, cap)
     if warning:
         print(warning, file=sys.stderr)
-    update_json(d / "stats.json", step, stats)
+    update_json(iter_dir / "stats.json", step, stats)
     return stats
 
 
-def execute(rows, problems, cfg, ex, bench, f, progress=None):
-    """Run every valid workflow cfg['runs'] times in the sandbox pool; append each row when its
-    last run is scored. Invalid workflows are written at once with score 0. A run that met an
-    executor failure (result["infra_error"]) is no score: its row is left out (a rerun redoes it)
-    and returned as one message in the list this returns; once the executor has tripped (a fatal
-    error, too many failures) InfraError stops the step at once, the rows written so far kept."""
+def execute(rows, problems, cfg, ex, out_file, progress=None):
+    """Run every valid workflow cfg['runs'] times in the sandbox pool and score it on cfg['bench'];
+    append each row to the open file `out_file` when its last run is scored. Invalid workflows are
+    written at once with score 0. A run that met an executor failure (result["infra_error"]) is no
+    score: its row is left out (a rerun redoes it) and returned as one message in the list this
+    returns; once the executor has tripped (a fatal error, too many failures) InfraError stops the
+    step at once, the rows written so far kept."""
+    bench, reply_cap = cfg["bench"], config.call_tokens(cfg)
     by_id = {p["id"]: p for p in problems}
     ops = {k: operators.OPERATORS[k] for k in operators.OPERATOR_SETS[benchmarks.family(bench)]}
     jobs, owners = [], []
@@ -165,21 +168,22 @@ def execute(rows, problems, cfg, ex, bench, f, progress=None):
         if not row["valid"]:
             row.update(scores=[0.0], score=0.0, answers=[None], errors=[f"invalid: {row['reason']}"], calls=0,
                        prompt_tokens=0, completion_tokens=0, cost_usd=0.0, seconds=0.0)
-            append_jsonl(f, row)
+            append_jsonl(out_file, row)
             if progress:
                 progress(row)
             continue
         p = by_id[row["problem_id"]]
         for r in range(cfg["runs"]):
-            jobs.append(operators.job(row["code"], p["problem"], executor=ex, operators=ops, context=run_context(p, cfg, r),
-                                      timeout=cfg["timeout"], max_calls=cfg["max_calls"]))
+            jobs.append(operators.job(row["code"], p["problem"], executor=ex, operators=ops,
+                                      context=run_context(p, reply_cap, r), timeout=cfg["timeout"], max_calls=cfg["max_calls"]))
             owners.append(i)
     results = {i: [] for i in set(owners)}
     lost = []
     for k, res in sandbox.run_many(jobs, workers=cfg["workers"]):
         i = owners[k]
         if res["infra_error"] and getattr(ex, "tripped", None):
-            raise executor.InfraError(f"{ex.tripped}\nrows scored so far are kept in {f.name}; rerun to resume", fatal=True)
+            raise executor.InfraError(f"{ex.tripped}\nrows scored so far are kept in {out_file.name}; rerun to resume",
+                                      fatal=True)
         res["score"] = 0.0 if res["error"] else benchmarks.score(bench, by_id[rows[i]["problem_id"]], res["answer"])
         results[i].append(res)
         if len(results[i]) == cfg["runs"]:
@@ -192,7 +196,7 @@ def execute(rows, problems, cfg, ex, bench, f, progress=None):
                        calls=sum(x["calls"] for x in rs), prompt_tokens=sum(x["prompt_tokens"] for x in rs),
                        completion_tokens=sum(x["completion_tokens"] for x in rs),
                        cost_usd=sum(x["cost_usd"] for x in rs), seconds=sum(x["seconds"] for x in rs))
-            append_jsonl(f, row)
+            append_jsonl(out_file, row)
             if progress:
                 progress(row)
     return lost
@@ -267,6 +271,6 @@ def score_workflow(code, problems, cfg, ex, out):
     rows = [{"problem_id": p["id"], "sample": 0, "prompt": None, "prefill": "", "completion": code,
              "completion_ids": [], "code": code, "valid": True, "reason": None} for p in todo]
     with open(out, "a", encoding="utf-8") as f:
-        lost = execute(rows, todo, cfg, ex, cfg["bench"], f)
+        lost = execute(rows, todo, cfg, ex, f)
     require_scored(lost, out)
     return finish(out, problems)

@@ -185,7 +185,7 @@ def train_rows(args, cfg, names):
     problems = mixed.select(benchmarks.load(cfg["bench"], "train", cfg["data_dir"]), args.train_limit)
     root = report.headroom_dir(cfg, "train", args.out)
     if not args.table_only:
-        rollout.set_threads(cfg)
+        rollout.set_threads(cfg["threads"], cfg["executor"])
         with rollout.open_executor(cfg, generator=False) as ex:
             for b in names:
                 rollout.score_workflow(workflow.BASELINES[benchmarks.family(cfg["bench"])][b], problems, cfg, ex,

@@ -46,12 +46,12 @@ from jsonl import (DataError, append_jsonl, read_json, read_jsonl, truncate_torn
 GROUP_KEYS = ("problem_id", "prompt", "members")
 
 
-def checkpointing(cfg, device):
-    """Activation checkpointing on? auto: on a GPU, where activations, not time, bound a 7B step
-    (the activations of every layer are kept for the backward without it); off on a CPU, where the 135M default fits easily and
-    the recomputation would only cost time."""
-    c = cfg.get("checkpoint", "auto")
-    return torch.device(device).type == "cuda" if c == "auto" else c == "on"
+def checkpointing(checkpoint, device):
+    """Activation checkpointing on? `checkpoint` is the --checkpoint knob; auto: on a GPU, where
+    activations, not time, bound a 7B step (the activations of every layer are kept for the backward
+    without it); off on a CPU, where the 135M default fits easily and the recomputation would only
+    cost time."""
+    return torch.device(device).type == "cuda" if checkpoint == "auto" else checkpoint == "on"
 
 
 def sequences(groups, tok, loss, seed):
@@ -168,10 +168,11 @@ def step_order(units, seed):
     return sorted(order, key=lambda i: rank[prompt[i]])
 
 
-def epoch_order(units, cfg, it, epoch):
-    """The order of the units in one epoch of iteration `it`: the pi_old pass and epoch 0 both ask
-    here, so each sequence is scored in the micro-batch its first update step runs."""
-    return step_order(units, config.seed_of(cfg["seed"], "order", it, epoch))
+def epoch_order(units, seed, it, epoch):
+    """The order of the units in one epoch of iteration `it` of a run seeded `seed` (--seed): the
+    pi_old pass and epoch 0 both ask here, so each sequence is scored in the micro-batch its first
+    update step runs."""
+    return step_order(units, config.seed_of(seed, "order", it, epoch))
 
 
 def step_seqs(units, order, k, per_step):
@@ -232,20 +233,21 @@ def update(run_dir, it, cfg, mdl, tok):
     """One SPOGW update on iter_<it>/groups.jsonl -> iter_<it+1>/adapter, with the loss cfg["loss"]
     names. `mdl` carries the LoRA of iteration `it` (pi_old); it is trained in place. Resumes from
     iter_<it>/train_state.pt."""
-    d = Path(run_dir) / f"iter_{it}"
+    iter_dir = Path(run_dir) / f"iter_{it}"
     loss = losses.make(cfg)
-    units = sequences(read_jsonl(d / "groups.jsonl", required=GROUP_KEYS), tok, loss, seed=config.seed_of(cfg["seed"], "units", it))
-    per_step, ckpt = max(1, cfg["groups_per_step"]), checkpointing(cfg, next(mdl.parameters()).device)
+    units = sequences(read_jsonl(iter_dir / "groups.jsonl", required=GROUP_KEYS), tok, loss,
+                      seed=config.seed_of(cfg["seed"], "units", it))
+    per_step, ckpt = max(1, cfg["groups_per_step"]), checkpointing(cfg["checkpoint"], next(mdl.parameters()).device)
     steps_per_epoch = math.ceil(len(units) / per_step)
     total = steps_per_epoch * cfg["epochs"]
     mdl.eval()  # no dropout: pi_theta == pi_old exactly at the first step
-    first = epoch_order(units, cfg, it, 0)
+    first = epoch_order(units, cfg["seed"], it, 0)
     score_old_and_ref(mdl, [step_seqs(units, first, k, per_step) for k in range(steps_per_epoch)], loss, cfg, ckpt)
     params = lora.lora_parameters(mdl)
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    state_path, log_path = d / "train_state.pt", d / "train_log.jsonl"
+    state_path, log_path = iter_dir / "train_state.pt", iter_dir / "train_log.jsonl"
     start = resume(state_path, log_path, params, opt)
     bar = tqdm(total=total, initial=start, desc=f"train iter {it}", unit="step", dynamic_ncols=True)
     with open(log_path, "a", encoding="utf-8") as flog:
@@ -253,7 +255,7 @@ def update(run_dir, it, cfg, mdl, tok):
         for step in range(start, total):
             epoch, k = divmod(step, steps_per_epoch)
             if order is None or k == 0:  # one order per epoch (also rebuilt when resuming mid-epoch)
-                order = epoch_order(units, cfg, it, epoch)
+                order = epoch_order(units, cfg["seed"], it, epoch)
             seqs = step_seqs(units, order, k, per_step)
             t0 = time.time()
             opt.zero_grad(set_to_none=True)
@@ -271,7 +273,7 @@ def update(run_dir, it, cfg, mdl, tok):
     bar.close()
     for p in params:
         p.requires_grad_(False)
-    lora.save_adapter(mdl, d.parent / f"iter_{it + 1}" / "adapter", base_model_name=cfg["model"])
+    lora.save_adapter(mdl, iter_dir.parent / f"iter_{it + 1}" / "adapter", base_model_name=cfg["model"])
     state_path.unlink(missing_ok=True)
     return {"steps": total, "sequences": sum(map(len, units))}
 
@@ -316,21 +318,21 @@ def iteration(run_dir, k, cfg, mdl, tok, ex, ref):
     """Iteration k: collect (W4S: refinement episodes) -> curate -> update, each skipped when its
     output exists, so a killed run resumes. `mdl` holds pi_old (iteration k's LoRA). Returns the
     phases run now (the tracker mirrors those)."""
-    d, refining, ran = run_dir / f"iter_{k}", cfg["mode"] == "refine", []
-    data = d / ("refine.jsonl" if refining else "rollouts.jsonl")
-    if ("refine" if refining else "collect") not in read_json(d / "stats.json", {}) or not data.is_file():
+    iter_dir, refining, ran = run_dir / f"iter_{k}", cfg["mode"] == "refine", []
+    data = iter_dir / ("refine.jsonl" if refining else "rollouts.jsonl")
+    if ("refine" if refining else "collect") not in read_json(iter_dir / "stats.json", {}) or not data.is_file():
         step = refine.collect_refine if refining else collect.collect
         print(f"[collect {k}] " + json.dumps(step(run_dir, k, cfg, ex, loaded=(mdl, tok))))
         ran.append("refine" if refining else "collect")
         model.release_freed_memory()  # the decode caches, before the update's activations
-    if not (d / "groups.jsonl").is_file():
+    if not (iter_dir / "groups.jsonl").is_file():
         s = curate.refine_groups(run_dir, k) if refining else curate.run(run_dir, k, cfg, ref)
         print(f"[curate {k}] " + json.dumps(s))
         ran.append("curate")
     if not (run_dir / f"iter_{k + 1}" / "adapter").is_dir():
         t0 = time.time()
         s = update(run_dir, k, cfg, mdl, tok)
-        update_json(d / "stats.json", "train", dict(s, seconds=time.time() - t0))
+        update_json(iter_dir / "stats.json", "train", dict(s, seconds=time.time() - t0))
         print(f"[update {k}] " + json.dumps(s))
         ran.append("train")
         model.release_freed_memory()  # the activations, before the next collect
@@ -382,7 +384,7 @@ def run(args):
     for line in config.run_notes(cfg, args.iter):
         print(f"[train] {line}", file=sys.stderr if line.startswith("warning") else sys.stdout)
     torch.manual_seed(cfg["seed"])
-    rollout.set_threads(cfg)
+    rollout.set_threads(cfg["threads"], cfg["executor"])
     baseline_rows = {}
     # the tracker opens first: a missing tensorboard / wandb fails now, not after an hour of collecting
     with contextlib.closing(tracking.open_tracker(run_dir, cfg)) as tracker, rollout.open_executor(cfg) as ex:

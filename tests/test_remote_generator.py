@@ -243,14 +243,16 @@ def test_refine_meta_agent_samples_under_its_iterations_name(tmp_path, tok, mode
     make_adapter(run / "iter_1" / "adapter", seed=1)
     with VLLMStub(tiny_llama, tok) as stub:
         cfg = dict(cfg_for(stub.url, model_dir), **config.defaults(("refine",)))
-        propose = R.proposer(cfg, generator.sampler(cfg, run, 1, max_new_tokens=cfg["refine_tokens"]))
+        propose = R.proposer(generator.sampler(cfg, run, 1, max_new_tokens=cfg["refine_tokens"]), cfg["bench"],
+                             cfg["temperature"])
         out = propose(MSGS[:1], 2, 5)[0]
         (load,) = load_requests(stub)
         assert completion_requests(stub)[-1]["model"] == load["lora_name"]
         # the two samples are concurrent n=1 requests, so the stub may answer them in either order
         assert sorted(s["token_ids"] for s in out) == sorted(r["choices"][0]["token_ids"] for r in stub.replies[-2:])
         # iteration 0's meta-agent is the base model, under its served name; nothing more is loaded
-        R.proposer(cfg, generator.sampler(cfg, run, 0, max_new_tokens=cfg["refine_tokens"]))(MSGS[:1], 1, 0)
+        R.proposer(generator.sampler(cfg, run, 0, max_new_tokens=cfg["refine_tokens"]), cfg["bench"],
+                   cfg["temperature"])(MSGS[:1], 1, 0)
         assert completion_requests(stub)[-1]["model"] == "base" and len(load_requests(stub)) == 1
 
 

@@ -111,7 +111,7 @@ def test_groups_section_names_what_each_kind_pushed_up_and_down(tmp_path):
     (d / "rollouts.jsonl").write_text("".join(json.dumps({"problem_id": p, "sample": j, "code": c, "valid": v}) + "\n"
                                               for p, j, c, v in roll))
     (d / "groups.jsonl").write_text("".join(json.dumps(g) + "\n" for g in groups))
-    lines = report.groups_section(tmp_path, dict(config.defaults(), bench="mixed"), 1)
+    lines = report.groups_section(tmp_path, "mixed", None, 1)
     assert lines[2:] == ["| 0 | arith | 1/2 | programmer (+1.00, 1) | custom (-1.00, 1) |",
                          "| 0 | sentiment | 1/1 | custom (+1.00, 1) | programmer (-1.00, 1) |"]
 
