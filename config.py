@@ -256,6 +256,6 @@ def run_notes(cfg, iters):
                      f"embedded default; more cores or a GPU take less)")
     else:
         notes.append("no time estimate: the per-unit costs were measured for the embedded model on arith on 2 CPU "
-                     "cores only (other benchmarks' workflows cost differently: mixed took 1.3x the arith estimate); "
+                     "cores only (other benchmarks' workflows cost differently); "
                      "the progress bars show the rate once it runs")
     return notes
