@@ -225,9 +225,9 @@ def step_cost(mdl, seqs, cfg, ckpt, device, reps):
     return statistics.median(times), peak
 
 
-def rss_kb(field):
-    """A field of /proc/self/status in kB (VmRSS now, VmHWM the high-water mark)."""
-    with open("/proc/self/status") as f:
+def rss_kb(field, pid="self"):
+    """A field of /proc/<pid>/status in kB (VmRSS now, VmHWM the peak since start or the last reset)."""
+    with open(f"/proc/{pid}/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 

@@ -43,6 +43,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
+import bench_gpu
 import collect
 import config
 import curate
@@ -245,12 +246,6 @@ def row(phase, seconds, tokens=None, flops=None, peak=None, note="", rss=None):
 
 # ---- peak RSS ----
 
-def status_kb(field, pid="self"):
-    """A field of /proc/<pid>/status in kB (VmRSS now, VmHWM the peak since start or the last reset)."""
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
 @contextlib.contextmanager
 def measured():
     """Yields a dict m; after the block, m["s"]: its wall seconds, m["rss"]: this process's peak RSS in
@@ -260,7 +255,7 @@ def measured():
         ok = f.write(b"5")  # unbuffered: a refused write raises here, leaving ok False
     t0 = time.perf_counter()
     yield m
-    m.update(s=time.perf_counter() - t0, rss=status_kb("VmHWM") * 1024 if ok else None)
+    m.update(s=time.perf_counter() - t0, rss=bench_gpu.rss_kb("VmHWM") * 1024 if ok else None)
 
 
 def server_rss(marker=b"serve.py"):
@@ -271,7 +266,7 @@ def server_rss(marker=b"serve.py"):
         for pid in Path(f"/proc/self/task/{os.getpid()}/children").read_text().split():
             with contextlib.suppress(OSError, StopIteration):  # a child that exited meanwhile
                 if marker in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    out.append(status_kb("VmHWM", pid) * 1024)
+                    out.append(bench_gpu.rss_kb("VmHWM", pid) * 1024)
     return out
 
 

@@ -102,8 +102,8 @@ def reward(row, cost_weight=0.0, ref_tokens=None, cost_on="all"):
     * cost, the papers' utility (MaAS): in a group where every workflow is wrong, cost alone ranks
     them and the cheapest wrong answer gets the positive advantage. "correct": correctness *
     max(0, 1 - lambda * cost): only a right answer is paid for, a wrong one scores 0 whatever it
-    spent (such a group has no variance and is dropped), and a right one never scores below it. The rollout row keeps both parts, so any lambda and
-    either rule can be curated again from the same rollouts."""
+    spent (such a group has no variance and is dropped), and a right one never scores below it.
+    The rollout row keeps both parts, so any lambda and either rule can be curated again."""
     if not cost_weight:
         return float(row["score"])
     if cost_on == "correct":

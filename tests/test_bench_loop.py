@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+import bench_gpu
 import bench_loop
 from conftest import ROOT
 
@@ -64,10 +65,10 @@ def test_peak_rss_sees_a_touched_buffer_and_resets():
     """The naive reference: VmRSS read while a 200 MB buffer, every page written, is alive. The peak
     of the block holds it after the buffer is freed (to within 4 MB: the kernel's RSS counters batch
     a few pages per CPU); a block measured after that does not."""
-    base = bench_loop.status_kb("VmRSS") * 1024
+    base = bench_gpu.rss_kb("VmRSS") * 1024
     with bench_loop.measured() as m:
         buf = b"\x01" * (200 << 20)
-        alive = bench_loop.status_kb("VmRSS") * 1024
+        alive = bench_gpu.rss_kb("VmRSS") * 1024
         del buf
     assert alive >= base + 150e6 and m["rss"] >= alive - (4 << 20) and m["s"] > 0
     with bench_loop.measured() as after:
