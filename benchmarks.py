@@ -68,10 +68,12 @@ def check_name(name):
 # ------------------------------------------------------------------------------------------
 # loading
 
-def load(name, split, data_dir=None, limit=None, seed=0):
+def load(name, split, data_dir=None, limit=None, seed=0, by_kind=False):
     """Rows of one benchmark split: dicts with `id`, `problem` (what solve(problem) receives)
     and what the scorer needs. `limit` keeps a seeded subset (same seed -> same rows, and a
-    larger limit keeps every row of a smaller one), in the original order."""
+    larger limit keeps every row of a smaller one), in the original order. by_kind: the subset
+    takes the kinds in turn (`kind` field; mixed), so 10 of 3 kinds are 4, 3, 3, not whatever
+    the hash draws."""
     check_name(name)
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r} for {name}; choose from {', '.join(SPLITS)}")
@@ -83,9 +85,31 @@ def load(name, split, data_dir=None, limit=None, seed=0):
         split = "validate" if split == "train" else split
         rows = LOADERS[name](split, data_dir)
     if limit is not None and limit < len(rows):
-        keep = set(sorted(range(len(rows)), key=lambda i: stable_hash(f"{seed}:{rows[i]['id']}"))[:max(limit, 0)])
+        order = sorted(range(len(rows)), key=lambda i: stable_hash(f"{seed}:{rows[i]['id']}"))
+        if by_kind:
+            order = take_turns(order, [_kind_of(rows[i], name) for i in order])
+        keep = set(order[:max(limit, 0)])
         rows = [r for i, r in enumerate(rows) if i in keep]
     return rows
+
+
+def _kind_of(row, name):
+    if "kind" not in row:
+        raise DataError(f"--draw kind needs a benchmark with kinds (mixed); {name} row {row['id']!r} has no 'kind'")
+    return row["kind"]
+
+
+def take_turns(items, kinds):
+    """items reordered so the kinds take turns (in order of first appearance), each kind keeping
+    its own order; a kind that runs out drops out of the turn."""
+    queues = {}
+    for item, kind in zip(items, kinds):
+        queues.setdefault(kind, []).append(item)
+    out, depth = [], 0
+    while len(out) < len(items):
+        out += [q[depth] for q in queues.values() if depth < len(q)]
+        depth += 1
+    return out
 
 
 def resolve_data_dir(data_dir=None):

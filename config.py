@@ -31,6 +31,8 @@ KNOBS = {
     "bench": ("arith", str, "collect", MAIN, "arith | mixed | gsm8k | math | humaneval | mbpp | hotpotqa | drop"),
     "model": (DEFAULT_MODEL, str, "collect", MAIN, "generator: HF dir / hub id / .gguf / embedded name"),
     "problems": (10, int, "collect", MAIN, "training problems per iteration"),
+    "draw": ("random", ("random", "kind"), "collect", MORE, "each iteration's training problems: a seeded subset, "
+                                                          "or the kinds in turn (benchmarks with kinds: mixed)"),
     "m": (8, int, "collect", MAIN, "workflows sampled per problem"),
     "cost_weight": (0.0, float, "curate", MAIN, "lambda: score = correctness - lambda * executor tokens / the "
                                                 "--cost-ref workflow's mean tokens per train problem (0 = accuracy only)"),

@@ -91,8 +91,9 @@ def run_context(problem, reply_cap, sample_index=0):
 
 def problems_for(cfg, it):
     """Iteration `it`'s training problems: a fresh seeded subset of the train split each iteration,
-    so the generator sees new problems every round."""
-    return benchmarks.load(cfg["bench"], "train", cfg["data_dir"], limit=cfg["problems"], seed=config.seed_of(cfg["seed"], "problems", it))
+    so the generator sees new problems every round (--draw kind: the kinds in equal numbers)."""
+    return benchmarks.load(cfg["bench"], "train", cfg["data_dir"], limit=cfg["problems"],
+                           seed=config.seed_of(cfg["seed"], "problems", it), by_kind=cfg["draw"] == "kind")
 
 
 def workflow_row(problem, j, prompt, prefill, completion, ids, family_ops, max_calls, prompt_ids=None, hit_cap=None):

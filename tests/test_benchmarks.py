@@ -83,6 +83,24 @@ def test_limit_is_seeded_nested_subset():
     assert [order.index(r["id"]) for r in s20] == sorted(order.index(r["id"]) for r in s20)
 
 
+def test_draw_by_kind_takes_the_kinds_in_turn():
+    """--draw kind: 10 of mixed's 3 kinds are 4, 3, 3 for every seed, nested like the plain subset,
+    and each kind's rows are the ones its own hash order picks first (a naive per-kind reference)."""
+    full = B.load("mixed", "train")
+    for seed in range(4):
+        rows = B.load("mixed", "train", limit=10, seed=seed, by_kind=True)
+        counts = sorted(sum(r["kind"] == k for r in rows) for k in ("arith", "sentiment", "yesno"))
+        assert counts == [3, 3, 4]
+        for kind in ("arith", "sentiment", "yesno"):
+            own = sorted((r for r in full if r["kind"] == kind), key=lambda r: B.stable_hash(f"{seed}:{r['id']}"))
+            picked = {r["id"] for r in rows if r["kind"] == kind}
+            assert picked == {r["id"] for r in own[:len(picked)]}
+        assert {r["id"] for r in rows} < {r["id"] for r in B.load("mixed", "train", limit=13, seed=seed, by_kind=True)}
+    assert B.take_turns([1, 2, 3, 4, 5, 6], "aabacc") == [1, 3, 5, 2, 6, 4]
+    with pytest.raises(DataError, match="--draw kind.*gsm8k"):
+        B.load("gsm8k", "train", limit=5, by_kind=True)  # the package copy: no kinds
+
+
 def test_family_and_unknown_names():
     assert B.family("arith") == "math" and B.family("drop") == "qa" and B.family("mbpp") == "code"
     with pytest.raises(DataError, match="unknown benchmark"):
