@@ -79,21 +79,6 @@ def cpu_line():
     return {"cpu": name, "vector_extensions": ext, "torch_threads": torch.get_num_threads()}
 
 
-def matmul_peak(H, I, M=512, reps=5, min_s=0.05):
-    """FLOP/s of an fp32 [M x H] @ [H x I] matmul at torch's thread count: best of `reps` timed loops."""
-    g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(M, H, generator=g), torch.randn(H, I, generator=g)
-    a @ b  # warm-up
-    best = float("inf")
-    for _ in range(reps):
-        n, t0 = 0, time.perf_counter()
-        while (dt := time.perf_counter() - t0) < min_s or n == 0:
-            a @ b
-            n += 1
-        best = min(best, dt / n)
-    return {"shape": [M, H, I], "reps": reps, "flop_per_s": 2 * M * H * I / best}
-
-
 # ---- instrumentation ----
 
 class TimedExecutor:
@@ -366,7 +351,7 @@ def run(args):
     machine, t_all = cpu_line(), time.perf_counter()
     mdl, tok, ex_cm, eshape, servers = load(cfg, args.quick)
     gshape = flops.shape_of(mdl)
-    peak = matmul_peak(mdl.config.hidden_size, mdl.config.intermediate_size, reps=args.reps)
+    peak = config.matmul_peak(mdl.config.hidden_size, mdl.config.intermediate_size, reps=args.reps)
     rows = {}
     with ex_cm as raw, tempfile.TemporaryDirectory(prefix="spogw-bench-loop-") as run_dir:
         if raw is not None and hasattr(raw, "preflight"):

@@ -12,6 +12,7 @@ import hashlib
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from executor import DEFAULT_MODEL, ExecutorError
@@ -237,6 +238,10 @@ def call_tokens(cfg):
 # and baselines; the executor cache serves calls that earlier checkpoints already made). It left ~6 min
 # (start-up, curate, reports) out: the estimate runs about 10 % short.
 SEC_PER_WORKFLOW, SEC_TRAIN_PER_PROBLEM, SEC_PER_EVAL = 3.8, 9.7, 1.6
+# That machine's fp32 matmul [512 x 576] @ [576 x 1536] (the generator's sizes) on one thread, best of 5
+# (`python bench.py loop`, results/default/bench_loop.json). run_notes times the same matmul here and
+# scales the estimate by the ratio: an AVX2-only core, or one shared with other work, takes longer.
+REF_MATMUL_FLOP_S = 93e9
 
 
 def estimate_minutes(cfg, iters):
@@ -245,17 +250,48 @@ def estimate_minutes(cfg, iters):
     return (iters * per_iter + n_eval * cfg["eval_problems"] * SEC_PER_EVAL) / 60
 
 
-def run_notes(cfg, iters):
+def matmul_peak(H=576, I=1536, M=512, reps=5, min_s=0.05):
+    """FLOP/s of an fp32 [M x H] @ [H x I] matmul at torch's thread count: best of `reps` timed loops."""
+    import torch
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(M, H, generator=g), torch.randn(H, I, generator=g)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(reps):
+        n, t0 = 0, time.perf_counter()
+        while (dt := time.perf_counter() - t0) < min_s or n == 0:
+            a @ b
+            n += 1
+        best = min(best, dt / n)
+    return {"shape": [M, H, I], "reps": reps, "flop_per_s": 2 * M * H * I / best}
+
+
+def one_thread_matmul():
+    """This machine's REF_MATMUL_FLOP_S (~0.3 s): the same matmul on one torch thread."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return matmul_peak()["flop_per_s"]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_notes(cfg, iters, here=None):
     """What to tell the user before a run starts: a time estimate where we have measured one (the
-    embedded default on a CPU) and warnings for settings that waste the machine."""
+    embedded default on a CPU), scaled to this machine by a short matmul calibration (`here`: its
+    FLOP/s, measured when None), and warnings for settings that waste the machine."""
     import torch  # here, not at the top: only train.py's start asks, and every CLI parses its flags here
     notes = []
     if cfg["device"] == "cpu" and torch.cuda.is_available():
         notes.append("warning: CUDA is available but --device is cpu: pass --device cuda to train and sample on the GPU")
     if cfg["device"] == "cpu" and cfg["model"] == DEFAULT_MODEL and cfg["executor"] == "local" \
             and cfg["mode"] == "spogw" and cfg["bench"] == "arith":
-        notes.append(f"estimated time: ~{estimate_minutes(cfg, iters):.0f} min on 2 CPU cores (measured on the "
-                     f"embedded default; more cores or a GPU take less)")
+        here = here or one_thread_matmul()
+        notes.append(f"estimated time: ~{estimate_minutes(cfg, iters) * REF_MATMUL_FLOP_S / here:.0f} min on 2 CPU "
+                     f"cores like these (measured on 2 AMD EPYC cores, scaled by a matmul on one of this machine's "
+                     f"cores: {here / 1e9:.0f} against {REF_MATMUL_FLOP_S / 1e9:.0f} GFLOP/s; more cores or a GPU "
+                     f"take less)")
     else:
         notes.append("no time estimate: the per-unit costs were measured for the embedded model on arith on 2 CPU "
                      "cores only (other benchmarks' workflows cost differently); "

@@ -204,3 +204,16 @@ def test_run_notes_warn_about_an_idle_gpu_and_estimate_only_what_was_measured(mo
     assert not any(n.startswith(("estimated time", "warning")) for n in notes)
     notes = config.run_notes(dict(c, bench="mixed"), 3)  # arith's per-unit costs say nothing about mixed
     assert not any(n.startswith("estimated time") for n in notes) and any("no time estimate" in n for n in notes)
+
+
+def test_the_estimate_is_scaled_by_this_machines_matmul():
+    """A core half as fast as the reference's doubles the estimate; the calibration leaves torch's
+    thread count as it found it."""
+    c = dict(config.defaults())
+    minutes = lambda here: float(next(n for n in config.run_notes(c, 3, here=here)
+                                      if n.startswith("estimated time")).split("~")[1].split(" ")[0])
+    ref = config.REF_MATMUL_FLOP_S
+    assert minutes(ref) == round(config.estimate_minutes(c, 3))
+    assert abs(minutes(ref / 2) - 2 * config.estimate_minutes(c, 3)) <= 0.5
+    threads = torch.get_num_threads()
+    assert config.one_thread_matmul() > 1e8 and torch.get_num_threads() == threads
