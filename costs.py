@@ -153,6 +153,45 @@ def cost_table(res, methods=None):
     return lines
 
 
+def paired(rows, against):
+    """(mean of rows' score - against's, paired 95 % CI) over the problems of `rows`; `against`
+    (held-out rows) must cover them. The bootstrap resamples problems, so the CI is the one of the
+    difference, much narrower than two independent CIs would suggest."""
+    theirs = {r["problem_id"]: float(r["score"]) for r in against}
+    ids = sorted(str(r["problem_id"]) for r in rows)
+    if any(p not in theirs for p in ids):
+        raise DataError(f"no row for problem {next(p for p in ids if p not in theirs)!r} to pair with")
+    ours = {str(r["problem_id"]): float(r["score"]) for r in rows}
+    d = [ours[p] - theirs[p] for p in ids]
+    return statistics.fmean(d), *bootstrap_ci(d)
+
+
+def runs_table(res, runs, against):
+    """Markdown: one row per run ({label: held-out rows on res's problems}: seeds of one command,
+    ablation rows) with accuracy, the paired difference to each of `against` ({name: rows}: the best
+    single fixed workflow, the router), tokens and calls per problem, share of S* and valid %; then
+    the mean +- sd over the runs."""
+    names = list(against)
+    lines = ["| run | accuracy % (95 % CI) | " + " | ".join(f"vs {n}, paired" for n in names)
+             + " | tokens/problem | calls/problem | share of S* | valid % |", "|---" * (len(names) + 6) + "|"]
+    stats = []
+    for label, rows in runs.items():
+        t, a, lo, hi, calls = point(rows)
+        share = share_of_saving(res, t)
+        diffs = [paired(rows, against[n]) for n in names]
+        valid = statistics.fmean(float(r.get("valid", True)) for r in rows)
+        stats.append((a, t, calls, share if share is not None else 0.0))
+        lines.append(f"| {label} | {pct(a, lo, hi)} | " + " | ".join(f"{100 * d[0]:+.1f} [{100 * d[1]:+.1f}, "
+                     f"{100 * d[2]:+.1f}]" for d in diffs) + f" | {t:.0f} | {calls:.2f} | "
+                     f"{'–' if share is None else f'{share:+.2f}'} | {100 * valid:.0f} |")
+    if len(stats) > 1:
+        m = [statistics.fmean(col) for col in zip(*stats)]
+        sd = [statistics.stdev(col) for col in zip(*stats)]
+        lines.append(f"| mean ± sd of {len(stats)} | {100 * m[0]:.1f} ± {100 * sd[0]:.1f} | " + " | " * len(names)
+                     + f"{m[1]:.0f} ± {sd[1]:.0f} | {m[2]:.2f} ± {sd[2]:.2f} | {m[3]:+.2f} ± {sd[3]:.2f} | |")
+    return lines
+
+
 def figure(path, res, fixed, router=None, iterations=None):
     """cost.png: executor tokens per problem (x) against held-out accuracy with 95 % CI bars (y):
     every fixed workflow ({name: rows}, labelled), the accuracy and the cost oracle of `res`, the

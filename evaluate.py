@@ -4,6 +4,7 @@
     python evaluate.py --run runs/default --iter 3                                      # checkpoint
     python evaluate.py --adapter runs/default/iter_3/adapter --bench arith --limit 200
     python evaluate.py --run runs/default --compare                                     # markdown table
+    python evaluate.py --compare-runs runs/mixed-s0 runs/mixed-s1 runs/mixed-s2 --iter 3  # seeds side by side
     python evaluate.py --run runs/w4s --iter 2 --mode refine --turns 3                  # a W4S meta-agent
 
 Workflows run through the same sandbox and the same scorer as training (rollout.py). Per-problem
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import benchmarks
 import config
+import costs
 import generator
 import lora
 import model
@@ -24,7 +26,7 @@ import refine
 import report
 import rollout
 import workflow
-from jsonl import DataError
+from jsonl import DataError, read_json, read_jsonl
 
 GREEDY_BATCH = 32  # greedy rows per decode batch
 
@@ -56,6 +58,32 @@ def eval_generator(mdl, tok, cfg, ex, out, split="test", limit=200):
     return report.summarize(rollout.finish(Path(out), problems))
 
 
+def runs_comparison(run_dirs, it):
+    """Checkpoint `it` of several runs evaluated on the same held-out problems (seeds of one command,
+    ablation rows), side by side: costs.runs_table against the best single fixed workflow and the
+    router where their rows exist, then what each run writes per kind (benchmarks with kinds)."""
+    cfg = dict(config.defaults(), **read_json(Path(run_dirs[0]) / "config.json", {}))
+    root, n = Path(run_dirs[0]).parent, cfg["eval_problems"]
+    problems = benchmarks.load(cfg["bench"], "test", cfg["data_dir"], limit=n, seed=0)
+    kinds = {p["id"]: p.get("kind", "all") for p in problems}
+    runs = {}
+    for d in run_dirs:
+        path = Path(d) / "eval" / f"iter_{it}.jsonl"
+        rows = [r for r in read_jsonl(path) if r["problem_id"] in kinds] if path.is_file() else []
+        if len(rows) != len(kinds):
+            raise DataError(f"{path}: {len(rows)} of the {len(kinds)} held-out problems evaluated "
+                            f"(python evaluate.py --run {d} --iter {it})")
+        runs[Path(d).name] = rows
+    base = {b: read_jsonl(p)[:n] for b in workflow.BASELINES[benchmarks.family(cfg["bench"])]
+            if (p := report.baseline_path(cfg, b, "test", n, root)).is_file()}
+    fixed, res = report.cost_oracle_of(base, kinds)
+    if res is None:
+        raise DataError(f"no fixed workflow has rows for all {n} problems under {root}/baselines "
+                        f"(python evaluate.py --bench {cfg['bench']} --baseline programmer --limit {n})")
+    against = {res["single"]: fixed[res["single"]]} | ({"router": r} if (r := report.router_rows(cfg, problems, root)) else {})
+    return "\n".join(costs.runs_table(res, runs, against) + [""] + report.workflow_shares(runs, kinds, top=2, head="run"))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", help="run dir (checkpoint mode, --compare; its config.json supplies the knobs not given)")
@@ -67,10 +95,16 @@ def main(argv=None):
     ap.add_argument("--limit", type=int, help="held-out problems (default: --run's eval_problems, else 200): a "
                     "checkpoint is then evaluated on the problems its run's report and baselines use")
     ap.add_argument("--compare", action="store_true", help="print the table of evaluated iterations and baselines")
+    ap.add_argument("--compare-runs", nargs="+", metavar="RUN", help="runs evaluated on the same held-out problems (seeds, "
+                    "ablation rows): checkpoint --iter of each side by side, paired against the best fixed workflow")
     config.add_knobs(ap, ("run", "collect", "refine"))
     args = ap.parse_args(argv)
 
     def body():
+        if args.compare_runs:
+            if args.iter is None:
+                raise DataError("--compare-runs needs --iter K")
+            return runs_comparison(args.compare_runs, args.iter)
         cfg = config.merge(args.run, args, ("run", "collect", "refine", "eval"))
         if args.limit is None:  # the run's own held-out size, so its report's rows and baselines line up
             args.limit = cfg["eval_problems"]

@@ -260,11 +260,11 @@ def router_rows(cfg, problems, root="runs"):
     return None
 
 
-def workflow_shares(entries, kinds, top=3):
+def workflow_shares(entries, kinds, top=3, head="iteration"):
     """Markdown: for each entry ({label: rows}) and kind, its `top` most common workflows (operator
     sequences; an invalid one is "(invalid)") with their share of that kind's problems."""
     kind_list = sorted(set(kinds.values()))
-    lines = ["| iteration | " + " | ".join(kind_list) + " |", "|---" * (len(kind_list) + 1) + "|"]
+    lines = [f"| {head} | " + " | ".join(kind_list) + " |", "|---" * (len(kind_list) + 1) + "|"]
     for label, rows in entries.items():
         seqs = collections.defaultdict(collections.Counter)
         for r in rows:

@@ -166,3 +166,48 @@ def test_cost_oracle_ties_and_missing_rows():
     del toks["y"]["p3"]
     with pytest.raises(DataError, match="'y' has no token count for problem 'p3'"):
         costs.cost_oracle(scores, toks, kinds)
+
+
+def test_paired_difference_and_the_runs_table_against_a_hand_calculation():
+    """costs.paired is the bootstrap CI of the per-problem differences (not of two separate means);
+    runs_table's rows and its mean +- sd line follow from hand-made rows."""
+    ids = [f"p{i}" for i in range(40)]
+    base = rows({p: float(i % 2) for i, p in enumerate(ids)})            # 50 %
+    a = rows({p: float(i % 2 or i % 4 == 0) for i, p in enumerate(ids)})  # base, plus every 4th problem
+    d = [float(int(p[1:]) % 4 == 0) for p in sorted(ids)]  # resampled in problem-id order, like costs.point
+    assert costs.paired(a, base) == (statistics.fmean(d), *costs.bootstrap_ci(d))
+    assert costs.paired(a, base)[0] == pytest.approx(0.25)
+    assert costs.paired(base, base) == (0.0, 0.0, 0.0)
+    with pytest.raises(DataError, match="'p0' to pair with"):
+        costs.paired(a, base[1:])
+    for r in a:
+        r["prompt_tokens"] = 30  # run a spends 30 tokens a problem, run b none
+    res = {"single_tokens": 40.0, "oracle_tokens": 20.0}
+    lines = costs.runs_table(res, {"a": a, "b": base}, {"fixed": base})
+    assert lines[0].startswith("| run | accuracy % (95 % CI) | vs fixed, paired | tokens/problem")
+    assert lines[2] == (f"| a | {costs.pct(*costs.point(a)[1:4])} | +25.0 "
+                        f"[{100 * costs.bootstrap_ci(d)[0]:+.1f}, {100 * costs.bootstrap_ci(d)[1]:+.1f}] | 30 | 1.00 | +0.50 | 100 |")
+    assert lines[3].startswith("| b | 50.0 [") and lines[3].endswith("| +0.0 [+0.0, +0.0] | 0 | 1.00 | +2.00 | 100 |")
+    acc_sd = statistics.stdev([0.75, 0.5])
+    assert lines[4] == f"| mean ± sd of 2 | 62.5 ± {100 * acc_sd:.1f} |  | 15 ± 21 | 1.00 ± 0.00 | +1.25 ± 1.06 | |"
+
+
+def test_compare_runs_reads_each_runs_checkpoint_and_the_shared_baselines(tmp_path):
+    import evaluate
+    probs = benchmarks.load("mixed", "test", limit=6, seed=0)
+    root = tmp_path / "runs"
+    cfg = dict(config.defaults(), bench="mixed", eval_problems=6)
+    for b, sc in (("io", 0.0), ("programmer_format", 1.0)):
+        path = report.baseline_path(cfg, b, "test", 6, root)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows({p["id"]: sc for p in probs})))
+    for seed in (0, 1):
+        run = root / f"s{seed}"
+        (run / "eval").mkdir(parents=True)
+        (run / "config.json").write_text(json.dumps({"bench": "mixed", "eval_problems": 6, "seed": seed}))
+        (run / "eval" / "iter_3.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows({p["id"]: float(seed) for p in probs})))
+    text = evaluate.runs_comparison([root / "s0", root / "s1"], 3)
+    assert "| s0 | 0.0 [0.0, 0.0] | -100.0 [-100.0, -100.0] |" in text and "| s1 | 100.0 [100.0, 100.0] | +0.0" in text
+    assert "| run | " in text and "programmer (100 %)" in text and "| mean ± sd of 2 | 50.0 ± 70.7 |" in text
+    with pytest.raises(DataError, match="iter_2.jsonl: 0 of the 6 held-out problems evaluated"):
+        evaluate.runs_comparison([root / "s0"], 2)
