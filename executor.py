@@ -198,12 +198,12 @@ class Executor:
         text = resp.choices[0].message.content
         if not isinstance(text, str):
             raise ValueError("reply has no message content")
-        u = getattr(resp, "usage", None)
-        pt, ct = int(getattr(u, "prompt_tokens", 0) or 0), int(getattr(u, "completion_tokens", 0) or 0)
-        usage = {"prompt_tokens": pt, "completion_tokens": ct, "cost_usd": self._cost(pt, ct)}
+        reported = getattr(resp, "usage", None)
+        prompt, completion = (int(getattr(reported, k, 0) or 0) for k in ("prompt_tokens", "completion_tokens"))
+        usage = {"prompt_tokens": prompt, "completion_tokens": completion, "cost_usd": self._cost(prompt, completion)}
         with self.lock:
-            self.prompt_tokens += pt
-            self.completion_tokens += ct
+            self.prompt_tokens += prompt
+            self.completion_tokens += completion
             self.cost_usd += usage["cost_usd"]
         return text, usage
 
@@ -217,9 +217,9 @@ class Executor:
         max_fail_frac of the last fail_window calls failed)."""
         with self.lock:
             self.recent.append(failed)
-            n, w = sum(self.recent), self.recent.maxlen
-        if failed and n > self.max_fail_frac * w:
-            self._trip(f"{n} of the last {w} executor calls failed (--max-fail-frac {self.max_fail_frac:g}); "
+            failures, window = sum(self.recent), self.recent.maxlen
+        if failed and failures > self.max_fail_frac * window:
+            self._trip(f"{failures} of the last {window} executor calls failed (--max-fail-frac {self.max_fail_frac:g}); "
                        f"the last: {msg}")
             return True
         return False

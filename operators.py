@@ -284,7 +284,7 @@ OPERATOR_SETS = {  # ARCHITECTURE §3 "offered for"; the order is the order the 
     "qa": ["custom", "answer_generate", "ensemble", "review", "revise", "format"],
     "code": ["custom", "code_generate", "test", "ensemble", "review", "revise"],
 }
-OPERATOR_SETS["mixed"] = OPERATOR_SETS["math"]  # mixed differs from math in its prompt only (workflow.FEWSHOT)
+OPERATOR_SETS["mixed"] = list(OPERATOR_SETS["math"])  # mixed differs from math in its prompt only (workflow.FEWSHOT)
 
 
 # ---- the broker: a workflow's operator calls, served here ----

@@ -65,14 +65,14 @@ class Tracker:
         step counted across iterations."""
         if not self.sink:
             return
-        d = Path(run_dir) / f"iter_{k}"
-        stats = read_json(d / "stats.json", {})
+        iter_dir = Path(run_dir) / f"iter_{k}"
+        stats = read_json(iter_dir / "stats.json", {})
         for phase in phases:
             if phase != "train" and phase in stats:
                 self.send(phase, stats[phase], "iteration", k)
-        if "train" in phases and (d / "train_log.jsonl").is_file():
+        if "train" in phases and (iter_dir / "train_log.jsonl").is_file():
             before = self.update_steps_before(run_dir, k)
-            for row in read_jsonl(d / "train_log.jsonl"):
+            for row in read_jsonl(iter_dir / "train_log.jsonl"):
                 self.send("train", {key: v for key, v in row.items() if key != "step"}, "train/step", before + row["step"])
 
     def update_steps_before(self, run_dir, k):
