@@ -43,7 +43,7 @@ KNOBS = {
     "loss": ("grpo", ("grpo", "scoredpo", "rwr"), "update", MAIN, "grpo (SPOGW), scoredpo (ScoreFlow), rwr (W4S)"),
     "kl": ("masked", ("masked", "full", "none"), "update", MAIN, "where the KL applies (grpo): positive advantages only, all, nowhere"),
     "lr": (2e-4, float, "update", MAIN, "AdamW learning rate of the LoRA weights"),
-    "seed": (0, int, "collect", MAIN, "seeds problem subsets, sampling and the update order"),
+    "seed": (0, int, "run", MAIN, "seeds problem subsets, sampling, curate's groups and the update order"),
     "executor": ("local", str, "collect", MAIN, "'local' (embedded server), 'none', or an OpenAI-compatible URL"),
     "executor_model": (None, str, "collect", MAIN, "model name at the executor endpoint"),
     "device": ("cpu", str, "collect", MAIN, "cpu | cuda"),

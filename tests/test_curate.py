@@ -191,6 +191,12 @@ def test_the_run_seed_reaches_curate(tmp_path):
         return [[m["sample"] for m in g["members"]] for g in read_jsonl(tmp_path / "iter_0" / "groups.jsonl")]
     assert groups(0) == groups(0)
     assert groups(0) != groups(1)
+    # and through the CLI, which re-curates a run from its config.json (the seed is a run-level knob)
+    (tmp_path / "config.json").write_text(json.dumps({"seed": 1, "groups": "random", "min_var": 0.0, "groups_per_problem": 6}))
+    r = subprocess.run([sys.executable, str(ROOT / "curate.py"), "--run", str(tmp_path), "--iter", "0"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [[m["sample"] for m in g["members"]] for g in read_jsonl(tmp_path / "iter_0" / "groups.jsonl")] == groups(1)
 
 
 def test_cost_on_correct_pays_only_right_answers():
