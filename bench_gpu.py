@@ -26,6 +26,7 @@ import time
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+import attention
 import config
 import kernels
 import lora
@@ -147,7 +148,7 @@ def build(shape, device, dtype, lora_r=16, gqa=True):
     with torch.device(device):
         mdl = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
     if gqa and torch.device(device).type == "cuda":
-        model.use_gqa_attention(mdl)
+        attention.use(mdl, "gqa")
     lora.add_lora(mdl, r=lora_r, alpha=2 * lora_r)
     g = torch.Generator(device="cpu").manual_seed(1)
     for m in lora.lora_modules(mdl).values():  # a trained adapter: pi_old != base, as at iteration >= 1
@@ -339,7 +340,7 @@ def parser(sub, fn=run):
     p.add_argument("--dtype", choices=tuple(model.DTYPES), default="bf16")
     p.add_argument("--models", nargs="+", choices=[s for s in SHAPES if s != "tiny"], default=["135m", "1.7b", "7b"])
     p.add_argument("--reps", type=int, default=3, help="timed steps per setting (median)")
-    p.add_argument("--no-gqa", action="store_true", help="transformers' SDPA (repeat_kv) instead of model.gqa_attention")
+    p.add_argument("--no-gqa", action="store_true", help="transformers' SDPA (repeat_kv) instead of attention.gqa_attention")
     p.add_argument("--quick", action="store_true", help="one tiny shape (tests)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=fn)

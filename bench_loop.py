@@ -43,6 +43,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
+import attention
 import bench_gpu
 import collect
 import config
@@ -284,6 +285,8 @@ def load(cfg, quick):
         ex_cm = executor.make_executor(cfg["executor"], cfg["executor_model"], None, servers=n)  # no cache
         eshape, servers = (executor_shape(cfg["executor_model"]), n) if cfg["executor"] == "local" else (None, None)
     lora.add_lora(mdl, r=cfg["lora_r"], alpha=cfg["lora_alpha"])
+    if cfg["prompt_kv"] == "shared":
+        attention.use(mdl, "shared")
     return mdl, tok, ex_cm, eshape, servers
 
 
