@@ -182,10 +182,12 @@ def test_bench_gpu_quick_on_cpu():
     import argparse
 
     import bench_gpu
-    args = argparse.Namespace(device="cpu", dtype="bf16", models=[], reps=1, no_gqa=False, quick=True, json=True)
-    (row,) = bench_gpu.run(args)
-    assert row["max_abs_logratio"] == 0.0 and row["first_step_kl"] == 0.0 and row["first_step_ratio"] == 1.0
-    assert row["sample_tok_s"] > 0 and row["step_s_ckpt"] > 0
+    for prompt_kv in ("repeat", "shared"):
+        args = argparse.Namespace(device="cpu", dtype="bf16", models=[], reps=1, no_gqa=False, quick=True, json=True,
+                                  prompt_kv=prompt_kv)
+        (row,) = bench_gpu.run(args)
+        assert row["max_abs_logratio"] == 0.0 and row["first_step_kl"] == 0.0 and row["first_step_ratio"] == 1.0
+        assert row["sample_tok_s"] > 0 and row["step_s_ckpt"] > 0 and row["prompt_kv"] == prompt_kv
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
