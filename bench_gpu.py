@@ -3,6 +3,7 @@
     python bench.py gpu                      # SmolLM2-135M, a 1.7B and a Qwen2.5-7B shape, bf16 (never yet run on a GPU)
     python bench.py gpu --models 7b --json   # one shape, machine-readable
     python bench.py gpu --device cpu --quick # the same code on a tiny shape (what the test suite runs)
+    python bench.py gpu --device cpu --dtype fp32 --models 135m --reps 1 --prompt-kv shared   # CPU memory per step
 
 No weights are needed: each model is built from its config with random weights, a LoRA whose B is
 non-zero (so pi_theta differs from the base), and one GRPO step's worth of synthetic groups shaped
@@ -26,6 +27,7 @@ import time
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+import attention
 import config
 import kernels
 import lora
@@ -140,14 +142,16 @@ def print_grad_errors(rows, H, V, dtype, chunk_size):
 
 # ---- the GPU step ----
 
-def build(shape, device, dtype, lora_r=16, gqa=True):
+def build(shape, device, dtype, lora_r=16, gqa=True, prompt_kv="repeat"):
     kind, kw = SHAPES[shape]
     cfg = AutoConfig.for_model(kind, max_position_embeddings=4096, **kw)
     torch.manual_seed(0)
     with torch.device(device):
         mdl = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
     if gqa and torch.device(device).type == "cuda":
-        model.use_gqa_attention(mdl)
+        attention.use(mdl, "gqa")
+    if prompt_kv == "shared":  # train.py's --prompt-kv shared
+        attention.use(mdl, "shared")
     lora.add_lora(mdl, r=lora_r, alpha=2 * lora_r)
     g = torch.Generator(device="cpu").manual_seed(1)
     for m in lora.lora_modules(mdl).values():  # a trained adapter: pi_old != base, as at iteration >= 1
@@ -236,7 +240,7 @@ def _cpu_peak_child(spec):
     model and inputs already held (MiB). A process of its own, so the peak is this setting's alone."""
     c = json.loads(spec)
     torch.set_num_threads(1)
-    mdl = build(c["shape"], "cpu", model.DTYPES[c["dtype"]])
+    mdl = build(c["shape"], "cpu", model.DTYPES[c["dtype"]], prompt_kv=c["prompt_kv"])
     cfg = dict(config.defaults(), seed=0)
     seqs = step_sequences(mdl.config.vocab_size, c["prompt_tokens"], c["completion_tokens"])
     for s in seqs:
@@ -251,9 +255,9 @@ def _cpu_peak_child(spec):
     print(json.dumps({"peak_mib": (rss_kb("VmHWM") - base) / 1024}))
 
 
-def cpu_step_peak(shape, dtype, ckpt, prompt_tokens, completion_tokens):
+def cpu_step_peak(shape, dtype, ckpt, prompt_tokens, completion_tokens, prompt_kv="repeat"):
     spec = json.dumps(dict(shape=shape, dtype=dtype, ckpt=ckpt, prompt_tokens=prompt_tokens,
-                           completion_tokens=completion_tokens))
+                           completion_tokens=completion_tokens, prompt_kv=prompt_kv))
     here = os.path.dirname(os.path.abspath(__file__))
     r = subprocess.run([sys.executable, "-c", "import sys, bench_gpu; bench_gpu._cpu_peak_child(sys.argv[1])", spec],
                        cwd=here, capture_output=True, text=True)
@@ -286,7 +290,7 @@ def run(args):
     rows = []
     for shape in shapes:
         t0 = time.time()
-        mdl = build(shape, device, dtype, gqa=not args.no_gqa)
+        mdl = build(shape, device, dtype, gqa=not args.no_gqa, prompt_kv=args.prompt_kv)
         vocab = mdl.config.vocab_size
         p_tok, c_tok = (60, 16) if args.quick else (PROMPT_TOKENS, COMPLETION_TOKENS)
         cfg = dict(config.defaults(), seed=0)
@@ -299,9 +303,9 @@ def run(args):
         t_off, m_off = step_cost(mdl, seqs, cfg, False, device, reps)
         t_on, m_on = step_cost(mdl, seqs, cfg, True, device, reps)
         if device == "cpu":  # the CPU has no allocator statistics: a fresh process per setting, its RSS peak
-            m_off, m_on = (cpu_step_peak(shape, args.dtype, ck, p_tok, c_tok) for ck in (False, True))
+            m_off, m_on = (cpu_step_peak(shape, args.dtype, ck, p_tok, c_tok, args.prompt_kv) for ck in (False, True))
         tok_s = sampling_speed(mdl, vocab, device, *((2, 2, 8, 20) if args.quick else ()))
-        row = dict(model=shape, dtype=args.dtype, weights_gib=weights_gib,
+        row = dict(model=shape, dtype=args.dtype, prompt_kv=args.prompt_kv, weights_gib=weights_gib,
                    step_tokens=sum(len(s["ids"]) - s["n_prompt"] for s in seqs) + p_tok,
                    first_step_ratio=metrics["ratio_mean"] / metrics["weight"], first_step_kl=metrics["kl"], max_abs_logratio=dev,
                    step_s_no_ckpt=t_off, step_s_ckpt=t_on, ckpt_time_ratio=t_on / t_off,
@@ -339,7 +343,9 @@ def parser(sub, fn=run):
     p.add_argument("--dtype", choices=tuple(model.DTYPES), default="bf16")
     p.add_argument("--models", nargs="+", choices=[s for s in SHAPES if s != "tiny"], default=["135m", "1.7b", "7b"])
     p.add_argument("--reps", type=int, default=3, help="timed steps per setting (median)")
-    p.add_argument("--no-gqa", action="store_true", help="transformers' SDPA (repeat_kv) instead of model.gqa_attention")
+    p.add_argument("--no-gqa", action="store_true", help="transformers' SDPA (repeat_kv) instead of attention.gqa_attention")
+    p.add_argument("--prompt-kv", choices=("repeat", "shared"), default="repeat",
+                   help="the update's prompt keys/values repeated per row or held once (train.py's --prompt-kv)")
     p.add_argument("--quick", action="store_true", help="one tiny shape (tests)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=fn)

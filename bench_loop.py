@@ -43,6 +43,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
+import attention
 import bench_gpu
 import collect
 import config
@@ -261,7 +262,8 @@ def slice_config(args):
     """The loop's defaults with the slice's arguments (--quick: QUICK), checked; sets torch's threads."""
     cfg = config.defaults()
     cfg.update(problems=args.problems, m=args.m, eval_problems=args.eval_problems, epochs=args.epochs,
-               executor=args.executor, threads=args.threads, workers=args.workers)
+               executor=args.executor, threads=args.threads, workers=args.workers, prompt_kv=args.prompt_kv,
+               checkpoint=args.checkpoint)
     if args.max_new_tokens:
         cfg["max_new_tokens"] = args.max_new_tokens
     if args.quick:
@@ -284,6 +286,8 @@ def load(cfg, quick):
         ex_cm = executor.make_executor(cfg["executor"], cfg["executor_model"], None, servers=n)  # no cache
         eshape, servers = (executor_shape(cfg["executor_model"]), n) if cfg["executor"] == "local" else (None, None)
     lora.add_lora(mdl, r=cfg["lora_r"], alpha=cfg["lora_alpha"])
+    if cfg["prompt_kv"] == "shared":
+        attention.use(mdl, "shared")
     return mdl, tok, ex_cm, eshape, servers
 
 
@@ -365,7 +369,8 @@ def run(args):
         model.release_freed_memory()
         eval_measure = eval_rows(sl, rows)
         server_peaks = server_rss()
-    keys = ("bench", "model", "executor", "problems", "m", "eval_problems", "max_new_tokens", "epochs", "workers", "threads")
+    keys = ("bench", "model", "executor", "problems", "m", "eval_problems", "max_new_tokens", "epochs", "workers", "threads",
+            "prompt_kv", "checkpoint")
     return {**machine, "matmul": peak, "generator_shape": gshape, "executor_shape": eshape,
             "config": {k: cfg[k] for k in keys}, "collect": collect_stats, "total_s": time.perf_counter() - t_all,
             "phases": {"collect_s": collect_measure["s"], "update_s": update_measure["s"], "eval_s": eval_measure["s"]},
@@ -412,6 +417,8 @@ def parser(sub):
     p.add_argument("--executor", choices=("local", "none"), default="local", help="the local executor, or none")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: the loop's auto)")
     p.add_argument("--workers", type=int, default=16, help="sandboxes run concurrently (the loop's default)")
+    p.add_argument("--prompt-kv", choices=("repeat", "shared"), default="repeat", help="the update's prompt K/V (train.py's --prompt-kv)")
+    p.add_argument("--checkpoint", choices=("auto", "on", "off"), default="auto", help="activation checkpointing (train.py's --checkpoint)")
     p.add_argument("--reps", type=int, default=5, help="timed loops of the reference matmul (best one counts)")
     p.add_argument("--quick", action="store_true", help="tiny random models and an in-process stub executor (tests)")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")

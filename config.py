@@ -107,6 +107,9 @@ KNOBS = {
     "chunk_size": (0, int, "update", MORE, "rows per chunk of the fused LM-head kernels (0 = auto: <= 256 MB scratch)"),
     "checkpoint": ("auto", ("auto", "on", "off"), "update", MORE,
                    "activation checkpointing per decoder layer (auto: on with CUDA, off on CPU)"),
+    "prompt_kv": ("repeat", ("repeat", "shared"), "update", MORE,
+                  "the update's completions attend to their prompt's keys/values repeated per row (transformers' "
+                  "SDPA) or held once (attention.py: less memory, the same math up to float rounding)"),
     # ---- evaluation and report (train.py)
     "eval_problems": (200, int, "eval", MORE, "held-out test problems"),
     # io and programmer by default: programmer is the strongest fixed workflow on arith and shares most

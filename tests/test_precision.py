@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+import attention
 import model
 import train
 from conftest import tiny_llama, tiny_tokenizer
@@ -44,12 +45,15 @@ def write_groups(path, tok, scores_per_group):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("ref", ["old", "base"])
-def test_first_step_sees_pi_theta_equal_pi_old_exactly(tmp_path, monkeypatch, dtype, ref):
+@pytest.mark.parametrize("prompt_kv", ["repeat", "shared"])
+def test_first_step_sees_pi_theta_equal_pi_old_exactly(tmp_path, monkeypatch, dtype, ref, prompt_kv):
     """theta == theta_old at the first step of an iteration: every token's log-ratio must be 0,
-    exactly, not approximately, whatever the precision and the micro-batching (and the KL to
-    pi_ref = pi_old 0 as well)."""
+    exactly, not approximately, whatever the precision, the micro-batching and the prompt's K/V
+    path (and the KL to pi_ref = pi_old 0 as well)."""
     tok = tiny_tokenizer()
     mdl = lora_model(dtype)
+    if prompt_kv == "shared":
+        attention.use(mdl, "shared")
     write_groups(tmp_path / "iter_0", tok, [[1.0, 0.0, 0.5], [0.0, 1.0], [1.0, 0.0, 0.0]])
     seen = []
     terms = kernels.grpo_token_terms
@@ -154,7 +158,7 @@ def test_gqa_attention_equals_repeated_kv_attention():
         num_key_value_groups = n_rep
         is_causal = True
 
-    out, _ = model.gqa_attention(Attn(), q, k, v, mask, scaling=0.5)
+    out, _ = attention.gqa_attention(Attn(), q, k, v, mask, scaling=0.5)
     kr, vr = k.repeat_interleave(n_rep, 1), v.repeat_interleave(n_rep, 1)
     scores = (q @ kr.transpose(-1, -2)) * 0.5
     ref = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1) @ vr
@@ -167,7 +171,7 @@ def test_gqa_attention_in_the_training_forward():
     p = sampling.prompt_ids(tok, PROMPT)
     seqs = [{"ids": p + tok(c, add_special_tokens=False)["input_ids"] + [2], "n_prompt": len(p)} for c in COMPLETIONS[:4]]
     h0, _, _ = train.forward_hidden(mdl, seqs)
-    model.use_gqa_attention(mdl)
+    attention.use(mdl, "gqa")
     assert mdl.config._attn_implementation == "spogw_gqa"
     h1, _, _ = train.forward_hidden(mdl, seqs)
     assert torch.allclose(h0, h1, atol=1e-5)
@@ -178,10 +182,12 @@ def test_bench_gpu_quick_on_cpu():
     import argparse
 
     import bench_gpu
-    args = argparse.Namespace(device="cpu", dtype="bf16", models=[], reps=1, no_gqa=False, quick=True, json=True)
-    (row,) = bench_gpu.run(args)
-    assert row["max_abs_logratio"] == 0.0 and row["first_step_kl"] == 0.0 and row["first_step_ratio"] == 1.0
-    assert row["sample_tok_s"] > 0 and row["step_s_ckpt"] > 0
+    for prompt_kv in ("repeat", "shared"):
+        args = argparse.Namespace(device="cpu", dtype="bf16", models=[], reps=1, no_gqa=False, quick=True, json=True,
+                                  prompt_kv=prompt_kv)
+        (row,) = bench_gpu.run(args)
+        assert row["max_abs_logratio"] == 0.0 and row["first_step_kl"] == 0.0 and row["first_step_ratio"] == 1.0
+        assert row["sample_tok_s"] > 0 and row["step_s_ckpt"] > 0 and row["prompt_kv"] == prompt_kv
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")

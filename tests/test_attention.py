@@ -1,0 +1,128 @@
+"""attention.py: the shared-prefix attention against naive attention (keys and values repeated per
+completion and per query head, softmax, float64), in the update's forward and backward, with and
+without activation checkpointing, and what autograd keeps.
+
+    python -m pytest -q tests/test_attention.py
+"""
+import pytest
+import torch
+
+import attention
+import lora
+import model
+import train
+from conftest import tiny_llama
+
+
+def naive(q, kp, vp, kc, vc, scale):
+    """q [U, Hq, T, D]; kp, vp [Hkv, P, D]; kc, vc [U, Hkv, T, D] -> [U, Hq, T, D]: every row
+    attends the prompt and, causally, itself, with K/V repeated per query head."""
+    U, Hq, T, D = q.shape
+    rep = Hq // kp.shape[0]
+    k = torch.cat([kp.expand(U, -1, -1, -1), kc], 2).repeat_interleave(rep, 1)
+    v = torch.cat([vp.expand(U, -1, -1, -1), vc], 2).repeat_interleave(rep, 1)
+    P = kp.shape[1]
+    allowed = torch.ones(T, P + T, dtype=torch.bool)
+    allowed[:, P:] = torch.tril(torch.ones(T, T, dtype=torch.bool))
+    s = (q @ k.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
+    return torch.softmax(s, -1) @ v
+
+
+def test_prefix_attention_equals_naive_attention_forward_and_backward():
+    torch.manual_seed(0)
+    U, Hkv, rep, T, P, D = 3, 2, 3, 5, 7, 4
+    f64 = dict(dtype=torch.float64, requires_grad=True)
+    q = torch.randn(U, Hkv * rep, T, D, **f64)
+    kp, vp = torch.randn(Hkv, P, D, **f64), torch.randn(Hkv, P, D, **f64)
+    kc, vc = torch.randn(U, Hkv, T, D, **f64), torch.randn(U, Hkv, T, D, **f64)
+    inputs = (q, kp, vp, kc, vc)
+
+    class Attn:
+        num_key_value_groups = rep
+
+    key, value = attention.SharedKV(kp[None], kc), attention.SharedKV(vp[None], vc)
+    ours, _ = attention.shared_prefix_attention(Attn(), q, key, value, scaling=0.5)
+    ref = naive(q, kp, vp, kc, vc, 0.5).transpose(1, 2)
+    assert torch.allclose(ours, ref, atol=1e-12)
+    up = torch.randn_like(ref)
+    g_ours = torch.autograd.grad((ours * up).sum(), inputs)
+    g_ref = torch.autograd.grad((ref * up).sum(), inputs)
+    for a, b in zip(g_ours, g_ref):
+        assert torch.allclose(a, b, atol=1e-12)
+
+
+def lora_model():
+    mdl = tiny_llama(seed=0, vocab=64)
+    lora.add_lora(mdl, r=4, alpha=8)
+    torch.manual_seed(1)
+    for m in lora.lora_modules(mdl).values():
+        torch.nn.init.normal_(m.lora_B.weight, std=0.05)
+    return mdl
+
+
+def sequences(prompt_len=40):
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, 64, (prompt_len,), generator=g).tolist()
+    seqs = []
+    for n in (5, 9, 1, 12, 7, 9):  # completions of several lengths, one of a single token
+        seqs.append({"ids": prompt + torch.randint(3, 64, (n,), generator=g).tolist(), "n_prompt": prompt_len})
+    return seqs
+
+
+def forward_and_grads(mdl, seqs, ckpt):
+    mdl.zero_grad()
+    h, W, y = train.forward_hidden(mdl, seqs, ckpt)
+    lp = torch.log_softmax(h @ W.T, -1).gather(-1, y[:, None]).squeeze(-1)
+    (lp * torch.linspace(-1, 1, len(lp))).sum().backward()
+    return lp.detach(), [p.grad.clone() for p in mdl.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_the_update_forward_is_the_same_with_the_prompt_held_once(ckpt):
+    """train.forward_hidden (which shared_prompt_hidden serves) through attention.use(model,
+    "shared") against the default path that repeats the prompt's K/V per row: log-probs and LoRA
+    gradients agree to float32 rounding, with or without activation checkpointing."""
+    seqs = sequences()
+    mdl = lora_model()
+    lp0, g0 = forward_and_grads(mdl, seqs, ckpt=False)
+    attention.use(mdl, "shared")
+    assert attention.shares_prefixes(mdl)
+    lp1, g1 = forward_and_grads(mdl, seqs, ckpt=ckpt)
+    assert torch.allclose(lp0, lp1, atol=1e-5)
+    for a, b in zip(g0, g1):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def saved_bytes(mdl, seqs):
+    """Bytes of the distinct tensors autograd keeps for the backward of one forward."""
+    kept = {}
+
+    def pack(t):
+        kept[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        train.forward_hidden(mdl, seqs)
+    return sum(kept.values())
+
+
+def test_the_prompt_is_kept_once_not_once_per_row():
+    """What autograd keeps for a 240-token prompt and 6 or 12 short completions: with the prompt's
+    K/V repeated per row (and per query head by SDPA) each extra row adds the prompt's K/V again;
+    held once, an extra row adds only its own tokens."""
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, 64, (240,), generator=g).tolist()
+    seqs = [{"ids": prompt + torch.randint(3, 64, (8,), generator=g).tolist(), "n_prompt": 240} for _ in range(12)]
+    mdl = lora_model()
+    repeated = [saved_bytes(mdl, seqs[:6]), saved_bytes(mdl, seqs)]
+    attention.use(mdl, "shared")
+    once = [saved_bytes(mdl, seqs[:6]), saved_bytes(mdl, seqs)]
+    assert once[1] < 0.6 * repeated[1]
+    assert once[1] - once[0] < 0.5 * (repeated[1] - repeated[0])
+    # and the sampler's path is untouched: plain tensors still go to transformers' SDPA
+    ids = torch.tensor([seqs[0]["ids"]])
+    with torch.no_grad():
+        a = mdl(input_ids=ids).logits
+        attention_off = tiny_llama(seed=0, vocab=64)
+        lora.add_lora(attention_off, r=4, alpha=8)
+        attention_off.load_state_dict(mdl.state_dict())
+        assert torch.equal(a, attention_off(input_ids=ids).logits)
