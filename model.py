@@ -268,6 +268,7 @@ def release_freed_memory():
     return True
 
 
+@torch.no_grad()
 def check_head(model, n_tokens=8):
     """ModelError unless the model's own logits equal head_scale * (h W^T) on a few tokens: a family
     whose head post-processes logits in a way head_scale does not know is refused, not trained on
