@@ -87,8 +87,9 @@ KNOBS = {
     "cost_on": ("all", ("all", "correct"), "curate", MORE, "who pays lambda * cost: all (correctness - lambda * "
                                                          "cost) or correct (correctness * max(0, 1 - lambda * "
                                                          "cost): a wrong answer scores 0, however cheap)"),
-    "std_floor": (0.0, float, "curate", MORE, "advantages divide by max(group std, this): 0 = plain std (GRPO), "
-                                              "1 = mean-only for scores in [0, 1]"),
+    "std_floor": (None, float, "curate", MORE, "advantages divide by max(group std, this): 0 = plain std (GRPO), "
+                                               "1 = mean-only for scores in [0, 1]; default 1 with --cost-weight > 0 "
+                                               "(cost stays a tie-breaker), else 0 (README: per-query value)"),
     # ---- update: groups -> the next adapter
     "ref": ("old", ("old", "base"), "update", MORE, "pi_ref: the data's checkpoint or the base model"),
     "beta": (0.1, float, "update", MORE, "KL coefficient (grpo) / DPO temperature (scoredpo)"),
@@ -224,6 +225,16 @@ def cli(main):
     except (DataError, ValueError, ExecutorError, SandboxError) as e:  # SandboxError: no sandbox can start here
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def std_floor(cfg):
+    """The run's --std-floor: as given, else 1 when a cost weight is set and 0 otherwise. With cost in
+    the score, a group whose workflows are all right (or all wrong) differs by cost alone, a spread
+    of ~lambda * 0.1-1; divided by that small std it becomes +-1 advantages, as large as a right
+    answer's over a wrong one, and the cheapest failure is pushed up (README: the collapsed seeds).
+    A floor of 1 keeps such advantages at their size."""
+    floor = cfg.get("std_floor")
+    return floor if floor is not None else (1.0 if cfg.get("cost_weight") else 0.0)
 
 
 def call_tokens(cfg):

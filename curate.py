@@ -163,7 +163,7 @@ def run(run_dir, it, cfg, ref_tokens=None):
     groups, stats = curate(rows, cfg["groups"], cfg["n"], cfg["group_size"], cfg["min_var"], cfg["max_combos"],
                            cfg["groups_per_problem"], bool(cfg["drop_invalid"]),
                            seed=config.seed_of(cfg["seed"], "groups", it), cost_weight=cfg["cost_weight"],
-                           ref_tokens=ref_tokens, std_floor=cfg["std_floor"], cost_on=cfg["cost_on"])
+                           ref_tokens=ref_tokens, std_floor=config.std_floor(cfg), cost_on=cfg["cost_on"])
     write_jsonl_atomic(iter_dir / "groups.jsonl", groups)
     update_json(iter_dir / "stats.json", "curate", stats)
     return stats

@@ -82,7 +82,7 @@ def spogw_section(run_dir, cfg, iters, baseline_rows):
              f"lr {cfg['lr']}, {cfg['epochs']} epochs"
              + ((f"; score = correct x max(0, 1 - {cfg['cost_weight']:g} x c)" if cfg.get("cost_on") == "correct"
                  else f"; score = correct - {cfg['cost_weight']:g} x c")
-                + f", c = executor tokens / {cfg['cost_ref']}'s mean, std floor {cfg.get('std_floor', 0):g}"
+                + f", c = executor tokens / {cfg['cost_ref']}'s mean, std floor {config.std_floor(cfg):g}"
                 if cfg.get("cost_weight") else "")
              + ("; the few-shot workflows join every group as guides (--guides fewshot)"
                 if cfg.get("guides", "none") != "none" else "") + ".", "",

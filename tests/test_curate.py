@@ -152,6 +152,28 @@ def test_cost_alone_sets_the_advantage_when_every_workflow_is_right():
         curate.curate(rows, cost_weight=0.1)
 
 
+def test_the_std_floor_defaults_to_1_only_with_a_cost_weight():
+    """config.std_floor: plain GRPO (0) for accuracy-only scores, mean-only (1) once cost is in the
+    score, and an explicit --std-floor always wins; curate.run applies it."""
+    import config
+    base = config.defaults()
+    assert base["std_floor"] is None
+    assert config.std_floor(dict(base)) == 0.0 and config.std_floor(dict(base, cost_weight=0.3)) == 1.0
+    assert config.std_floor(dict(base, cost_weight=0.3, std_floor=0.0)) == 0.0
+    assert config.std_floor(dict(base, std_floor=0.5)) == 0.5
+
+
+def test_curate_run_keeps_cost_a_tie_breaker_by_default(tmp_path):
+    from jsonl import read_jsonl, write_jsonl_atomic
+    (tmp_path / "iter_0").mkdir()
+    write_jsonl_atomic(tmp_path / "iter_0" / "rollouts.jsonl", costed("p", [1, 1, 1, 1], [100, 300, 100, 300]))
+    import config
+    cfg = dict(config.defaults(), n=4, group_size=4, min_var=0.0, cost_weight=0.1)
+    curate.run(tmp_path, 0, cfg, ref_tokens=100)
+    (g,) = read_jsonl(tmp_path / "iter_0" / "groups.jsonl")
+    assert [m["advantage"] for m in g["members"]] == pytest.approx([0.1, -0.1, 0.1, -0.1], abs=1e-5)
+
+
 def test_any_lambda_recurated_from_the_same_rollouts():
     rows = costed("p", [1, 0, 1, 0, 1, 1], [400, 100, 100, 300, 200, 100])
     plain, _ = curate.curate(rows, n=4, group_size=2, min_var=0.0)
