@@ -78,7 +78,8 @@ def spogw_section(run_dir, cfg, iters, baseline_rows):
     lines = [f"generator `{cfg['model']}`, executor `{cfg['executor']}`"
              f"{' / ' + cfg['executor_model'] if cfg['executor_model'] else ''}, benchmark `{cfg['bench']}`, "
              f"loss `{cfg['loss']}` (kl {cfg['kl']}, ref {cfg['ref']}, beta {cfg['beta']}), groups `{cfg['groups']}` "
-             f"(m={cfg['m']}, n={cfg['n']}, 2t={cfg['group_size']}), {cfg['problems']} problems/iteration, "
+             f"(m={cfg['m']}, n={cfg['n']}, 2t={cfg['group_size']}), {cfg['problems']} problems/iteration"
+             f"{' (the kinds in turn)' if cfg.get('draw') == 'kind' else ''}, "
              f"lr {cfg['lr']}, {cfg['epochs']} epochs"
              + ((f"; score = correct x max(0, 1 - {cfg['cost_weight']:g} x c)" if cfg.get("cost_on") == "correct"
                  else f"; score = correct - {cfg['cost_weight']:g} x c")
