@@ -8,6 +8,8 @@ Both plug into transformers' attention registry, so every decoder family that ca
 Mistral, ...) uses them without a patched layer. Keys and values that are plain tensors go to
 transformers' own SDPA (or gqa_attention), unchanged: sampling sees the same numbers either way.
 """
+import copy
+
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -43,11 +45,11 @@ def sdpa_or_shared(module, query, key, value, attention_mask, dropout=0.0, scali
 
 
 def use(model, name):
-    """Switch a model that runs transformers' SDPA to one of ours: "gqa" (gqa_attention: CUDA, where
+    """Switch a model that runs transformers' SDPA to one of ours ("repeat" leaves it): "gqa" (gqa_attention: CUDA, where
     the K/V copy bounds the step) or "shared" (SDPA as before, but a shared-prefix cache's keys go
     through shared_prefix_attention: the CPU update's memory). Masks are built as for SDPA."""
-    if model.config._attn_implementation not in ("sdpa", "spogw_gqa", "spogw_shared"):
-        return model
+    if name == "repeat" or model.config._attn_implementation not in ("sdpa", "spogw_gqa", "spogw_shared"):
+        return model  # "repeat": --prompt-kv's default, transformers' attention as loaded
     fn = {"gqa": gqa_attention, "shared": sdpa_or_shared}[name]
     AttentionInterface.register(f"spogw_{name}", fn)
     AttentionMaskInterface.register(f"spogw_{name}", sdpa_mask)
@@ -76,15 +78,11 @@ def shared_prefix_cache(prompt_cache):
     update returns SharedKV instead of concatenating the prompt's keys to the completions' (which
     would first repeat them U times, and autograd would keep every copy). It stores nothing, so a
     layer recomputed under activation checkpointing sees the same cache."""
-    cache = type(prompt_cache).__new__(type(prompt_cache))
-    cache.__dict__.update(prompt_cache.__dict__)
-    cache.layers = []
-    for layer in prompt_cache.layers:
-        view = type(layer).__new__(type(layer))
-        view.__dict__.update(layer.__dict__)
+    cache = copy.copy(prompt_cache)
+    cache.layers = [copy.copy(layer) for layer in prompt_cache.layers]
+    for view, layer in zip(cache.layers, prompt_cache.layers):
         view.update = (lambda k, v, *args, _layer=layer, **kwargs:
                        (SharedKV(_layer.keys, k), SharedKV(_layer.values, v)))
-        cache.layers.append(view)
     return cache
 
 

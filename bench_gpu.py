@@ -150,8 +150,7 @@ def build(shape, device, dtype, lora_r=16, gqa=True, prompt_kv="repeat"):
         mdl = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
     if gqa and torch.device(device).type == "cuda":
         attention.use(mdl, "gqa")
-    if prompt_kv == "shared":  # train.py's --prompt-kv shared
-        attention.use(mdl, "shared")
+    attention.use(mdl, prompt_kv)  # train.py's --prompt-kv
     lora.add_lora(mdl, r=lora_r, alpha=2 * lora_r)
     g = torch.Generator(device="cpu").manual_seed(1)
     for m in lora.lora_modules(mdl).values():  # a trained adapter: pi_old != base, as at iteration >= 1

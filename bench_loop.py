@@ -286,8 +286,7 @@ def load(cfg, quick):
         ex_cm = executor.make_executor(cfg["executor"], cfg["executor_model"], None, servers=n)  # no cache
         eshape, servers = (executor_shape(cfg["executor_model"]), n) if cfg["executor"] == "local" else (None, None)
     lora.add_lora(mdl, r=cfg["lora_r"], alpha=cfg["lora_alpha"])
-    if cfg["prompt_kv"] == "shared":
-        attention.use(mdl, "shared")
+    attention.use(mdl, cfg["prompt_kv"])
     return mdl, tok, ex_cm, eshape, servers
 
 
