@@ -1,5 +1,6 @@
-"""Attention variants of the update's forward (ARCHITECTURE §7): grouped-query attention without
-repeat_kv, and many completions attending to one shared prompt whose keys and values are held once.
+"""Attention variants (ARCHITECTURE §7): grouped-query attention without repeat_kv, and many rows
+attending to one shared prompt whose keys and values are held once -- the update's completions, and
+the local generator's decode (the ~900-token few-shot prefix every prompt starts with).
 
     python -m pytest -q tests/test_attention.py      # both against naive attention in float64
 
@@ -36,9 +37,12 @@ def gqa_attention(module, query, key, value, attention_mask, dropout=0.0, scalin
 
 
 def sdpa_or_shared(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """Keys from a shared-prefix cache (shared_prefix_cache) go to shared_prefix_attention; plain
-    tensors as before use(model, "shared"): transformers' SDPA on a CPU, gqa_attention on CUDA."""
+    """Keys from a shared-prefix cache go to shared_prefix_attention (the update's, shared_prefix_cache)
+    or prefix_decode_attention (decoding's, shared_prefix_decode_cache); plain tensors as before
+    use(model, "shared"): transformers' SDPA on a CPU, gqa_attention on CUDA."""
     if isinstance(key, SharedKV):
+        if key.padded:
+            return prefix_decode_attention(query, key, value, attention_mask, scaling)
         return shared_prefix_attention(module, query, key, value, scaling)
     plain = gqa_attention if query.is_cuda else sdpa_attention_forward
     return plain(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
@@ -47,7 +51,8 @@ def sdpa_or_shared(module, query, key, value, attention_mask, dropout=0.0, scali
 def use(model, name):
     """Switch a model that runs transformers' SDPA to one of ours ("repeat" leaves it): "gqa" (gqa_attention: CUDA, where
     the K/V copy bounds the step) or "shared" (SDPA as before, but a shared-prefix cache's keys go
-    through shared_prefix_attention: the CPU update's memory). Masks are built as for SDPA."""
+    to our prefix attention: the update's memory, and the decode's KV reads and cache). Masks are
+    built as for SDPA."""
     if name == "repeat" or model.config._attn_implementation not in ("sdpa", "spogw_gqa", "spogw_shared"):
         return model  # "repeat": --prompt-kv's default, transformers' attention as loaded
     fn = {"gqa": gqa_attention, "shared": sdpa_or_shared}[name]
@@ -66,11 +71,13 @@ def shares_prefixes(model):
 
 class SharedKV:
     """What a shared-prefix cache layer hands to attention in place of concatenated keys (or values):
-    the prompt's, [1, Hkv, P, D], and the completions' own, [U, Hkv, T, D]."""
-    __slots__ = ("prefix", "own")
+    the prompt's, [1, Hkv, P, D], and the rows' own, [U, Hkv, T, D]. `padded`: the own part is a
+    decode cache (left padding, unwritten slots) that attention must mask; otherwise it is the
+    update's right-padded completions, where causality alone is exact."""
+    __slots__ = ("prefix", "own", "padded")
 
-    def __init__(self, prefix, own):
-        self.prefix, self.own = prefix, own
+    def __init__(self, prefix, own, padded=False):
+        self.prefix, self.own, self.padded = prefix, own, padded
 
 
 def shared_prefix_cache(prompt_cache):
@@ -147,3 +154,46 @@ class PrefixAttention(torch.autograd.Function):
             dkp += ds[..., :P].transpose(-1, -2) @ qu
             dkc[u] = ds[..., P:].transpose(-1, -2) @ qu
         return dq, dkp.to(kp.dtype), dvp.to(vp.dtype), dkc, dvc, None
+
+
+# ---- decoding many rows after one prompt prefix ----
+
+def shared_prefix_decode_cache(prefix_cache, own_cache):
+    """Decode k rows that all start with one prefix: `prefix_cache` holds the prefix's keys/values
+    once (batch 1, already run), `own_cache` (a StaticCache, written in place) each row's own tokens
+    after it. Every layer's update writes the own part and hands attention a padded SharedKV, so no
+    row keeps a copy of the prefix and each step reads it once for all rows. Returns `own_cache`
+    (its layers' keys/values stay plain tensors: rows can be repeated or compacted as before);
+    positions and the attention mask are the own part's, the prefix being visible to every row."""
+    for own, pre in zip(own_cache.layers, prefix_cache.layers):
+        own.update = (lambda k, v, *args, _write=own.update, _pre=pre, **kwargs:
+                      _padded(_write(k, v, *args, **kwargs), _pre))
+    return own_cache
+
+
+def _padded(own_kv, pre):
+    return SharedKV(pre.keys, own_kv[0], padded=True), SharedKV(pre.values, own_kv[1], padded=True)
+
+
+def prefix_decode_attention(query, key, value, attention_mask, scaling=None):
+    """Rows' queries [B, Hq, T, D] against the shared prefix (every position visible) and their own
+    cache under `attention_mask` ([B, 1, T, L] bool, True = attend, over the own part; None = all
+    visible): (output [B, T, Hq, D], None). One softmax over [prefix; own], in at least float32.
+    The prefix's scores are one matmul for all rows ([Hkv, B*R*T, D] @ [Hkv, D, P]), so its keys
+    and values are read once per step instead of once per row."""
+    B, Hq, T, D = query.shape
+    kp, vp, ko, vo = key.prefix[0], value.prefix[0], key.own, value.own
+    Hkv, P, L = kp.shape[0], kp.shape[1], ko.shape[2]
+    RT = Hq // Hkv * T
+    f = torch.promote_types(query.dtype, torch.float32)
+    scale = D ** -0.5 if scaling is None else scaling
+    q = query.reshape(B, Hkv, RT, D).to(f)  # head h = kv * n_rep + r, the order repeat_kv makes
+    s_pre = (q.transpose(0, 1).reshape(Hkv, B * RT, D) @ kp.to(f).transpose(-1, -2)).reshape(Hkv, B, RT, P)
+    s_own = q @ ko.to(f).transpose(-1, -2)
+    if attention_mask is not None:  # [B, 1, T, L] -> the folded query axis [B, 1, R*T, L]
+        m = attention_mask[:, :, None].expand(B, 1, Hq // Hkv, T, L).reshape(B, 1, RT, L)
+        s_own = s_own.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s_own + m / scale
+    p = torch.softmax(torch.cat([s_pre.transpose(0, 1), s_own], -1) * scale, -1)
+    p_pre = p[..., :P].transpose(0, 1).reshape(Hkv, B * RT, P)
+    out = (p_pre @ vp.to(f)).reshape(Hkv, B, RT, D).transpose(0, 1) + p[..., P:] @ vo.to(f)
+    return out.to(query.dtype).reshape(B, Hq, T, D).transpose(1, 2).contiguous(), None

@@ -32,6 +32,10 @@ KNOBS = {
     "bench": ("arith", str, "collect", MAIN, "arith | mixed | gsm8k | math | humaneval | mbpp | hotpotqa | drop"),
     "model": (DEFAULT_MODEL, str, "collect", MAIN, "generator: HF dir / hub id / .gguf / embedded name"),
     "problems": (10, int, "collect", MAIN, "training problems per iteration"),
+    "prompt_kv": ("repeat", ("repeat", "shared"), "collect", MORE,
+                  "rows after one prompt (the update's completions, the local generator's samples) attend to its "
+                  "keys/values copied per row (transformers' SDPA) or held once (attention.py: less memory and "
+                  "time, the same math up to float rounding)"),
     "draw": ("random", ("random", "kind"), "collect", MORE, "each iteration's training problems: a seeded subset, "
                                                           "or the kinds in turn (benchmarks with kinds: mixed)"),
     "m": (8, int, "collect", MAIN, "workflows sampled per problem"),
@@ -108,9 +112,6 @@ KNOBS = {
     "chunk_size": (0, int, "update", MORE, "rows per chunk of the fused LM-head kernels (0 = auto: <= 256 MB scratch)"),
     "checkpoint": ("auto", ("auto", "on", "off"), "update", MORE,
                    "activation checkpointing per decoder layer (auto: on with CUDA, off on CPU)"),
-    "prompt_kv": ("repeat", ("repeat", "shared"), "update", MORE,
-                  "the update's completions attend to their prompt's keys/values repeated per row (transformers' "
-                  "SDPA) or held once (attention.py: less memory, the same math up to float rounding)"),
     # ---- evaluation and report (train.py)
     "eval_problems": (200, int, "eval", MORE, "held-out test problems"),
     # io and programmer by default: programmer is the strongest fixed workflow on arith and shares most

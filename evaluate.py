@@ -16,6 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import attention
 import benchmarks
 import config
 import costs
@@ -129,6 +130,7 @@ def main(argv=None):
                 s = eval_baseline(args.baseline, cfg, ex, args.split, args.limit, out)
             else:
                 mdl, tok = model.load_model(cfg["model"], device=cfg["device"], dtype=cfg["dtype"])
+                attention.use(mdl, cfg["prompt_kv"])
                 if args.adapter:
                     lora.load_adapter(mdl, args.adapter)
                     out = Path(args.adapter).parent / f"eval_{args.split}_{args.limit}.jsonl"

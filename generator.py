@@ -20,6 +20,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import attention
 import config
 import executor
 import lora
@@ -36,7 +37,7 @@ def load_generator(cfg, run_dir, it):
     mdl, tok = model.load_model(cfg["model"], device=cfg["device"], dtype=cfg["dtype"])
     if it > 0:
         lora.load_adapter(mdl, adapter_dir(run_dir, it))
-    return mdl, tok
+    return attention.use(mdl, cfg["prompt_kv"]), tok
 
 
 def adapter_dir(run_dir, it):

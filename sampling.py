@@ -11,8 +11,9 @@ import argparse
 
 import torch
 from jinja2.exceptions import TemplateError
-from transformers import StaticCache
+from transformers import DynamicCache, StaticCache
 
+import attention
 import config
 from lora import load_adapter
 from model import DEFAULT_MODEL, ModelError, load_model  # `model` is an argument name here
@@ -63,15 +64,32 @@ def _pick(logits, temperature, top_p, gen):
         return greedy
     probs = torch.softmax(logits.float() / torch.where(hot, temperature, 1.0)[:, None], -1)
     if top_p < 1.0:
-        p, idx = probs.sort(-1, descending=True)
-        keep = (p.cumsum(-1) - p) < top_p  # mass before this token still short of top_p; keeps the top one
-        probs = torch.zeros_like(probs).scatter_(-1, idx, p * keep)
+        probs = _top_p(probs, top_p)
     if isinstance(gen, list):
         drawn = torch.cat([torch.multinomial(probs[i], 1, generator=g) if h else greedy[i:i + 1]
                            for i, (g, h) in enumerate(zip(gen, hot.tolist()))])
     else:
         drawn = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
     return torch.where(hot, drawn, greedy)
+
+
+TOP_K_FIRST = 256  # candidates _top_p looks at before it sorts a whole row
+
+
+def _top_p(probs, top_p):
+    """probs [rows, V] kept on the smallest set of most likely tokens whose mass reaches top_p (the
+    rest zeroed, not renormalized: multinomial takes weights). Sorting all V (49k) tokens per row
+    was a sixth of decode time, so each row's top 256 come first: when their mass reaches top_p the
+    set lies inside them and the result is the full sort's (the same values, cumulated in the same
+    order); only the rows whose top 256 fall short are sorted whole."""
+    p, idx = probs.topk(min(TOP_K_FIRST, probs.shape[-1]), -1)  # sorted, most likely first
+    csum = p.cumsum(-1)
+    out = torch.zeros_like(probs).scatter_(-1, idx, p * ((csum - p) < top_p))  # mass before a token short of top_p
+    short = (csum[:, -1] < top_p).nonzero().squeeze(-1)
+    if len(short):
+        ps, ids = probs[short].sort(-1, descending=True)
+        out[short] = torch.zeros_like(ps).scatter_(-1, ids, ps * ((ps.cumsum(-1) - ps) < top_p))
+    return out
 
 
 def _per_prompt(x, k, name):
@@ -95,7 +113,8 @@ def decode(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, 
     generator's ~900-token few-shot block) runs once at batch 1 and each prompt's own suffix once,
     never n times; (2) a preallocated KV cache (HF StaticCache) -- a growing one re-copies every
     layer's keys at every token; (3) rows that stopped are dropped from the batch whenever half of
-    its rows have stopped."""
+    its rows have stopped. With attention.use(model, "shared") the prefix's keys/values are also
+    held once, not copied into every row's cache (attention.shared_prefix_decode_cache)."""
     device = next(model.parameters()).device
     k = len(prompts)
     if k == 0:
@@ -146,8 +165,9 @@ def _prefill(model, prompts, pad, new_tokens):
     """Run the prompts into a fresh StaticCache with room for `new_tokens` more per row: their
     common prefix (P tokens) once at batch 1, then each prompt's own tokens right-aligned after it
     (S columns; the gap is masked, positions skip it). Returns (cache, the last logits, the
-    attention mask over the whole cache, the last prompt token's position, P + S: where the
-    generated tokens start)."""
+    attention mask over the cache, the last prompt token's position, where the generated tokens
+    start in the cache). The cache holds [prefix; own] per row, or, when the model's attention
+    shares prefixes (attention.py), only the own part, the prefix once beside it."""
     device = next(model.parameters()).device
     k = len(prompts)
     # shared prefix, leaving every prompt at least one token of its own (its last logits)
@@ -155,10 +175,17 @@ def _prefill(model, prompts, pad, new_tokens):
     while P < min(map(len, prompts)) - 1 and all(p[P] == prompts[0][P] for p in prompts):
         P += 1
     S = max(len(p) - P for p in prompts)
-    L = P + S + new_tokens
+    shared = P > 0 and attention.shares_prefixes(model)
+    at = 0 if shared else P  # where the own part starts in the cache
+    L = at + S + new_tokens
     cache = StaticCache(config=model.config, max_cache_len=L)
     mask = torch.zeros(k, L, dtype=torch.long, device=device)
-    if P:
+    if shared:
+        prefix = DynamicCache(config=model.config)
+        model(input_ids=torch.tensor([prompts[0][:P]], device=device), past_key_values=prefix, use_cache=True,
+              logits_to_keep=1)
+        cache = attention.shared_prefix_decode_cache(prefix, cache)
+    elif P:
         first = torch.zeros(1, L, dtype=torch.long, device=device)
         first[0, :P] = 1
         model(input_ids=torch.tensor([prompts[0][:P]], device=device), attention_mask=first, past_key_values=cache,
@@ -168,12 +195,12 @@ def _prefill(model, prompts, pad, new_tokens):
     ids = torch.full((k, S), pad, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         ids[i, S - (len(p) - P):] = torch.tensor(p[P:], device=device)
-        mask[i, :P] = 1
-        mask[i, P + S - (len(p) - P):P + S] = 1
-    pos = (mask[:, :P + S].cumsum(-1) - 1).clamp(min=0)[:, P:]
+        mask[i, :at] = 1
+        mask[i, at + S - (len(p) - P):at + S] = 1
+    pos = (P - at) + (mask[:, :at + S].cumsum(-1) - 1).clamp(min=0)[:, at:]  # the prefix's P positions come first
     res = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
                 logits_to_keep=1)
-    return cache, res.logits[:, -1], mask, pos[:, -1:], P + S
+    return cache, res.logits[:, -1], mask, pos[:, -1:], at + S
 
 
 def _rows(cache, pick, *tensors):

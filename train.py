@@ -391,7 +391,7 @@ def run(args):
     with contextlib.closing(tracking.open_tracker(run_dir, cfg)) as tracker, rollout.open_executor(cfg) as ex:
         mdl, tok = model.load_model(cfg["model"], device=cfg["device"], dtype=cfg["dtype"])
         lora.add_lora(mdl, r=cfg["lora_r"], alpha=cfg["lora_alpha"])
-        attention.use(mdl, cfg["prompt_kv"])  # "shared" changes only the update's shared-prompt forward
+        attention.use(mdl, cfg["prompt_kv"])  # "shared": the decode's and the update's shared-prompt attention
         ref = rollout.cost_reference(run_dir, cfg, ex) if cfg["cost_weight"] and not refining else None
         for k in range(args.iter):
             if k > 0:

@@ -1,6 +1,7 @@
 """attention.py: the shared-prefix attention against naive attention (keys and values repeated per
 completion and per query head, softmax, float64), in the update's forward and backward, with and
-without activation checkpointing, and what autograd keeps.
+without activation checkpointing, and what autograd keeps; and in decoding, where the samples must be
+the ones the prefix copied into every row gives, from a cache that no longer holds the prefix.
 
     python -m pytest -q tests/test_attention.py
 """
@@ -10,6 +11,7 @@ import torch
 import attention
 import lora
 import model
+import sampling
 import train
 from conftest import tiny_llama
 
@@ -126,3 +128,66 @@ def test_the_prompt_is_kept_once_not_once_per_row():
         lora.add_lora(attention_off, r=4, alpha=8)
         attention_off.load_state_dict(mdl.state_dict())
         assert torch.equal(a, attention_off(input_ids=ids).logits)
+
+
+# ---- decoding ----
+
+def test_prefix_decode_attention_equals_naive_masked_attention():
+    """Rows with left padding and unwritten cache slots (the decode cache's own part), queries of
+    one token and of several, against the prefix concatenated to every row, repeated per query
+    head, under the same mask, in float64."""
+    torch.manual_seed(0)
+    B, Hkv, rep, P, L, D = 3, 2, 3, 6, 9, 4
+    kp, vp = torch.randn(1, Hkv, P, D, dtype=torch.float64), torch.randn(1, Hkv, P, D, dtype=torch.float64)
+    ko, vo = torch.randn(B, Hkv, L, D, dtype=torch.float64), torch.randn(B, Hkv, L, D, dtype=torch.float64)
+    for T in (1, 4):
+        q = torch.randn(B, Hkv * rep, T, D, dtype=torch.float64)
+        mask = torch.rand(B, 1, T, L) < 0.6
+        mask[:, :, :, 0] = False  # a pad every row skips
+        ours, _ = attention.prefix_decode_attention(q, attention.SharedKV(kp, ko, True),
+                                                    attention.SharedKV(vp, vo, True), mask, 0.5)
+        k = torch.cat([kp.expand(B, -1, -1, -1), ko], 2).repeat_interleave(rep, 1)
+        v = torch.cat([vp.expand(B, -1, -1, -1), vo], 2).repeat_interleave(rep, 1)
+        full = torch.cat([torch.ones(B, 1, T, P, dtype=torch.bool), mask], -1)
+        ref = torch.softmax((q @ k.transpose(-1, -2) * 0.5).masked_fill(~full, float("-inf")), -1) @ v
+        assert torch.allclose(ours, ref.transpose(1, 2), atol=1e-12)
+        none, _ = attention.prefix_decode_attention(q, attention.SharedKV(kp, ko, True),
+                                                    attention.SharedKV(vp, vo, True), None, 0.5)
+        every = torch.softmax(q @ k.transpose(-1, -2) * 0.5, -1) @ v  # no mask: every position visible
+        assert torch.allclose(none, every.transpose(1, 2), atol=1e-12)
+
+
+PROMPT = list(range(3, 40))  # a 37-token prefix every prompt shares, then each prompt's own tokens
+PROMPTS = [PROMPT + [41, 42, 43], PROMPT + [44], PROMPT + [45, 46, 47, 48, 49, 50]]
+
+
+@pytest.mark.parametrize("temperature,top_p", [(0.0, 1.0), (1.0, 1.0), (0.8, 0.9)])
+def test_decoding_with_the_prefix_held_once_samples_what_copies_sample(temperature, top_p):
+    """sampling.decode through attention.use(model, "shared") against the default path that copies
+    the prefix's K/V into every row: the same tokens (greedy and sampled, n rows per prompt,
+    per-prompt budgets, so stopped rows are compacted away mid-way) and log-probs to float32
+    rounding."""
+    mdl = tiny_llama(seed=0, vocab=64)
+
+    def run():
+        gen = torch.Generator().manual_seed(5)
+        return sampling.decode(mdl, PROMPTS, n=3, max_new_tokens=[4, 14, 9], temperature=temperature,
+                               top_p=top_p, stop=2, pad=0, gen=gen)
+    copied = run()
+    attention.use(mdl, "shared")
+    held = run()
+    for (ids0, lp0), (ids1, lp1) in zip(copied, held):
+        assert ids0 == ids1
+        assert lp1 == pytest.approx(lp0, abs=1e-5)
+
+
+def test_the_decode_cache_holds_no_copy_of_the_prefix():
+    """With the prefix held once, each row's cache is its own tokens and the room to generate;
+    copied, it is the prefix as well."""
+    mdl = tiny_llama(seed=0, vocab=64)
+    S, new = 6, 10  # the longest own part; the tokens to generate
+    cache = sampling._prefill(mdl, PROMPTS, 0, new)[0]
+    assert cache.layers[0].keys.shape[:3] == (3, 2, len(PROMPT) + S + new)
+    attention.use(mdl, "shared")
+    cache = sampling._prefill(mdl, PROMPTS, 0, new)[0]
+    assert cache.layers[0].keys.shape[:3] == (3, 2, S + new)

@@ -109,6 +109,24 @@ def test_batched_greedy_equals_one_by_one():
         assert got[0]["logprobs"] == pytest.approx(alone["logprobs"], abs=1e-4)
 
 
+def test_top_p_equals_sorting_the_whole_vocabulary():
+    """sampling._top_p looks at each row's top 256 first and sorts the whole row only when they fall
+    short of top_p; against sorting every row whole: the same kept mass, bit for bit, for peaked rows
+    (the first path), flat ones (the fallback) and a batch of both."""
+    def whole(probs, top_p):
+        p, idx = probs.sort(-1, descending=True)
+        return torch.zeros_like(probs).scatter_(-1, idx, p * ((p.cumsum(-1) - p) < top_p))
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(12, 5000, generator=g) * 4
+    for temperature in (0.3, 1.0, 30.0):
+        probs = torch.softmax(logits / torch.tensor([temperature] * 6 + [100.0] * 6)[:, None], -1)
+        for top_p in (0.5, 0.95, 0.999):
+            kept = sampling._top_p(probs, top_p)
+            assert torch.equal(kept, whole(probs, top_p))
+            assert ((kept > 0).sum(-1) >= 1).all()
+    assert (whole(probs, 0.95) > 0).sum(-1).max() > sampling.TOP_K_FIRST  # the fallback ran
+
+
 def test_eos_stops_generation():
     m, tok = tiny_llama(), tiny_tokenizer()
     h = m.lm_head.register_forward_hook(lambda mod, inp, out: out + torch.nn.functional.one_hot(
