@@ -5,6 +5,7 @@
     python bench.py executor [--concurrency 1 8]
     python bench.py gpu [--models 135m 1.7b 7b] [--json]   # needs CUDA; see bench_gpu.py
     python bench.py loop [--problems 2 --m 8] [--quick] [--json]   # a row per phase of the loop; bench_loop.py
+    python bench.py decode [--problems 4 --n 8] [--reps 3] [--quick] [--json]   # the local decode; bench_decode.py
 """
 import argparse
 import gc
@@ -18,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+import bench_decode
 import bench_gpu
 import bench_loop
 import executor
@@ -33,11 +35,10 @@ import sandbox
 #   rowloop         full logits, then log-sum-exp row by row in a Python loop, losses.grpo_loss
 #   fused_logprobs  kernels.fused_logprobs + losses.grpo_loss on the N-vector
 #   fused_grpo      kernels.fused_grpo_loss (gradient formed in the forward chunk loop)
-# CPU: every (variant, rep) runs in a fresh subprocess, so its peak RSS is its own; peak =
-# high-water mark during fwd+bwd minus the RSS once inputs are built; CPU time is reported next to
-# wall time (on a shared machine wall time includes waiting for a core). CUDA: in process, peak =
-# max_memory_allocated minus the allocation after inputs. Variants alternate within each rep;
-# --stat min takes the best rep (the least disturbed one), median is the default.
+# CPU: every (variant, rep) runs in a fresh subprocess, so its peak RSS is its own; peak = high-water
+# mark during fwd+bwd minus the RSS once inputs are built; CPU time is reported next to wall time (on a
+# shared machine wall time includes waiting for a core). CUDA: in process, peak = max_memory_allocated
+# minus the allocation after inputs. Variants alternate within each rep; --stat min takes the best rep.
 KERNEL_VARIANTS = ("naive", "rowloop", "fused_logprobs", "fused_grpo")
 KERNEL_SHAPES = ((576, 49152), (896, 151936))  # (H, V): SmolLM2-135M head, Qwen2.5-0.5B head
 KERNEL_NS = (1024, 4096)
@@ -443,8 +444,7 @@ def executor_parser(sub):
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    # each benchmark section registers itself here: sub.add_parser(name) + set_defaults(fn=...)
-    for register in (sandbox_parser, executor_parser, kernel_parser, bench_gpu.parser, bench_loop.parser):
+    for register in (sandbox_parser, executor_parser, kernel_parser, bench_gpu.parser, bench_loop.parser, bench_decode.parser):
         register(sub)
     args = ap.parse_args()
     args.fn(args)

@@ -1,6 +1,6 @@
 """`python bench.py loop` (bench_loop.py): the --quick slice has a row for every phase with a sane
 share and peak RSS, executor time is the union of the call intervals, and the peak-RSS helpers see a
-buffer that RSS polling sees. Its FLOP counts: tests/test_flops.py.
+buffer that RSS polling sees. Its FLOP counts: tests/test_flops.py. And `python bench.py decode`.
 
     python -m pytest -q tests/test_bench_loop.py
 """
@@ -90,3 +90,16 @@ def test_server_rss_finds_a_marked_child_and_its_peak():
     finally:
         p.kill()
         p.wait()
+
+
+def test_decode_bench_runs_every_variant_with_the_same_samples():
+    """`python bench.py decode --quick`: the three decode variants, each in fresh processes, with
+    ratios against the copied-prefix, full-sort baseline, and the same sampled tokens from all."""
+    p = subprocess.run([sys.executable, "bench.py", "decode", "--quick", "--json", "--reps", "1", "--problems", "2",
+                        "--n", "3", "--max-new-tokens", "8"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = json.loads(p.stdout)
+    assert list(rows) == ["copied_full_sort", "copied", "held_once"]
+    assert rows["copied_full_sort"]["time_ratio"] == 1.0
+    for r in rows.values():
+        assert r["same_samples"] and r["tokens"] > 0 and r["time_s"] > 0 and r["peak_mb"] > 0

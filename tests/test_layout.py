@@ -12,7 +12,7 @@ FILES = sorted(ROOT.glob("*.py"))
 PROJECT = {p.stem for p in FILES}
 # the step scripts: they compose library files and may import each other (train.py drives the
 # others); a library file never imports one of them
-SCRIPTS = {"collect", "curate", "evaluate", "train", "headroom", "bench", "bench_gpu", "bench_loop"}
+SCRIPTS = {"collect", "curate", "evaluate", "train", "headroom", "bench", "bench_gpu", "bench_loop", "bench_decode"}
 BUDGET = 450  # lines per project file (the model repos run 110-500)
 # The parent side of the sandbox keeps the isolation probe with the spawn loop it runs: split apart,
 # the probe and the spawn would import each other (the probe starts a real child, the spawn needs
