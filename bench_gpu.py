@@ -343,8 +343,8 @@ def parser(sub, fn=run):
     p.add_argument("--models", nargs="+", choices=[s for s in SHAPES if s != "tiny"], default=["135m", "1.7b", "7b"])
     p.add_argument("--reps", type=int, default=3, help="timed steps per setting (median)")
     p.add_argument("--no-gqa", action="store_true", help="transformers' SDPA (repeat_kv) instead of attention.gqa_attention")
-    p.add_argument("--prompt-kv", choices=("repeat", "shared"), default="repeat",
-                   help="the update's prompt keys/values repeated per row or held once (train.py's --prompt-kv)")
+    p.add_argument("--prompt-kv", choices=("shared", "repeat"), default=config.KNOBS["prompt_kv"][0],
+                   help="the update's prompt keys/values held once or repeated per row (train.py's --prompt-kv)")
     p.add_argument("--quick", action="store_true", help="one tiny shape (tests)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=fn)

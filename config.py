@@ -32,9 +32,9 @@ KNOBS = {
     "bench": ("arith", str, "collect", MAIN, "arith | mixed | gsm8k | math | humaneval | mbpp | hotpotqa | drop"),
     "model": (DEFAULT_MODEL, str, "collect", MAIN, "generator: HF dir / hub id / .gguf / embedded name"),
     "problems": (10, int, "collect", MAIN, "training problems per iteration"),
-    "prompt_kv": ("repeat", ("repeat", "shared"), "collect", MORE,
+    "prompt_kv": ("shared", ("shared", "repeat"), "collect", MORE,
                   "rows after one prompt (the update's completions, the local generator's samples) attend to its "
-                  "keys/values copied per row (transformers' SDPA) or held once (attention.py: less memory and "
+                  "keys/values held once (attention.py) or copied per row (transformers' SDPA: more memory and "
                   "time, the same math up to float rounding)"),
     "draw": ("random", ("random", "kind"), "collect", MORE, "each iteration's training problems: a seeded subset, "
                                                           "or the kinds in turn (benchmarks with kinds: mixed)"),
@@ -110,8 +110,9 @@ KNOBS = {
     "lora_alpha": (32, int, "update", MORE, "LoRA alpha (scale alpha / r)"),
     "save_every": (10, int, "update", MORE, "optimizer steps between resumable train states"),
     "chunk_size": (0, int, "update", MORE, "rows per chunk of the fused LM-head kernels (0 = auto: <= 256 MB scratch)"),
-    "checkpoint": ("auto", ("auto", "on", "off"), "update", MORE,
-                   "activation checkpointing per decoder layer (auto: on with CUDA, off on CPU)"),
+    "checkpoint": ("on", ("on", "off", "auto"), "update", MORE,
+                   "activation checkpointing per decoder layer: on (the update's activations, for ~a third more "
+                   "update time on a CPU), off, or auto (on with CUDA only)"),
     # ---- evaluation and report (train.py)
     "eval_problems": (200, int, "eval", MORE, "held-out test problems"),
     # io and programmer by default: programmer is the strongest fixed workflow on arith and shares most

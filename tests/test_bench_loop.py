@@ -19,13 +19,13 @@ import bench_loop
 from conftest import ROOT
 
 
-@pytest.mark.parametrize("lean", [[], ["--prompt-kv", "shared", "--checkpoint", "on"]])
-def test_quick_run_has_every_phase_with_a_share(lean):
-    p = subprocess.run([sys.executable, "bench.py", "loop", "--quick", "--json", *lean], cwd=ROOT, capture_output=True,
+@pytest.mark.parametrize("copied", [[], ["--prompt-kv", "repeat", "--checkpoint", "off"]])
+def test_quick_run_has_every_phase_with_a_share(copied):
+    p = subprocess.run([sys.executable, "bench.py", "loop", "--quick", "--json", *copied], cwd=ROOT, capture_output=True,
                        text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads(p.stdout)
-    assert (res["config"]["prompt_kv"], res["config"]["checkpoint"]) == (("shared", "on") if lean else ("repeat", "auto"))
+    assert (res["config"]["prompt_kv"], res["config"]["checkpoint"]) == (("repeat", "off") if copied else ("shared", "on"))
     rows = {r["phase"]: r for r in res["rows"]}
     assert list(rows) == list(bench_loop.PHASES)
     assert res["torch_threads"] == 1 and res["cpu"] and res["matmul"]["flop_per_s"] > 0
