@@ -248,12 +248,12 @@ def call_tokens(cfg):
 
 
 # Per-unit costs on 2 CPU cores with the embedded generator and executor (two executor servers),
-# measured on the default run `python train.py --iter 3` alone on 2 cores of an AMD EPYC (README: 58.9 min
-# in all, warm executor cache): collection 3.8 s per sampled workflow (sampling + execution), an update
-# 9.7 s per training problem (2 to 4 in 10 were kept, 2 epochs), 1.6 s per held-out workflow (checkpoints
-# and baselines; the executor cache serves calls that earlier checkpoints already made). It left ~6 min
-# (start-up, curate, reports) out: the estimate runs about 10 % short.
-SEC_PER_WORKFLOW, SEC_TRAIN_PER_PROBLEM, SEC_PER_EVAL = 3.8, 9.7, 1.6
+# measured on the default run `python train.py --iter 3` alone on 2 cores of an AMD EPYC (README: 34.3 min
+# in all, warm executor cache): collection 1.6 s per sampled workflow (sampling + execution), an update
+# 13.4 s per training problem (2 to 4 in 10 were kept, 2 epochs, checkpointed), 1.0 s per held-out
+# workflow (checkpoints and baselines; the executor cache serves calls that earlier checkpoints already
+# made). It left ~1 min (start-up, curate, reports) out: the estimate runs a few % short.
+SEC_PER_WORKFLOW, SEC_TRAIN_PER_PROBLEM, SEC_PER_EVAL = 1.6, 13.4, 1.0
 # That machine's fp32 matmul [512 x 576] @ [576 x 1536] (the generator's sizes) on one thread, best of 5
 # (`python bench.py loop`, results/default/bench_loop.json). run_notes times the same matmul here and
 # scales the estimate by the ratio: an AVX2-only core, or one shared with other work, takes longer.
