@@ -52,9 +52,12 @@ def use(model, name):
     """Switch a model that runs transformers' SDPA to one of ours ("repeat" leaves it): "gqa" (gqa_attention: CUDA, where
     the K/V copy bounds the step) or "shared" (SDPA as before, but a shared-prefix cache's keys go
     to our prefix attention: the update's memory, and the decode's KV reads and cache). Masks are
-    built as for SDPA."""
+    built as for SDPA. "auto" (--prompt-kv's default): "shared" on a CPU, where it was measured;
+    on CUDA the model stays as loaded (gqa_attention) until the shared path is measured there."""
+    if name == "auto":
+        name = "repeat" if next(model.parameters()).is_cuda else "shared"
     if name == "repeat" or model.config._attn_implementation not in ("sdpa", "spogw_gqa", "spogw_shared"):
-        return model  # "repeat": --prompt-kv's default, transformers' attention as loaded
+        return model  # "repeat": transformers' attention as loaded
     fn = {"gqa": gqa_attention, "shared": sdpa_or_shared}[name]
     AttentionInterface.register(f"spogw_{name}", fn)
     AttentionMaskInterface.register(f"spogw_{name}", sdpa_mask)

@@ -285,11 +285,12 @@ def run(args):
               "`--device cpu --quick` runs the same code on a tiny shape)", file=sys.stderr)
         sys.exit(2)
     dtype = model.DTYPES[args.dtype]
+    kv = {"auto": "repeat" if device == "cuda" else "shared"}.get(args.prompt_kv, args.prompt_kv)  # as attention.use
     shapes = ["tiny"] if args.quick else args.models
     rows = []
     for shape in shapes:
         t0 = time.time()
-        mdl = build(shape, device, dtype, gqa=not args.no_gqa, prompt_kv=args.prompt_kv)
+        mdl = build(shape, device, dtype, gqa=not args.no_gqa, prompt_kv=kv)
         vocab = mdl.config.vocab_size
         p_tok, c_tok = (60, 16) if args.quick else (PROMPT_TOKENS, COMPLETION_TOKENS)
         cfg = dict(config.defaults(), seed=0)
@@ -302,9 +303,9 @@ def run(args):
         t_off, m_off = step_cost(mdl, seqs, cfg, False, device, reps)
         t_on, m_on = step_cost(mdl, seqs, cfg, True, device, reps)
         if device == "cpu":  # the CPU has no allocator statistics: a fresh process per setting, its RSS peak
-            m_off, m_on = (cpu_step_peak(shape, args.dtype, ck, p_tok, c_tok, args.prompt_kv) for ck in (False, True))
+            m_off, m_on = (cpu_step_peak(shape, args.dtype, ck, p_tok, c_tok, kv) for ck in (False, True))
         tok_s = sampling_speed(mdl, vocab, device, *((2, 2, 8, 20) if args.quick else ()))
-        row = dict(model=shape, dtype=args.dtype, prompt_kv=args.prompt_kv, weights_gib=weights_gib,
+        row = dict(model=shape, dtype=args.dtype, prompt_kv=kv, weights_gib=weights_gib,
                    step_tokens=sum(len(s["ids"]) - s["n_prompt"] for s in seqs) + p_tok,
                    first_step_ratio=metrics["ratio_mean"] / metrics["weight"], first_step_kl=metrics["kl"], max_abs_logratio=dev,
                    step_s_no_ckpt=t_off, step_s_ckpt=t_on, ckpt_time_ratio=t_on / t_off,
@@ -343,7 +344,7 @@ def parser(sub, fn=run):
     p.add_argument("--models", nargs="+", choices=[s for s in SHAPES if s != "tiny"], default=["135m", "1.7b", "7b"])
     p.add_argument("--reps", type=int, default=3, help="timed steps per setting (median)")
     p.add_argument("--no-gqa", action="store_true", help="transformers' SDPA (repeat_kv) instead of attention.gqa_attention")
-    p.add_argument("--prompt-kv", choices=("shared", "repeat"), default=config.KNOBS["prompt_kv"][0],
+    p.add_argument("--prompt-kv", choices=("auto", "shared", "repeat"), default=config.KNOBS["prompt_kv"][0],
                    help="the update's prompt keys/values held once or repeated per row (train.py's --prompt-kv)")
     p.add_argument("--quick", action="store_true", help="one tiny shape (tests)")
     p.add_argument("--json", action="store_true")

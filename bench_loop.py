@@ -416,7 +416,7 @@ def parser(sub):
     p.add_argument("--executor", choices=("local", "none"), default="local", help="the local executor, or none")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: the loop's auto)")
     p.add_argument("--workers", type=int, default=16, help="sandboxes run concurrently (the loop's default)")
-    p.add_argument("--prompt-kv", choices=("shared", "repeat"), default=config.KNOBS["prompt_kv"][0], help="the prompt's K/V in decode and update (train.py's --prompt-kv)")
+    p.add_argument("--prompt-kv", choices=("auto", "shared", "repeat"), default=config.KNOBS["prompt_kv"][0], help="the prompt's K/V in decode and update (train.py's --prompt-kv)")
     p.add_argument("--checkpoint", choices=("on", "off", "auto"), default=config.KNOBS["checkpoint"][0], help="activation checkpointing (train.py's --checkpoint)")
     p.add_argument("--reps", type=int, default=5, help="timed loops of the reference matmul (best one counts)")
     p.add_argument("--quick", action="store_true", help="tiny random models and an in-process stub executor (tests)")

@@ -32,10 +32,11 @@ KNOBS = {
     "bench": ("arith", str, "collect", MAIN, "arith | mixed | gsm8k | math | humaneval | mbpp | hotpotqa | drop"),
     "model": (DEFAULT_MODEL, str, "collect", MAIN, "generator: HF dir / hub id / .gguf / embedded name"),
     "problems": (10, int, "collect", MAIN, "training problems per iteration"),
-    "prompt_kv": ("shared", ("shared", "repeat"), "collect", MORE,
+    "prompt_kv": ("auto", ("auto", "shared", "repeat"), "collect", MORE,
                   "rows after one prompt (the update's completions, the local generator's samples) attend to its "
                   "keys/values held once (attention.py) or copied per row (transformers' SDPA: more memory and "
-                  "time, the same math up to float rounding)"),
+                  "time, the same math up to float rounding); auto: held once on a CPU, copied on CUDA (not "
+                  "measured there yet)"),
     "draw": ("random", ("random", "kind"), "collect", MORE, "each iteration's training problems: a seeded subset, "
                                                           "or the kinds in turn (benchmarks with kinds: mixed)"),
     "m": (8, int, "collect", MAIN, "workflows sampled per problem"),

@@ -191,3 +191,10 @@ def test_the_decode_cache_holds_no_copy_of_the_prefix():
     attention.use(mdl, "shared")
     cache = sampling._prefill(mdl, PROMPTS, 0, new)[0]
     assert cache.layers[0].keys.shape[:3] == (3, 2, S + new)
+
+
+def test_auto_holds_the_prompt_once_on_a_cpu():
+    """--prompt-kv's default, "auto", is "shared" on a CPU (where it was measured); "repeat" leaves
+    transformers' attention as loaded."""
+    assert attention.shares_prefixes(attention.use(tiny_llama(seed=0, vocab=64), "auto"))
+    assert not attention.shares_prefixes(attention.use(tiny_llama(seed=0, vocab=64), "repeat"))

@@ -25,7 +25,7 @@ def test_quick_run_has_every_phase_with_a_share(copied):
                        text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads(p.stdout)
-    assert (res["config"]["prompt_kv"], res["config"]["checkpoint"]) == (("repeat", "off") if copied else ("shared", "on"))
+    assert (res["config"]["prompt_kv"], res["config"]["checkpoint"]) == (("repeat", "off") if copied else ("auto", "on"))
     rows = {r["phase"]: r for r in res["rows"]}
     assert list(rows) == list(bench_loop.PHASES)
     assert res["torch_threads"] == 1 and res["cpu"] and res["matmul"]["flop_per_s"] > 0
