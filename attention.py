@@ -52,10 +52,8 @@ def use(model, name):
     """Switch a model that runs transformers' SDPA to one of ours ("repeat" leaves it): "gqa" (gqa_attention: CUDA, where
     the K/V copy bounds the step) or "shared" (SDPA as before, but a shared-prefix cache's keys go
     to our prefix attention: the update's memory, and the decode's KV reads and cache). Masks are
-    built as for SDPA. "auto" (--prompt-kv's default): "shared" on a CPU, where it was measured;
-    on CUDA the model stays as loaded (gqa_attention) until the shared path is measured there."""
-    if name == "auto":
-        name = "repeat" if next(model.parameters()).is_cuda else "shared"
+    built as for SDPA. "auto" (--prompt-kv's default): see resolve."""
+    name = resolve(name, next(model.parameters()).is_cuda)
     if name == "repeat" or model.config._attn_implementation not in ("sdpa", "spogw_gqa", "spogw_shared"):
         return model  # "repeat": transformers' attention as loaded
     fn = {"gqa": gqa_attention, "shared": sdpa_or_shared}[name]
@@ -63,6 +61,12 @@ def use(model, name):
     AttentionMaskInterface.register(f"spogw_{name}", sdpa_mask)
     model.set_attn_implementation(f"spogw_{name}")
     return model
+
+
+def resolve(prompt_kv, cuda):
+    """--prompt-kv's value for a model on CUDA or not: "auto" is "shared" on a CPU, where it was
+    measured, and "repeat" (the model as loaded: gqa_attention) on CUDA until it is measured there."""
+    return ("repeat" if cuda else "shared") if prompt_kv == "auto" else prompt_kv
 
 
 def shares_prefixes(model):
@@ -195,7 +199,7 @@ def prefix_decode_attention(query, key, value, attention_mask, scaling=None):
     s_own = q @ ko.to(f).transpose(-1, -2)
     if attention_mask is not None:  # [B, 1, T, L] -> the folded query axis [B, 1, R*T, L]
         m = attention_mask[:, :, None].expand(B, 1, Hq // Hkv, T, L).reshape(B, 1, RT, L)
-        s_own = s_own.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s_own + m / scale
+        s_own = s_own.masked_fill(~m, float("-inf"))  # sdpa_mask (registered in use) builds bool masks
     p = torch.softmax(torch.cat([s_pre.transpose(0, 1), s_own], -1) * scale, -1)
     p_pre = p[..., :P].transpose(0, 1).reshape(Hkv, B * RT, P)
     out = (p_pre @ vp.to(f)).reshape(Hkv, B, RT, D).transpose(0, 1) + p[..., P:] @ vo.to(f)

@@ -7,7 +7,7 @@
 The local generator's sampling at collect's shape (sampling.sample: P arith problems' generator
 prompts x n samples, temperature 0.8, top-p 0.95, up to 128 new tokens), three ways:
   copied_full_sort  the shared prefix's K/V copied into every row's cache; top-p sorts the whole
-                    vocabulary per step (the sampler before a787d33): the baseline
+                    vocabulary per step (sampling.top_p_sorted, the sampler before a787d33): the baseline
   copied            the same cache; top-p looks at each row's top 256 first (sampling._top_p)
   held_once         --prompt-kv shared: the prefix held once (attention.shared_prefix_decode_cache)
 Every (rep, variant) runs in a fresh process, variants in turn within a rep (drift hits them
@@ -34,11 +34,6 @@ import workflow
 DECODE_VARIANTS = {"copied_full_sort": ("repeat", False), "copied": ("repeat", True), "held_once": ("shared", True)}
 
 
-def _top_p_full_sort(probs, top_p):
-    p, idx = probs.sort(-1, descending=True)
-    return torch.zeros_like(probs).scatter_(-1, idx, p * ((p.cumsum(-1) - p) < top_p))
-
-
 def _decode_child(case_json):
     """One decode in this fresh process; prints {"time_s", "cpu_s", "peak_mb", "tokens", "ids"} as JSON."""
     c = json.loads(case_json)
@@ -47,7 +42,7 @@ def _decode_child(case_json):
     prompt_kv, top_k_first = DECODE_VARIANTS[c["variant"]]
     attention.use(mdl, prompt_kv)
     if not top_k_first:
-        sampling._top_p = _top_p_full_sort
+        sampling._top_p = sampling.top_p_sorted
     problems = benchmarks.load("arith", "test", None, limit=c["problems"], seed=0)
     msgs = [workflow.build_prompt(p["problem"], "math") for p in problems]
     t0, c0 = time.perf_counter(), time.process_time()

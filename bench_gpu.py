@@ -285,7 +285,7 @@ def run(args):
               "`--device cpu --quick` runs the same code on a tiny shape)", file=sys.stderr)
         sys.exit(2)
     dtype = model.DTYPES[args.dtype]
-    kv = {"auto": "repeat" if device == "cuda" else "shared"}.get(args.prompt_kv, args.prompt_kv)  # as attention.use
+    kv = attention.resolve(args.prompt_kv, device == "cuda")
     shapes = ["tiny"] if args.quick else args.models
     rows = []
     for shape in shapes:

@@ -80,16 +80,26 @@ def _top_p(probs, top_p):
     """probs [rows, V] kept on the smallest set of most likely tokens whose mass reaches top_p (the
     rest zeroed, not renormalized: multinomial takes weights). Sorting all V (49k) tokens per row
     was a sixth of decode time, so each row's top 256 come first: when their mass reaches top_p the
-    set lies inside them and the result is the full sort's (the same values, cumulated in the same
+    set lies inside them and the result is top_p_sorted's (the same values, cumulated in the same
     order); only the rows whose top 256 fall short are sorted whole."""
     p, idx = probs.topk(min(TOP_K_FIRST, probs.shape[-1]), -1)  # sorted, most likely first
-    csum = p.cumsum(-1)
-    out = torch.zeros_like(probs).scatter_(-1, idx, p * ((csum - p) < top_p))  # mass before a token short of top_p
-    short = (csum[:, -1] < top_p).nonzero().squeeze(-1)
+    out = _kept(probs, p, idx, top_p)
+    short = (p.cumsum(-1)[:, -1] < top_p).nonzero().squeeze(-1)
     if len(short):
-        ps, ids = probs[short].sort(-1, descending=True)
-        out[short] = torch.zeros_like(ps).scatter_(-1, ids, ps * ((ps.cumsum(-1) - ps) < top_p))
+        out[short] = top_p_sorted(probs[short], top_p)
     return out
+
+
+def top_p_sorted(probs, top_p):
+    """_top_p with every row's whole vocabulary sorted (the sampler before the top-256 path)."""
+    p, idx = probs.sort(-1, descending=True)
+    return _kept(probs, p, idx, top_p)
+
+
+def _kept(probs, p, idx, top_p):
+    """p: a row's most likely probabilities in descending order, idx their columns: those whose mass
+    before them is still short of top_p (the top one always), scattered into zeros like probs."""
+    return torch.zeros_like(probs).scatter_(-1, idx, p * ((p.cumsum(-1) - p) < top_p))
 
 
 def _per_prompt(x, k, name):
