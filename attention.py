@@ -10,6 +10,8 @@ Mistral, ...) uses them without a patched layer. Keys and values that are plain 
 transformers' own SDPA (or gqa_attention), unchanged: sampling sees the same numbers either way.
 """
 import copy
+import functools
+import weakref
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
@@ -173,13 +175,15 @@ def shared_prefix_decode_cache(prefix_cache, own_cache):
     (its layers' keys/values stay plain tensors: rows can be repeated or compacted as before);
     positions and the attention mask are the own part's, the prefix being visible to every row."""
     for own, pre in zip(own_cache.layers, prefix_cache.layers):
-        own.update = (lambda k, v, *args, _write=own.update, _pre=pre, **kwargs:
-                      _padded(_write(k, v, *args, **kwargs), _pre))
+        # weakly: own -> update -> own would be a cycle, kept past the decode until Python's cyclic collector ran
+        own.update = functools.partial(_write_padded, weakref.ref(own), pre)
     return own_cache
 
 
-def _padded(own_kv, pre):
-    return SharedKV(pre.keys, own_kv[0], padded=True), SharedKV(pre.values, own_kv[1], padded=True)
+def _write_padded(own_ref, pre, key_states, value_states, *args, **kwargs):
+    own = own_ref()
+    keys, values = type(own).update(own, key_states, value_states, *args, **kwargs)
+    return SharedKV(pre.keys, keys, padded=True), SharedKV(pre.values, values, padded=True)
 
 
 def prefix_decode_attention(query, key, value, attention_mask, scaling=None):

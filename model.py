@@ -20,6 +20,7 @@ import os
 import shutil
 import sys
 import tempfile
+import weakref
 from pathlib import Path
 
 import safetensors.torch
@@ -315,14 +316,18 @@ def _replayable(cache):
     """Make every layer of a KV cache restart each update from its state of this moment. A decoder
     layer recomputed during backward (activation checkpointing) then sees exactly the cache its
     forward saw, instead of appending its keys a second time. update() replaces a layer's tensors
-    and never writes into them, so a shallow snapshot of the layer's attributes is enough."""
+    and never writes into them, so a shallow snapshot of the layer's attributes is enough. The
+    layer is held weakly: a strong reference would make layer -> replay -> layer a cycle, which only
+    Python's cyclic collector frees, so each micro-batch's K/V (~0.2 GB) would outlive it by steps."""
     for layer in cache.layers:
         layer.__dict__.pop("update", None)
         snapshot, update = dict(layer.__dict__), type(layer).update
 
-        def replay(key_states, value_states, *args, _layer=layer, _snap=snapshot, _update=update, **kwargs):
-            _layer.__dict__.update(_snap)
-            return _update(_layer, key_states, value_states, *args, **kwargs)
+        def replay(key_states, value_states, *args, _layer=weakref.ref(layer), _snap=snapshot, _update=update,
+                   **kwargs):
+            layer = _layer()
+            layer.__dict__.update(_snap)
+            return _update(layer, key_states, value_states, *args, **kwargs)
 
         layer.update = replay
     return cache
