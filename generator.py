@@ -274,8 +274,10 @@ def sampler(cfg, run_dir, it, loaded=None, max_new_tokens=None, local=False):
     prompt_ids, hit_cap}] * n + one entry per guide text (guide: True)] per prompt, from iteration
     `it`'s generator: --generator-url's server (unless `local`) or `loaded` = (model, tokenizer), else
     loaded by load_generator on first use (so a finished step resumes without loading anything).
-    hit_cap: the completion ran into max_new_tokens (default cfg["max_new_tokens"])."""
-    held = {}  # filled on the first call: generator = (model or None, tokenizer), served name, stop ids
+    hit_cap: the completion ran into max_new_tokens (default cfg["max_new_tokens"]). A sampler is one
+    state of the generator: locally it keeps the prompts' shared prefix's keys/values between calls
+    (sampling._prefill), so the weights must not change while it is used; make a new one after training."""
+    held = {"prefixes": {}}  # the rest filled on the first call: (model or None, tokenizer), served name, stop ids
     cap = max_new_tokens or cfg["max_new_tokens"]
     remote = bool(cfg["generator_url"]) and not local
 
@@ -290,7 +292,7 @@ def sampler(cfg, run_dir, it, loaded=None, max_new_tokens=None, local=False):
                                 seed, prefill, tok, held["stops"])
         else:
             out = sampling.sample(mdl, tok, messages_list, n=n, max_new_tokens=cap, temperature=temperature,
-                                  top_p=cfg["top_p"], seed=seed, prefill=prefill)
+                                  top_p=cfg["top_p"], seed=seed, prefill=prefill, prefixes=held["prefixes"])
         # the ids decide, on both paths: older vLLM reports an eos landing exactly on the cap as "length"
         out = [[dict(s, hit_cap=sampling.hit_cap(s["token_ids"], cap, held["stops"])) for s in per] for per in out]
         # guides: given completions after each prompt's n samples, tokenized as the sampler would end them

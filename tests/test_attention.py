@@ -232,3 +232,28 @@ def test_a_decode_leaves_no_tensor_to_the_cyclic_collector(prompt_kv):
     run = lambda: sampling.decode(mdl, PROMPTS, n=3, max_new_tokens=[4, 14, 9], temperature=1.0, stop=2, pad=0,
                                   gen=torch.Generator().manual_seed(5))
     assert tensors_left_in_cycles(run) == []
+
+
+def test_a_memoized_prefix_gives_what_recomputing_it_gives():
+    """sampling.decode with a `prefixes` memo kept across batches: the shared prefix runs once for
+    batches that share it, the samples are bit for bit those of recomputing it, and a batch whose
+    common prefix is longer (its prompts agree past the memoized one) runs its own."""
+    mdl = attention.use(tiny_llama(seed=0, vocab=64), "shared")
+    batches = [PROMPTS, [PROMPT + [51, 52], PROMPT + [53]], [PROMPT + [54, 55, 56], PROMPT + [54, 55, 57]]]
+    prefix_runs = []
+    hook = mdl.register_forward_pre_hook(lambda m, a, kw: prefix_runs.append(kw["input_ids"].shape)
+                                         if kw["input_ids"].shape[0] == 1 < kw["input_ids"].shape[1] else None,
+                                         with_kwargs=True)  # a prefix run: one row, many tokens
+
+    def run(prompts, prefixes):
+        return sampling.decode(mdl, prompts, n=2, max_new_tokens=6, temperature=1.0, stop=2, pad=0,
+                               gen=torch.Generator().manual_seed(3), prefixes=prefixes)
+    alone = [run(b, None) for b in batches]
+    prefix_runs.clear()
+    memo = {}
+    kept = [run(b, memo) for b in batches]
+    hook.remove()
+    for a, b in zip(alone, kept):
+        assert a == b
+    assert [s[1] for s in prefix_runs] == [len(PROMPT), len(PROMPT) + 2]  # the third batch's prefix is longer
+    assert sorted(map(len, memo)) == [len(PROMPT), len(PROMPT) + 2]

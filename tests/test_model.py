@@ -193,3 +193,25 @@ def test_decode_per_prompt_budgets_and_compaction_match_one_by_one():
         assert lp == pytest.approx(alone[1], abs=1e-4)
     with pytest.raises(ValueError, match="one value per prompt"):
         sampling.decode(m, prompts, max_new_tokens=[1, 2], temperature=0.0, stop=2)
+
+
+@pytest.mark.parametrize("prompt_kv", ["repeat", "shared"])
+def test_a_stopped_row_leaves_the_batch_once_half_have_stopped(prompt_kv):
+    """A row decodes on after its stop token until it is compacted away. Compaction must count it
+    as stopped even when its later tokens are not stops (they are not: it is sampling on), so at
+    every step the batch holds at most twice the rows still going (+1, the halving's rounding) and
+    the loop ends when the last row stops, not at the budget."""
+    import attention
+    mdl = attention.use(tiny_llama(seed=0, vocab=64), prompt_kv)
+    sizes = []
+    hook = mdl.register_forward_pre_hook(lambda m, a, kw: sizes.append(kw["input_ids"].shape[0])
+                                         if kw["input_ids"].shape[1] == 1 else None, with_kwargs=True)
+    stop = (2, 3, 4, 5, 6, 7)  # ~1 in 10 tokens of the random model stops a row
+    out = sampling.decode(mdl, [[9, 10, 11, 12], [9, 10, 13]], n=8, max_new_tokens=200, temperature=1.0, stop=stop,
+                          pad=0, gen=torch.Generator().manual_seed(0))
+    hook.remove()
+    lengths = [len(ids) for ids, _ in out]
+    assert min(lengths) < 20 and max(lengths) < 200  # rows stop at different steps, all before the budget
+    going = [sum(L > t + 1 for L in lengths) for t in range(len(sizes))]  # rows that still need token t + 1
+    assert all(b <= 2 * g + 1 for b, g in zip(sizes, going)), list(zip(sizes, going))
+    assert len(sizes) == max(lengths) - 1
