@@ -249,16 +249,17 @@ def call_tokens(cfg):
 
 
 # Per-unit costs on 2 CPU cores with the embedded generator and executor (two executor servers),
-# measured on the default run `python train.py --iter 3` alone on 2 cores of an AMD EPYC (README: 34.3 min
-# in all, warm executor cache): collection 1.6 s per sampled workflow (sampling + execution), an update
-# 13.4 s per training problem (2 to 4 in 10 were kept, 2 epochs, checkpointed), 1.0 s per held-out
-# workflow (checkpoints and baselines; the executor cache serves calls that earlier checkpoints already
-# made). It left ~1 min (start-up, curate, reports) out: the estimate runs a few % short.
-SEC_PER_WORKFLOW, SEC_TRAIN_PER_PROBLEM, SEC_PER_EVAL = 1.6, 13.4, 1.0
-# That machine's fp32 matmul [512 x 576] @ [576 x 1536] (the generator's sizes) on one thread, best of 5
-# (`python bench.py loop`, results/default/bench_loop.json). run_notes times the same matmul here and
-# scales the estimate by the ratio: an AVX2-only core, or one shared with other work, takes longer.
-REF_MATMUL_FLOP_S = 93e9
+# measured on the default run `python train.py --iter 3` alone on 2 cores of an AMD EPYC at c6ac463
+# (README: 24.1 min in all, warm executor cache): collection 1.15 s per sampled workflow (sampling +
+# execution), an update 10.0 s per training problem (2 to 3 in 10 were kept, 2 epochs, checkpointed),
+# 0.72 s per held-out workflow (checkpoints and baselines; the executor cache serves calls that earlier
+# checkpoints already made). Start-up, curate and the reports (~10 s) are left out.
+SEC_PER_WORKFLOW, SEC_TRAIN_PER_PROBLEM, SEC_PER_EVAL = 1.15, 10.0, 0.72
+# That machine's fp32 matmul [512 x 576] @ [576 x 1536] (the generator's sizes) on one thread, as that
+# run's own start-up timed it (`[train] estimated time`'s calibration; bench.py loop's reference matmul).
+# run_notes times the same matmul here and scales the estimate by the ratio: an AVX2-only core, or one
+# shared with other work, takes longer.
+REF_MATMUL_FLOP_S = 101e9
 
 
 def estimate_minutes(cfg, iters):
