@@ -1,6 +1,7 @@
-"""Stopping a step: SIGTERM or Ctrl-C ends it within seconds in the middle of executing workflows,
-the local executor servers with it, every row written stays whole, and the same command resumes
-(issue 22: a run once ignored SIGTERM for 38 s and left its servers running).
+"""Stopping a step: SIGTERM or Ctrl-C ends it within seconds in the middle of executing workflows
+(an evaluation), of collecting or of an update step (train.py), the local executor servers with it;
+every row written stays whole, and the same command resumes (issue 22: a run once ignored SIGTERM
+for 38 s and left its servers running).
 
     python -m pytest -q tests/test_stop.py
 """
@@ -69,3 +70,70 @@ def test_a_signal_stops_an_evaluation_mid_run_and_the_rerun_resumes(tmp_path, si
         assert rerun.returncode == 0, rerun.stderr[-2000:]
         again = [json.loads(line) for line in rows.read_text().splitlines()]
         assert again[:len(done)] == done and len({r["problem_id"] for r in again}) == N
+
+
+def wait_for(proc, done, what, limit=300):
+    deadline = time.monotonic() + limit
+    while not done():
+        assert proc.poll() is None and time.monotonic() < deadline, f"{what} never came"
+        time.sleep(0.2)
+
+
+def stop(proc, sig=signal.SIGTERM):
+    """Signal `proc` and wait: (seconds it took, the local servers it had started, all alive before)."""
+    servers = children(proc.pid)
+    t0 = time.monotonic()
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    took = time.monotonic() - t0
+    time.sleep(1.5)
+    return took, [p for p in servers if alive(p)]
+
+
+@needs_model
+def test_a_signal_stops_training_mid_collect_and_mid_update_and_the_rerun_resumes(tmp_path):
+    run = tmp_path / "run"
+    # 4 problems: collect writes rows a batch of 2 problems at a time, so a signal at the first row lands mid-collect
+    train = [sys.executable, str(ROOT / "train.py"), "--iter", "1", "--smoke", "--run", str(run), "--no-eval",
+             "--problems", "4", "--epochs", "2", "--max-new-tokens", "48", "--workers", "2", "--servers", "1"]
+    cache = tmp_path / "cache"  # the converted model, an empty executor cache: every call is decoded
+    cache.mkdir()
+    (cache / "smollm2-135m").symlink_to(model.resolve_model_dir("smollm2-135m"))
+    env = dict(os.environ, SPOGW_CACHE=str(cache), PYTHONUNBUFFERED="1")
+    rollouts, log = run / "iter_0" / "rollouts.jsonl", tmp_path / "train.log"
+
+    # 1. mid-collect: the rows so far stay whole
+    proc = subprocess.Popen(train, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"))
+    wait_for(proc, lambda: rollouts.is_file() and rollouts.read_text().count("\n") >= 1, "a rollout row")
+    took, left = stop(proc)
+    assert proc.returncode == 128 + signal.SIGTERM, log.read_text()[-2000:]
+    assert took < 15, f"SIGTERM took {took:.1f} s to stop collection"
+    assert not left, "a local executor server outlived its driver"
+    done = [json.loads(line) for line in rollouts.read_text().splitlines()]
+    assert 1 <= len(done) < 16 and not (run / "iter_0" / "groups.jsonl").exists()
+
+    # 2. the rerun resumes collection and goes on to the update, stopped there. One problem's kept
+    # rows get scores with variance, so curate has groups to train on (the base model's are all 0).
+    first = done[0]["problem_id"]
+    for row in done:
+        row["score"] = float(row["sample"] % 2 if row["problem_id"] == first else 0)
+    rollouts.write_text("".join(json.dumps(row) + "\n" for row in done))
+    proc = subprocess.Popen(train, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"))
+    wait_for(proc, lambda: "train iter 0:" in log.read_text(), "the update")
+    time.sleep(2)
+    took, left = stop(proc)
+    text = log.read_text()
+    assert proc.returncode == 128 + signal.SIGTERM, text[-2000:]
+    assert "[update 0]" not in text, "the update ended before the signal: the test needs a longer update"
+    assert took < 15, f"SIGTERM took {took:.1f} s to stop the update"
+    assert not left and not (run / "iter_1" / "adapter").exists()
+    rows = [json.loads(line) for line in rollouts.read_text().splitlines()]
+    assert rows[:len(done)] == done and len(rows) == 16
+    groups = (run / "iter_0" / "groups.jsonl").read_text()
+    r = subprocess.run(train, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (run / "iter_1" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run / "iter_0" / "groups.jsonl").read_text() == groups
